@@ -1,0 +1,22 @@
+"""``hicache bench``: benchmarks that report ratios against a baseline measured in the same run.
+
+``BENCHMARKS`` maps a subcommand to (add_arguments, run, help); modules import lazily so the CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+
+def _lazy(module: str, what: str):
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"hicache_core.bench.{module}").add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"hicache_core.bench.{module}").run(args)
+
+    return add_arguments, run, what
+
+
+BENCHMARKS: dict = {}

@@ -1,0 +1,199 @@
+"""``hicache``: list backends, check a configuration end to end, run benchmarks.
+
+Every error a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
+
+from hicache_core.config import HiCacheConfig, add_hicache_args, resolve_layout
+from hicache_core.errors import HiCacheError
+
+logger = logging.getLogger("hicache")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
+
+# Subcommands of `hicache bench`, filled by hicache_core.bench (each: name -> (add_arguments, run)).
+BenchCommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, layers: int = 4, heads: int = 8, head_dim: int = 128) -> None:
+    g = parser.add_argument_group("KV shape")
+    g.add_argument("--num-layers", type=int, default=layers, help=f"layers (default {layers})")
+    g.add_argument("--num-kv-heads", type=int, default=heads, help=f"KV heads per rank (default {heads})")
+    g.add_argument("--head-dim", type=int, default=head_dim, help=f"head dim; the latent width with --mla (default {head_dim})")
+    g.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="KV dtype (default bfloat16)")
+    g.add_argument("--mla", action="store_true", help="MLA: one latent vector per token and layer")
+    g.add_argument("--tp-rank", type=int, default=0)
+    g.add_argument("--tp-size", type=int, default=1)
+
+
+def spec_from_args(args: argparse.Namespace):
+    from hicache_core.memory import KVSpec
+
+    return KVSpec(
+        layer_num=args.num_layers,
+        head_num=1 if args.mla else args.num_kv_heads,
+        head_dim=args.head_dim,
+        dtype=DTYPES[args.dtype],
+        is_mla=args.mla,
+    )
+
+
+# --- hicache backends ---------------------------------------------------------------------------------------------
+def cmd_backends(args: argparse.Namespace) -> int:
+    from hicache_core.plugins import get_plugin_manager
+    from hicache_core.registry import resolve
+
+    pm = get_plugin_manager()
+    table, broken = pm.offered_backends()
+    rows = []
+    for name in sorted(table):
+        offers = table[name]
+        for offer in offers:
+            status = "ok"
+            if len(offers) > 1:
+                status = "conflict: name claimed by " + ", ".join(o.distribution for o in offers)
+            else:
+                try:
+                    resolve(name, {}, pm)
+                except HiCacheError as e:
+                    status = f"does not load: {e}"
+            rows.append(
+                {
+                    "name": name,
+                    "distribution": offer.distribution,
+                    "version": offer.version,
+                    "interface": "v1" if offer.record.interface_v1 else "v0",
+                    "page_first_only": offer.record.page_first_only,
+                    "status": status,
+                    "description": offer.record.description,
+                }
+            )
+    failures = [
+        {"plugin": f.entry_point, "distribution": f.distribution, "error": f.error}
+        for f in list(pm.failures.values()) + broken
+    ]
+    if args.json:
+        print(json.dumps({"backends": rows, "failed_plugins": failures}, indent=2))
+        return 0
+    print(f"{'NAME':<10} {'DISTRIBUTION':<24} {'VERSION':<9} {'IO':<3} STATUS / DESCRIPTION")
+    for r in rows:
+        dist = r["distribution"]
+        detail = r["description"] if r["status"] == "ok" else r["status"]
+        print(f"{r['name']:<10} {dist:<24} {r['version']:<9} {r['interface']:<3} {detail}")
+    print(f"{'dynamic':<10} {'(any module)':<24} {'':<9} {'v0/1':<3} load a class by module_path/class_name (extra config JSON)")
+    for f in failures:
+        print(f"plugin {f['plugin']} ({f['distribution']}) failed to load: {f['error']}")
+    return 0
+
+
+# --- hicache check ------------------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    from hicache_core.keys import hash_chain
+    from hicache_core.memory import HostPool
+    from hicache_core.registry import create_backend, make_storage_config, resolve
+
+    config = HiCacheConfig.from_args(args)
+    spec = spec_from_args(args)
+    name = config.hicache_storage_backend
+    page_first_only = False
+    if name:
+        resolved = resolve(name, config.hicache_storage_backend_extra_config)
+        page_first_only = resolved.page_first_only
+    config = resolve_layout(config, backend_page_first_only=page_first_only, backend_name=name)
+    print(f"config ok: page_size={config.page_size} layout={config.hicache_mem_layout} io={config.hicache_io_backend} "
+          f"write={config.hicache_write_policy} prefetch={config.hicache_storage_prefetch_policy} "
+          f"(threshold {config.prefetch_threshold} tokens)")
+    if not name:
+        print("no storage backend configured (--hicache-storage-backend): nothing more to check")
+        return 0
+    n = args.pages
+    ps = config.page_size
+    pool = HostPool(spec, 2 * n * ps, ps, config.hicache_mem_layout, pin_memory=False)
+    sc = make_storage_config(config, spec, tp_rank=args.tp_rank, tp_size=args.tp_size)
+    backend = create_backend(name, sc, pool)
+    try:
+        src = pool.alloc(n * ps)
+        dst = pool.alloc(n * ps)
+        g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=g))
+        tokens = torch.randint(0, 2**31, (n * ps,), generator=g).tolist()
+        keys = hash_chain(tokens, ps, prior_hash=os.urandom(32).hex())
+        t0 = time.perf_counter()
+        wrote = backend.batch_set_v1(keys, src)
+        t1 = time.perf_counter()
+        found = backend.batch_exists(keys)
+        t2 = time.perf_counter()
+        got = backend.batch_get_v1(keys, dst)
+        t3 = time.perf_counter()
+        same = all(
+            torch.equal(pool.get_flat_page(int(src[i * ps])).view(torch.uint8), pool.get_flat_page(int(dst[i * ps])).view(torch.uint8)) for i in range(n)
+        )
+        mib = n * pool.page_bytes / 2**20
+        print(f"backend {backend.name} ({'v1' if backend.interface_v1 else 'v0 via adapter'}), namespace {sc.namespace.tag}")
+        print(f"  set    {sum(wrote)}/{n} pages  {mib / max(t1 - t0, 1e-9):8.1f} MiB/s")
+        print(f"  exists {found}/{n} pages")
+        print(f"  get    {sum(got)}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  bytes {'identical' if same else 'DIFFER'}")
+        ok = all(wrote) and found == n and all(got) and same
+        print("check passed" if ok else "check FAILED")
+        return 0 if ok else 1
+    finally:
+        backend.close()
+
+
+# --- entry point --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hicache", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backends", help="list every storage backend found, where it comes from and whether it loads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("check", help="validate flags, build the backend and round-trip a few pages")
+    add_hicache_args(p)
+    add_model_args(p, layers=2, heads=2, head_dim=64)
+    p.add_argument("--pages", type=int, default=4, help="pages to round-trip (default 4)")
+    p.set_defaults(func=cmd_check)
+
+    from hicache_core.bench import BENCHMARKS
+
+    bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    for name, (add_arguments, run, helptext) in BENCHMARKS.items():
+        bp = bsub.add_parser(name, help=helptext)
+        add_arguments(bp)
+        bp.set_defaults(func=run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except HiCacheError as e:
+        print(f"hicache: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hicache: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""HiCache configuration: every ``--hicache-*`` flag of the seed document, with SGLang's names and defaults.
+
+One frozen :class:`HiCacheConfig` is built from argparse (:func:`add_hicache_args` + :meth:`HiCacheConfig.from_args`),
+from a mapping (:meth:`HiCacheConfig.from_mapping`) or in code. Invalid values raise :class:`ConfigError` naming the
+flag, the bad value and the allowed ones. The documented auto-adjustments live in :func:`resolve_layout` and are logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import attrs
+
+from hicache_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IO_BACKENDS = ("kernel", "direct")
+WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
+MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
+EVICTION_POLICIES = ("lru", "lfu", "fifo")
+
+# Keys SGLang pops out of --hicache-storage-backend-extra-config before the rest reaches the backend.
+RESERVED_EXTRA_KEYS = {
+    "prefetch_threshold": int,
+    "prefetch_timeout_base": float,
+    "prefetch_timeout_per_ki_token": float,
+    "hicache_storage_pass_prefix_keys": bool,
+}
+DYNAMIC_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(*choices: str):
+    def check(inst, attribute, value):
+        if value not in choices:
+            raise ConfigError(
+                f"{_flag(attribute.name)}: invalid value {value!r}; choose one of {', '.join(choices)}"
+            )
+
+    return check
+
+
+def _non_negative(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a number >= 0")
+
+
+def _positive_int(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a whole number > 0")
+
+
+def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]:
+    """Parse ``--hicache-storage-backend-extra-config``: a JSON object, ``@path`` or a path to a JSON file."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    text = raw.strip()
+    source = "--hicache-storage-backend-extra-config"
+    path = text[1:] if text.startswith("@") else text
+    if not text.startswith("{") and (text.startswith("@") or os.path.isfile(path)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read JSON file {path!r}: {e.strerror}") from e
+        source = f"{source} file {path!r}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+            'give a JSON object such as \'{"prefetch_threshold": 256}\' or a path to a JSON file'
+        ) from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(value, bool):
+            raise ValueError(value)
+        out = kind(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"--hicache-storage-backend-extra-config: {key}={value!r} is not a valid {kind.__name__}"
+        ) from e
+    if out < 0:
+        raise ConfigError(f"--hicache-storage-backend-extra-config: {key}={value!r} must be >= 0")
+    return out
+
+
+@attrs.frozen(kw_only=True)
+class HiCacheConfig:
+    """Every HiCache flag. Defaults are SGLang's, except ``page_size`` (the seed recommends 64; SGLang's is 1)."""
+
+    page_size: int = attrs.field(default=64, validator=_positive_int)
+    enable_hierarchical_cache: bool = False
+    hicache_ratio: float = attrs.field(default=2.0, validator=_non_negative)
+    hicache_size: int = attrs.field(default=0, validator=_non_negative)
+    hicache_io_backend: str = attrs.field(default="kernel", validator=_choice(*IO_BACKENDS))
+    hicache_write_policy: str = attrs.field(default="write_through", validator=_choice(*WRITE_POLICIES))
+    hicache_mem_layout: str = attrs.field(default="layer_first", validator=_choice(*MEM_LAYOUTS))
+    hicache_storage_backend: Optional[str] = None
+    hicache_storage_prefetch_policy: str = attrs.field(
+        default="best_effort", validator=_choice(*PREFETCH_POLICIES)
+    )
+    hicache_storage_backend_extra_config: dict = attrs.field(factory=dict, converter=parse_extra_config)
+    radix_eviction_policy: str = attrs.field(default="lru", validator=_choice(*EVICTION_POLICIES))
+    enable_metrics: bool = False
+    enable_cache_report: bool = False
+    model_name: Optional[str] = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.hicache_storage_backend == "":
+            object.__setattr__(self, "hicache_storage_backend", None)
+        extra = self.hicache_storage_backend_extra_config
+        for key, kind in RESERVED_EXTRA_KEYS.items():
+            if key in extra:
+                _coerce(key, extra[key], kind)
+        if self.hicache_storage_backend == "dynamic":
+            missing = [k for k in ("backend_name", "module_path", "class_name") if not extra.get(k)]
+            if missing:
+                raise ConfigError(
+                    "--hicache-storage-backend dynamic needs --hicache-storage-backend-extra-config with "
+                    f"{', '.join(missing)}; for example "
+                    '\'{"backend_name": "my_store", "module_path": "my_pkg.store", "class_name": "MyStore", '
+                    '"interface_v1": 0}\''
+                )
+
+    # --- storage knobs SGLang reads out of the extra-config JSON -------------------------------------------------
+    def _reserved(self, key: str, default: Any) -> Any:
+        extra = self.hicache_storage_backend_extra_config
+        return _coerce(key, extra[key], RESERVED_EXTRA_KEYS[key]) if key in extra else default
+
+    @property
+    def prefetch_threshold(self) -> int:
+        """Minimum tokens beyond the local hit worth a storage prefetch (SGLang: 256)."""
+        return self._reserved("prefetch_threshold", 256)
+
+    @property
+    def prefetch_timeout_base(self) -> float:
+        return self._reserved("prefetch_timeout_base", 1.0)
+
+    @property
+    def prefetch_timeout_per_ki_token(self) -> float:
+        return self._reserved("prefetch_timeout_per_ki_token", 0.25)
+
+    @property
+    def pass_prefix_keys(self) -> bool:
+        return self._reserved("hicache_storage_pass_prefix_keys", False)
+
+    @property
+    def backend_extra_config(self) -> dict[str, Any]:
+        """The extra config as the backend sees it: the reserved prefetch keys removed (as SGLang pops them)."""
+        return {k: v for k, v in self.hicache_storage_backend_extra_config.items() if k not in RESERVED_EXTRA_KEYS}
+
+    @property
+    def write_through_threshold(self) -> int:
+        return 1 if self.hicache_write_policy == "write_through" else 2
+
+    # --- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> HiCacheConfig:
+        """Build from a mapping of field names (dashes or underscores, with or without leading ``--``)."""
+        names = {f.name for f in attrs.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.lstrip("-").replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown HiCache option {key!r}; known options: {', '.join(sorted(names))}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> HiCacheConfig:
+        names = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def replace(self, **changes: Any) -> HiCacheConfig:
+        return attrs.evolve(self, **changes)
+
+
+def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every HiCache flag (SGLang's names) to an argparse parser. Values are validated by HiCacheConfig."""
+    d = HiCacheConfig()
+    g = parser.add_argument_group("HiCache")
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default 64)")
+    g.add_argument("--enable-hierarchical-cache", action="store_true", help="enable the host (L2) tier")
+    g.add_argument("--hicache-ratio", type=float, default=d.hicache_ratio,
+                   help="host pool size as a multiple of the device pool (default 2)")
+    g.add_argument("--hicache-size", type=int, default=d.hicache_size,
+                   help="host pool size in GB per rank; overrides --hicache-ratio when > 0")
+    g.add_argument("--hicache-io-backend", default=d.hicache_io_backend,
+                   help=f"how pages move between device and host: {', '.join(IO_BACKENDS)}")
+    g.add_argument("--hicache-write-policy", default=d.hicache_write_policy,
+                   help=f"when device pages are copied to host: {', '.join(WRITE_POLICIES)}")
+    g.add_argument("--hicache-mem-layout", default=d.hicache_mem_layout,
+                   help=f"host pool layout: {', '.join(MEM_LAYOUTS)}")
+    g.add_argument("--hicache-storage-backend", default=None,
+                   help="L3 storage backend: a registered name (see `hicache backends`) or 'dynamic'")
+    g.add_argument("--hicache-storage-prefetch-policy", default=d.hicache_storage_prefetch_policy,
+                   help=f"when a storage prefetch may stop: {', '.join(PREFETCH_POLICIES)}")
+    g.add_argument("--hicache-storage-backend-extra-config", default=None,
+                   help="JSON object (or a path to a JSON file) for the storage backend and prefetch knobs")
+    g.add_argument("--radix-eviction-policy", default=d.radix_eviction_policy,
+                   help=f"device/host eviction order: {', '.join(EVICTION_POLICIES)}")
+    g.add_argument("--enable-metrics", action="store_true", help="export Prometheus metrics")
+    g.add_argument("--enable-cache-report", action="store_true", help="report cached tokens per request")
+    g.add_argument("--model-name", default=None, help="model name, part of the storage namespace")
+    return parser
+
+
+def resolve_layout(
+    config: HiCacheConfig, *, backend_page_first_only: bool = False, backend_name: str | None = None
+) -> HiCacheConfig:
+    """Apply the documented layout / io-backend adjustments in one place, logging each one.
+
+    Seed rules: ``page_first`` with ``direct`` io switches to ``layer_first``; ``page_first_direct`` forces
+    ``direct``. A backend that serves only page-first layouts (Mooncake zero copy) moves ``layer_first`` to
+    ``page_first`` (``kernel``) or ``page_first_direct`` (``direct``).
+    """
+    layout, io = config.hicache_mem_layout, config.hicache_io_backend
+    if layout == "page_first" and io == "direct":
+        logger.warning(
+            "--hicache-mem-layout page_first does not pair with --hicache-io-backend direct: using layer_first "
+            "(as the seed documents); choose page_first_direct to keep page-first storage transfers"
+        )
+        layout = "layer_first"
+    if layout == "page_first_direct" and io != "direct":
+        logger.warning("--hicache-mem-layout page_first_direct is built for direct io: --hicache-io-backend set to direct")
+        io = "direct"
+    if backend_page_first_only and layout == "layer_first":
+        new = "page_first_direct" if io == "direct" else "page_first"
+        logger.warning(
+            "storage backend %r serves only page-first layouts zero-copy: --hicache-mem-layout %s -> %s",
+            backend_name, layout, new,
+        )
+        layout = new
+    if (layout, io) == (config.hicache_mem_layout, config.hicache_io_backend):
+        return config
+    return config.replace(hicache_mem_layout=layout, hicache_io_backend=io)

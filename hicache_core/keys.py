@@ -1,0 +1,90 @@
+"""Page-hash chain and the storage namespace.
+
+The chain is SGLang's: ``H0 = sha256(tokens(P0))``, ``Hi = sha256(bytes(H(i-1)) || tokens(Pi))`` with every token
+as a 4-byte little-endian unsigned int, hex digests. A key therefore names a whole prefix, so equal keys mean
+equal prefixes. Bytes only; never Python's ``hash()`` (it changes between processes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+import attrs
+
+# Which layouts share a page byte order. A flat page is (K|V, layer, token, head, dim) for layer_first and
+# page_first_direct, (K|V, token, layer, head, dim) for page_first; only the byte order enters the namespace,
+# so a layer_first instance and a page_first_direct instance read each other's pages.
+PAGE_BYTE_ORDER = {"layer_first": "layer-major", "page_first_direct": "layer-major", "page_first": "token-major"}
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    try:
+        return struct.pack(f"<{len(tokens)}I", *tokens)
+    except struct.error as e:
+        raise ValueError(f"token ids must be integers in [0, 2**32): {e}") from e
+
+
+def page_hash(tokens: Sequence[int], prior_hash: Optional[str] = None) -> str:
+    """SHA-256 hex of one page, chained on the previous page's hex digest (None for the first page)."""
+    h = hashlib.sha256()
+    if prior_hash:
+        h.update(bytes.fromhex(prior_hash))
+    h.update(_token_bytes(tokens))
+    return h.hexdigest()
+
+
+def hash_chain(tokens: Sequence[int], page_size: int, prior_hash: Optional[str] = None) -> list[str]:
+    """One chained hash per whole page of ``tokens``; a trailing partial page is ignored."""
+    out = []
+    for start in range(0, len(tokens) - len(tokens) % page_size, page_size):
+        prior_hash = page_hash(tokens[start : start + page_size], prior_hash)
+        out.append(prior_hash)
+    return out
+
+
+@attrs.frozen(kw_only=True)
+class StorageNamespace:
+    """Everything that changes a page's bytes. Configurations that differ here never read each other's pages."""
+
+    model: str = ""
+    dtype: str = "bfloat16"
+    page_size: int = 64
+    layout: str = "layer_first"
+    is_mla: bool = False
+    layer_num: int = 1
+    head_num: int = 1
+    head_dim: int = 1
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def fields(self) -> dict:
+        d = {
+            "model": self.model,
+            "dtype": self.dtype,
+            "page_size": self.page_size,
+            "page_order": PAGE_BYTE_ORDER.get(self.layout, self.layout),
+            "kv": "mla" if self.is_mla else "mha",
+            "layers": self.layer_num,
+            "heads": self.head_num,
+            "head_dim": self.head_dim,
+        }
+        if not self.is_mla:  # MLA's latent KV is the same on every rank: ranks share pages
+            d["tp"] = f"{self.tp_rank}of{self.tp_size}"
+        return d
+
+    @property
+    def tag(self) -> str:
+        """A short stable digest of :meth:`fields`, used as a key prefix or a directory name."""
+        text = ";".join(f"{k}={v}" for k, v in sorted(self.fields().items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def key(self, page_key: str) -> str:
+        """The namespaced form of one page key."""
+        return f"{self.tag}-{page_key}"
+
+    def keys(self, page_keys: Iterable[str]) -> list[str]:
+        tag = self.tag
+        return [f"{tag}-{k}" for k in page_keys]

@@ -1,0 +1,54 @@
+"""What one token's KV looks like: the facts every pool, transfer and namespace derives from."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from hicache_core.errors import ConfigError
+
+
+@attrs.frozen(kw_only=True)
+class KVSpec:
+    """KV geometry of one model shard. MLA keeps one latent vector per token and layer (``head_num=1``,
+    ``head_dim=kv_lora_rank+qk_rope_head_dim``); MHA/GQA keeps K and V of ``head_num x head_dim``."""
+
+    layer_num: int
+    head_num: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+    is_mla: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("layer_num", "head_num", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"KVSpec.{name} must be a whole number > 0, got {v!r}")
+        if self.is_mla and self.head_num != 1:
+            raise ConfigError("an MLA KVSpec has head_num=1 (one latent vector per token and layer)")
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def num_kv(self) -> int:
+        """1 for MLA (one latent buffer), 2 for MHA (K and V)."""
+        return 1 if self.is_mla else 2
+
+    @property
+    def item_bytes(self) -> int:
+        """Bytes of one token of one layer of K (or of the MLA latent)."""
+        return self.head_num * self.head_dim * self.itemsize
+
+    @property
+    def size_per_token(self) -> int:
+        """Bytes of one token across all layers, K and V together."""
+        return self.item_bytes * self.layer_num * self.num_kv
+
+    def page_bytes(self, page_size: int) -> int:
+        return self.size_per_token * page_size
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")

@@ -1,0 +1,240 @@
+"""Backend names -> classes, loaded lazily; ``dynamic`` loading from ``module_path``/``class_name``; construction.
+
+Every path ends in :func:`create_backend`, which builds ``cls(storage_config, extra_config)`` (SGLang's dynamic
+shape), registers the host pool, wraps v0 backends so the controller speaks v1 only, prefixes keys with the
+storage namespace for classes that do not apply it themselves, and tells observers through the lifecycle hooks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Optional
+
+import attrs
+
+from hicache_core.config import HiCacheConfig
+from hicache_core.errors import BackendLoadError, ConfigError
+from hicache_core.hookspecs import BackendRecord
+from hicache_core.keys import StorageNamespace
+from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
+from hicache_core.storage.adapter import NamespacedBackend, V0Adapter, _Delegate
+from hicache_core.storage.base import StorageConfig
+
+logger = logging.getLogger(__name__)
+
+# Names the project ships as separate distributions: the install hint when one is asked for but absent.
+KNOWN_PLUGINS = {
+    "file": "hicache-plugin-file",
+    "mooncake": "hicache-plugin-mooncake",
+    "hf3fs": "hicache-plugin-hf3fs",
+}
+V0_METHODS = ("get", "set", "exists")
+V1_METHODS = ("batch_get_v1", "batch_set_v1")
+
+
+@attrs.frozen
+class ResolvedBackend:
+    """A backend name resolved to its class."""
+
+    name: str
+    cls: type
+    interface_v1: bool
+    page_first_only: bool
+    origin: str  # distribution, or "dynamic"
+
+
+def _truthy(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return value.strip().lower() in ("1", "true")
+    raise ConfigError(f"--hicache-storage-backend-extra-config: {key}={value!r}; use 0 or 1")
+
+
+def load_class(module_path: str, class_name: str, *, interface_v1: bool, what: str) -> type:
+    """Import ``module_path`` and return ``class_name`` after checking it has the contract's methods."""
+    try:
+        module = importlib.import_module(module_path)
+    except ModuleNotFoundError as e:
+        raise BackendLoadError(
+            f"{what}: cannot import module {module_path!r} ({e}); install the package that provides it "
+            "or put its directory on PYTHONPATH"
+        ) from e
+    except Exception as e:
+        raise BackendLoadError(f"{what}: importing module {module_path!r} raised {type(e).__name__}: {e}") from e
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        public = sorted(n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_"))
+        raise BackendLoadError(
+            f"{what}: module {module_path!r} has no class {class_name!r}"
+            + (f"; classes there: {', '.join(public)}" if public else "")
+        )
+    if not isinstance(cls, type):
+        raise BackendLoadError(f"{what}: {module_path}.{class_name} is a {type(cls).__name__}, not a class")
+    needed = V1_METHODS if interface_v1 else V0_METHODS
+    missing = [m for m in needed if not callable(getattr(cls, m, None))]
+    if interface_v1 and not (callable(getattr(cls, "batch_exists", None)) or callable(getattr(cls, "exists", None))):
+        missing.append("batch_exists")
+    if missing:
+        kind = "v1 (interface_v1=1)" if interface_v1 else "v0 (interface_v1=0)"
+        raise BackendLoadError(
+            f"{what}: class {module_path}.{class_name} lacks {', '.join(missing)}, which a {kind} storage backend "
+            f"implements; see docs/writing-a-backend.md"
+            + ("" if interface_v1 else ", or set interface_v1=1 if it implements batch_get_v1/batch_set_v1")
+        )
+    return cls
+
+
+def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCachePluginManager] = None) -> ResolvedBackend:
+    """Find the class behind a backend name (``dynamic`` reads ``module_path``/``class_name`` from extra_config)."""
+    extra = extra_config or {}
+    if name == "dynamic":
+        missing = [k for k in ("backend_name", "module_path", "class_name") if not extra.get(k)]
+        if missing:
+            raise ConfigError(
+                f"--hicache-storage-backend dynamic: the extra config lacks {', '.join(missing)}; give "
+                '\'{"backend_name": "my_store", "module_path": "my_pkg.store", "class_name": "MyStore", "interface_v1": 0}\''
+            )
+        v1 = _truthy(extra.get("interface_v1", 0), "interface_v1")
+        what = f"dynamic backend {extra['backend_name']!r}"
+        cls = load_class(str(extra["module_path"]), str(extra["class_name"]), interface_v1=v1, what=what)
+        return ResolvedBackend(str(extra["backend_name"]), cls, v1, bool(getattr(cls, "page_first_only", False)), "dynamic")
+
+    pm = pm or get_plugin_manager()
+    table, _ = pm.offered_backends()
+    offers = table.get(name)
+    if not offers:
+        failure = pm.failures.get(name)
+        if failure is not None:
+            raise BackendLoadError(
+                f"storage backend {name!r}: plugin {failure.distribution} failed to load ({failure.error}); "
+                f"reinstall it (pip install --force-reinstall {failure.distribution}) or fix its dependencies"
+            )
+        hint = KNOWN_PLUGINS.get(name)
+        known = ", ".join(sorted(table) + ["dynamic"])
+        raise BackendLoadError(
+            f"unknown storage backend {name!r}; available: {known}"
+            + (f"; to add it: pip install {hint}" if hint else "; run `hicache backends` to see what is installed")
+        )
+    if len(offers) > 1:
+        who = " and ".join(f"{o.distribution} ({o.record.target})" for o in offers)
+        raise BackendLoadError(
+            f"storage backend name {name!r} is claimed by {who}; uninstall one, or disable one with "
+            "HICACHE_PLUGINS_DISABLE=<entry point or distribution name>"
+        )
+    rec: BackendRecord = offers[0].record
+    module_path, sep, class_name = rec.target.partition(":")
+    if not sep:
+        raise BackendLoadError(f"plugin {offers[0].distribution}: backend {name!r} target {rec.target!r} is not 'module:Class'")
+    what = f"storage backend {name!r} from {offers[0].distribution}"
+    try:
+        cls = load_class(module_path, class_name, interface_v1=rec.interface_v1, what=what)
+    except BackendLoadError as e:
+        if rec.install_hint:
+            raise BackendLoadError(f"{e}; {rec.install_hint}") from e
+        raise
+    return ResolvedBackend(name, cls, rec.interface_v1, rec.page_first_only, offers[0].distribution)
+
+
+def make_storage_config(
+    config: HiCacheConfig, spec, *, layout: Optional[str] = None, tp_rank: int = 0, tp_size: int = 1
+) -> StorageConfig:
+    """The StorageConfig (and namespace) for a KV spec under a config. ``layout`` defaults to the config's."""
+    layout = layout or config.hicache_mem_layout
+    ns = StorageNamespace(
+        model=config.model_name or "",
+        dtype=spec.dtype_name,
+        page_size=config.page_size,
+        layout=layout,
+        is_mla=spec.is_mla,
+        layer_num=spec.layer_num,
+        head_num=spec.head_num,
+        head_dim=spec.head_dim,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+    )
+    return StorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        is_mla_model=spec.is_mla,
+        is_page_first_layout=layout in ("page_first", "page_first_direct"),
+        model_name=config.model_name,
+        extra_config=config.backend_extra_config,
+        namespace=ns,
+        page_size=config.page_size,
+        layout=layout,
+    )
+
+
+class StorageBackendHandle(_Delegate):
+    """What the controller holds: a v1-speaking backend plus its name; closing tells the observers."""
+
+    def __init__(self, name: str, inner: Any, raw: Any, interface_v1: bool, pm: HiCachePluginManager) -> None:
+        super().__init__(inner)
+        self.name, self.raw, self.interface_v1, self._pm = name, raw, interface_v1, pm
+        self._closed = False
+
+    def batch_exists(self, keys):
+        return self.inner.batch_exists(keys)
+
+    def batch_get_v1(self, keys, host_indices):
+        return self.inner.batch_get_v1(keys, host_indices)
+
+    def batch_set_v1(self, keys, host_indices):
+        return self.inner.batch_set_v1(keys, host_indices)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.inner.close()
+        finally:
+            self._pm.hook.hicache_backend_closed(name=self.name, backend=self.raw)
+
+
+def create_backend(
+    name: str,
+    storage_config: StorageConfig,
+    host_pool: Any,
+    *,
+    extra_config: Optional[dict] = None,
+    pm: Optional[HiCachePluginManager] = None,
+) -> StorageBackendHandle:
+    """Resolve, construct and register a backend; return it speaking v1."""
+    pm = pm or get_plugin_manager()
+    extra = storage_config.extra_config if extra_config is None else extra_config
+    resolved = resolve(name, extra, pm)
+    if resolved.page_first_only and storage_config.layout == "layer_first":
+        raise ConfigError(
+            f"storage backend {resolved.name!r} serves only page_first/page_first_direct host layouts; "
+            "use --hicache-mem-layout page_first (kernel io) or page_first_direct (direct io)"
+        )
+    try:
+        raw = resolved.cls(storage_config, dict(extra))
+    except (BackendLoadError, ConfigError):
+        raise
+    except Exception as e:
+        raise BackendLoadError(
+            f"storage backend {resolved.name!r} ({resolved.cls.__module__}.{resolved.cls.__qualname__}) failed to "
+            f"start: {type(e).__name__}: {e}"
+        ) from e
+    try:
+        raw.register_mem_pool_host(host_pool)
+    except AttributeError as e:
+        raise BackendLoadError(f"storage backend {resolved.name!r} has no register_mem_pool_host(): {e}") from e
+    except Exception as e:
+        raise BackendLoadError(f"storage backend {resolved.name!r} rejected the host pool: {e}") from e
+    inner: Any = raw
+    if not resolved.interface_v1:
+        inner = V0Adapter(raw)
+        inner.mem_pool_host = host_pool
+    if not getattr(raw, "applies_namespace", False):
+        inner = NamespacedBackend(inner, storage_config.namespace)
+    handle = StorageBackendHandle(resolved.name, inner, raw, resolved.interface_v1, pm)
+    pm.hook.hicache_backend_created(name=resolved.name, backend=raw, storage_config=storage_config)
+    logger.info("storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0")
+    return handle

@@ -1,0 +1,98 @@
+"""The storage backend contract: what an L3 backend implements.
+
+A backend is built as ``Backend(storage_config, extra_config)`` -- the shape SGLang's ``dynamic`` loader uses --
+then :meth:`HiCacheStorage.register_mem_pool_host` is called before any I/O.
+
+* v0: flat page tensors (``get/set/exists/batch_get/batch_set/batch_exists``).
+* v1 (zero copy): ``batch_get_v1/batch_set_v1`` read and write host-pool pages in place by host indices.
+
+The controller speaks v1 only; a v0-only backend is wrapped by :class:`~hicache_core.storage.adapter.V0Adapter`.
+Rules every backend keeps: a failed write never becomes visible; a read that cannot prove its bytes is a miss.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from hicache_core.keys import StorageNamespace
+
+
+@attrs.frozen(kw_only=True)
+class StorageConfig:
+    """What a backend learns about the deployment. The first six fields carry SGLang's
+    ``HiCacheStorageConfig`` names, so classes written for SGLang read them unchanged."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    is_mla_model: bool = False
+    is_page_first_layout: bool = False
+    model_name: Optional[str] = None
+    extra_config: dict = attrs.field(factory=dict)
+    namespace: StorageNamespace = attrs.field(factory=StorageNamespace)
+    page_size: int = 64
+    layout: str = "layer_first"
+
+
+class HiCacheStorage(abc.ABC):
+    """Base class for storage backends. Subclasses apply ``self.namespace`` to every key they store
+    (``applies_namespace = True``); the core prefixes keys itself for classes that do not say so."""
+
+    applies_namespace: bool = True
+
+    def __init__(self, storage_config: StorageConfig, extra_config: Optional[dict[str, Any]] = None) -> None:
+        self.storage_config = storage_config
+        self.extra_config = dict(extra_config or {})
+        self.namespace = storage_config.namespace
+        self.mem_pool_host = None
+
+    def register_mem_pool_host(self, mem_pool_host) -> None:
+        """Called once, before any I/O, with the :class:`~hicache_core.memory.HostPool` pages move through."""
+        self.mem_pool_host = mem_pool_host
+
+    # --- v0: flat pages ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def get(self, key: str, target_location: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The page stored under ``key`` (written into ``target_location`` when given), or None."""
+
+    @abc.abstractmethod
+    def set(self, key: str, value: torch.Tensor) -> bool:
+        """Store one flat page; True once it is durably visible. A failed set leaves nothing visible."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    def batch_get(self, keys: list[str], target_locations: Optional[list[torch.Tensor]] = None) -> list:
+        targets = target_locations or [None] * len(keys)
+        return [self.get(k, t) for k, t in zip(keys, targets)]
+
+    def batch_set(self, keys: list[str], values: list[torch.Tensor]) -> bool:
+        return all(self.set(k, v) for k, v in zip(keys, values))
+
+    def batch_exists(self, keys: list[str]) -> int:
+        """How many keys exist consecutively from the start."""
+        for i, k in enumerate(keys):
+            if not self.exists(k):
+                return i
+        return len(keys)
+
+    # --- v1: zero copy on host pages -------------------------------------------------------------------------
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
+        """Read ``len(keys)`` pages straight into the host pool at ``host_indices`` (page_size slots each)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement batch_get_v1")
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement batch_set_v1")
+
+    # --- housekeeping ------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Remove every page this backend stores."""
+
+    def get_stats(self) -> Optional[dict[str, Any]]:
+        return None
+
+    def close(self) -> None:
+        """Release connections, files and threads."""

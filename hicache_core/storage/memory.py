@@ -1,0 +1,107 @@
+"""``memory``: the in-memory reference backend. Process-local, thread-safe; the conformance kit's first customer
+and the simplest complete example of the contract (v0 and v1)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from hicache_core.storage.base import HiCacheStorage
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.pages: dict[str, bytes] = {}
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+
+_STORES: dict[str, _Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+class MemoryStorage(HiCacheStorage):
+    """Pages as immutable ``bytes`` in a dict. Extra config: ``store`` (instances naming the same store share it,
+    within one process; default ``"default"``), ``capacity_bytes`` (0 = unlimited; when full, new pages are
+    refused rather than old ones dropped, so a reader never loses a page mid-prefetch)."""
+
+    def __init__(self, storage_config, extra_config=None) -> None:
+        super().__init__(storage_config, extra_config)
+        self.capacity_bytes = int(self.extra_config.get("capacity_bytes", 0))
+        name = str(self.extra_config.get("store", "default"))
+        with _STORES_LOCK:
+            store = _STORES.setdefault(name, _Store())
+        self._store = store
+        self._pages = store.pages
+        self._lock = store.lock
+        self._stats = {"get_pages": 0, "get_misses": 0, "set_pages": 0, "set_skipped": 0, "set_refused": 0}
+
+    def _put(self, key: str, data: bytes) -> bool:
+        with self._lock:
+            if key in self._pages:
+                self._stats["set_skipped"] += 1
+                return True
+            if self.capacity_bytes and self._store.bytes + len(data) > self.capacity_bytes:
+                self._stats["set_refused"] += 1
+                return False
+            self._pages[key] = data
+            self._store.bytes += len(data)
+            self._stats["set_pages"] += 1
+            return True
+
+    def _take(self, key: str) -> Optional[bytes]:
+        with self._lock:
+            data = self._pages.get(key)
+            self._stats["get_pages" if data is not None else "get_misses"] += 1
+            return data
+
+    # v0
+    def get(self, key, target_location=None):
+        data = self._take(self.namespace.key(key))
+        if data is None:
+            return None
+        page = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if target_location is not None and target_location.numel() * target_location.element_size() == len(data):
+            target_location.view(-1).view(torch.uint8).copy_(page)
+            return target_location
+        return page
+
+    def set(self, key, value) -> bool:
+        return self._put(self.namespace.key(key), value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+    def exists(self, key) -> bool:
+        with self._lock:
+            return self.namespace.key(key) in self._pages
+
+    # v1
+    def batch_get_v1(self, keys, host_indices):
+        views = self.mem_pool_host.page_memoryviews(host_indices)
+        out = []
+        for key, segs in zip(keys, views):
+            data = self._take(self.namespace.key(key))
+            if data is None or len(data) != self.mem_pool_host.page_bytes:
+                out.append(False)
+                continue
+            pos = 0
+            for seg in segs:
+                seg[:] = data[pos : pos + len(seg)]
+                pos += len(seg)
+            out.append(True)
+        return out
+
+    def batch_set_v1(self, keys, host_indices):
+        views = self.mem_pool_host.page_memoryviews(host_indices)
+        return [self._put(self.namespace.key(k), b"".join(segs)) for k, segs in zip(keys, views)]
+
+    def clear(self) -> None:
+        """Remove this namespace's pages (other namespaces sharing the store keep theirs)."""
+        prefix = self.namespace.tag + "-"
+        with self._lock:
+            for key in [k for k in self._pages if k.startswith(prefix)]:
+                self._store.bytes -= len(self._pages.pop(key))
+
+    def get_stats(self):
+        with self._lock:
+            return dict(self._stats, store_pages=len(self._pages), store_bytes=self._store.bytes)
