@@ -19,4 +19,6 @@ def _lazy(module: str, what: str):
     return add_arguments, run, what
 
 
-BENCHMARKS: dict = {}
+BENCHMARKS: dict = {
+    "transfer": _lazy("transfer", "device<->host page movement per layout x io backend x direction"),
+}

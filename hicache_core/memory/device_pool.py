@@ -64,6 +64,11 @@ class DevicePool:
             assert v is not None
             self.v_buffer(layer_id)[indices] = v.to(self.dtype)
 
+    def token_strides(self) -> tuple[int, int, int, int]:
+        """Byte strides (page, token-in-page, layer, K->V) of the layer-first device buffer."""
+        item = self.spec.item_bytes
+        return (self.page_size * item, item, self.size * item, self.layer_num * self.size * item)
+
     # --- allocation ----------------------------------------------------------------------------------------------
     def alloc(self, num_tokens: int) -> Optional[torch.Tensor]:
         return self.allocator.alloc(num_tokens)

@@ -132,6 +132,17 @@ class HostPool:
         if not s.is_mla:
             self._flat_shape = (2, *self._flat_shape)
 
+    def token_strides(self) -> tuple[int, int, int, int]:
+        """Byte strides (page, token-in-page, layer, K->V) that place token t of layer l at
+        ``(t // page_size) * page + (t % page_size) * token + l * layer + kv * kv_stride`` in :attr:`raw`."""
+        s, ps, L = self.spec, self.page_size, self.spec.layer_num
+        item, half = s.item_bytes, L * self.size * s.item_bytes
+        return {
+            "layer_first": (ps * item, item, self.size * item, half),
+            "page_first": (ps * L * item, L * item, item, half),
+            "page_first_direct": (L * ps * item, item, ps * item, half),
+        }[self.layout]
+
     @property
     def segments_per_page(self) -> int:
         return len(self._seg_base)

@@ -1,0 +1,47 @@
+"""Shared pieces of the benchmarks: timing, tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device | None = None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_best(fn: Callable[[], Any], repeat: int, device: torch.device | None = None, warmup: int = 1) -> float:
+    """Median seconds of ``repeat`` runs after ``warmup`` runs (the first touches pages and caches)."""
+    for _ in range(warmup):
+        fn()
+        sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / max(seconds, 1e-12) / 1e9
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format)."""
+    cells = [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h, _) in enumerate(columns)]
+    print("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def dump_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))

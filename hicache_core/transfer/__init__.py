@@ -1,0 +1,71 @@
+"""Moving pages between the device pool and the host pool.
+
+``io_backend``: ``kernel`` (the Triton kernel; CUDA, or CPU under ``TRITON_INTERPRET=1`` when forced),
+``direct`` (run-coalesced torch copies; the fast path on CPU), ``reference`` (the per-token oracle).
+``kernel`` on a machine without a GPU falls back to ``direct`` with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hicache_core.errors import ConfigError
+from hicache_core.transfer import direct, reference, triton_kernels
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = {"kernel": triton_kernels, "direct": direct, "reference": reference}
+_fallback_logged = False
+
+
+def effective_io_backend(io_backend: str, device: torch.device, *, force_kernel: bool = False) -> str:
+    """The io backend that will really run: ``kernel`` without CUDA becomes ``direct`` (logged once)."""
+    global _fallback_logged
+    if io_backend not in IMPLEMENTATIONS:
+        raise ConfigError(f"--hicache-io-backend: invalid value {io_backend!r}; choose one of kernel, direct")
+    if io_backend != "kernel":
+        return io_backend
+    if device.type == "cuda" and triton_kernels.triton_usable():
+        return "kernel"
+    if force_kernel and triton_kernels.triton_usable():
+        return "kernel"
+    if not _fallback_logged:
+        logger.warning("--hicache-io-backend kernel needs a CUDA device; using direct on %s", device.type)
+        _fallback_logged = True
+    return "direct"
+
+
+class HostDeviceTransfer:
+    """Moves pages of one host pool to and from one device pool with the chosen io backend."""
+
+    def __init__(self, host_pool, device_pool, io_backend: str = "kernel", *, force_kernel: bool = False) -> None:
+        if host_pool.spec != device_pool.spec:
+            raise ConfigError(f"host pool KV {host_pool.spec} does not match device pool KV {device_pool.spec}")
+        if host_pool.page_size != device_pool.page_size:
+            raise ConfigError(f"host page_size {host_pool.page_size} != device page_size {device_pool.page_size}")
+        self.host, self.device = host_pool, device_pool
+        self.requested = io_backend
+        self.io_backend = effective_io_backend(io_backend, device_pool.device, force_kernel=force_kernel)
+        if self.io_backend == "kernel" and device_pool.device.type == "cuda" and not host_pool.pinned:
+            raise ConfigError("--hicache-io-backend kernel reads host memory from the GPU: the host pool must be pinned")
+        self._impl = IMPLEMENTATIONS[self.io_backend]
+
+    def load_layer(self, host_indices: torch.Tensor, device_indices: torch.Tensor, layer: int) -> None:
+        """Host -> device for one layer (the engine may use layer N as soon as this returns for N)."""
+        self._impl.load_layer(self.host, self.device, host_indices, device_indices, layer)
+
+    def load_all_layers(self, host_indices: torch.Tensor, device_indices: torch.Tensor) -> None:
+        if hasattr(self._impl, "load_all_layers"):
+            self._impl.load_all_layers(self.host, self.device, host_indices, device_indices)
+        else:
+            for layer in range(self.host.layer_num):
+                self._impl.load_layer(self.host, self.device, host_indices, device_indices, layer)
+
+    def backup_all_layers(self, device_indices: torch.Tensor, host_indices: torch.Tensor) -> None:
+        """Device -> host for every layer."""
+        self._impl.backup_all_layers(self.device, self.host, device_indices, host_indices)
+
+
+__all__ = ["HostDeviceTransfer", "effective_io_backend"]

@@ -1,0 +1,104 @@
+"""``direct`` io: copies of whole runs of pages between strided byte views.
+
+Every pool, whatever its layout, is one strided view ``[kv, page, layer, token, byte]`` of its raw bytes (the
+layout only changes the strides: ``token_strides()``). Page-granular allocation makes a transfer a list of *runs*
+(pages consecutive on both sides); each run is one copy between two such views -- K and V and, for all-layer
+copies, every layer in the same call.
+
+On CPU the copies are numpy ``copyto`` on byte views (one memcpy per contiguous piece, no OpenMP fork per call,
+GIL released) spread over a small thread pool; with a CUDA device pool they are torch ``copy_`` calls on the
+current stream.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import as_strided
+
+_THREADS = max(1, min(int(os.environ.get("HICACHE_DIRECT_THREADS", os.cpu_count() or 1)), 8))
+_POOL: cf.ThreadPoolExecutor | None = None
+
+
+def _executor() -> cf.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = cf.ThreadPoolExecutor(_THREADS, thread_name_prefix="hicache-direct")
+    return _POOL
+
+
+def page_runs(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int) -> np.ndarray:
+    """Runs of pages consecutive on both sides, as rows (src_page, dst_page, n_pages)."""
+    if src_indices.numel() != dst_indices.numel():
+        raise ValueError(f"index lengths differ: {src_indices.numel()} vs {dst_indices.numel()}")
+    if src_indices.numel() % page_size:
+        raise ValueError(f"{src_indices.numel()} indices are not whole pages of {page_size}")
+    s = src_indices.cpu().numpy()[::page_size]
+    d = dst_indices.cpu().numpy()[::page_size]
+    if (s % page_size).any() or (d % page_size).any():
+        raise ValueError("indices do not start on page boundaries")
+    s, d = s // page_size, d // page_size
+    if len(s) == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    brk = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts = np.concatenate(([0], brk))
+    lengths = np.diff(np.concatenate((starts, [len(s)])))
+    return np.stack([s[starts], d[starts], lengths], axis=1)
+
+
+def byte_view(pool) -> Any:
+    """The pool as ``[kv, page, layer, token, byte]``: numpy for CPU memory, torch for CUDA memory (cached)."""
+    cached = getattr(pool, "_hicache_byte_view", None)
+    if cached is not None:
+        return cached
+    spec = pool.spec
+    sp, st, sl, skv = pool.token_strides()
+    shape = (spec.num_kv, pool.size // pool.page_size, spec.layer_num, pool.page_size, spec.item_bytes)
+    strides = (skv, sp, sl, st, 1)
+    raw = pool.raw if hasattr(pool, "raw") else pool.kv_buffer.reshape(-1).view(torch.uint8)
+    if raw.device.type == "cpu":
+        view = as_strided(raw.numpy(), shape=shape, strides=strides)
+    else:
+        view = torch.as_strided(raw, shape, strides)
+    pool._hicache_byte_view = view
+    return view
+
+
+def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None, device_side_src: bool) -> None:
+    dst, src = byte_view(dst_pool), byte_view(src_pool)
+    layer_sel = slice(None) if layer is None else layer
+    rows = runs.tolist()
+    if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
+        def work(part):
+            for s, d, n in part:
+                np.copyto(dst[:, d : d + n, layer_sel], src[:, s : s + n, layer_sel])
+
+        if len(rows) < 2 or _THREADS == 1:
+            work(rows)
+            return
+        futures = [_executor().submit(work, rows[i::_THREADS]) for i in range(1, _THREADS)]
+        work(rows[0::_THREADS])
+        for f in futures:
+            f.result()
+        return
+    # CUDA: torch views on both sides (host side a pinned CPU tensor view)
+    dst_t = dst if isinstance(dst, torch.Tensor) else torch.from_numpy(dst)
+    src_t = src if isinstance(src, torch.Tensor) else torch.from_numpy(src)
+    for s, d, n in rows:
+        dst_t[:, d : d + n, layer_sel].copy_(src_t[:, s : s + n, layer_sel], non_blocking=True)
+
+
+def load_layer(host, device, host_indices, device_indices, layer: int) -> None:
+    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), layer, False)
+
+
+def load_all_layers(host, device, host_indices, device_indices) -> None:
+    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), None, False)
+
+
+def backup_all_layers(device, host, device_indices, host_indices) -> None:
+    _copy(host, device, page_runs(device_indices, host_indices, host.page_size), None, True)

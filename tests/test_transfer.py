@@ -1,0 +1,131 @@
+"""Every (layout, io backend, direction, MHA/MLA) against the reference oracle, bit for bit, on odd shapes."""
+
+import logging
+import zlib
+
+import pytest
+import torch
+
+from hicache_core.errors import ConfigError
+from hicache_core.memory import DevicePool, HostPool, KVSpec, default_device
+from hicache_core.transfer import HostDeviceTransfer, reference
+from hicache_core.transfer.direct import page_runs
+
+LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
+PS = 4
+DEV = default_device()  # CUDA where present (the kernel runs for real), else CPU (kernel under the interpreter)
+PIN = DEV.type == "cuda"
+
+
+def spec(mla: bool) -> KVSpec:
+    # odd sizes on purpose: 3 layers, head_dim 6 (12-byte items: the kernel must fall back to 4-byte words)
+    return KVSpec(layer_num=3, head_num=1 if mla else 3, head_dim=6, dtype=torch.bfloat16, is_mla=mla)
+
+
+def randomize(t: torch.Tensor, gen: torch.Generator) -> None:
+    b = t.view(torch.uint8)
+    b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=gen).to(b.device))
+
+
+def pages(*ids: int) -> torch.Tensor:
+    return torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in ids])
+
+
+# (host pages, device pages): 7 pages scattered, one page, repeated runs of consecutive pages
+CASES = {
+    "scattered7": ((9, 2, 14, 5, 0, 11, 7), (3, 12, 0, 8, 5, 1, 10)),
+    "one_page": ((13,), (6,)),
+    "runs": ((2, 3, 4, 10, 11, 0, 1), (5, 6, 7, 0, 1, 12, 13)),
+}
+
+
+def make(mla, layout, gen):
+    s = spec(mla)
+    host = HostPool(s, 16 * PS, PS, layout, pin_memory=PIN)
+    dev = DevicePool(s, 14 * PS, PS, DEV)
+    randomize(host.raw, gen)
+    randomize(dev.kv_buffer, gen)
+    return host, dev
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("io", ["direct", "kernel"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+def test_matches_reference(mla, layout, io, case):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{mla}{layout}{io}{case}".encode()))
+    hp, dp = CASES[case]
+    hi, di = pages(*hp), pages(*dp)
+    host, dev = make(mla, layout, gen)
+    host2, dev2 = make(mla, layout, gen)
+    host2.raw.copy_(host.raw)
+    dev2.kv_buffer.copy_(dev.kv_buffer)
+    mover = HostDeviceTransfer(host2, dev2, io, force_kernel=True)
+    assert mover.io_backend == io
+
+    # host -> device, layer by layer
+    for layer in (2, 0, 1):
+        reference.load_layer(host, dev, hi, di, layer)
+        mover.load_layer(hi, di, layer)
+        assert same(dev.kv_buffer, dev2.kv_buffer), f"load layer {layer}"
+    # host -> device, all layers at once
+    randomize(host.raw, gen)
+    host2.raw.copy_(host.raw)
+    for layer in range(3):
+        reference.load_layer(host, dev, hi, di, layer)
+    mover.load_all_layers(hi, di)
+    assert same(dev.kv_buffer, dev2.kv_buffer), "load all layers"
+    # device -> host, all layers
+    randomize(dev.kv_buffer, gen)
+    dev2.kv_buffer.copy_(dev.kv_buffer)
+    reference.backup_all_layers(dev, host, di, hi)
+    mover.backup_all_layers(di, hi)
+    assert same(host.raw, host2.raw), "backup"
+
+
+def test_reference_roundtrip_is_identity():
+    gen = torch.Generator().manual_seed(0)
+    for layout in LAYOUTS:
+        host, dev = make(False, layout, gen)
+        hi, di = pages(5, 1, 8), pages(0, 4, 2)
+        reference.backup_all_layers(dev, host, di, hi)
+        before = dev.kv_buffer.clone()
+        randomize(dev.kv_buffer, gen)
+        for layer in range(3):
+            reference.load_layer(host, dev, hi, di, layer)
+        assert same(dev.kv_buffer[:, :, di.to(DEV)], before[:, :, di.to(DEV)])
+
+
+def test_page_runs():
+    runs = page_runs(pages(2, 3, 4, 10, 11, 0), pages(5, 6, 7, 0, 2, 3), PS)
+    assert runs.tolist() == [[2, 5, 3], [10, 0, 1], [11, 2, 1], [0, 3, 1]]
+    with pytest.raises(ValueError, match="page boundaries"):
+        page_runs(torch.arange(1, 5), torch.arange(4), PS)
+    with pytest.raises(ValueError, match="lengths differ"):
+        page_runs(torch.arange(8), torch.arange(4), PS)
+
+
+def test_kernel_without_gpu_falls_back_to_direct_once(caplog, monkeypatch):
+    import hicache_core.transfer as t
+
+    monkeypatch.setattr(t, "_fallback_logged", False)
+    caplog.set_level(logging.WARNING)
+    host, dev = make(False, "layer_first", torch.Generator().manual_seed(1))
+    assert HostDeviceTransfer(host, dev, "kernel").io_backend == ("kernel" if torch.cuda.is_available() else "direct")
+    HostDeviceTransfer(host, dev, "kernel")
+    if not torch.cuda.is_available():
+        assert caplog.text.count("using direct") == 1
+
+
+def test_mismatched_pools_are_refused():
+    host = HostPool(spec(False), 8 * PS, PS, "layer_first", pin_memory=False)
+    with pytest.raises(ConfigError, match="does not match device pool"):
+        HostDeviceTransfer(host, DevicePool(spec(True), 8 * PS, PS, "cpu"), "direct")
+    with pytest.raises(ConfigError, match="page_size"):
+        HostDeviceTransfer(host, DevicePool(spec(False), 16, 8, "cpu"), "direct")
+    with pytest.raises(ConfigError, match="invalid value 'dma'"):
+        HostDeviceTransfer(host, DevicePool(spec(False), 8 * PS, PS, "cpu"), "dma")
