@@ -21,4 +21,5 @@ def _lazy(module: str, what: str):
 
 BENCHMARKS: dict = {
     "transfer": _lazy("transfer", "device<->host page movement per layout x io backend x direction"),
+    "tree": _lazy("tree", "radix tree cost per request (match_prefix, insert) beside the KV load time"),
 }

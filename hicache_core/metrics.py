@@ -1,0 +1,153 @@
+"""Counters per tier and outcome, as a stats dict and (with ``--enable-metrics``) Prometheus text.
+
+Tiers: ``device`` (L1), ``host`` (L2), ``storage`` (L3). Background threads update storage counters, so every
+update takes a lock. Names follow SGLang's where one exists (``prefetched_tokens``, ``backuped_tokens``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any, Optional
+
+TIERS = ("device", "host", "storage")
+DIRECTIONS = ("h2d", "d2h", "storage_get", "storage_set")
+
+
+class CacheMetrics:
+    """Thread-safe counters. ``stats()`` returns a plain dict; ``prometheus_text()`` the exposition format."""
+
+    def __init__(self, enable_prometheus: bool = False, labels: Optional[dict[str, str]] = None) -> None:
+        self._lock = threading.Lock()
+        self.labels = dict(labels or {})
+        self.reset()
+        self._prom = _Prometheus(self.labels) if enable_prometheus else None
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = 0
+            self.prompt_tokens = 0
+            self.hit_tokens = dict.fromkeys(TIERS, 0)
+            self.evicted_tokens = dict.fromkeys(TIERS, 0)
+            self.prefetched_tokens = 0
+            self.prefetch_revoked = 0
+            self.prefetch_terminated_early = 0
+            self.backuped_tokens = 0
+            self.loaded_back_tokens = 0
+            self.storage_errors: dict[str, int] = defaultdict(int)
+            self.transfer_bytes = dict.fromkeys(DIRECTIONS, 0)
+            self.transfer_seconds = dict.fromkeys(DIRECTIONS, 0.0)
+
+    # --- updates ---------------------------------------------------------------------------------------------------
+    def record_request(self, prompt_tokens: int, device: int, host: int, storage: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.prompt_tokens += prompt_tokens
+            for tier, n in zip(TIERS, (device, host, storage)):
+                self.hit_tokens[tier] += n
+        if self._prom:
+            self._prom.request(prompt_tokens, device, host, storage)
+
+    def record_transfer(self, direction: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.transfer_bytes[direction] += nbytes
+            self.transfer_seconds[direction] += seconds
+        if self._prom:
+            self._prom.transfer(direction, nbytes, seconds)
+
+    def record_evicted(self, tier: str, tokens: int) -> None:
+        with self._lock:
+            self.evicted_tokens[tier] += tokens
+        if self._prom:
+            self._prom.count("evicted_tokens", tokens, tier=tier)
+
+    def record_storage_error(self, kind: str) -> None:
+        """kind: exception, timeout, short_read, failed_write, corrupt, ..."""
+        with self._lock:
+            self.storage_errors[kind] += 1
+        if self._prom:
+            self._prom.count("storage_errors", 1, kind=kind)
+
+    def add(self, name: str, n: int) -> None:
+        """Bump a scalar counter: prefetched_tokens, backuped_tokens, loaded_back_tokens, prefetch_revoked, ..."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+        if self._prom:
+            self._prom.count(name, n)
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            hits = sum(self.hit_tokens.values())
+            return {
+                "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens,
+                "hit_tokens": dict(self.hit_tokens),
+                "cache_hit_rate": hits / self.prompt_tokens if self.prompt_tokens else 0.0,
+                "evicted_tokens": dict(self.evicted_tokens),
+                "prefetched_tokens": self.prefetched_tokens,
+                "prefetch_revoked": self.prefetch_revoked,
+                "prefetch_terminated_early": self.prefetch_terminated_early,
+                "backuped_tokens": self.backuped_tokens,
+                "loaded_back_tokens": self.loaded_back_tokens,
+                "storage_errors": dict(self.storage_errors),
+                "transfer_bytes": dict(self.transfer_bytes),
+                "transfer_seconds": dict(self.transfer_seconds),
+                "transfer_gbps": {
+                    d: (self.transfer_bytes[d] / self.transfer_seconds[d] / 1e9 if self.transfer_seconds[d] else 0.0)
+                    for d in DIRECTIONS
+                },
+            }
+
+    def prometheus_text(self) -> str:
+        if self._prom is None:
+            raise RuntimeError("Prometheus metrics are off; construct with enable_prometheus=True (--enable-metrics)")
+        return self._prom.text()
+
+
+class _Prometheus:
+    """prometheus_client objects on a private registry (several caches in one process must not collide)."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.base = labels
+        names = list(labels)
+        self.prompt = Counter("hicache_prompt_tokens", "prompt tokens seen", names, registry=self.registry)
+        self.cached = Counter("hicache_cached_tokens", "prompt tokens served from cache, by tier",
+                              names + ["cache_source"], registry=self.registry)
+        self.bytes = Counter("hicache_transfer_bytes", "bytes moved, by direction", names + ["direction"], registry=self.registry)
+        self.seconds = Counter("hicache_transfer_seconds", "seconds spent moving bytes, by direction",
+                               names + ["direction"], registry=self.registry)
+        self.bandwidth = Histogram("hicache_transfer_gbps", "bandwidth of each transfer, by direction",
+                                   names + ["direction"], buckets=(0.1, 0.5, 1, 5, 10, 50, 100), registry=self.registry)
+        self.counters: dict[str, Any] = {}
+        self._names = names
+        self._Counter = Counter
+
+    def _c(self, name: str, extra: tuple[str, ...] = ()):
+        c = self.counters.get(name)
+        if c is None:
+            c = self._Counter(f"hicache_{name}", name.replace("_", " "), self._names + list(extra), registry=self.registry)
+            self.counters[name] = c
+        return c
+
+    def request(self, prompt: int, device: int, host: int, storage: int) -> None:
+        self.prompt.labels(**self.base).inc(prompt)
+        for tier, n in zip(TIERS, (device, host, storage)):
+            self.cached.labels(**self.base, cache_source=tier).inc(n)
+
+    def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
+        self.bytes.labels(**self.base, direction=direction).inc(nbytes)
+        self.seconds.labels(**self.base, direction=direction).inc(seconds)
+        if seconds > 0:
+            self.bandwidth.labels(**self.base, direction=direction).observe(nbytes / seconds / 1e9)
+
+    def count(self, name: str, n: int, **extra: str) -> None:
+        self._c(name, tuple(extra)).labels(**self.base, **extra).inc(n)
+
+    def text(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
