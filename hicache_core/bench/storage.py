@@ -1,0 +1,120 @@
+"""``hicache bench storage``: set / get / exists throughput of a storage backend through its v1 interface, beside the
+plain baseline its plugin names (``backend.bench_baseline()``: raw file I/O, the raw Mooncake client, ...), on
+the same bytes in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from hicache_core.bench.common import dump_json, gbps, print_table
+from hicache_core.config import HiCacheConfig, add_hicache_args, resolve_layout
+from hicache_core.errors import ConfigError
+from hicache_core.keys import hash_chain
+from hicache_core.memory import HostPool, KVSpec
+from hicache_core.registry import create_backend, make_storage_config, resolve
+
+BATCH = 128
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_hicache_args(p)
+    p.set_defaults(hicache_storage_backend="file")
+    p.add_argument("--page-kib", default="256,1024", help="page sizes in KiB (default 256,1024)")
+    p.add_argument("--total-mib", type=int, default=256, help="MiB moved per measurement (default 256)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _batches(keys, idx, ps):
+    for i in range(0, len(keys), BATCH):
+        yield keys[i : i + BATCH], idx[i * ps : (i + len(keys[i : i + BATCH])) * ps]
+
+
+def _measure(config: HiCacheConfig, kib: int, total_mib: int, repeat: int) -> dict:
+    ps = config.page_size
+    item = 2 * 128 * 2  # 2 KV heads x head_dim 128 x bf16 per token and layer
+    layers = kib * 1024 // (2 * ps * item)
+    if layers < 1 or layers * 2 * ps * item != kib * 1024:
+        raise ConfigError(f"--page-kib {kib} cannot be made of pages of {ps} tokens (2 heads x 128 dims, bf16)")
+    spec = KVSpec(layer_num=layers, head_num=2, head_dim=128, dtype=torch.bfloat16)
+    n = max(1, total_mib * 1024 // kib)
+    pool = HostPool(spec, 2 * n * ps, ps, config.hicache_mem_layout, pin_memory=False)
+    pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8))
+    src, dst = pool.alloc(n * ps), pool.alloc(n * ps)
+    sc = make_storage_config(config.replace(model_name="hicache-bench"), spec)
+    backend = create_backend(config.hicache_storage_backend, sc, pool)
+    baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
+    nbytes = n * pool.page_bytes
+    res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get")}
+    try:
+        for _ in range(repeat):
+            keys = hash_chain(torch.randint(0, 2**31, (n * ps,)).tolist(), ps, os.urandom(32).hex())
+            if baseline is not None:
+                res["base_set"].append(_time(lambda: baseline.set(keys, src)))
+                res["base_get"].append(_time(lambda: baseline.get(keys, dst)))
+                baseline.cleanup()
+            ok = []
+            res["set"].append(_time(lambda: [ok.extend(backend.batch_set_v1(k, i)) for k, i in _batches(keys, src, ps)]))
+            if not all(ok):
+                raise RuntimeError(f"{sum(not x for x in ok)} of {n} pages failed to store")
+            found = []
+            res["exists"].append(_time(lambda: [found.append(backend.batch_exists(k)) for k, _ in _batches(keys, src, ps)]))
+            got = []
+            res["get"].append(_time(lambda: [got.extend(backend.batch_get_v1(k, i)) for k, i in _batches(keys, dst, ps)]))
+            if not all(got):
+                raise RuntimeError(f"{sum(not x for x in got)} of {n} pages failed to load")
+            if not _same_pages(pool, src, dst):
+                raise RuntimeError("pages read back differ from the pages written")
+            if sum(found) != n:
+                raise RuntimeError(f"exists found {sum(found)} of {n} pages")
+            backend.clear()
+    finally:
+        backend.close()
+        if baseline is not None:
+            baseline.cleanup()
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    row = {"page_kib": kib, "pages": n, "set_gbps": gbps(nbytes, med["set"]), "get_gbps": gbps(nbytes, med["get"]),
+           "exists_kpages_s": n / med["exists"] / 1e3}
+    if baseline is not None:
+        row.update(baseline=baseline.name, base_set_gbps=gbps(nbytes, med["base_set"]),
+                   base_get_gbps=gbps(nbytes, med["base_get"]),
+                   set_ratio=med["base_set"] / med["set"], get_ratio=med["base_get"] / med["get"])
+    return row
+
+
+def _same_pages(pool: HostPool, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return all(
+        all(x == y for x, y in zip(sa, sb)) for sa, sb in zip(pool.page_memoryviews(a), pool.page_memoryviews(b))
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = HiCacheConfig.from_args(args)
+    if not config.hicache_storage_backend:
+        raise ConfigError("--hicache-storage-backend: name the backend to measure (see `hicache backends`)")
+    resolved = resolve(config.hicache_storage_backend, config.hicache_storage_backend_extra_config)
+    config = resolve_layout(config, backend_page_first_only=resolved.page_first_only, backend_name=resolved.name)
+    rows = [_measure(config, int(k), args.total_mib, args.repeat) for k in args.page_kib.split(",")]
+    if args.json:
+        dump_json({"backend": config.hicache_storage_backend, "layout": config.hicache_mem_layout, "results": rows})
+        return 0
+    print(f"hicache bench storage: backend {config.hicache_storage_backend}, layout {config.hicache_mem_layout}, "
+          f"{args.total_mib} MiB per measurement, batches of {BATCH} pages, median of {args.repeat}")
+    print(f"baseline: {rows[0].get('baseline', 'none (the backend offers no bench_baseline)')}, same bytes, same run\n")
+    print_table(rows, [
+        ("page_kib", "page KiB", "d"), ("pages", "pages", "d"), ("set_gbps", "set GB/s", ".2f"),
+        ("base_set_gbps", "base set", ".2f"), ("set_ratio", "set ratio", ".2f"), ("get_gbps", "get GB/s", ".2f"),
+        ("base_get_gbps", "base get", ".2f"), ("get_ratio", "get ratio", ".2f"), ("exists_kpages_s", "exists kpage/s", ".1f"),
+    ])
+    return 0
