@@ -21,6 +21,7 @@ def _lazy(module: str, what: str):
 
 BENCHMARKS: dict = {
     "transfer": _lazy("transfer", "device<->host page movement per layout x io backend x direction"),
+    "multiturn": _lazy("multiturn", "multi-turn chat on the reference engine under every cache configuration"),
     "storage": _lazy("storage", "storage backend set/get/exists beside its plugin's raw baseline"),
     "tree": _lazy("tree", "radix tree cost per request (match_prefix, insert) beside the KV load time"),
 }

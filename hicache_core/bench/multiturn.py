@@ -1,0 +1,355 @@
+"""``hicache bench multiturn``: simulated clients in multi-turn conversations on the reference engine.
+
+Each client starts with a random prompt; every round it sends its whole history, gets a reply, and appends the
+reply and a new question. Requests of a round arrive at ``--request-rate`` in random client order. The same
+workload runs under each configuration -- no prefix cache, device-only radix cache, HiCache device+host,
+HiCache device+host+storage -- with the same (deliberately small) device pool, and every configuration must
+produce the same tokens as the no-cache run. ``--warm`` (default on) then starts a second engine *process* on the
+first one's storage and replays round 1, as a restarted server would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from hicache_core.bench.common import print_table
+from hicache_core.config import HiCacheConfig, add_hicache_args
+from hicache_core.errors import ConfigError, HiCacheError
+
+CONFIGS = ("none", "radix", "hicache", "hicache+storage")
+LABELS = {"none": "no cache", "radix": "device-only radix", "hicache": "HiCache L1+L2",
+          "hicache+storage": "HiCache L1+L2+L3"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--num-clients", type=int, default=8)
+    w.add_argument("--num-rounds", type=int, default=4)
+    w.add_argument("--request-length", type=int, default=512, help="tokens of each client's first prompt")
+    w.add_argument("--question-length", type=int, default=64, help="new user tokens per later round")
+    w.add_argument("--output-length", type=int, default=16, help="tokens generated per reply")
+    w.add_argument("--request-rate", type=float, default=4.0, help="requests per second within a round")
+    w.add_argument("--distribution", choices=("uniform", "poisson"), default="uniform")
+    w.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random")
+    w.add_argument("--seed", type=int, default=0)
+    e = p.add_argument_group("engine")
+    e.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to run: {', '.join(CONFIGS)}")
+    e.add_argument("--device-tokens", type=int, default=1024, help="device KV pool, tokens (smaller than the working set)")
+    e.add_argument("--max-running", type=int, default=4)
+    e.add_argument("--hidden-size", type=int, default=512)
+    e.add_argument("--intermediate-size", type=int, default=1536)
+    e.add_argument("--num-layers", type=int, default=4)
+    e.add_argument("--num-heads", type=int, default=8)
+    e.add_argument("--num-kv-heads", type=int, default=2)
+    e.add_argument("--head-dim", type=int, default=64)
+    e.add_argument("--vocab-size", type=int, default=4096)
+    o = p.add_argument_group("output")
+    o.add_argument("--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after)")
+    o.add_argument("--warm", dest="warm", action="store_true", default=True,
+                   help="replay round 1 in a second process on the first one's storage (default)")
+    o.add_argument("--no-warm", dest="warm", action="store_false")
+    o.add_argument("--report-dir", default="hicache-report", help="where report.json and report.png go")
+    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    add_hicache_args(p)
+    p.set_defaults(page_size=32, hicache_ratio=3.0, hicache_io_backend="direct", hicache_storage_backend="file",
+                   hicache_storage_prefetch_policy="wait_complete")
+
+
+# --- workload -----------------------------------------------------------------------------------------------------
+class Workload:
+    """Deterministic conversations: prompts and questions come from the seed; replies from the model."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        rng = random.Random(args.seed)
+        vocab = args.vocab_size
+        self.first = [[rng.randrange(vocab) for _ in range(args.request_length)] for _ in range(args.num_clients)]
+        self.questions = [[[rng.randrange(vocab) for _ in range(args.question_length)] for _ in range(args.num_clients)]
+                          for _ in range(args.num_rounds)]
+        self.orders, self.gaps = [], []
+        for _ in range(args.num_rounds):
+            order = list(range(args.num_clients))
+            if args.ready_queue_policy == "random":
+                rng.shuffle(order)
+            self.orders.append(order)
+            if args.distribution == "poisson":
+                self.gaps.append([rng.expovariate(args.request_rate) for _ in order])
+            else:
+                self.gaps.append([1.0 / args.request_rate for _ in order])
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.n, self.enabled, self.label = total, 0, enabled, ""
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str = "") -> None:
+        self.n += 1
+        self.label = label or self.label
+        if self.enabled:
+            frac = self.n / max(self.total, 1)
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] {self.n}/{self.total} {self.label:<22} {time.perf_counter() - self.t0:5.1f}s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def run_config(name: str, args: argparse.Namespace, work: Workload, model, base: HiCacheConfig, rounds: int,
+               progress: Progress) -> dict[str, Any]:
+    from hicache_core.engine import Engine, Request
+
+    engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running)
+    history = [list(p) for p in work.first]
+    per_round, outputs = [], []
+    t_start = time.perf_counter()
+    out_tokens = in_tokens = 0
+    try:
+        for rnd in range(rounds):
+            start = time.perf_counter() + 0.01
+            reqs, at = [], start
+            for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
+                reqs.append(Request(f"{name}-{rnd}-{client}", list(history[client]), args.output_length, arrival=at))
+                at += gap
+            engine.generate(reqs, on_finish=lambda r: progress.step(LABELS[name]))
+            by_client = {int(r.rid.rsplit("-", 1)[1]): r for r in reqs}
+            for client, r in by_client.items():
+                history[client] += r.output + work.questions[rnd][client]
+                in_tokens += len(r.prompt)
+                out_tokens += len(r.output)
+            ttfts = [r.ttft for r in reqs]
+            per_round.append({
+                "round": rnd + 1,
+                "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
+                "ttft_p50_ms": _pct(ttfts, 0.5) * 1e3,
+                "ttft_p90_ms": _pct(ttfts, 0.9) * 1e3,
+                "cached": {t: sum(r.cached[t] for r in reqs) for t in ("device", "host", "storage")},
+                "prompt_tokens": sum(len(r.prompt) for r in reqs),
+            })
+            outputs.append([by_client[c].output for c in sorted(by_client)])
+        engine.flush()
+        wall = time.perf_counter() - t_start
+        stats = engine.metrics.stats()
+    finally:
+        engine.close()
+    later = [r["ttft_mean_ms"] for r in per_round[1:]]
+    return {
+        "config": name,
+        "label": LABELS[name],
+        "rounds": per_round,
+        "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
+        "hit_tokens": stats["hit_tokens"],
+        "prompt_tokens": stats["prompt_tokens"] or in_tokens,
+        "cache_hit_rate": stats["cache_hit_rate"],
+        "transfer_bytes": stats["transfer_bytes"],
+        "transfer_gbps": stats["transfer_gbps"],
+        "prefetched_tokens": stats["prefetched_tokens"],
+        "backuped_tokens": stats["backuped_tokens"],
+        "storage_errors": stats["storage_errors"],
+        "wall_s": wall,
+        "throughput_req_s": rounds * args.num_clients / wall,
+        "throughput_in_tok_s": in_tokens / wall,
+        "throughput_out_tok_s": out_tokens / wall,
+        "outputs": outputs,
+    }
+
+
+def _model(args: argparse.Namespace):
+    from hicache_core.engine import ModelConfig, TinyLlama
+
+    return TinyLlama(ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                 num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                                 intermediate_size=args.intermediate_size, seed=args.seed))
+
+
+def _base_config(args: argparse.Namespace, storage_dir: str) -> HiCacheConfig:
+    cfg = HiCacheConfig.from_args(args)
+    extra = dict(cfg.hicache_storage_backend_extra_config)
+    extra.setdefault("prefetch_threshold", 64)
+    if cfg.hicache_storage_backend == "file":
+        extra.setdefault("storage_dir", storage_dir)
+    return cfg.replace(hicache_storage_backend_extra_config=extra, enable_hierarchical_cache=True)
+
+
+def _warm_child(args: argparse.Namespace) -> int:
+    """Round 1 only, hicache+storage, on storage someone else filled: a restarted server."""
+    work = Workload(args)
+    base = _base_config(args, args.storage_dir)
+    result = run_config("hicache+storage", args, work, _model(args), base, 1, Progress(0, False))
+    with open(args.child_out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def _run_warm(args: argparse.Namespace, storage_dir: str) -> dict[str, Any]:
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    argv = [sys.executable, "-m", "hicache_core.cli", "bench", "multiturn", "--warm-child", "--child-out", out,
+            "--storage-dir", storage_dir]
+    skip = {"warm_child", "child_out", "storage_dir", "warm", "json", "no_progress", "report_dir", "configs", "func",
+            "command", "bench", "verbose"}
+    for k, v in vars(args).items():
+        if k in skip or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        else:
+            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise HiCacheError(f"the warm engine process failed: {r.stderr.strip()[-800:]}")
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        os.unlink(out)
+
+
+def _chart(report: dict, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'hicache-core[bench]'): no chart"
+    runs = report["configs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        a.plot([r["round"] for r in run["rounds"]], [r["ttft_mean_ms"] for r in run["rounds"]], marker="o", label=run["label"])
+    if report.get("warm"):
+        a.scatter([1], [report["warm"]["rounds"][0]["ttft_mean_ms"]], marker="*", s=160, color="k", label="warm restart, round 1", zorder=5)
+    a.set_xticks(range(1, len(runs[0]["rounds"]) + 1))
+    a.set_xlabel("round")
+    a.set_ylabel("mean TTFT (ms)")
+    a.set_yscale("log")
+    a.set_title("Time to first token by round")
+    a.legend()
+    names = [run["label"] for run in runs]
+    bottom = [0.0] * len(runs)
+    for tier, color in (("device", "#4c72b0"), ("host", "#55a868"), ("storage", "#c44e52")):
+        vals = [run["hit_tokens"][tier] / max(run["prompt_tokens"], 1) for run in runs]
+        b.bar(names, vals, bottom=bottom, color=color, label=tier)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.set_ylabel("share of prompt tokens served from cache")
+    b.set_title("Cache hits by tier")
+    b.legend()
+    b.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.warm_child:
+        return _warm_child(args)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        raise ConfigError(f"--configs: unknown {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
+    if "none" not in configs:
+        configs.insert(0, "none")  # the reference every other configuration must match
+    tmp = None
+    storage_dir = args.storage_dir
+    if storage_dir is None:
+        tmp = storage_dir = tempfile.mkdtemp(prefix="hicache-bench-")
+    try:
+        base = _base_config(args, storage_dir)
+        work = Workload(args)
+        model = _model(args)
+        progress = Progress(len(configs) * args.num_rounds * args.num_clients, not args.no_progress)
+        results = [run_config(c, args, work, model, base, args.num_rounds, progress) for c in configs]
+        progress.close()
+        warm = None
+        if args.warm and "hicache+storage" in configs:
+            if not args.no_progress:
+                sys.stderr.write("warm restart: a second engine process on the same storage...\n")
+            warm = _run_warm(args, storage_dir)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _report(args, results, warm)
+
+
+def _report(args: argparse.Namespace, results: list[dict], warm: dict | None) -> int:
+    reference = results[0]["outputs"]
+    same = {r["config"]: r["outputs"] == reference for r in results}
+    by = {r["config"]: r for r in results}
+    summary: dict[str, Any] = {"outputs_identical": same}
+    if "radix" in by and "hicache+storage" in by and by["hicache+storage"]["ttft_mean_rounds2plus_ms"]:
+        summary["ttft_rounds2plus_speedup_storage_vs_radix"] = (
+            by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"])
+    if warm:
+        cold = by["hicache+storage"]["rounds"][0]["ttft_mean_ms"]
+        summary["warm_round1_ttft_ms"] = warm["rounds"][0]["ttft_mean_ms"]
+        summary["cold_round1_ttft_ms"] = cold
+        summary["warm_round1_speedup"] = cold / warm["rounds"][0]["ttft_mean_ms"]
+        summary["warm_outputs_identical"] = warm["outputs"][0] == reference[0]
+    report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary,
+              "configs": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
+              "warm": {k: v for k, v in warm.items() if k != "outputs"} if warm else None}
+    os.makedirs(args.report_dir, exist_ok=True)
+    json_path = os.path.join(args.report_dir, "report.json")
+    png_path = os.path.join(args.report_dir, "report.png")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    chart_note = _chart(report, png_path)
+    ok = all(same.values()) and (not warm or summary["warm_outputs_identical"])
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0 if ok else 1
+    print(f"\nhicache bench multiturn: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
+          f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
+          f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
+          f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})\n")
+    rows = []
+    for r in results:
+        row = {"config": r["label"], "r2": r["ttft_mean_rounds2plus_ms"] or 0.0, "hit": r["cache_hit_rate"] * 100,
+               "dev": r["hit_tokens"]["device"], "host": r["hit_tokens"]["host"], "sto": r["hit_tokens"]["storage"],
+               "rps": r["throughput_req_s"], "mb": sum(r["transfer_bytes"].values()) / 2**20,
+               "same": "yes" if same[r["config"]] else "NO"}
+        for rr in r["rounds"]:
+            row[f"t{rr['round']}"] = rr["ttft_mean_ms"]
+        rows.append(row)
+    cols = [("config", "configuration", "s")] + [(f"t{i}", f"TTFT r{i} ms", ".1f") for i in range(1, args.num_rounds + 1)]
+    cols += [("r2", "r2+ mean", ".1f"), ("hit", "hit %", ".1f"), ("dev", "device tok", "d"), ("host", "host tok", "d"),
+             ("sto", "storage tok", "d"), ("mb", "MiB moved", ".1f"), ("rps", "req/s", ".2f"), ("same", "same tokens", "s")]
+    print_table(rows, cols)
+    print("\nTTFT p50 / p90 per round (ms):")
+    for r in results:
+        print(f"  {r['label']:<20} " + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"]))
+    if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
+        print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
+              "mean TTFT than the device-only radix cache (same device pool)")
+    if warm:
+        print(f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
+              f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x); "
+              f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}")
+    print(f"\nreport: {json_path}" + (f", chart: {png_path}" if not chart_note else f" ({chart_note})"))
+    if not ok:
+        print("ERROR: a configuration produced different tokens from the no-cache run", file=sys.stderr)
+    return 0 if ok else 1

@@ -1,0 +1,7 @@
+"""A minimal paged-attention engine (tiny llama-style model) that embeds HiCache: the integration example,
+the end-to-end test bed and the benchmark's workload."""
+
+from hicache_core.engine.engine import MODES, Engine, Request
+from hicache_core.engine.model import ModelConfig, TinyLlama
+
+__all__ = ["MODES", "Engine", "ModelConfig", "Request", "TinyLlama"]

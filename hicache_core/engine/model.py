@@ -1,0 +1,122 @@
+"""A tiny llama-style decoder with random weights (seeded, no download): RMSNorm, rotary embeddings, grouped-query
+attention over the paged device KV pool, SwiGLU.
+
+Activations run in float64 and only K/V are rounded to the pool's dtype, so the result of a token does not depend
+on how many rows a matmul had (prefill vs decode, batch size): a cached prefix and a recomputed one give the same
+greedy tokens. That is what lets the benchmark check every cache configuration against the no-cache run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+from hicache_core.memory import KVSpec
+
+COMPUTE = torch.float64
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 6
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    seed: int = 0
+    kv_dtype: torch.dtype = torch.bfloat16
+
+    def kv_spec(self) -> KVSpec:
+        return KVSpec(layer_num=self.num_layers, head_num=self.num_kv_heads, head_dim=self.head_dim, dtype=self.kv_dtype)
+
+    @property
+    def name(self) -> str:
+        return (f"tiny-llama-h{self.hidden_size}-l{self.num_layers}-q{self.num_heads}-kv{self.num_kv_heads}"
+                f"-d{self.head_dim}-seed{self.seed}")
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class TinyLlama:
+    """Weights and the forward pass. ``forward`` reads and writes K/V through a :class:`DevicePool`."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        self.config = c = config
+        self.device = torch.device(device)
+        g = torch.Generator().manual_seed(c.seed)
+
+        def w(*shape: int, scale: Optional[float] = None) -> torch.Tensor:
+            s = scale if scale is not None else shape[0] ** -0.5
+            return (torch.randn(*shape, generator=g, dtype=COMPUTE) * s).to(self.device)
+
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.embed = w(c.vocab_size, c.hidden_size, scale=1.0)
+        self.layers = [
+            {
+                "attn_norm": torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device),
+                "wq": w(c.hidden_size, q), "wk": w(c.hidden_size, kv), "wv": w(c.hidden_size, kv), "wo": w(q, c.hidden_size),
+                "mlp_norm": torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device),
+                "w_gate": w(c.hidden_size, c.intermediate_size), "w_up": w(c.hidden_size, c.intermediate_size),
+                "w_down": w(c.intermediate_size, c.hidden_size),
+            }
+            for _ in range(c.num_layers)
+        ]
+        self.final_norm = torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device)
+        self.lm_head = w(c.hidden_size, c.vocab_size)
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=COMPUTE) / c.head_dim))
+        self._inv_freq = inv.to(self.device)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (T, heads, dim); rotate pairs (first half, second half) by position * inv_freq."""
+        ang = positions.to(COMPUTE)[:, None] * self._inv_freq[None, :]
+        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def forward(self, pool, seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One step for several sequences. Each entry: (new token ids, their slots, all slots so far incl. new).
+
+        New tokens sit at positions ``len(all) - len(new) ...``; they attend to every slot in ``all`` before them.
+        Returns the logits of each sequence's last new token, (len(seqs), vocab).
+        """
+        c = self.config
+        tokens = torch.cat([s[0] for s in seqs]).to(self.device)
+        lens = [len(s[0]) for s in seqs]
+        positions = torch.cat([torch.arange(len(a) - len(t), len(a)) for t, _, a in seqs]).to(self.device)
+        new_slots = torch.cat([s[1] for s in seqs]).to(pool.device)
+        x = self.embed[tokens]
+        hq, hk, d = c.num_heads, c.num_kv_heads, c.head_dim
+        for layer_id, p in enumerate(self.layers):
+            h = _rms(x, p["attn_norm"], c.rms_eps)
+            q = self._rope((h @ p["wq"]).view(-1, hq, d), positions)
+            k = self._rope((h @ p["wk"]).view(-1, hk, d), positions)
+            v = (h @ p["wv"]).view(-1, hk, d)
+            k_buf, v_buf = pool.get_kv_buffer(layer_id)  # waits for this layer of a load in flight
+            k_buf[new_slots] = k.to(pool.dtype)
+            v_buf[new_slots] = v.to(pool.dtype)
+            outs, start = [], 0
+            for (_, _, all_slots), n in zip(seqs, lens):
+                qi = q[start : start + n].transpose(0, 1)  # (hq, n, d)
+                idx = all_slots.to(pool.device)
+                ki = k_buf[idx].to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)  # (hq, T, d)
+                vi = v_buf[idx].to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)
+                scores = (qi @ ki.transpose(1, 2)) * d**-0.5
+                total = len(idx)
+                qpos = torch.arange(total - n, total, device=scores.device)[:, None]
+                kpos = torch.arange(total, device=scores.device)[None, :]
+                scores = scores.masked_fill(kpos > qpos, float("-inf"))
+                outs.append((scores.softmax(-1) @ vi).transpose(0, 1).reshape(n, hq * d))
+                start += n
+            x = x + torch.cat(outs) @ p["wo"]
+            h = _rms(x, p["mlp_norm"], c.rms_eps)
+            x = x + (torch.nn.functional.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
+        return _rms(x[last], self.final_norm, c.rms_eps) @ self.lm_head
