@@ -1,0 +1,301 @@
+"""Mooncake Store backend: the host pool's buffer is registered once, then pages move by pointer.
+
+Keys: ``[{extra_backend_tag}_]{namespace tag}_{page hash}_k`` (and ``_v`` for MHA: K and V halves of a page are each
+contiguous in page-first layouts). The namespace tag carries model, dtype, page size, heads, dims and -- where KV is
+sharded (MHA) -- the tp rank, so deployments never read each other's pages.
+
+A page counts as stored or read only when every part of it is; a read whose byte count is not the part's size is
+a miss. The master refuses a put of an existing key before any byte moves, so no existence query precedes a put.
+While the master is down every call fails fast as a miss; the client re-mounts its segment once the master is back,
+and if calls keep failing past ``reconnect_after_s`` the plugin rebuilds the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from typing import Any, Optional
+
+from hicache_core.errors import BackendLoadError, ConfigError
+from hicache_core.storage import HiCacheStorage
+from hicache_plugin_mooncake.config import MooncakeStoreConfig
+
+logger = logging.getLogger(__name__)
+PAGE_FIRST = ("page_first", "page_first_direct")
+
+
+def _import_store():
+    try:
+        from mooncake.store import MooncakeDistributedStore
+    except ImportError as e:
+        raise BackendLoadError(
+            f"mooncake backend: cannot import mooncake.store ({e}); pip install 'hicache-plugin-mooncake[cuda]' "
+            "(or [cpu] on a machine without a GPU); the CPU build also needs Debian's libibverbs1"
+        ) from e
+    return MooncakeDistributedStore
+
+
+class MooncakeStore(HiCacheStorage):
+    """Extra config: ``master_server_address`` (host:port) and the other MooncakeStoreConfig fields, or none of
+    them to use ``$SGLANG_HICACHE_MOONCAKE_CONFIG_PATH`` / ``MOONCAKE_*``; plus ``connect_timeout_s`` (30) and
+    ``reconnect_after_s`` (10)."""
+
+    page_first_only = True
+
+    def __init__(self, storage_config, extra_config=None) -> None:
+        super().__init__(storage_config, extra_config)
+        ex = dict(self.extra_config)
+        self.connect_timeout_s = float(ex.pop("connect_timeout_s", 30))
+        self.reconnect_after_s = float(ex.pop("reconnect_after_s", 10))
+        self.cfg = MooncakeStoreConfig.load(ex)
+        tag = self.cfg.extra_backend_tag or ex.get("extra_backend_tag")
+        self.prefix = (f"{tag}_" if tag else "") + self.namespace.tag + "_"
+        self.parts = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
+        self.tp_size = max(1, storage_config.tp_size)
+        self._lock = threading.Lock()
+        self._stats = dict.fromkeys(("get_pages", "get_misses", "short_reads", "set_pages", "set_failed", "errors",
+                                     "reconnects", "bytes_read", "bytes_written"), 0)
+        self._failing_since: Optional[float] = None
+        self._registered: Optional[tuple[int, int]] = None
+        self.store = self._connect()
+
+    # --- connection --------------------------------------------------------------------------------------------------
+    def _reachable(self) -> None:
+        """Fail fast when the master (or an HTTP metadata server) does not accept connections: the client's
+        setup holds the GIL while it retries, which would freeze the whole process for minutes."""
+        c = self.cfg
+        targets = [("mooncake_master", c.master_server_address)]
+        meta = urllib.parse.urlparse(c.metadata_server)
+        if meta.scheme in ("http", "https") and meta.hostname:
+            targets.append(("metadata server", f"{meta.hostname}:{meta.port or (443 if meta.scheme == 'https' else 80)}"))
+        for what, hp in targets:
+            host, _, port = hp.rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=min(5.0, self.connect_timeout_s)).close()
+            except OSError as e:
+                raise BackendLoadError(
+                    f"mooncake backend: cannot reach the {what} at {hp} ({e.strerror or e}); start it, or fix "
+                    f"the address (config from {c.source})") from e
+
+    def _connect(self):
+        cls = _import_store()
+        self._reachable()
+        store = cls()
+        c = self.cfg
+        args = (c.local_hostname, c.metadata_server, c.global_segment_size // self.tp_size,
+                c.local_buffer_size // self.tp_size, c.protocol, c.device_name, c.master_server_address)
+        result: dict[str, Any] = {}
+
+        def setup() -> None:  # a daemon thread: a master that never answers must not hang the process at exit
+            try:
+                result["rc"] = store.setup(*args)
+            except Exception as e:
+                result["error"] = e
+
+        t = threading.Thread(target=setup, name="mooncake-setup", daemon=True)
+        t.start()
+        t.join(self.connect_timeout_s)
+        if t.is_alive():
+            raise BackendLoadError(
+                f"mooncake backend: no answer from mooncake_master at {c.master_server_address} (metadata "
+                f"{c.metadata_server}) within {self.connect_timeout_s:.0f} s (config from {c.source}); is it running?")
+        if "error" in result:
+            e = result["error"]
+            raise BackendLoadError(f"mooncake backend: setup failed: {type(e).__name__}: {e}") from e
+        rc = result["rc"]
+        if rc != 0:
+            raise BackendLoadError(
+                f"mooncake backend: setup with mooncake_master at {c.master_server_address} (metadata "
+                f"{c.metadata_server}, protocol {c.protocol}) failed with code {rc}; check that the master runs "
+                f"and the metadata server answers (config from {c.source})")
+        if self._registered:
+            store.register_buffer(*self._registered)
+        return store
+
+    def _reconnect(self) -> None:
+        logger.warning("mooncake backend: calls failing for %.0f s: rebuilding the client", self.reconnect_after_s)
+        try:
+            new = self._connect()
+        except Exception as e:
+            logger.warning("mooncake backend: reconnect failed: %s", e)
+            self._failing_since = time.monotonic()  # try again after another interval
+            return
+        old, self.store = self.store, new
+        self._count("reconnects")
+        self._failing_since = None
+        try:
+            old.close()
+        except Exception:
+            pass
+
+    def _health(self, ok: bool) -> None:
+        if ok:
+            self._failing_since = None
+            return
+        self._count("errors")
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since > self.reconnect_after_s:
+            with self._lock:
+                if self._failing_since is not None and now - self._failing_since > self.reconnect_after_s:
+                    self._reconnect()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[name] += n
+
+    # --- registration ------------------------------------------------------------------------------------------------
+    def register_mem_pool_host(self, mem_pool_host) -> None:
+        if mem_pool_host.layout not in PAGE_FIRST:
+            raise ConfigError(
+                f"mooncake backend serves page_first/page_first_direct host layouts only (zero copy of whole K/V "
+                f"halves); got {mem_pool_host.layout}: use --hicache-mem-layout page_first (kernel io) or "
+                "page_first_direct (direct io)")
+        super().register_mem_pool_host(mem_pool_host)
+        self._registered = (mem_pool_host.raw.data_ptr(), mem_pool_host.raw.numel())
+        rc = self.store.register_buffer(*self._registered)
+        if rc != 0:
+            raise BackendLoadError(f"mooncake backend: registering the host pool buffer failed with code {rc}")
+
+    # --- keys --------------------------------------------------------------------------------------------------------
+    def _keys(self, keys: list[str]) -> list[str]:
+        return [f"{self.prefix}{k}{p}" for k in keys for p in self.parts]
+
+    def _meta(self, host_indices) -> tuple[list[int], list[int]]:
+        return self.mem_pool_host.get_page_buffer_meta(host_indices)
+
+    # --- v1 ----------------------------------------------------------------------------------------------------------
+    def batch_set_v1(self, keys, host_indices) -> list[bool]:
+        if not keys:
+            return []
+        ptrs, sizes = self._meta(host_indices)
+        try:
+            rc = self.store.batch_put_from(self._keys(keys), ptrs, sizes)
+        except Exception as e:
+            logger.warning("mooncake backend: batch_put_from raised %s", e)
+            rc = [-1] * len(ptrs)
+        n = len(self.parts)
+        ok = [all(r == 0 for r in rc[i * n : (i + 1) * n]) for i in range(len(keys))]
+        self._health(any(ok))
+        good = sum(ok)
+        self._count("set_pages", good)
+        self._count("set_failed", len(keys) - good)
+        self._count("bytes_written", good * self.mem_pool_host.page_bytes)
+        return ok
+
+    def batch_get_v1(self, keys, host_indices) -> list[bool]:
+        if not keys:
+            return []
+        ptrs, sizes = self._meta(host_indices)
+        try:
+            rc = self.store.batch_get_into(self._keys(keys), ptrs, sizes)
+        except Exception as e:
+            logger.warning("mooncake backend: batch_get_into raised %s", e)
+            rc = [-1] * len(ptrs)
+        n = len(self.parts)
+        out = []
+        for i in range(len(keys)):
+            got = rc[i * n : (i + 1) * n]
+            want = sizes[i * n : (i + 1) * n]
+            if all(g == w for g, w in zip(got, want)):
+                out.append(True)
+            else:
+                if any(g > 0 and g != w for g, w in zip(got, want)):
+                    self._count("short_reads")
+                out.append(False)
+        self._health(any(out) or all(r in (-704,) for r in rc))  # -704: not found is an answer, not a failure
+        good = sum(out)
+        self._count("get_pages", good)
+        self._count("get_misses", len(keys) - good)
+        self._count("bytes_read", good * self.mem_pool_host.page_bytes)
+        return out
+
+    def batch_exists(self, keys) -> int:
+        if not keys:
+            return 0
+        try:
+            rc = self.store.batch_is_exist(self._keys(keys))
+        except Exception as e:
+            logger.warning("mooncake backend: batch_is_exist raised %s", e)
+            rc = [-1]
+        self._health(all(r >= 0 for r in rc))
+        n = len(self.parts)
+        for i in range(len(keys)):
+            part = rc[i * n : (i + 1) * n]
+            if len(part) < n or any(r != 1 for r in part):
+                return i
+        return len(keys)
+
+    # --- v0 (through the host pool: Mooncake moves bytes between registered buffers only) -----------------------------
+    def exists(self, key) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def get(self, key, target_location=None):
+        raise NotImplementedError("the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool")
+
+    def set(self, key, value) -> bool:
+        raise NotImplementedError("the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool")
+
+    # --- housekeeping ------------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Remove this namespace's pages (other deployments on the same master keep theirs)."""
+        if hasattr(self.store, "remove_by_regex"):
+            self.store.remove_by_regex("^" + re.escape(self.prefix), True)
+        else:  # pragma: no cover - older clients
+            logger.warning("mooncake backend: this client has no remove_by_regex: clear() removes every key")
+            self.store.remove_all()
+
+    def get_stats(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        try:
+            self.store.close()
+        except Exception as e:  # pragma: no cover
+            logger.warning("mooncake backend: close failed: %s", e)
+
+    def bench_baseline(self):
+        return RawMooncakeLoop(self)
+
+
+class RawMooncakeLoop:
+    """The raw client doing the same batch_put_from / batch_get_into on the same buffer (no plugin in between)."""
+
+    name = "raw Mooncake client batch_put_from/batch_get_into"
+
+    def __init__(self, backend: MooncakeStore) -> None:
+        self.b = backend
+        self.keys: list[str] = []
+
+    def set(self, keys, host_indices) -> None:
+        ps = self.b.mem_pool_host.page_size
+        self.keys = []
+        for i in range(0, len(keys), 128):
+            idx = host_indices[i * ps : (i + 128) * ps]
+            ptrs, sizes = self.b.mem_pool_host.get_page_buffer_meta(idx)
+            raw = [f"raw-{k}{p}" for k in keys[i : i + 128] for p in self.b.parts]
+            rc = self.b.store.batch_put_from(raw, ptrs, sizes)
+            if any(r != 0 for r in rc):
+                raise RuntimeError(f"raw batch_put_from failed: {sorted(set(rc))}")
+            self.keys += raw
+
+    def get(self, keys, host_indices) -> None:
+        ps = self.b.mem_pool_host.page_size
+        for i in range(0, len(keys), 128):
+            idx = host_indices[i * ps : (i + 128) * ps]
+            ptrs, sizes = self.b.mem_pool_host.get_page_buffer_meta(idx)
+            raw = [f"raw-{k}{p}" for k in keys[i : i + 128] for p in self.b.parts]
+            rc = self.b.store.batch_get_into(raw, ptrs, sizes)
+            if any(r <= 0 for r in rc):
+                raise RuntimeError(f"raw batch_get_into failed: {sorted(set(rc))}")
+
+    def cleanup(self) -> None:
+        if self.keys:  # force: a just-read key may still hold a lease, and a full segment slows every later put
+            self.b.store.remove_by_regex("^raw-", True)
+        self.keys = []

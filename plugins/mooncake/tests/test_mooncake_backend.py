@@ -1,0 +1,257 @@
+"""The mooncake backend against a real mooncake_master on loopback."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+import torch
+
+from hicache_core.config import HiCacheConfig
+from hicache_core.errors import BackendLoadError, ConfigError
+from hicache_core.memory import HostPool, KVSpec
+from hicache_core.registry import make_storage_config
+from hicache_core.testing import BackendConformance, random_keys
+from hicache_plugin_mooncake import MooncakeStore, MooncakeStoreConfig
+
+
+def wait_healthy(backend, timeout=30.0):
+    """Until a real put goes through (the client re-mounts its segment after a master restart)."""
+    pool = backend.mem_pool_host
+    idx = pool.alloc(pool.page_size)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if backend.batch_set_v1(random_keys(1, pool.page_size), idx) == [True]:
+                return
+            time.sleep(0.2)
+        raise AssertionError("mooncake did not recover after the master restart")
+    finally:
+        pool.free(idx)
+
+
+class TestMooncakeConformance(BackendConformance):
+    backend_name = "mooncake"
+    page_first_only = True
+    supports_v0 = False  # zero copy only: pages move between registered buffers
+
+    @pytest.fixture(autouse=True)
+    def _master(self, master):
+        self.m = master
+
+    def extra_config(self, tmp_path):
+        return self.m.extra()
+
+    @contextlib.contextmanager
+    def failing_writes(self, backend):
+        self.m.stop()  # a dead master: every put fails
+        try:
+            yield
+        finally:
+            self.m.start()
+            wait_healthy(backend)
+
+
+SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.bfloat16)
+PS = 8
+
+
+def make(master, layout="page_first_direct", spec=SPEC, **extra):
+    pool = HostPool(spec, 32 * PS, PS, layout, pin_memory=False)
+    cfg = HiCacheConfig(page_size=PS, hicache_mem_layout=layout, model_name="mc-test")
+    be = MooncakeStore(make_storage_config(cfg, spec), master.extra(**extra))
+    be.register_mem_pool_host(pool)
+    return be, pool
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+def test_config_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOONCAKE_MASTER", "10.0.0.1:1")
+    f = tmp_path / "mc.json"
+    f.write_text(json.dumps({"master_server_address": "127.0.0.2:50051", "metadata_server": "http://127.0.0.2:8080/metadata",
+                             "global_segment_size": "2gb", "protocol": "tcp"}))
+    monkeypatch.setenv("SGLANG_HICACHE_MOONCAKE_CONFIG_PATH", str(f))
+    c = MooncakeStoreConfig.load({"master_server_address": "127.0.0.3:1234"})
+    assert c.master_server_address == "127.0.0.3:1234" and c.source == "--hicache-storage-backend-extra-config"
+    c = MooncakeStoreConfig.load({})
+    assert c.master_server_address == "127.0.0.2:50051" and c.global_segment_size == 2 << 30 and "file" in c.source
+    monkeypatch.delenv("SGLANG_HICACHE_MOONCAKE_CONFIG_PATH")
+    monkeypatch.setenv("MOONCAKE_GLOBAL_SEGMENT_SIZE", "512mb")
+    monkeypatch.setenv("MOONCAKE_TE_META_DATA_SERVER", "http://127.0.0.1:8080/metadata")
+    monkeypatch.setenv("MOONCAKE_PROTOCOL", "rdma")
+    monkeypatch.setenv("MOONCAKE_DEVICE", "mlx5_0")
+    c = MooncakeStoreConfig.load({})
+    assert (c.master_server_address, c.global_segment_size, c.protocol, c.device_name) == ("10.0.0.1:1", 512 << 20, "rdma", "mlx5_0")
+    assert c.metadata_server == "http://127.0.0.1:8080/metadata" and c.local_buffer_size == 16 << 20
+
+
+@pytest.mark.parametrize("env, extra, match", [
+    ({}, {}, "no configuration found.*MOONCAKE_MASTER"),
+    ({"MOONCAKE_MASTER": "nohost"}, {}, "MOONCAKE_MASTER|master_server_address='nohost' is not host:port"),
+    ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_GLOBAL_SEGMENT_SIZE": "huge"}, {}, "MOONCAKE_GLOBAL_SEGMENT_SIZE='huge' is not a size"),
+    ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_PROTOCOL": "udp"}, {}, "protocol='udp'; choose one of tcp, rdma"),
+    ({}, {"master_server_address": "127.0.0.1:1", "colour": "red"}, "unknown key\\(s\\) colour"),
+    ({"SGLANG_HICACHE_MOONCAKE_CONFIG_PATH": "/no/such.json"}, {}, "cannot read"),
+])
+def test_config_errors(monkeypatch, env, extra, match):
+    for k in ("MOONCAKE_MASTER", "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH", "MOONCAKE_PROTOCOL", "MOONCAKE_GLOBAL_SEGMENT_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=match):
+        MooncakeStoreConfig.load(extra)
+
+
+def test_unreachable_master_fails_within_the_timeout():
+    from conftest import free_port
+
+    port = free_port()
+    cfg = HiCacheConfig(page_size=PS, hicache_mem_layout="page_first")
+    t0 = time.monotonic()
+    with pytest.raises(BackendLoadError, match=r"cannot reach the mooncake_master at 127.0.0.1:\d+ .*start it"):
+        MooncakeStore(make_storage_config(cfg, SPEC), {"master_server_address": f"127.0.0.1:{port}",
+                                                       "metadata_server": f"http://127.0.0.1:{port}/metadata",
+                                                       "connect_timeout_s": 2, "local_hostname": "127.0.0.1"})
+    assert time.monotonic() - t0 < 10
+
+
+def test_layer_first_is_refused_with_the_fix(master):
+    with pytest.raises(ConfigError, match="page_first/page_first_direct host layouts only.*page_first_direct \\(direct io\\)"):
+        make(master, "layer_first")
+
+
+def test_keys_carry_namespace_and_tag(master):
+    be, pool = make(master, extra_backend_tag="blue")
+    assert be.prefix == f"blue_{be.namespace.tag}_"
+    assert be._keys(["abc"]) == [f"blue_{be.namespace.tag}_abc_k", f"blue_{be.namespace.tag}_abc_v"]
+    mla = KVSpec(layer_num=2, head_num=1, head_dim=32, dtype=torch.bfloat16, is_mla=True)
+    be2, _ = make(master, "page_first", spec=mla)
+    assert be2._keys(["abc"]) == [f"{be2.namespace.tag}_abc_k"]
+    be.close()
+    be2.close()
+
+
+WORKER = textwrap.dedent('''
+    import json, os, sys, time
+    import torch
+    from hicache_core.config import HiCacheConfig
+    from hicache_core.memory import HostPool, KVSpec
+    from hicache_core.registry import make_storage_config
+    from hicache_plugin_mooncake import MooncakeStore
+
+    role, extra, keys_file, done_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+    spec = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.bfloat16)
+    pool = HostPool(spec, 16 * 8, 8, "page_first", pin_memory=False)
+    be = MooncakeStore(make_storage_config(HiCacheConfig(page_size=8, hicache_mem_layout="page_first"), spec), extra)
+    be.register_mem_pool_host(pool)
+    idx = pool.alloc(4 * 8)
+    if role == "writer":
+        pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(7)))
+        keys = [os.urandom(32).hex() for _ in range(4)]
+        assert be.batch_set_v1(keys, idx) == [True] * 4
+        pages = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
+        json.dump({"keys": keys, "pages": pages}, open(keys_file + ".tmp", "w"))
+        os.replace(keys_file + ".tmp", keys_file)
+        deadline = time.time() + 120
+        while not os.path.exists(done_file) and time.time() < deadline:  # its segment holds the pages: stay up
+            time.sleep(0.05)
+    else:
+        while not os.path.exists(keys_file):
+            time.sleep(0.05)
+        data = json.load(open(keys_file))
+        assert be.batch_exists(data["keys"]) == 4
+        ok = be.batch_get_v1(data["keys"], idx)
+        got = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
+        open(done_file, "w").close()
+        print(json.dumps({"ok": ok, "same": got == data["pages"]}))
+    be.close()
+''')
+
+
+def test_two_processes_share_pages(master, tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(WORKER)
+    extra = json.dumps(master.extra())
+    keys, done = str(tmp_path / "keys.json"), str(tmp_path / "done")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    w = subprocess.Popen([sys.executable, str(script), "writer", extra, keys, done], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run([sys.executable, str(script), "reader", extra, keys, done], env=env,
+                       capture_output=True, text=True, timeout=180)
+    w.communicate(timeout=60)
+    assert w.returncode == 0 and r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"ok": [True] * 4, "same": True}
+
+
+def test_master_killed_mid_run_cache_keeps_serving(master):
+    """Misses while the master is gone, bounded time, no wrong bytes; service resumes after it returns."""
+    from hicache_core.cache import HiRadixCache
+    from hicache_core.memory import DevicePool
+    from hicache_core.registry import create_backend
+
+    cfg = HiCacheConfig(page_size=PS, hicache_mem_layout="page_first_direct", hicache_io_backend="direct",
+                        hicache_storage_backend="mooncake", hicache_storage_prefetch_policy="timeout",
+                        hicache_storage_backend_extra_config={**master.extra(), "prefetch_threshold": PS,
+                                                              "prefetch_timeout_base": 2}, model_name=uuid.uuid4().hex)
+    dev = DevicePool(SPEC, 8 * PS, PS, "cpu")
+    host = HostPool(SPEC, 16 * PS, PS, "page_first_direct", pin_memory=False)
+    backend = create_backend("mooncake", make_storage_config(cfg, SPEC), host)
+    cache = HiRadixCache(cfg, dev, host, backend)
+    tokens = list(range(4 * PS))
+    idx = cache.alloc_device(len(tokens))
+    dev.kv_buffer.view(torch.uint8).copy_(torch.randint(0, 256, dev.kv_buffer.view(torch.uint8).shape, dtype=torch.uint8))
+    expect = dev.kv_buffer[:, :, idx].clone()
+    cache.insert(tokens, idx)
+    cache.flush()
+    assert backend.batch_exists(__import__("hicache_core.keys", fromlist=["hash_chain"]).hash_chain(tokens, PS)) == 4
+    cache.evict(10**6)
+    cache.evict_host(10**6)
+    master.stop()
+    t0 = time.monotonic()
+    m = cache.match_prefix(tokens)
+    assert m.matched_length == 0
+    if cache.prefetch_from_storage("r", m.last_node, tokens):
+        while not cache.check_prefetch_progress("r"):
+            time.sleep(0.01)
+            assert time.monotonic() - t0 < 30, "a dead master hung the cache"
+    assert cache.match_prefix(tokens).matched_length == 0  # nothing fetched, nothing wrong
+    cache.flush()
+    assert time.monotonic() - t0 < 30
+    master.start()
+    wait_healthy(backend)
+    # the store restarted empty: write again and read back whole
+    idx = cache.alloc_device(len(tokens))
+    dev.kv_buffer[:, :, idx] = expect
+    cache.insert(tokens, idx)
+    cache.flush()
+    cache.evict(10**6)
+    cache.evict_host(10**6)
+    m = cache.match_prefix(tokens)
+    assert cache.prefetch_from_storage("r2", m.last_node, tokens)
+    while not cache.check_prefetch_progress("r2"):
+        time.sleep(0.01)
+    m = cache.match_prefix(tokens)
+    assert m.host_hit_length == len(tokens)
+    loaded, _ = cache.init_load_back(m.last_node)
+    cache.ready_to_load_host_cache()
+    dev.wait_layer(SPEC.layer_num - 1)
+    assert torch.equal(dev.kv_buffer[:, :, loaded].view(torch.uint8), expect.view(torch.uint8))
+    assert backend.get_stats()["errors"] >= 1
+    cache.flush()
+    cache.close()
+
+
+def test_bench_storage_against_raw_client(master, capsys):
+    from hicache_core.cli import main
+
+    rc = main(["bench", "storage", "--hicache-storage-backend", "mooncake", "--hicache-storage-backend-extra-config",
+               json.dumps(master.extra(global_segment_size="256mb")), "--total-mib", "8", "--page-kib", "256",
+               "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "raw Mooncake client" in out
