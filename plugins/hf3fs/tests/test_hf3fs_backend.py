@@ -1,0 +1,254 @@
+"""The hf3fs backend on plain files: conformance (in-process and HTTP metadata), sharing, failures, persistence."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import MetadataServer
+
+from hicache_core.config import HiCacheConfig
+from hicache_core.errors import ConfigError
+from hicache_core.memory import HostPool, KVSpec
+from hicache_core.registry import make_storage_config
+from hicache_core.testing import BackendConformance, fill_random, page_bytes, random_keys
+from hicache_plugin_hf3fs import Hf3fsConfig, Hf3fsStorage
+from hicache_plugin_hf3fs.metadata import RankMetadata
+
+
+@contextlib.contextmanager
+def read_only_file(backend):
+    """Swap the data file's descriptor for a read-only one: every pwrite fails for real (EBADF)."""
+    client = backend.client
+    good = client.fd
+    client.fd = os.open(client.path, os.O_RDONLY)
+    try:
+        yield
+    finally:
+        os.close(client.fd)
+        client.fd = good
+
+
+class TestHf3fsInProcessMetadata(BackendConformance):
+    backend_name = "hf3fs"
+
+    def extra_config(self, tmp_path):
+        return {"file_path_prefix": str(tmp_path / "hf3fs" / "cache"), "file_size": 4 << 20, "numjobs": 4, "entries": 8}
+
+    def failing_writes(self, backend):
+        return read_only_file(backend)
+
+
+class TestHf3fsHttpMetadata(TestHf3fsInProcessMetadata):
+    @pytest.fixture(autouse=True)
+    def _server(self, metadata_server):
+        self.url = metadata_server.url
+
+    def extra_config(self, tmp_path):
+        return {**super().extra_config(tmp_path), "metadata_server_url": self.url}
+
+
+SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.bfloat16)
+PS = 8
+
+
+def make(tmp_path, layout="page_first_direct", **extra):
+    pool = HostPool(SPEC, 32 * PS, PS, layout, pin_memory=False)
+    cfg = HiCacheConfig(page_size=PS, hicache_mem_layout=layout, model_name="h3")
+    ex = {"file_path_prefix": str(tmp_path / "c"), "file_size": 1 << 20, "numjobs": 2, "entries": 4, **extra}
+    be = Hf3fsStorage(make_storage_config(cfg, SPEC), ex)
+    be.register_mem_pool_host(pool)
+    return be, pool
+
+
+def test_slot_layout_and_file(tmp_path):
+    be, pool = make(tmp_path)
+    assert be.slot_bytes % 4096 == 0 and be.slot_bytes >= 64 + pool.page_bytes
+    assert be.num_slots == (1 << 20) // be.slot_bytes
+    assert os.path.getsize(be.path) == be.num_slots * be.slot_bytes and be.namespace.tag in be.path
+    assert be.get_stats()["io_client"] == "posix"
+
+
+def test_lru_reuses_the_oldest_slot_when_full(tmp_path):
+    be, pool = make(tmp_path, file_size=3 * 4096)
+    assert be.num_slots == 3
+    src = pool.alloc(4 * PS)
+    fill_random(pool, src)
+    keys = random_keys(4, PS)
+    assert be.batch_set_v1(keys[:3], src[: 3 * PS]) == [True] * 3
+    assert be.batch_get_v1(keys[:1], pool.alloc(PS)) == [True]  # key 0 is recent now
+    assert be.batch_set_v1(keys[3:], src[3 * PS :]) == [True]
+    assert [be.exists(k) for k in keys] == [True, False, True, True]
+    dst = pool.alloc(PS)
+    assert be.batch_get_v1(keys[3:], dst) == [True] and page_bytes(pool, dst) == page_bytes(pool, src[3 * PS :])
+
+
+def test_reused_slot_read_with_a_stale_index_is_a_miss(tmp_path):
+    """A reader that looked a key up just before its slot was given to another key never gets the other page."""
+    be, pool = make(tmp_path, file_size=2 * 4096)
+    src = pool.alloc(3 * PS)
+    fill_random(pool, src)
+    keys = random_keys(3, PS)
+    be.batch_set_v1(keys[:2], src[: 2 * PS])
+    slot_of_k0 = be.meta.store.rank(be.rank_id).key_to_index[keys[0]]  # peek without touching the LRU
+    be.batch_set_v1(keys[2:], src[2 * PS :])  # evicts key 0, reuses its slot
+    stale = be.meta.get_page_indices
+    be.meta.get_page_indices = lambda rank, ks: [slot_of_k0 for _ in ks]  # the lookup raced the eviction
+    try:
+        assert be.batch_get_v1(keys[:1], pool.alloc(PS)) == [False]
+    finally:
+        be.meta.get_page_indices = stale
+    assert be.get_stats()["corrupt"] == 1
+
+
+def test_write_that_fails_is_never_visible_and_frees_its_slot(tmp_path):
+    be, pool = make(tmp_path)
+    src = pool.alloc(2 * PS)
+    fill_random(pool, src)
+    keys = random_keys(2, PS)
+    free_before = len(be.meta.store.rank(be.rank_id).free_pages)
+    with read_only_file(be):
+        assert be.batch_set_v1(keys, src) == [False, False]
+    assert be.batch_exists(keys) == 0
+    assert len(be.meta.store.rank(be.rank_id).free_pages) == free_before
+
+
+def test_reserved_but_unconfirmed_is_invisible_and_not_persisted():
+    m = RankMetadata(4)
+    (exists, slot), = m.reserve_and_allocate_page_indices(["k"])
+    assert not exists and m.exists(["k"]) == [False] and m.get_page_indices(["k"]) == [None]
+    restored = RankMetadata.from_json(m.to_json())  # a crash before confirm: the slot is free again
+    assert slot in restored.free_pages and restored.exists(["k"]) == [False]
+    m.confirm_write([("k", slot)], [])
+    assert m.exists(["k"]) == [True]
+
+
+def test_server_restart_with_persistence_keeps_confirmed_pages(tmp_path):
+    server = MetadataServer(str(tmp_path / "index.json"))
+    server.start()
+    try:
+        be, pool = make(tmp_path, metadata_server_url=server.url)
+        src = pool.alloc(3 * PS)
+        fill_random(pool, src)
+        keys = random_keys(3, PS)
+        assert be.batch_set_v1(keys, src) == [True] * 3
+        server.stop()
+        assert be.batch_exists(keys) == 0  # server down: misses, no crash
+        assert be.get_stats()["metadata_errors"] >= 1
+        server.start()
+        be2, pool2 = make(tmp_path, metadata_server_url=server.url)
+        dst = pool2.alloc(3 * PS)
+        assert be2.batch_exists(keys) == 3
+        assert be2.batch_get_v1(keys, dst) == [True] * 3
+        assert page_bytes(pool2, dst) == page_bytes(pool, src)
+    finally:
+        server.stop()
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_bad_requests_get_4xx_with_a_reason(metadata_server):
+    u = metadata_server.url
+    code, body = _post(f"{u}/nope-rank/exists", {"keys": ["a"]})
+    assert code == 404 and b"not initialized" in body
+    assert _post(f"{u}/r1/initialize", {"num_pages": 10})[0] == 204
+    code, body = _post(f"{u}/r1/initialize", {"num_pages": 11})
+    assert code == 409 and b"10 pages, not 11" in body
+    code, body = _post(f"{u}/r1/initialize", {"num_pages": -3})
+    assert code == 422 and b"num_pages" in body
+    code, body = _post(f"{u}/r1/exists", {"kays": ["a"]})
+    assert code == 422 and b"keys" in body
+    code, body = _post(f"{u}/r1/confirm_write", {"written_keys_to_confirm": [["a", 99]]})
+    assert code == 422 and b"out of range" in body
+
+
+def test_config_sources_and_errors(tmp_path, monkeypatch):
+    f = tmp_path / "hf3fs.json"
+    f.write_text(json.dumps({"file_path_prefix": "/x/y", "file_size": 1 << 30, "numjobs": 8, "entries": 4}))
+    monkeypatch.setenv("SGLANG_HICACHE_HF3FS_CONFIG_PATH", str(f))
+    c = Hf3fsConfig.load({})
+    assert (c.file_path_prefix, c.file_size, c.numjobs) == ("/x/y", 1 << 30, 8) and "file" in c.source
+    assert Hf3fsConfig.load({"file_path_prefix": "/z", "file_size": 4096}).file_path_prefix == "/z"
+    f.write_text(json.dumps({"file_path_prefix": "/x"}))
+    with pytest.raises(ConfigError, match="lacks file_size, numjobs, entries"):
+        Hf3fsConfig.load({})
+    monkeypatch.delenv("SGLANG_HICACHE_HF3FS_CONFIG_PATH")
+    with pytest.raises(ConfigError, match="numjobs=0 must be a whole number > 0"):
+        Hf3fsConfig.load({"file_path_prefix": "/z", "numjobs": 0})
+    with pytest.raises(ConfigError, match="metadata_server_url='localhost:1' must start with http://"):
+        Hf3fsConfig.load({"file_path_prefix": "/z", "metadata_server_url": "localhost:1"})
+    with pytest.raises(ConfigError, match="holds no slot"):
+        make(tmp_path, file_size=100)
+    assert Hf3fsConfig.load({}).file_path_prefix == "/data/hicache"  # SGLang's single-machine default
+
+
+WORKER = textwrap.dedent('''
+    import json, os, sys, time
+    import torch
+    from hicache_core.config import HiCacheConfig
+    from hicache_core.memory import HostPool, KVSpec
+    from hicache_core.registry import make_storage_config
+    from hicache_plugin_hf3fs import Hf3fsStorage
+
+    role, prefix, url, shared = sys.argv[1:5]
+    spec = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.bfloat16)
+    pool = HostPool(spec, 16 * 8, 8, "layer_first", pin_memory=False)
+    be = Hf3fsStorage(make_storage_config(HiCacheConfig(page_size=8), spec),
+                      {"file_path_prefix": prefix, "file_size": 1 << 22, "numjobs": 2, "entries": 4, "metadata_server_url": url})
+    be.register_mem_pool_host(pool)
+    idx = pool.alloc(4 * 8)
+    if role == "writer":
+        pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8))
+        keys = [os.urandom(32).hex() for _ in range(4)]
+        assert be.batch_set_v1(keys, idx) == [True] * 4
+        pages = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
+        json.dump({"keys": keys, "pages": pages}, open(shared, "w"))
+    else:
+        data = json.load(open(shared))
+        assert be.batch_exists(data["keys"]) == 4
+        ok = be.batch_get_v1(data["keys"], idx)
+        got = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
+        print(json.dumps({"ok": ok, "same": got == data["pages"]}))
+''')
+
+
+def test_two_processes_share_through_the_http_server(tmp_path, metadata_server):
+    script = tmp_path / "w.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    args = [str(tmp_path / "shared" / "cache"), metadata_server.url, str(tmp_path / "keys.json")]
+    w = subprocess.run([sys.executable, str(script), "writer", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert w.returncode == 0, w.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(script), "reader", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"ok": [True] * 4, "same": True}
+
+
+def test_cli_server_refuses_a_broken_index(tmp_path):
+    bad = tmp_path / "index.json"
+    bad.write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "hicache_plugin_hf3fs.server", "--persist-path", str(bad)],
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 2 and "cannot load" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_storage_against_plain_positional_io(tmp_path, capsys):
+    from hicache_core.cli import main
+
+    rc = main(["bench", "storage", "--hicache-storage-backend", "hf3fs", "--hicache-storage-backend-extra-config",
+               json.dumps({"file_path_prefix": str(tmp_path / "b"), "file_size": 64 << 20, "numjobs": 4, "entries": 8}),
+               "--total-mib", "8", "--page-kib", "256", "--repeat", "1"])
+    assert rc == 0 and "os.pwritev/preadv" in capsys.readouterr().out
