@@ -102,7 +102,7 @@ class UsrbioClient(FileClient):
                     ior.prepare(iov[base : base + n], not write, self.fd, offset, userdata=j)
                     lens.append(n)
                 results = {r.userdata: r.result for r in ior.submit().wait(min_results=len(chunk))}
-                for j, (offset, bufs) in enumerate(chunk):
+                for j, (_, bufs) in enumerate(chunk):
                     r = results.get(j, -5)
                     if not write and r == lens[j]:
                         pos = j * self.slot_bytes
