@@ -60,6 +60,20 @@ def _positive_int(inst, attribute, value):
         raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a whole number > 0")
 
 
+def read_json_object(path: str, source: str) -> dict[str, Any]:
+    """A JSON object from a file; errors name ``source``, the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read JSON file {path!r}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: file {path!r} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: file {path!r} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
 def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]:
     """Parse ``--hicache-storage-backend-extra-config``: a JSON object, ``@path`` or a path to a JSON file."""
     if raw is None or raw == "":
@@ -70,12 +84,7 @@ def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]
     source = "--hicache-storage-backend-extra-config"
     path = text[1:] if text.startswith("@") else text
     if not text.startswith("{") and (text.startswith("@") or os.path.isfile(path)):
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"{source}: cannot read JSON file {path!r}: {e.strerror}") from e
-        source = f"{source} file {path!r}"
+        return read_json_object(path, source)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

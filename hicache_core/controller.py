@@ -293,6 +293,24 @@ class HiCacheController:
             self.metrics.record_storage_error(f"{what}_exception")
             return None
 
+    def _storage_batch(self, what: str, fn: Callable, keys: list[str], idx: torch.Tensor) -> int:
+        """One batch_get_v1 / batch_set_v1: how many pages succeeded from the start, with its bytes, time and
+        failures counted (``get_miss`` / ``set_failed``; exceptions as ``{what}_exception``)."""
+        t0 = time.perf_counter()
+        results = self._storage_call(what, fn, keys, idx)
+        seconds = time.perf_counter() - t0
+        ok = 0
+        for r in results or []:
+            if not r:
+                break
+            ok += 1
+        if ok:
+            nbytes = ok * self.page_size * self.host_pool.spec.size_per_token
+            self.metrics.record_transfer(f"storage_{what}", nbytes, seconds)
+        if ok < len(keys) and results is not None:
+            self.metrics.record_storage_error("get_miss" if what == "get" else "set_failed")
+        return ok
+
     def _storage_hit_query(self, op: PrefetchOperation) -> list[str]:
         hashes = hash_chain(op.token_ids, self.page_size, op.last_hash)
         hit: list[str] = []
@@ -312,18 +330,7 @@ class HiCacheController:
                 return
             keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
             idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-            t0 = time.perf_counter()
-            results = self._storage_call("get", self.storage.batch_get_v1, keys, idx)
-            seconds = time.perf_counter() - t0
-            ok = 0
-            for r in results or []:
-                if not r:
-                    break
-                ok += 1
-            if ok:
-                self.metrics.record_transfer("storage_get", ok * ps * self.host_pool.spec.size_per_token, seconds)
-            if ok < len(keys) and results is not None:
-                self.metrics.record_storage_error("get_miss")
+            ok = self._storage_batch("get", self.storage.batch_get_v1, keys, idx)
             if not op.increment(ok * ps) or ok < len(keys):
                 return
 
@@ -364,20 +371,9 @@ class HiCacheController:
                 for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                     keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                     idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                    t0 = time.perf_counter()
-                    results = self._storage_call("set", self.storage.batch_set_v1, keys, idx)
-                    seconds = time.perf_counter() - t0
-                    ok = 0
-                    for r in results or []:
-                        if not r:
-                            break
-                        ok += 1
+                    ok = self._storage_batch("set", self.storage.batch_set_v1, keys, idx)
                     op.completed_tokens += ok * ps
-                    if ok:
-                        self.metrics.record_transfer("storage_set", ok * ps * self.host_pool.spec.size_per_token, seconds)
                     if ok < len(keys):
-                        if results is not None:
-                            self.metrics.record_storage_error("set_failed")
                         break
             finally:
                 self.ack_backup_queue.put(op)

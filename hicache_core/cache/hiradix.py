@@ -346,9 +346,17 @@ class HiRadixCache:
         """Device slots for new KV, evicting from the tree when the pool is short."""
         idx = self.device_pool.alloc(num_tokens)
         if idx is None:
-            self.evict(num_tokens - self.device_pool.available_size())
+            self._make_room(num_tokens)
             idx = self.device_pool.alloc(num_tokens)
         return idx
+
+    def _make_room(self, num_tokens: int) -> None:
+        """Evict until ``num_tokens`` device slots are free, if the tree allows."""
+        self.evict(num_tokens - self.device_pool.available_size())
+        if self.device_pool.available_size() < num_tokens and self.ongoing_write_through:
+            # nodes whose host copy is in flight are locked: let the copies land, then they can be demoted
+            self.writing_check(block=True)
+            self.evict(num_tokens - self.device_pool.available_size())
 
     # --- host -> device ----------------------------------------------------------------------------------------------
     def load_back(self, node: TreeNode) -> Optional[torch.Tensor]:
@@ -366,7 +374,7 @@ class HiRadixCache:
         self.inc_lock_ref(node)  # nothing on the path may be evicted while we make room
         device = self.controller.load(host_indices, node.id)
         if device is None:
-            self.evict(len(host_indices) - self.device_pool.available_size())
+            self._make_room(len(host_indices))
             device = self.controller.load(host_indices, node.id)
         if device is None:
             self.dec_lock_ref(node)

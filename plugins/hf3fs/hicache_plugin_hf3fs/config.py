@@ -3,13 +3,13 @@ single-machine defaults (SGLang's)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import attrs
 
+from hicache_core.config import read_json_object
 from hicache_core.errors import ConfigError
 
 CONFIG_PATH_ENV = "SGLANG_HICACHE_HF3FS_CONFIG_PATH"
@@ -55,15 +55,7 @@ class Hf3fsConfig:
             return cls.from_mapping(extra, "--hicache-storage-backend-extra-config")
         path = os.environ.get(CONFIG_PATH_ENV)
         if path:
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-            except OSError as e:
-                raise ConfigError(f"hf3fs: cannot read ${CONFIG_PATH_ENV} file {path!r}: {e.strerror}") from e
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"hf3fs: ${CONFIG_PATH_ENV} file {path!r} is not valid JSON: {e.msg}") from e
-            if not isinstance(data, dict):
-                raise ConfigError(f"hf3fs: ${CONFIG_PATH_ENV} file {path!r} must hold a JSON object")
+            data = read_json_object(path, f"hf3fs: ${CONFIG_PATH_ENV}")
             missing = [k for k in ("file_path_prefix", "file_size", "numjobs", "entries") if k not in data]
             if missing:
                 raise ConfigError(f"hf3fs: ${CONFIG_PATH_ENV} file {path!r} lacks {', '.join(missing)}")

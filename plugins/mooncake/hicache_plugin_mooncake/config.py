@@ -6,7 +6,6 @@ Precedence (SGLang's): (1) the backend extra config when it names ``master_serve
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from typing import Any, Optional
 
 import attrs
 
+from hicache_core.config import read_json_object
 from hicache_core.errors import ConfigError
 
 CONFIG_PATH_ENV = "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH"
@@ -123,15 +123,7 @@ class MooncakeStoreConfig:
             return cls.from_mapping(extra, "--hicache-storage-backend-extra-config")
         path = os.environ.get(CONFIG_PATH_ENV)
         if path:
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-            except OSError as e:
-                raise ConfigError(f"mooncake: cannot read ${CONFIG_PATH_ENV} file {path!r}: {e.strerror}") from e
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"mooncake: ${CONFIG_PATH_ENV} file {path!r} is not valid JSON: {e.msg} at line {e.lineno}") from e
-            if not isinstance(data, dict):
-                raise ConfigError(f"mooncake: ${CONFIG_PATH_ENV} file {path!r} must hold a JSON object")
+            data = read_json_object(path, f"mooncake: ${CONFIG_PATH_ENV}")
             tag = extra.get("extra_backend_tag")
             merged = {**data, **({"extra_backend_tag": tag} if tag else {})}
             return cls.from_mapping(merged, f"${CONFIG_PATH_ENV} file {path!r}")
