@@ -98,7 +98,12 @@ class Progress:
 
     def step(self, label: str = "") -> None:
         self.n += 1
+        changed = label and label != self.label
         self.label = label or self.label
+        if self.enabled and not sys.stderr.isatty():  # a log file: one line per configuration, not per request
+            if changed:
+                sys.stderr.write(f"{self.label} ... ({time.perf_counter() - self.t0:.1f}s)\n")
+            return
         if self.enabled:
             frac = self.n / max(self.total, 1)
             bar = "#" * int(30 * frac)
@@ -107,7 +112,7 @@ class Progress:
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
+            sys.stderr.write(f"done in {time.perf_counter() - self.t0:.1f}s\n" if not sys.stderr.isatty() else "\n")
 
 
 def _pct(values: list[float], q: float) -> float:
