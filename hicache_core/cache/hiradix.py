@@ -107,6 +107,17 @@ class HiRadixCache:
             i += ps
         return i
 
+    def _descend(self, node: TreeNode, key: tuple) -> tuple[Optional[TreeNode], int]:
+        """The child of ``node`` that shares whole leading pages with ``key`` (split so it ends at the shared
+        part), and how many tokens they share; (None, 0) when no child starts with key's first page."""
+        child = node.children.get(key[: self.page_size])
+        if child is None:
+            return None, 0
+        n = self._match_len(child.key, key)
+        if n < len(child.key):
+            child = self._split(child, n)
+        return child, n
+
     def _split(self, child: TreeNode, split_len: int) -> TreeNode:
         """Cut ``child`` after ``split_len`` tokens; return the new upper node."""
         ps = self.page_size
@@ -148,12 +159,9 @@ class HiRadixCache:
         key = tuple(tokens[: self._page_align(len(tokens))])
         node, values, now = self.root, [], time.monotonic()
         while key:
-            child = node.children.get(key[: self.page_size])
+            child, n = self._descend(node, key)
             if child is None:
                 break
-            n = self._match_len(child.key, key)
-            if n < len(child.key):
-                child = self._split(child, n)
             child.last_access_time = now
             if child.value is not None:
                 values.append(child.value)
@@ -172,12 +180,9 @@ class HiRadixCache:
         key, value = tuple(tokens[:n_all]), device_indices[:n_all]
         node, prefix, now = self.root, 0, time.monotonic()
         while key:
-            child = node.children.get(key[: self.page_size])
+            child, n = self._descend(node, key)
             if child is None:
                 break
-            n = self._match_len(child.key, key)
-            if n < len(child.key):
-                child = self._split(child, n)
             child.last_access_time = now
             if child.value is None:
                 child.value = value[:n].clone()
@@ -500,12 +505,9 @@ class HiRadixCache:
         ps = self.page_size
         node, key, matched = anchor, tuple(tokens), 0
         while key:
-            child = node.children.get(key[:ps])
+            child, n = self._descend(node, key)
             if child is None:
                 break
-            n = self._match_len(child.key, key)
-            if n < len(child.key):
-                child = self._split(child, n)
             node, key, matched = child, key[n:], matched + n
         if key:
             new = TreeNode(key, node)
