@@ -28,6 +28,7 @@ import xxhash
 
 from hicache_core.errors import ConfigError
 from hicache_core.storage import HiCacheStorage
+from hicache_core.storage.parallel import map_chunked
 
 logger = logging.getLogger(__name__)
 
@@ -273,22 +274,10 @@ class FileStorage(HiCacheStorage):
 
     # --- batches -----------------------------------------------------------------------------------------------------
     def _map(self, fn, keys, segments) -> list[bool]:
-        """Run ``fn`` over the pages, split into one contiguous chunk per I/O thread."""
-        n, k = len(keys), min(self.io_threads, len(keys))
-        if k <= 1:
-            return [fn(key, seg) for key, seg in zip(keys, segments)]
-        if self._pool is None:
+        """Run ``fn`` over the pages, one contiguous chunk per I/O thread."""
+        if self._pool is None and self.io_threads > 1 and len(keys) > 1:
             self._pool = cf.ThreadPoolExecutor(self.io_threads, thread_name_prefix="hicache-file")
-        bounds = [n * i // k for i in range(k + 1)]
-
-        def chunk(a: int, b: int) -> list[bool]:
-            return [fn(keys[i], segments[i]) for i in range(a, b)]
-
-        futures = [self._pool.submit(chunk, bounds[i], bounds[i + 1]) for i in range(1, k)]
-        out = chunk(bounds[0], bounds[1])
-        for f in futures:
-            out += f.result()
-        return out
+        return map_chunked(self._pool, self.io_threads, len(keys), lambda i: fn(keys[i], segments[i]))
 
     def batch_get_v1(self, keys, host_indices) -> list[bool]:
         return self._map(self._read, keys, self.mem_pool_host.page_memoryviews(host_indices))

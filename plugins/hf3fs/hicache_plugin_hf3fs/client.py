@@ -12,6 +12,8 @@ import logging
 import os
 import threading
 
+from hicache_core.storage.parallel import map_chunked
+
 logger = logging.getLogger(__name__)
 
 Op = tuple[int, list]
@@ -36,17 +38,7 @@ class FileClient:
             return -(e.errno or 5)
 
     def _run(self, ops: list[Op], write: bool) -> list[int]:
-        n = len(ops)
-        k = min(self.numjobs, n)
-        if k <= 1 or self._pool is None:
-            return [self._one(op, write) for op in ops]
-        bounds = [n * i // k for i in range(k + 1)]
-        futures = [self._pool.submit(lambda a, b: [self._one(ops[i], write) for i in range(a, b)], bounds[i], bounds[i + 1])
-                   for i in range(k)]
-        out: list[int] = []
-        for f in futures:
-            out += f.result()
-        return out
+        return map_chunked(self._pool, self.numjobs, len(ops), lambda i: self._one(ops[i], write))
 
     def batch_read(self, ops: list[Op]) -> list[int]:
         return self._run(ops, False)
