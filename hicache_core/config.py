@@ -17,6 +17,7 @@ from typing import Any, Optional
 import attrs
 
 from hicache_core.errors import ConfigError
+from hicache_core.parse import parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +98,22 @@ def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]
     return value
 
 
+def require_dynamic_keys(extra: Mapping[str, Any]) -> None:
+    """The one home of the rule: ``dynamic`` needs backend_name, module_path and class_name."""
+    missing = [k for k in DYNAMIC_KEYS[:3] if not extra.get(k)]
+    if missing:
+        raise ConfigError(
+            "--hicache-storage-backend dynamic needs --hicache-storage-backend-extra-config with "
+            f"{', '.join(missing)}; for example "
+            '\'{"backend_name": "my_store", "module_path": "my_pkg.store", "class_name": "MyStore", '
+            '"interface_v1": 0}\''
+        )
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        return parse_bool(value, f"--hicache-storage-backend-extra-config: {key}")
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
         if isinstance(value, bool):
             raise ValueError(value)
         out = kind(value)
@@ -148,14 +155,7 @@ class HiCacheConfig:
             if key in extra:
                 _coerce(key, extra[key], kind)
         if self.hicache_storage_backend == "dynamic":
-            missing = [k for k in ("backend_name", "module_path", "class_name") if not extra.get(k)]
-            if missing:
-                raise ConfigError(
-                    "--hicache-storage-backend dynamic needs --hicache-storage-backend-extra-config with "
-                    f"{', '.join(missing)}; for example "
-                    '\'{"backend_name": "my_store", "module_path": "my_pkg.store", "class_name": "MyStore", '
-                    '"interface_v1": 0}\''
-                )
+            require_dynamic_keys(extra)
 
     # --- storage knobs SGLang reads out of the extra-config JSON -------------------------------------------------
     def _reserved(self, key: str, default: Any) -> Any:

@@ -1,13 +1,13 @@
 """Background work of the cache: device<->host copies, storage prefetch and backup.
 
 The owner thread (the one that owns the tree, usually the engine's scheduler) calls everything here except the
-worker loops. Workers never touch the tree or the allocators: they report through acks, flags and the
-host-memory release queue, which the owner drains in :meth:`HiCacheController.drain_release_queue`.
+jobs. Four :class:`_Worker` threads run the jobs: write (device -> host), load (host -> device, layer by layer),
+prefetch (storage -> host) and backup (host -> storage). Jobs never touch the tree or the allocators: they finish
+acks, flags and the host-memory release queue, and the owner collects what finished through
+:meth:`HiCacheController.finished_writes`, :meth:`finished_loads`, :meth:`finished_backups` and :meth:`poll`.
 
-* A **write** (device -> host, all layers) runs on the write worker; its :class:`TransferAck` completes later.
-* A **load** (host -> device) is queued, then started by :meth:`start_loading` as one merged op on the load
-  worker, layer by layer; the device pool's layer waiter blocks a reader of layer N until layer N has landed.
-* **Prefetch** (storage -> host) and **backup** (host -> storage) run on their own threads.
+The controller owns each operation's whole life and its accounting (prefetch occupancy, detached prefetches
+whose I/O still runs, acks in flight); the cache only edits the tree.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 STORAGE_BATCH_PAGES = 128  # pages per batch_exists / batch_get_v1 / batch_set_v1 call (SGLang's storage_batch_size)
 _op_ids = itertools.count(1)
+Job = Callable[[Callable[[], None]], None]
 
 
 class TransferAck:
@@ -58,55 +59,66 @@ class TransferAck:
 
 
 class _Worker:
-    """One thread running submitted jobs in order (a CUDA stream of its own when the device is CUDA)."""
+    """One thread running submitted jobs in order (on a CUDA stream of its own when the device is CUDA).
+    A job that raises is logged; the thread lives on."""
 
     def __init__(self, name: str, device: torch.device) -> None:
-        self._q: queue.Queue = queue.Queue()
+        self.name = name
+        self._q: queue.Queue[Optional[Job]] = queue.Queue()
         self._device = device
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[Callable[[], None]], None]) -> None:
+    def submit(self, job: Job) -> None:
         """``job(sync)``: ``sync()`` waits until the copies issued so far have landed."""
         self._q.put(job)
 
     def _loop(self) -> None:
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        sync = stream.synchronize if stream is not None else (lambda: None)
+        sync: Callable[[], None] = stream.synchronize if stream is not None else (lambda: None)
         while True:
             job = self._q.get()
             if job is None:
                 return
-            if stream is not None:
-                with torch.cuda.stream(stream):
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        job(sync)
+                else:
                     job(sync)
-            else:
-                job(sync)
+            except Exception:
+                logger.exception("%s: job failed", self.name)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         self._q.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
 
 
 class PrefetchOperation:
-    """Storage -> host for one request. The I/O thread fills pages in order and bumps ``completed_tokens``
-    only after the bytes are in place; once terminated, no more progress is accepted."""
+    """Storage -> host for one request. The prefetch worker first asks storage which pages exist
+    (``queried``, ``hash_value``); only then does the owner grant host pages (``host_indices``) for the hits and
+    the worker fills them in order, bumping ``completed_tokens`` only after the bytes are in place. Once
+    terminated, no more progress is accepted."""
 
-    def __init__(self, request_id: Any, host_indices: torch.Tensor, token_ids: list[int], last_hash: Optional[str]):
+    def __init__(self, request_id: Any, token_ids: list[int], last_hash: Optional[str]) -> None:
         self.id = next(_op_ids)
         self.request_id = request_id
-        self.host_indices = host_indices
         self.token_ids = token_ids
         self.last_hash = last_hash
         self.hash_value: list[str] = []
+        self.host_indices: Optional[torch.Tensor] = None  # granted by the owner after the query
         self.completed_tokens = 0
         self.start_time = time.monotonic()
         self.last_progress = self.start_time
         self.queried = threading.Event()  # existence query finished (hash_value final)
-        self.io_done = threading.Event()  # the I/O thread is finished with every page of this op
-        self.revoked = False  # too little in storage: every page already handed back
+        self.io_done = threading.Event()  # the worker is finished with every granted page
+        self.revoked = False  # too little in storage (or no host room): no pages were ever granted
         self._terminated = False
         self._lock = threading.Lock()
+
+    @property
+    def granted(self) -> bool:
+        return self.host_indices is not None
 
     def increment(self, n: int) -> bool:
         with self._lock:
@@ -138,16 +150,8 @@ class BackupOperation:
 class HiCacheController:
     """Moves pages between tiers for a :class:`~hicache_core.cache.HiRadixCache`."""
 
-    def __init__(
-        self,
-        config: HiCacheConfig,
-        device_pool,
-        host_pool,
-        storage=None,
-        metrics: Optional[CacheMetrics] = None,
-        *,
-        force_kernel: bool = False,
-    ) -> None:
+    def __init__(self, config: HiCacheConfig, device_pool, host_pool, storage=None,
+                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False) -> None:
         self.config = config
         self.device_pool, self.host_pool = device_pool, host_pool
         self.page_size = config.page_size
@@ -156,26 +160,30 @@ class HiCacheController:
         self.layer_num = device_pool.layer_num
         self._write_worker = _Worker("hicache-write", device_pool.device)
         self._load_worker = _Worker("hicache-load", device_pool.device)
-        self.ack_write_queue: list[TransferAck] = []
-        self.ack_load_queue: list[TransferAck] = []
+        self._workers = [self._write_worker, self._load_worker]
+        self._write_acks: list[TransferAck] = []
+        self._load_acks: list[TransferAck] = []
         self._load_queue: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         self._current_load: Optional[TransferAck] = None
         device_pool.set_layer_waiter(self._wait_layer)
 
         self.storage = storage
+        self.prefetch_policy = config.hicache_storage_prefetch_policy
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
+        self.prefetch_timeout_base = config.prefetch_timeout_base
+        self.prefetch_timeout_per_page = self.page_size / 1024 * config.prefetch_timeout_per_ki_token
+        self.prefetch_stall_limit = max(10.0, 4 * config.prefetch_timeout_base)
         self.prefetch_capacity_limit = int(0.8 * max(host_pool.size - device_pool.size, host_pool.size // 2))
         self.prefetch_tokens_occupied = 0
-        self.host_mem_release_queue: queue.Queue = queue.Queue()
-        self.ack_backup_queue: queue.Queue = queue.Queue()
+        self._detached: list[PrefetchOperation] = []  # ended prefetches whose worker still holds granted pages
+        self._release_queue: queue.Queue[torch.Tensor] = queue.Queue()
+        self._backup_acks: queue.Queue[BackupOperation] = queue.Queue()
+        self._backups_in_flight = 0
         self._stop = threading.Event()
         if storage is not None:
-            self.prefetch_queue: queue.Queue = queue.Queue()
-            self.backup_queue: queue.Queue = queue.Queue()
-            self._prefetch_thread = threading.Thread(target=self._prefetch_loop, name="hicache-prefetch", daemon=True)
-            self._backup_thread = threading.Thread(target=self._backup_loop, name="hicache-backup", daemon=True)
-            self._prefetch_thread.start()
-            self._backup_thread.start()
+            self._prefetch_worker = _Worker("hicache-prefetch", torch.device("cpu"))
+            self._backup_worker = _Worker("hicache-backup", torch.device("cpu"))
+            self._workers += [self._prefetch_worker, self._backup_worker]
 
     # --- device <-> host ---------------------------------------------------------------------------------------------
     def _wait_layer(self, layer: int) -> None:
@@ -189,23 +197,22 @@ class HiCacheController:
             return None
         ack = TransferAck([node_id])
         nbytes = len(device_indices) * self.host_pool.spec.size_per_token
-        transfer, metrics = self.transfer, self.metrics
         dev_idx = device_indices.clone()
 
         def job(sync):
             t0 = time.perf_counter()
             try:
-                transfer.backup_all_layers(dev_idx, host_indices)
+                self.transfer.backup_all_layers(dev_idx, host_indices)
                 sync()
-            except BaseException as e:  # report, never kill the worker
+            except BaseException as e:  # report through the ack, never kill the worker
                 logger.exception("device->host copy failed")
                 ack._finish(e)
                 return
-            metrics.record_transfer("d2h", nbytes, time.perf_counter() - t0)
+            self.metrics.record_transfer("d2h", nbytes, time.perf_counter() - t0)
             ack._finish()
 
         self._write_worker.submit(job)
-        self.ack_write_queue.append(ack)
+        self._write_acks.append(ack)
         return host_indices
 
     def load(self, host_indices: torch.Tensor, node_id: int) -> Optional[torch.Tensor]:
@@ -225,67 +232,146 @@ class HiCacheController:
         dev_idx = torch.cat([o[1] for o in ops])
         ack = TransferAck([o[2] for o in ops], self.layer_num)
         nbytes = len(host_idx) * self.host_pool.spec.size_per_token
-        transfer, metrics, layers = self.transfer, self.metrics, self.layer_num
 
         def job(sync):
             t0 = time.perf_counter()
             try:
-                for layer in range(layers):
-                    transfer.load_layer(host_idx, dev_idx, layer)
+                for layer in range(self.layer_num):
+                    self.transfer.load_layer(host_idx, dev_idx, layer)
                     sync()
                     ack.layer_events[layer].set()
             except BaseException as e:
                 logger.exception("host->device copy failed")
                 ack._finish(e)
                 return
-            metrics.record_transfer("h2d", nbytes, time.perf_counter() - t0)
+            self.metrics.record_transfer("h2d", nbytes, time.perf_counter() - t0)
             ack._finish()
 
         self._current_load = ack
         self._load_worker.submit(job)
-        self.ack_load_queue.append(ack)
+        self._load_acks.append(ack)
         return ack
 
-    def evict_device(self, device_indices: torch.Tensor) -> None:
-        self.device_pool.free(device_indices)
+    @staticmethod
+    def _finished(acks: list[TransferAck], block: bool) -> list[int]:
+        """Node ids of the leading finished acks, removed from ``acks``; raises if a copy failed (a host copy that
+        did not land is never served)."""
+        done = 0
+        for ack in acks:
+            if block:
+                ack.wait()
+            elif not ack.done():
+                break
+            done += 1
+        finished, acks[:done] = acks[:done], []
+        out: list[int] = []
+        for ack in finished:
+            ack.wait()
+            out += ack.node_ids
+        return out
 
-    def evict_host(self, host_indices: torch.Tensor) -> None:
-        self.host_pool.free(host_indices)
+    def finished_writes(self, block: bool = False) -> list[int]:
+        """Nodes whose device->host copy has landed since the last call, in submission order."""
+        return self._finished(self._write_acks, block)
 
-    # --- storage -----------------------------------------------------------------------------------------------------
+    def finished_loads(self) -> list[int]:
+        """Nodes whose host->device load has landed since the last call."""
+        return self._finished(self._load_acks, False)
+
+    def writes_in_flight(self) -> bool:
+        return bool(self._write_acks)
+
+    # --- storage: prefetch -------------------------------------------------------------------------------------------
     def prefetch_rate_limited(self) -> bool:
         return self.prefetch_tokens_occupied >= self.prefetch_capacity_limit
 
-    def prefetch(self, request_id: Any, host_indices: torch.Tensor, tokens: list[int], last_hash: Optional[str]) -> PrefetchOperation:
-        op = PrefetchOperation(request_id, host_indices, tokens, last_hash)
-        self.prefetch_queue.put(op)
+    def prefetch(self, request_id: Any, tokens: list[int], last_hash: Optional[str]) -> PrefetchOperation:
+        """Start a prefetch: the worker asks storage which pages exist; no host page is taken yet."""
+        op = PrefetchOperation(request_id, tokens, last_hash)
+        self.prefetch_tokens_occupied += len(tokens)
+        self._prefetch_worker.submit(lambda _: self._query(op))
         return op
 
+    def grant_prefetch(self, op: PrefetchOperation, host_indices: torch.Tensor) -> None:
+        """Give a queried prefetch host pages for its first ``len(host_indices)`` tokens of hits; the worker
+        fills them."""
+        op.host_indices = host_indices
+        op.hash_value = op.hash_value[: len(host_indices) // self.page_size]
+        self._prefetch_worker.submit(lambda _: self._fetch(op))
+
+    def prefetch_may_stop(self, op: PrefetchOperation) -> bool:
+        """The prefetch policy: may the request stop waiting for this prefetch now?"""
+        if op.io_done.is_set() or self.prefetch_policy == "best_effort":
+            return True
+        now = time.monotonic()
+        if self.prefetch_policy == "wait_complete":
+            if now - op.last_progress > self.prefetch_stall_limit:
+                logger.warning("prefetch for %r made no progress for %.0f s: giving up on the rest", op.request_id,
+                               now - op.last_progress)
+                self.metrics.record_storage_error("prefetch_stalled")
+                return True
+            return False
+        budget = self.prefetch_timeout_base + len(op.hash_value) * self.prefetch_timeout_per_page
+        return now - op.start_time > budget
+
     def terminate_prefetch(self, op: PrefetchOperation) -> tuple[int, list[str]]:
+        """Stop accepting progress; (tokens completed, their page hashes). Pages past those are the worker's to
+        hand back."""
         completed = op.mark_terminate()
         return completed, op.hash_value[: completed // self.page_size]
 
-    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int) -> int:
-        op = BackupOperation(host_indices, hash_value, node_id)
-        self.backup_queue.put(op)
-        return op.id
+    def end_prefetch(self, op: PrefetchOperation) -> None:
+        """The owner is done with ``op``: release its occupancy; track it while its worker still holds pages."""
+        self.prefetch_tokens_occupied -= len(op.token_ids)
+        if op.granted and not op.io_done.is_set():
+            self._detached.append(op)
 
-    def drain_release_queue(self) -> None:
-        """Free host pages handed back by the storage threads (the owner thread is the only one to free)."""
+    # --- storage: backup ---------------------------------------------------------------------------------------------
+    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int) -> None:
+        """Back host pages up to storage; the node is reported by :meth:`finished_backups` when done."""
+        op = BackupOperation(host_indices, hash_value, node_id)
+        self._backups_in_flight += 1
+        self._backup_worker.submit(lambda _: self._backup(op))
+
+    def finished_backups(self) -> list[BackupOperation]:
+        out = []
         while True:
             try:
-                idx = self.host_mem_release_queue.get_nowait()
+                out.append(self._backup_acks.get_nowait())
+            except queue.Empty:
+                break
+        self._backups_in_flight -= len(out)
+        return out
+
+    def backups_in_flight(self) -> int:
+        return self._backups_in_flight
+
+    # --- owner-side housekeeping ----------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Free host pages the workers handed back and forget detached prefetches that finished."""
+        self._detached = [op for op in self._detached if not op.io_done.is_set()]
+        while True:
+            try:
+                idx = self._release_queue.get_nowait()
             except queue.Empty:
                 return
-            if idx.numel():
-                self.host_pool.free(idx)
+            self.host_pool.free(idx)
 
-    def _release(self, idx: torch.Tensor) -> None:
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Block until every device<->host copy and every detached prefetch submitted so far has finished."""
+        deadline = time.monotonic() + timeout
+        for ack in list(self._write_acks) + list(self._load_acks):
+            ack.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for op in list(self._detached):
+            op.io_done.wait(max(0.0, deadline - time.monotonic()))
+
+    # --- worker jobs -------------------------------------------------------------------------------------------------
+    def _give_back(self, idx: torch.Tensor) -> None:
         if idx.numel():
-            self.host_mem_release_queue.put(idx)
+            self._release_queue.put(idx)
 
     def _storage_call(self, what: str, fn: Callable, *args):
-        """Call the backend; an exception is a failure counted in metrics, never a crash of the thread."""
+        """Call the backend; an exception is a failure counted in metrics, never a crash of the worker."""
         try:
             return fn(*args)
         except Exception as e:
@@ -311,87 +397,58 @@ class HiCacheController:
             self.metrics.record_storage_error("get_miss" if what == "get" else "set_failed")
         return ok
 
-    def _storage_hit_query(self, op: PrefetchOperation) -> list[str]:
-        hashes = hash_chain(op.token_ids, self.page_size, op.last_hash)
+    def _query(self, op: PrefetchOperation) -> None:
         hit: list[str] = []
-        for start in range(0, len(hashes), STORAGE_BATCH_PAGES):
-            batch = hashes[start : start + STORAGE_BATCH_PAGES]
-            n = self._storage_call("exists", self.storage.batch_exists, batch)
-            n = max(0, min(int(n or 0), len(batch)))
-            hit += batch[:n]
-            if n < len(batch) or op.is_terminated():
-                break
-        return hit
-
-    def _page_transfer(self, op: PrefetchOperation) -> None:
-        ps = self.page_size
-        for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
-            if op.is_terminated() or self._stop.is_set():
-                return
-            keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
-            idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-            ok = self._storage_batch("get", self.storage.batch_get_v1, keys, idx)
-            if not op.increment(ok * ps) or ok < len(keys):
-                return
-
-    def _prefetch_loop(self) -> None:
-        while True:
-            op = self.prefetch_queue.get()
-            if op is None:
-                return
-            try:
-                hit = [] if op.is_terminated() else self._storage_hit_query(op)
-                if len(hit) * self.page_size < self.prefetch_threshold:
-                    op.revoked = True
-                    op.queried.set()
-                    self._release(op.host_indices)
-                    continue
-                n = len(hit) * self.page_size
-                self._release(op.host_indices[n:])
-                op.host_indices = op.host_indices[:n]
-                op.hash_value = hit
-                op.queried.set()
-                self._page_transfer(op)
-                # pages past what was completed go back once no I/O can touch them any more
-                completed = op.mark_terminate()
-                self._release(op.host_indices[completed:])
-            except Exception:  # pragma: no cover - defensive: the loop must survive
-                logger.exception("prefetch thread error")
-            finally:
-                op.queried.set()
-                op.io_done.set()
-
-    def _backup_loop(self) -> None:
-        ps = self.page_size
-        while True:
-            op = self.backup_queue.get()
-            if op is None:
-                return
-            try:
-                for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
-                    keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
-                    idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                    ok = self._storage_batch("set", self.storage.batch_set_v1, keys, idx)
-                    op.completed_tokens += ok * ps
-                    if ok < len(keys):
+        try:
+            if not op.is_terminated():
+                hashes = hash_chain(op.token_ids, self.page_size, op.last_hash)
+                for start in range(0, len(hashes), STORAGE_BATCH_PAGES):
+                    batch = hashes[start : start + STORAGE_BATCH_PAGES]
+                    n = self._storage_call("exists", self.storage.batch_exists, batch)
+                    n = max(0, min(int(n or 0), len(batch)))
+                    hit += batch[:n]
+                    if n < len(batch) or op.is_terminated():
                         break
-            finally:
-                self.ack_backup_queue.put(op)
+        finally:
+            op.hash_value = hit
+            op.last_progress = time.monotonic()
+            op.queried.set()
+
+    def _fetch(self, op: PrefetchOperation) -> None:
+        ps = self.page_size
+        assert op.host_indices is not None
+        try:
+            for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
+                if op.is_terminated() or self._stop.is_set():
+                    break
+                keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
+                idx = op.host_indices[start * ps : (start + len(keys)) * ps]
+                ok = self._storage_batch("get", self.storage.batch_get_v1, keys, idx)
+                if not op.increment(ok * ps) or ok < len(keys):
+                    break
+        finally:
+            completed = op.mark_terminate()  # pages past what completed go back: no I/O touches them any more
+            self._give_back(op.host_indices[completed:])
+            op.io_done.set()
+
+    def _backup(self, op: BackupOperation) -> None:
+        ps = self.page_size
+        try:
+            for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
+                keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
+                idx = op.host_indices[start * ps : (start + len(keys)) * ps]
+                ok = self._storage_batch("set", self.storage.batch_set_v1, keys, idx)
+                op.completed_tokens += ok * ps
+                if ok < len(keys):
+                    break
+        finally:
+            self._backup_acks.put(op)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
-    def wait_transfers(self, timeout: float = 60.0) -> None:
-        """Block until every device<->host op submitted so far has finished."""
-        for ack in list(self.ack_write_queue) + list(self.ack_load_queue):
-            ack.wait(timeout=timeout)
-
     def close(self) -> None:
         self._stop.set()
-        self._write_worker.stop()
-        self._load_worker.stop()
+        for w in self._workers:
+            w.stop()
         if self.storage is not None:
-            self.prefetch_queue.put(None)
-            self.backup_queue.put(None)
-            self._prefetch_thread.join(timeout=30)
-            self._backup_thread.join(timeout=30)
             self.storage.close()
         self.device_pool.set_layer_waiter(None)

@@ -8,7 +8,7 @@ group ``hicache``, for example ``file = "hicache_plugin_file.plugin"``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import attrs
 import pluggy
@@ -28,18 +28,27 @@ class BackendRecord:
     description: str = ""
     page_first_only: bool = False  # serves only page_first / page_first_direct host layouts (zero copy)
     install_hint: Optional[str] = None  # what to pip install when the target does not import
+    requires: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # modules the target needs at run time
+
+
+if TYPE_CHECKING:
+    from hicache_core.storage.base import StorageConfig
 
 
 @hookspec
-def hicache_storage_backends() -> Iterable[BackendRecord]:
+def hicache_storage_backends() -> Iterable[BackendRecord]:  # type: ignore[empty-body]
     """Yield (or return a list of) the storage backends this plugin provides."""
 
 
 @hookspec
-def hicache_backend_created(name: str, backend: Any, storage_config: Any) -> None:
-    """Observe a storage backend that was just constructed and registered with the host pool."""
+def hicache_backend_created(name: str, backend: Any, storage_config: StorageConfig) -> None:
+    """Observe a storage backend that was just constructed and registered with the host pool (``backend`` is the
+    plugin's own object, before any adapter)."""
 
 
 @hookspec
 def hicache_backend_closed(name: str, backend: Any) -> None:
     """Observe a storage backend that was just closed."""
+
+
+HOOK_NAMES = ("hicache_storage_backends", "hicache_backend_created", "hicache_backend_closed")

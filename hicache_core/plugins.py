@@ -5,12 +5,14 @@ Environment:
 * ``HICACHE_PLUGINS`` -- comma-separated allowlist of entry-point or distribution names; when set, only these load.
 * ``HICACHE_PLUGINS_DISABLE`` -- comma-separated denylist, applied after the allowlist.
 
-A plugin that fails to import is reported with a warning at discovery and fails only when one of its backends is
-selected (the error then carries the import failure and the fix).
+A plugin that fails to import, or implements a hook hicache does not define (a misspelling), is reported with a
+warning at discovery, listed by ``hicache backends``, and named when a backend that is not found is selected
+(the error then carries the failure and the fix).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -87,13 +89,33 @@ class HiCachePluginManager(pluggy.PluginManager):
                 continue
             try:
                 plugin = ep.load()
+                self.register(plugin, name=ep.name)
             except Exception as e:  # a broken plugin must not break the others
-                msg = f"{type(e).__name__}: {e}"
-                logger.warning("hicache plugin %r from %s failed to load: %s", ep.name, dist, msg)
-                self.failures[ep.name] = PluginFailure(ep.name, dist, msg)
+                self._fail(ep.name, dist, f"{type(e).__name__}: {e}")
                 continue
-            self.register(plugin, name=ep.name)
+            unknown = self._unknown_hooks(ep.name)
+            if unknown:
+                self.unregister(name=ep.name)
+                self._fail(ep.name, dist, "; ".join(unknown))
+                continue
             self.distributions[ep.name] = dist
+        self.check_pending()  # anything registered past the checks above fails here, loudly
+
+    def _fail(self, name: str, dist: str, msg: str) -> None:
+        logger.warning("hicache plugin %r from %s failed to load: %s", name, dist, msg)
+        self.failures[name] = PluginFailure(name, dist, msg)
+
+    def _unknown_hooks(self, plugin_name: str) -> list[str]:
+        """Hook implementations of ``plugin_name`` that match no hicache hook spec (pluggy would accept them
+        silently until check_pending), each with the nearest real hook name."""
+        out = []
+        for name, caller in vars(self.hook).items():
+            if caller.spec is not None or not any(i.plugin_name == plugin_name for i in caller.get_hookimpls()):
+                continue
+            near = difflib.get_close_matches(name, hookspecs.HOOK_NAMES, n=1)
+            out.append(f"implements unknown hook {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                       + f"; hicache's hooks: {', '.join(hookspecs.HOOK_NAMES)}")
+        return out
 
     def offered_backends(self) -> tuple[dict[str, list[OfferedBackend]], list[PluginFailure]]:
         """Every backend record by name (more than one entry = a conflict), and plugins whose hook raised."""

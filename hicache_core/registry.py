@@ -8,15 +8,18 @@ storage namespace for classes that do not apply it themselves, and tells observe
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from typing import Any, Optional
 
 import attrs
 
-from hicache_core.config import HiCacheConfig
+from hicache_core.config import HiCacheConfig, require_dynamic_keys, resolve_layout
 from hicache_core.errors import BackendLoadError, ConfigError
 from hicache_core.hookspecs import BackendRecord
 from hicache_core.keys import StorageNamespace
+from hicache_core.memory import HostPool, KVSpec
+from hicache_core.parse import parse_bool
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
 from hicache_core.storage.adapter import NamespacedBackend, V0Adapter, _Delegate
 from hicache_core.storage.base import StorageConfig
@@ -42,16 +45,6 @@ class ResolvedBackend:
     interface_v1: bool
     page_first_only: bool
     origin: str  # distribution, or "dynamic"
-
-
-def _truthy(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
-        return value.strip().lower() in ("1", "true")
-    raise ConfigError(f"--hicache-storage-backend-extra-config: {key}={value!r}; use 0 or 1")
 
 
 def load_class(module_path: str, class_name: str, *, interface_v1: bool, what: str) -> type:
@@ -92,13 +85,8 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
     """Find the class behind a backend name (``dynamic`` reads ``module_path``/``class_name`` from extra_config)."""
     extra = extra_config or {}
     if name == "dynamic":
-        missing = [k for k in ("backend_name", "module_path", "class_name") if not extra.get(k)]
-        if missing:
-            raise ConfigError(
-                f"--hicache-storage-backend dynamic: the extra config lacks {', '.join(missing)}; give "
-                '\'{"backend_name": "my_store", "module_path": "my_pkg.store", "class_name": "MyStore", "interface_v1": 0}\''
-            )
-        v1 = _truthy(extra.get("interface_v1", 0), "interface_v1")
+        require_dynamic_keys(extra)
+        v1 = parse_bool(extra.get("interface_v1", 0), "--hicache-storage-backend-extra-config: interface_v1")
         what = f"dynamic backend {extra['backend_name']!r}"
         cls = load_class(str(extra["module_path"]), str(extra["class_name"]), interface_v1=v1, what=what)
         return ResolvedBackend(str(extra["backend_name"]), cls, v1, bool(getattr(cls, "page_first_only", False)), "dynamic")
@@ -115,9 +103,12 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
             )
         hint = KNOWN_PLUGINS.get(name)
         known = ", ".join(sorted(table) + ["dynamic"])
+        broken = "".join(f"; plugin {f.entry_point} ({f.distribution}) failed to load: {f.error}"
+                         for f in pm.failures.values())
         raise BackendLoadError(
             f"unknown storage backend {name!r}; available: {known}"
             + (f"; to add it: pip install {hint}" if hint else "; run `hicache backends` to see what is installed")
+            + broken
         )
     if len(offers) > 1:
         who = " and ".join(f"{o.distribution} ({o.record.target})" for o in offers)
@@ -126,6 +117,7 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
             "HICACHE_PLUGINS_DISABLE=<entry point or distribution name>"
         )
     rec: BackendRecord = offers[0].record
+    _check_requirements(name, rec, offers[0].distribution)
     module_path, sep, class_name = rec.target.partition(":")
     if not sep:
         raise BackendLoadError(f"plugin {offers[0].distribution}: backend {name!r} target {rec.target!r} is not 'module:Class'")
@@ -137,6 +129,41 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
             raise BackendLoadError(f"{e}; {rec.install_hint}") from e
         raise
     return ResolvedBackend(name, cls, rec.interface_v1, rec.page_first_only, offers[0].distribution)
+
+
+def _check_requirements(name: str, rec: BackendRecord, dist: str) -> None:
+    """A record's ``requires`` modules must be importable: their absence is known before anything is built."""
+    for module in rec.requires:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise BackendLoadError(
+                f"storage backend {name!r} from {dist} needs the module {module!r}, which is not installed"
+                + (f"; {rec.install_hint}" if rec.install_hint else "")
+            )
+
+
+def check_layout(resolved: ResolvedBackend, layout: str) -> None:
+    """The one home of the rule "this backend serves page-first host layouts only" (declared by its record, or by
+    a dynamic class's ``page_first_only`` attribute)."""
+    if resolved.page_first_only and layout == "layer_first":
+        raise ConfigError(
+            f"storage backend {resolved.name!r} serves only page_first/page_first_direct host layouts; "
+            "use --hicache-mem-layout page_first (kernel io) or page_first_direct (direct io)"
+        )
+
+
+def resolve_config(config: HiCacheConfig, pm: Optional[HiCachePluginManager] = None
+                   ) -> tuple[HiCacheConfig, Optional[ResolvedBackend]]:
+    """Resolve the configured backend once and apply the layout adjustments it implies (logged)."""
+    name = config.hicache_storage_backend
+    if not name:
+        return resolve_layout(config), None
+    resolved = resolve(name, config.hicache_storage_backend_extra_config, pm)
+    config = resolve_layout(config, backend_page_first_only=resolved.page_first_only, backend_name=name)
+    return config, resolved
 
 
 def make_storage_config(
@@ -197,22 +224,18 @@ class StorageBackendHandle(_Delegate):
 
 
 def create_backend(
-    name: str,
+    backend: str | ResolvedBackend,
     storage_config: StorageConfig,
     host_pool: Any,
     *,
     extra_config: Optional[dict] = None,
     pm: Optional[HiCachePluginManager] = None,
 ) -> StorageBackendHandle:
-    """Resolve, construct and register a backend; return it speaking v1."""
+    """Construct and register a backend (resolving its name unless given resolved); return it speaking v1."""
     pm = pm or get_plugin_manager()
     extra = storage_config.extra_config if extra_config is None else extra_config
-    resolved = resolve(name, extra, pm)
-    if resolved.page_first_only and storage_config.layout == "layer_first":
-        raise ConfigError(
-            f"storage backend {resolved.name!r} serves only page_first/page_first_direct host layouts; "
-            "use --hicache-mem-layout page_first (kernel io) or page_first_direct (direct io)"
-        )
+    resolved = backend if isinstance(backend, ResolvedBackend) else resolve(backend, extra, pm)
+    check_layout(resolved, storage_config.layout)
     try:
         raw = resolved.cls(storage_config, dict(extra))
     except (BackendLoadError, ConfigError):
@@ -238,3 +261,16 @@ def create_backend(
     pm.hook.hicache_backend_created(name=resolved.name, backend=raw, storage_config=storage_config)
     logger.info("storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0")
     return handle
+
+
+def open_backend(config: HiCacheConfig, spec: KVSpec, host_tokens: int, *,
+                 resolved: Optional[ResolvedBackend] = None, tp_rank: int = 0, tp_size: int = 1,
+                 pm: Optional[HiCachePluginManager] = None) -> tuple[StorageBackendHandle, HostPool]:
+    """A host pool of ``host_tokens`` and the configured backend registered with it: what ``hicache check``, the
+    storage benchmark and the conformance kit need. ``config`` must already be resolved (:func:`resolve_config`)."""
+    if not config.hicache_storage_backend:
+        raise ConfigError("--hicache-storage-backend: name a backend (see `hicache backends`)")
+    pool = HostPool(spec, host_tokens, config.page_size, config.hicache_mem_layout, pin_memory=False)
+    sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
+    handle = create_backend(resolved or config.hicache_storage_backend, sc, pool, pm=pm)
+    return handle, pool

@@ -15,7 +15,7 @@ SMALL = ["--num-clients", "4", "--num-rounds", "3", "--request-length", "96", "-
          "--output-length", "6", "--request-rate", "200", "--device-tokens", "256", "--max-running", "2",
          "--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "2", "--num-heads", "4",
          "--num-kv-heads", "2", "--head-dim", "16", "--vocab-size", "512", "--page-size", "16",
-         "--hicache-ratio", "2", "--no-progress"]
+         "--hicache-ratio", "1.5", "--no-progress"]
 
 
 def parse(argv):

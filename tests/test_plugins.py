@@ -210,8 +210,8 @@ def test_sglang_style_class_loads_unchanged(tmp_path, monkeypatch, layout):
      r"lacks get, set, exists, which a v0 \(interface_v1=0\) storage backend implements"),
     ({"backend_name": "x", "module_path": "hicache_core.config", "class_name": "HiCacheConfig", "interface_v1": 1},
      r"lacks batch_get_v1, batch_set_v1, batch_exists"),
-    ({"backend_name": "x", "module_path": "m", "class_name": "C", "interface_v1": "maybe"}, r"interface_v1='maybe'; use 0 or 1"),
-    ({"module_path": "m", "class_name": "C"}, r"lacks backend_name"),
+    ({"backend_name": "x", "module_path": "m", "class_name": "C", "interface_v1": "maybe"}, r"interface_v1='maybe' is not a boolean"),
+    ({"module_path": "m", "class_name": "C"}, r"extra-config with backend_name"),
 ])
 def test_dynamic_errors(extra, match):
     with pytest.raises((BackendLoadError, ConfigError), match=match):

@@ -10,9 +10,8 @@ import logging
 import torch
 
 from hicache_core.bench.common import dump_json, gbps, print_table, time_best
-from hicache_core.cli import DTYPES
 from hicache_core.config import MEM_LAYOUTS
-from hicache_core.memory import DevicePool, HostPool, KVSpec, default_device
+from hicache_core.memory import DTYPES, DevicePool, HostPool, KVSpec, default_device
 from hicache_core.transfer import HostDeviceTransfer, effective_io_backend
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,9 @@
-"""The radix tree over token ids and HiRadixCache, which spans device, host and storage."""
+"""The radix tree over token ids (``radix``), its tiers (``tiers``), and HiRadixCache with the front door
+engines call (``hiradix``); :func:`build_cache` makes one from a config."""
 
-from hicache_core.cache.hiradix import LOAD_BACK_THRESHOLD, HiRadixCache, MatchResult
+from hicache_core.cache.build import build_cache
+from hicache_core.cache.hiradix import LOAD_BACK_THRESHOLD, Admission, HiRadixCache
 from hicache_core.cache.node import TreeNode
+from hicache_core.cache.radix import MatchResult, RadixTree
 
-__all__ = ["LOAD_BACK_THRESHOLD", "HiRadixCache", "MatchResult", "TreeNode"]
+__all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache", "MatchResult", "RadixTree", "TreeNode", "build_cache"]

@@ -7,6 +7,10 @@ import torch
 
 from hicache_core.errors import ConfigError
 
+# KV dtypes by the names the CLI and benchmarks accept.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "float8_e4m3fn": torch.float8_e4m3fn}
+
 
 @attrs.frozen(kw_only=True)
 class KVSpec:

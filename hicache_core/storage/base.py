@@ -12,8 +12,7 @@ Rules every backend keeps: a failed write never becomes visible; a read that can
 
 from __future__ import annotations
 
-import abc
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -37,9 +36,27 @@ class StorageConfig:
     layout: str = "layer_first"
 
 
-class HiCacheStorage(abc.ABC):
-    """Base class for storage backends. Subclasses apply ``self.namespace`` to every key they store
-    (``applies_namespace = True``); the core prefixes keys itself for classes that do not say so."""
+@runtime_checkable
+class StorageV1(Protocol):
+    """What the controller calls: every backend speaks this once built (v0 classes through the core's adapter)."""
+
+    def batch_exists(self, keys: list[str]) -> int: ...
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]: ...
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]: ...
+
+    def clear(self) -> None: ...
+
+    def get_stats(self) -> Optional[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class HiCacheStorage:
+    """Base class for storage backends: implement v0 (``get/set/exists``), v1 (``batch_get_v1/batch_set_v1``) or
+    both; whatever is not implemented raises a clear error if called. Subclasses apply ``self.namespace`` to every
+    key they store (``applies_namespace = True``); the core prefixes keys itself for classes that do not say so."""
 
     applies_namespace: bool = True
 
@@ -53,17 +70,21 @@ class HiCacheStorage(abc.ABC):
         """Called once, before any I/O, with the :class:`~hicache_core.memory.HostPool` pages move through."""
         self.mem_pool_host = mem_pool_host
 
+    def _not_implemented(self, method: str, kind: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} does not implement {method} ({kind}); the core calls "
+                                   f"it only when the backend is registered as {kind}")
+
     # --- v0: flat pages ----------------------------------------------------------------------------------------
-    @abc.abstractmethod
     def get(self, key: str, target_location: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The page stored under ``key`` (written into ``target_location`` when given), or None."""
+        raise self._not_implemented("get", "v0")
 
-    @abc.abstractmethod
     def set(self, key: str, value: torch.Tensor) -> bool:
         """Store one flat page; True once it is durably visible. A failed set leaves nothing visible."""
+        raise self._not_implemented("set", "v0")
 
-    @abc.abstractmethod
-    def exists(self, key: str) -> bool: ...
+    def exists(self, key: str) -> bool:
+        raise self._not_implemented("exists", "v0")
 
     def batch_get(self, keys: list[str], target_locations: Optional[list[torch.Tensor]] = None) -> list:
         targets = target_locations or [None] * len(keys)
@@ -82,10 +103,10 @@ class HiCacheStorage(abc.ABC):
     # --- v1: zero copy on host pages -------------------------------------------------------------------------
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         """Read ``len(keys)`` pages straight into the host pool at ``host_indices`` (page_size slots each)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement batch_get_v1")
+        raise self._not_implemented("batch_get_v1", "v1")
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement batch_set_v1")
+        raise self._not_implemented("batch_set_v1", "v1")
 
     # --- housekeeping ------------------------------------------------------------------------------------------
     def clear(self) -> None:

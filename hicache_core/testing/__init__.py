@@ -15,8 +15,9 @@ your backend::
         def failing_writes(self, backend):       # make the next writes fail for real (full disk, dead server...)
             ...
 
-It covers v1 and v0 round trips in every host layout (a backend that serves only page-first layouts must refuse
-``layer_first`` with a clear error), ``batch_exists`` prefix counting, misses, overwrite, failed writes never
+It covers v1 and v0 round trips in every host layout (a backend whose record says it serves only page-first layouts
+is refused ``layer_first`` by the core, and those cases are skipped with that reason), ``batch_exists`` prefix
+counting, misses, overwrite, failed writes never
 becoming visible, namespace isolation and sharing between instances, concurrent threads, clear and stats.
 """
 
@@ -32,10 +33,10 @@ import pytest
 import torch
 
 from hicache_core.config import HiCacheConfig
-from hicache_core.errors import HiCacheError
+from hicache_core.errors import ConfigError
 from hicache_core.keys import hash_chain
 from hicache_core.memory import HostPool, KVSpec
-from hicache_core.registry import create_backend, make_storage_config, resolve
+from hicache_core.registry import check_layout, make_storage_config, open_backend, resolve, resolve_config
 from hicache_core.storage.base import StorageConfig
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
@@ -89,8 +90,15 @@ class BackendConformance:
     def config(self, layout: str, **changes: Any) -> HiCacheConfig:
         return HiCacheConfig(page_size=self.page_size, hicache_mem_layout=layout, model_name="conformance", **changes)
 
+    def _page_first_only(self, tmp_path) -> bool:
+        if self.backend_name is None:
+            return False
+        return resolve(self.backend_name, self.extra_config(tmp_path)).page_first_only
+
     def build(self, tmp_path, layout: str, *, spec: Optional[KVSpec] = None, model: str = "conformance",
               tp_rank: int = 0, pool_pages: Optional[int] = None) -> tuple[Any, HostPool]:
+        if self.backend_name is not None:
+            check_layout(resolve(self.backend_name, self.extra_config(tmp_path)), layout)
         spec = spec or self.spec
         pool = HostPool(spec, (pool_pages or 4 * self.pages) * self.page_size, self.page_size, layout, pin_memory=False)
         cfg = self.config(layout).replace(model_name=model)
@@ -110,23 +118,28 @@ class BackendConformance:
             with contextlib.suppress(Exception):
                 b.close()
 
-    def _supported(self, tmp_path, layout: str) -> bool:
-        """True if the backend serves this layout; otherwise assert it refuses it clearly."""
-        page_first_only = getattr(self, "page_first_only", False)
-        if layout == "layer_first" and page_first_only:
-            with pytest.raises(HiCacheError, match="page_first"):
-                self.build(tmp_path, layout)
-            return False
-        return True
+    def _require_layout(self, tmp_path, layout: str) -> None:
+        if layout == "layer_first" and self._page_first_only(tmp_path):
+            pytest.skip(f"{self.backend_name} serves page-first layouts only (test_unserved_layout_is_refused)")
+
+    def _require_v0(self) -> None:
+        if not self.supports_v0:
+            pytest.skip(f"{type(self).__name__} is v1 only (supports_v0 = False)")
 
     @pytest.fixture(params=LAYOUTS)
     def layout(self, request) -> str:
         return request.param
 
     # --- the suite -----------------------------------------------------------------------------------------------
+    def test_unserved_layout_is_refused(self, tmp_path):
+        """A backend registered as page-first only is refused layer_first by the core, with the fix."""
+        if not self._page_first_only(tmp_path):
+            pytest.skip("the backend serves every host layout")
+        with pytest.raises(ConfigError, match="page_first_direct"):
+            self.build(tmp_path, "layer_first")
+
     def test_v1_roundtrip(self, tmp_path, layout):
-        if not self._supported(tmp_path, layout):
-            return
+        self._require_layout(tmp_path, layout)
         backend, pool = self.build(tmp_path, layout)
         n, ps = self.pages, self.page_size
         src, dst = pool.alloc(n * ps), pool.alloc(n * ps)
@@ -138,8 +151,7 @@ class BackendConformance:
         assert page_bytes(pool, dst) == page_bytes(pool, src)
 
     def test_v1_single_page_and_scattered_indices(self, tmp_path, layout):
-        if not self._supported(tmp_path, layout):
-            return
+        self._require_layout(tmp_path, layout)
         backend, pool = self.build(tmp_path, layout)
         ps = self.page_size
         everything = pool.alloc(pool.size)
@@ -154,8 +166,8 @@ class BackendConformance:
         assert page_bytes(pool, dst) == page_bytes(pool, src)
 
     def test_v0_roundtrip(self, tmp_path, layout):
-        if not self.supports_v0 or not self._supported(tmp_path, layout):
-            return
+        self._require_v0()
+        self._require_layout(tmp_path, layout)
         backend, pool = self.build(tmp_path, layout)
         ps = self.page_size
         src = pool.alloc(3 * ps)
@@ -174,7 +186,7 @@ class BackendConformance:
         assert [_raw(o) for o in out] == [_raw(p) for p in pages]
         # v0 and v1 see the same bytes
         dst = pool.alloc(3 * ps)
-        if hasattr(backend, "batch_get_v1") and getattr(self, "supports_v1", True):
+        if getattr(self, "supports_v1", True):
             assert list(backend.batch_get_v1(keys, dst)) == [True] * 3
             assert page_bytes(pool, dst) == page_bytes(pool, src)
 
@@ -198,9 +210,13 @@ class BackendConformance:
         dst = pool.alloc(2 * ps)
         keys = random_keys(2, ps)
         assert list(backend.batch_get_v1(keys, dst)) == [False, False]
-        if self.supports_v0:
-            assert not backend.exists(keys[0])
-            assert backend.get(keys[0], pool.dummy_flat_page()) is None
+
+    def test_v0_miss(self, tmp_path):
+        self._require_v0()
+        backend, pool = self.build(tmp_path, "page_first_direct")
+        keys = random_keys(2, self.page_size)
+        assert not backend.exists(keys[0])
+        assert backend.get(keys[0], pool.dummy_flat_page()) is None
 
     def test_overwrite_keeps_one_whole_page(self, tmp_path):
         backend, pool = self.build(tmp_path, "page_first_direct")
@@ -317,14 +333,14 @@ class BackendConformance:
         assert after != before
 
     def test_through_registry(self, tmp_path):
-        """Built the way the controller builds it (create_backend), the backend round-trips pages."""
+        """Built the way the cache builds it (resolve_config + open_backend), the backend round-trips pages."""
         if not self.backend_name:
-            return
-        layout = "page_first_direct"
-        pool = HostPool(self.spec, 4 * self.pages * self.page_size, self.page_size, layout, pin_memory=False)
-        cfg = HiCacheConfig(page_size=self.page_size, hicache_mem_layout=layout,
+            pytest.skip("no backend_name: the backend is not registered under a name")
+        cfg = HiCacheConfig(page_size=self.page_size, hicache_mem_layout="page_first_direct",
+                            hicache_io_backend="direct", hicache_storage_backend=self.backend_name,
                             hicache_storage_backend_extra_config=self.extra_config(tmp_path))
-        handle = create_backend(self.backend_name, make_storage_config(cfg, self.spec), pool)
+        cfg, resolved = resolve_config(cfg)
+        handle, pool = open_backend(cfg, self.spec, 4 * self.pages * self.page_size, resolved=resolved)
         self._opened.append(handle)
         ps = self.page_size
         src, dst = pool.alloc(2 * ps), pool.alloc(2 * ps)

@@ -1,9 +1,7 @@
-"""Pages as files: ``{root}/{namespace tag}/{key[:2]}/{key}.page``, each a 128-byte header then the page bytes.
-
-Header (little endian): magic ``HICPAGE\\0``, format version (u32), payload length (u64), XXH3-64 checksum of
-the payload (u64; ~30 GB/s, so integrity costs little next to the I/O), namespace tag (16 ASCII bytes), SHA-256 of the key (32 bytes), zero padding. A page is served only when
-every field matches what the reader expects and the checksum of the bytes read agrees; anything else (truncated,
-flipped, foreign, swapped) is a miss, counted, and the bad file is removed so the page can be written again.
+"""Pages as files: ``{root}/{namespace tag}/{key[:2]}/{key}.page``, each the core's page envelope (a 64-byte
+header: magic, version, length, XXH3-64, key-and-namespace digest; :mod:`hicache_core.storage.envelope`) then the
+page bytes. A page is served only when the envelope opens for the key asked; anything else (truncated, flipped,
+foreign, swapped) is a miss, counted, and the bad file is removed so the page can be written again.
 
 Writes go to a temporary file in the same directory and are renamed into place, so no reader -- in this process or
 another one sharing the directory -- ever sees half a page, and a failed write leaves nothing visible.
@@ -17,43 +15,22 @@ import json
 import logging
 import os
 import re
-import struct
 import threading
 import uuid
 from collections import OrderedDict
 from typing import Optional
 
 import torch
-import xxhash
 
 from hicache_core.errors import ConfigError
-from hicache_core.storage import HiCacheStorage
-from hicache_core.storage.parallel import map_chunked
+from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope, map_chunked, parse_bool
 
 logger = logging.getLogger(__name__)
 
 ENV_DIR = "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"
 DEFAULT_DIR = "/tmp/hicache"
-MAGIC = b"HICPAGE\0"
-VERSION = 1
-_HEAD = struct.Struct("<8sIQQ16s32s")
-HEADER_BYTES = 128
+VERSION = 2  # of the on-disk layout (namespace.json)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class PageFormatError(Exception):
-    """A page file that is not the page asked for (kind: truncated, foreign, corrupt)."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-
-
-def _crc(segments) -> int:
-    h = xxhash.xxh3_64()
-    for s in segments:
-        h.update(s)
-    return h.intdigest()
 
 
 class FileStorage(HiCacheStorage):
@@ -70,7 +47,7 @@ class FileStorage(HiCacheStorage):
             self.io_threads = max(1, int(ex.get("io_threads", 4)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"file backend: capacity_bytes and io_threads must be integers ({e})") from e
-        self.fsync = bool(ex.get("fsync", False))
+        self.fsync = parse_bool(ex.get("fsync", False), "file backend: fsync")
         self.root = os.path.abspath(os.path.expanduser(str(root)))
         self.tag = self.namespace.tag
         self.dir = os.path.join(self.root, self.tag)
@@ -81,7 +58,7 @@ class FileStorage(HiCacheStorage):
             raise ConfigError(f"file backend: cannot use storage_dir {self.root!r}: {e.strerror}; "
                               "give a writable directory in the extra config (storage_dir) or "
                               f"${ENV_DIR}") from e
-        self._tag_bytes = self.tag.encode()
+        self.envelope = PageEnvelope(self.tag)
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(
             ("get_pages", "get_misses", "truncated", "foreign", "corrupt", "set_pages", "set_skipped",
@@ -106,28 +83,6 @@ class FileStorage(HiCacheStorage):
         name = key if _HEX64.fullmatch(key) else hashlib.sha256(key.encode()).hexdigest()
         return os.path.join(self.dir, name[:2], name + ".page")
 
-    def _header(self, key: str, payload_len: int, crc: int) -> bytes:
-        head = _HEAD.pack(MAGIC, VERSION, payload_len, crc, self._tag_bytes, hashlib.sha256(key.encode()).digest())
-        return head.ljust(HEADER_BYTES, b"\0")
-
-    def _check_header(self, key: str, header: bytes, n_read: int, expect_len: int) -> int:
-        if n_read < HEADER_BYTES:
-            raise PageFormatError("truncated", f"{n_read} bytes, less than a header")
-        magic, version, payload_len, crc, tag, key_digest = _HEAD.unpack_from(header)
-        if magic != MAGIC:
-            raise PageFormatError("foreign", "not a hicache page file")
-        if version != VERSION:
-            raise PageFormatError("foreign", f"format version {version}, this reader knows {VERSION}")
-        if tag != self._tag_bytes:
-            raise PageFormatError("foreign", f"namespace {tag!r}, expected {self._tag_bytes!r}")
-        if key_digest != hashlib.sha256(key.encode()).digest():
-            raise PageFormatError("foreign", "the page of another key")
-        if payload_len != expect_len:
-            raise PageFormatError("foreign", f"payload of {payload_len} bytes, expected {expect_len}")
-        if n_read < HEADER_BYTES + payload_len:
-            raise PageFormatError("truncated", f"{n_read - HEADER_BYTES} of {payload_len} payload bytes")
-        return crc
-
     # --- one page ----------------------------------------------------------------------------------------------------
     def _write(self, key: str, segments: list) -> bool:
         """Publish one page atomically; True if it is (or already was) visible."""
@@ -142,7 +97,7 @@ class FileStorage(HiCacheStorage):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                data = [self._header(key, payload, _crc(segments)), *segments]
+                data = [self.envelope.seal(key, segments), *segments]
                 written = os.writev(fd, data)
                 if written != HEADER_BYTES + payload:  # short write: finish it or give up
                     rest = b"".join(bytes(s) for s in data)[written:]
@@ -184,12 +139,10 @@ class FileStorage(HiCacheStorage):
         try:
             tail = bytearray(1)  # catches a file longer than its header says, in the same call
             n = os.preadv(fd, [header, *segments, tail], 0)
-            crc = self._check_header(key, header, min(n, HEADER_BYTES + expect), expect)
+            self.envelope.open(key, header, segments, min(n, HEADER_BYTES + expect))
             if n > HEADER_BYTES + expect:
-                raise PageFormatError("foreign", "file is longer than its header says")
-            if _crc(segments) != crc:
-                raise PageFormatError("corrupt", "checksum mismatch")
-        except PageFormatError as e:
+                raise EnvelopeError("foreign", "file is longer than its header says")
+        except EnvelopeError as e:
             logger.warning("file backend: %s is unusable (%s): treated as a miss and removed", path, e)
             self._count(e.kind)
             self._remove(path)
@@ -312,13 +265,6 @@ class FileStorage(HiCacheStorage):
     def set(self, key, value) -> bool:
         data = value.contiguous().view(-1).view(torch.uint8).numpy()
         return self._write(key, [memoryview(data)])
-
-    def batch_get(self, keys, target_locations=None):
-        targets = target_locations or [None] * len(keys)
-        return [self.get(k, t) for k, t in zip(keys, targets)]
-
-    def batch_set(self, keys, values) -> bool:
-        return all(self.set(k, v) for k, v in zip(keys, values))
 
     # --- housekeeping ------------------------------------------------------------------------------------------------
     def clear(self) -> None:

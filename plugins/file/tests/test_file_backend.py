@@ -14,6 +14,7 @@ from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import create_backend, make_storage_config
+from hicache_core.storage import HEADER_BYTES
 from hicache_core.testing import BackendConformance, fill_random, page_bytes, random_keys
 from hicache_plugin_file import FileStorage
 
@@ -63,9 +64,9 @@ def test_file_format_says_what_it_is(tmp_path):
     be, pool, keys, src = written(tmp_path, 1)
     path = be._path(keys[0])
     data = open(path, "rb").read()
-    assert data[:8] == b"HICPAGE\0" and be.tag.encode() in data[:128]
-    assert len(data) == 128 + pool.page_bytes
-    assert data[128:] == page_bytes(pool, src)[0]
+    assert data[:8] == b"HICPAGE\0" and be.envelope.key_digest(keys[0]) in data[:HEADER_BYTES]
+    assert len(data) == HEADER_BYTES + pool.page_bytes
+    assert data[HEADER_BYTES:] == page_bytes(pool, src)[0]
     assert os.path.exists(os.path.join(be.dir, "namespace.json"))
 
 
@@ -81,9 +82,9 @@ def test_damaged_files_are_misses_never_data(tmp_path, damage, kind):
     elif damage == "truncate_header":
         raw = raw[:50]
     elif damage == "flip_payload":
-        raw[128 + len(raw) // 3] ^= 0x10
+        raw[HEADER_BYTES + len(raw) // 3] ^= 0x10
     elif damage == "flip_header":
-        raw[30] ^= 0x01  # inside the namespace tag
+        raw[40] ^= 0x01  # inside the key-and-namespace digest
     elif damage == "swap":
         raw = bytearray(open(other, "rb").read())
     elif damage == "foreign":
@@ -122,7 +123,7 @@ def test_v0_and_layouts_share_the_directory(tmp_path):
 
 
 def test_capacity_evicts_least_recently_used_pages(tmp_path):
-    page_file = 128 + SPEC.page_bytes(PS)
+    page_file = HEADER_BYTES + SPEC.page_bytes(PS)
     be, pool = make(tmp_path, capacity_bytes=3 * page_file, io_threads=1)  # one writer: a known LRU order
     src = pool.alloc(5 * PS)
     fill_random(pool, src)

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 
-from hicache_core.storage.parallel import map_chunked
+from hicache_core.storage import map_chunked
 
 logger = logging.getLogger(__name__)
 

@@ -1,47 +1,35 @@
 """The hf3fs backend: per namespace, one big preallocated file ``{file_path_prefix}.{namespace tag}.bin`` cut into
-slots of ``slot_bytes`` (a 64-byte header, then the page, rounded up to 4 KiB); a metadata service maps keys to slots.
+slots of ``slot_bytes`` (the core's 64-byte page envelope, then the page, rounded up to 4 KiB); a metadata service
+maps keys to slots.
 
 Write: reserve slots (new keys only) -> write header + page -> confirm; only confirmed keys are visible, and a slot
 whose write failed goes back to the free list. Read: look up slots -> read header + page straight into the host
-pool -> check magic, key digest, length and XXH3-64. A slot reused for another key between lookup and read (LRU
+pool -> open the envelope (magic, key digest, length, XXH3-64). A slot reused for another key between lookup and read (LRU
 eviction by another instance) fails the check and is a miss, never another page's bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import struct
 import threading
 from typing import Any, Optional
 
 import torch
-import xxhash
 
 from hicache_core.errors import BackendLoadError, ConfigError
-from hicache_core.storage import HiCacheStorage
+from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope
 from hicache_plugin_hf3fs.client import FileClient, make_client
 from hicache_plugin_hf3fs.config import Hf3fsConfig
 from hicache_plugin_hf3fs.metadata import HttpMetadataClient, LocalMetadataClient, MetadataStore
 
 logger = logging.getLogger(__name__)
-MAGIC = b"HIC3FS\0\0"
-VERSION = 1
-_HEAD = struct.Struct("<8sIQQ32s")
-HEADER = 64
+HEADER = HEADER_BYTES
 ALIGN = 4096
 
 _FAILED = object()  # what _meta_call returns when the metadata service failed
 _LOCAL: dict[str, MetadataStore] = {}  # in-process metadata, shared by instances on the same files
 _LOCAL_LOCK = threading.Lock()
-
-
-def _digest(segments) -> int:
-    h = xxhash.xxh3_64()
-    for s in segments:
-        h.update(s)
-    return h.intdigest()
 
 
 class Hf3fsStorage(HiCacheStorage):
@@ -66,7 +54,7 @@ class Hf3fsStorage(HiCacheStorage):
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(("get_pages", "get_misses", "corrupt", "set_pages", "set_skipped", "set_failed",
                                      "metadata_errors", "bytes_read", "bytes_written"), 0)
-        self._key_digests: dict[str, bytes] = {}
+        self.envelope = PageEnvelope(self.rank_id)
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
         super().register_mem_pool_host(mem_pool_host)
@@ -92,12 +80,6 @@ class Hf3fsStorage(HiCacheStorage):
         with self._lock:
             self._stats[name] += n
 
-    def _kdig(self, key: str) -> bytes:
-        return hashlib.sha256(f"{self.rank_id}/{key}".encode()).digest()
-
-    def _header(self, key: str, segments) -> bytes:
-        return _HEAD.pack(MAGIC, VERSION, self.page_bytes, _digest(segments), self._kdig(key)).ljust(HEADER, b"\0")
-
     def _meta_call(self, fn, *args):
         try:
             return fn(*args)
@@ -112,7 +94,7 @@ class Hf3fsStorage(HiCacheStorage):
         if res is _FAILED:
             return [False] * len(keys)
         todo = [(i, slot) for i, (exists, slot) in enumerate(res) if not exists and slot >= 0]
-        ops = [(slot * self.slot_bytes, [self._header(keys[i], segments[i]), *segments[i]]) for i, slot in todo]
+        ops = [(slot * self.slot_bytes, [self.envelope.seal(keys[i], segments[i]), *segments[i]]) for i, slot in todo]
         results = self.client.batch_write(ops) if ops else []
         written, release, ok = [], [], [bool(e) for e, _ in res]
         for (i, slot), r in zip(todo, results):
@@ -142,9 +124,9 @@ class Hf3fsStorage(HiCacheStorage):
         for (i, _), h, r in zip(todo, heads, results):
             if r != HEADER + self.page_bytes:
                 continue
-            magic, version, length, digest, kdig = _HEAD.unpack_from(h)
-            if (magic, version, length, kdig) != (MAGIC, VERSION, self.page_bytes, self._kdig(keys[i])) \
-                    or digest != _digest(segments[i]):
+            try:
+                self.envelope.open(keys[i], h, segments[i], r)
+            except EnvelopeError:
                 self._count("corrupt")
                 continue
             ok[i] = True

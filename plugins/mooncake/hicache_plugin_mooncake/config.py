@@ -7,7 +7,6 @@ Precedence (SGLang's): (1) the backend extra config when it names ``master_serve
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -15,40 +14,17 @@ import attrs
 
 from hicache_core.config import read_json_object
 from hicache_core.errors import ConfigError
+from hicache_core.storage import parse_bool, parse_size
 
 CONFIG_PATH_ENV = "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH"
 DEFAULT_GLOBAL_SEGMENT = 4 << 30
 DEFAULT_LOCAL_BUFFER = 16 << 20
 PROTOCOLS = ("tcp", "rdma")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: Any, what: str) -> int:
-    """Bytes from an int or a string such as ``"4gb"``, ``"512MiB"``, ``"1073741824"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"mooncake: {what}={value!r} is not a size")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise ConfigError(f"mooncake: {what}={value!r} is not a size; use bytes or a string like '4gb'")
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
-    if n < 0:
-        raise ConfigError(f"mooncake: {what}={value!r} must be >= 0")
-    return n
-
-
 def _host_port(value: str, what: str) -> str:
     host, sep, port = str(value).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"mooncake: {what}={value!r} is not host:port (for example 127.0.0.1:50051)")
     return str(value)
-
-
-def _bool(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on") if not isinstance(value, bool) else value
 
 
 @attrs.frozen(kw_only=True)
@@ -83,11 +59,11 @@ class MooncakeStoreConfig:
         kw = {k: v for k, v in d.items() if k in known}
         for k in ("global_segment_size", "local_buffer_size"):
             if k in kw:
-                kw[k] = parse_size(kw[k], k)
+                kw[k] = parse_size(kw[k], f"mooncake: {k}")
         if "master_metrics_port" in kw:
             kw["master_metrics_port"] = int(kw["master_metrics_port"])
         if "check_server" in kw:
-            kw["check_server"] = _bool(kw["check_server"])
+            kw["check_server"] = parse_bool(kw["check_server"], "mooncake: check_server")
         return cls(source=source, **kw)
 
     @classmethod
@@ -108,12 +84,12 @@ class MooncakeStoreConfig:
             local_hostname=os.environ.get("LOCAL_HOSTNAME", "localhost"),
             metadata_server=os.environ.get("MOONCAKE_TE_META_DATA_SERVER", "P2PHANDSHAKE"),
             global_segment_size=parse_size(os.environ.get("MOONCAKE_GLOBAL_SEGMENT_SIZE", DEFAULT_GLOBAL_SEGMENT),
-                                           "MOONCAKE_GLOBAL_SEGMENT_SIZE"),
+                                           "mooncake: MOONCAKE_GLOBAL_SEGMENT_SIZE"),
             local_buffer_size=DEFAULT_LOCAL_BUFFER,
             protocol=os.environ.get("MOONCAKE_PROTOCOL", "tcp"),
             device_name=os.environ.get("MOONCAKE_DEVICE", ""),
             master_metrics_port=port,
-            check_server=_bool(os.environ.get("MOONCAKE_CHECK_SERVER", "false")),
+            check_server=parse_bool(os.environ.get("MOONCAKE_CHECK_SERVER", "false"), "mooncake: MOONCAKE_CHECK_SERVER"),
             source="environment (MOONCAKE_*)",
         )
 

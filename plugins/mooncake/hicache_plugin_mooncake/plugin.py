@@ -12,4 +12,5 @@ def hicache_storage_backends():
         page_first_only=True,
         description="Mooncake Store (distributed memory pool), zero copy from page-first host layouts",
         install_hint="pip install 'hicache-plugin-mooncake[cuda]' (or [cpu] on a machine without a GPU)",
+        requires=("mooncake.store",),
     )

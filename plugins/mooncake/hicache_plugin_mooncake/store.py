@@ -20,12 +20,11 @@ import time
 import urllib.parse
 from typing import Any, Optional
 
-from hicache_core.errors import BackendLoadError, ConfigError
+from hicache_core.errors import BackendLoadError
 from hicache_core.storage import HiCacheStorage
 from hicache_plugin_mooncake.config import MooncakeStoreConfig
 
 logger = logging.getLogger(__name__)
-PAGE_FIRST = ("page_first", "page_first_direct")
 
 
 def _import_store():
@@ -43,8 +42,6 @@ class MooncakeStore(HiCacheStorage):
     """Extra config: ``master_server_address`` (host:port) and the other MooncakeStoreConfig fields, or none of
     them to use ``$SGLANG_HICACHE_MOONCAKE_CONFIG_PATH`` / ``MOONCAKE_*``; plus ``connect_timeout_s`` (30) and
     ``reconnect_after_s`` (10)."""
-
-    page_first_only = True
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
@@ -151,11 +148,8 @@ class MooncakeStore(HiCacheStorage):
 
     # --- registration ------------------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host) -> None:
-        if mem_pool_host.layout not in PAGE_FIRST:
-            raise ConfigError(
-                f"mooncake backend serves page_first/page_first_direct host layouts only (zero copy of whole K/V "
-                f"halves); got {mem_pool_host.layout}: use --hicache-mem-layout page_first (kernel io) or "
-                "page_first_direct (direct io)")
+        """Page-first layouts only (zero copy of whole K/V halves): declared by the plugin's record
+        (``page_first_only``) and enforced by the core before this is called."""
         super().register_mem_pool_host(mem_pool_host)
         self._registered = (mem_pool_host.raw.data_ptr(), mem_pool_host.raw.numel())
         rc = self.store.register_buffer(*self._registered)

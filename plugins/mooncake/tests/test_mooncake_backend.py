@@ -37,7 +37,6 @@ def wait_healthy(backend, timeout=30.0):
 
 class TestMooncakeConformance(BackendConformance):
     backend_name = "mooncake"
-    page_first_only = True
     supports_v0 = False  # zero copy only: pages move between registered buffers
 
     @pytest.fixture(autouse=True)
@@ -121,8 +120,13 @@ def test_unreachable_master_fails_within_the_timeout():
 
 
 def test_layer_first_is_refused_with_the_fix(master):
-    with pytest.raises(ConfigError, match="page_first/page_first_direct host layouts only.*page_first_direct \\(direct io\\)"):
-        make(master, "layer_first")
+    """The plugin's record declares page-first only; the core refuses layer_first before connecting."""
+    from hicache_core.registry import create_backend
+
+    pool = HostPool(SPEC, 32 * PS, PS, "layer_first", pin_memory=False)
+    cfg = HiCacheConfig(page_size=PS, model_name="mc-test", hicache_storage_backend_extra_config=master.extra())
+    with pytest.raises(ConfigError, match="page_first/page_first_direct host layouts.*page_first_direct \\(direct io\\)"):
+        create_backend("mooncake", make_storage_config(cfg, SPEC), pool)
 
 
 def test_keys_carry_namespace_and_tag(master):
@@ -191,58 +195,63 @@ def test_two_processes_share_pages(master, tmp_path):
 
 def test_master_killed_mid_run_cache_keeps_serving(master):
     """Misses while the master is gone, bounded time, no wrong bytes; service resumes after it returns."""
-    from hicache_core.cache import HiRadixCache
-    from hicache_core.memory import DevicePool
-    from hicache_core.registry import create_backend
+    from hicache_core.cache import build_cache
+    from hicache_core.keys import hash_chain
 
     cfg = HiCacheConfig(page_size=PS, hicache_mem_layout="page_first_direct", hicache_io_backend="direct",
                         hicache_storage_backend="mooncake", hicache_storage_prefetch_policy="timeout",
                         hicache_storage_backend_extra_config={**master.extra(), "prefetch_threshold": PS,
                                                               "prefetch_timeout_base": 2}, model_name=uuid.uuid4().hex)
-    dev = DevicePool(SPEC, 8 * PS, PS, "cpu")
-    host = HostPool(SPEC, 16 * PS, PS, "page_first_direct", pin_memory=False)
-    backend = create_backend("mooncake", make_storage_config(cfg, SPEC), host)
-    cache = HiRadixCache(cfg, dev, host, backend)
+    cache = build_cache(cfg, SPEC, 8 * PS, device="cpu", host_tokens=16 * PS, pin_memory=False)
+    dev, backend = cache.device_pool, cache.storage
     tokens = list(range(4 * PS))
-    idx = cache.alloc_device(len(tokens))
-    dev.kv_buffer.view(torch.uint8).copy_(torch.randint(0, 256, dev.kv_buffer.view(torch.uint8).shape, dtype=torch.uint8))
-    expect = dev.kv_buffer[:, :, idx].clone()
-    cache.insert(tokens, idx)
+    prompt = tokens + [7]  # one token past the pages: whole pages are servable
+
+    def admit(rid):
+        t0 = time.monotonic()
+        while (adm := cache.admit(rid, prompt)).status == "wait":
+            cache.poll()
+            time.sleep(0.01)
+            assert time.monotonic() - t0 < 30, "a dead master hung the cache"
+        assert adm.ready
+        return adm
+
+    def compute(adm, kv):
+        """The engine's prefill: write the KV of every position not served from cache."""
+        slots = adm.slots(len(prompt) - len(adm.prefix))
+        dev.kv_buffer[:, :, slots[len(adm.prefix) : len(tokens)]] = kv[:, :, len(adm.prefix) :]
+        cache.release(adm, prompt, len(prompt) - len(adm.prefix))
+
+    kv = torch.randint(0, 256, dev.kv_buffer[:, :, : len(tokens)].view(torch.uint8).shape, dtype=torch.uint8)
+    kv = kv.view(dev.kv_buffer.dtype)
+    compute(admit("w"), kv)
     cache.flush()
-    assert backend.batch_exists(__import__("hicache_core.keys", fromlist=["hash_chain"]).hash_chain(tokens, PS)) == 4
+    assert backend.batch_exists(hash_chain(tokens, PS)) == 4
     cache.evict(10**6)
     cache.evict_host(10**6)
     master.stop()
     t0 = time.monotonic()
-    m = cache.match_prefix(tokens)
-    assert m.matched_length == 0
-    if cache.prefetch_from_storage("r", m.last_node, tokens):
-        while not cache.check_prefetch_progress("r"):
-            time.sleep(0.01)
-            assert time.monotonic() - t0 < 30, "a dead master hung the cache"
-    assert cache.match_prefix(tokens).matched_length == 0  # nothing fetched, nothing wrong
+    adm = admit("r")
+    assert len(adm.prefix) == 0  # nothing fetched, nothing wrong
+    compute(adm, kv)
     cache.flush()
     assert time.monotonic() - t0 < 30
     master.start()
     wait_healthy(backend)
-    # the store restarted empty: write again and read back whole
-    idx = cache.alloc_device(len(tokens))
-    dev.kv_buffer[:, :, idx] = expect
-    cache.insert(tokens, idx)
+    # the store restarted empty: write again (the pages are still on device), then read back whole
+    cache.evict(10**6)
+    cache.evict_host(10**6)
+    compute(admit("w2"), kv)
     cache.flush()
     cache.evict(10**6)
     cache.evict_host(10**6)
-    m = cache.match_prefix(tokens)
-    assert cache.prefetch_from_storage("r2", m.last_node, tokens)
-    while not cache.check_prefetch_progress("r2"):
-        time.sleep(0.01)
-    m = cache.match_prefix(tokens)
-    assert m.host_hit_length == len(tokens)
-    loaded, _ = cache.init_load_back(m.last_node)
+    adm = admit("r2")
+    assert adm.cached["storage"] == len(tokens)
     cache.ready_to_load_host_cache()
     dev.wait_layer(SPEC.layer_num - 1)
-    assert torch.equal(dev.kv_buffer[:, :, loaded].view(torch.uint8), expect.view(torch.uint8))
+    assert torch.equal(dev.kv_buffer[:, :, adm.prefix].view(torch.uint8), kv.view(torch.uint8))
     assert backend.get_stats()["errors"] >= 1
+    cache.release(adm, prompt, 0)
     cache.flush()
     cache.close()
 

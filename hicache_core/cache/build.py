@@ -1,0 +1,71 @@
+"""``build_cache``: one call from a config and a KV shape to a working HiRadixCache, with its pools and backend.
+
+The backend is resolved once (:func:`~hicache_core.registry.resolve_config`), the layout adjustments it implies
+are applied and logged, and the cache keeps the adjusted config (``cache.config``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hicache_core.cache.hiradix import HiRadixCache
+from hicache_core.config import HiCacheConfig
+from hicache_core.errors import ConfigError
+from hicache_core.memory import DevicePool, HostPool, KVSpec, host_pool_tokens
+from hicache_core.metrics import CacheMetrics
+from hicache_core.plugins import HiCachePluginManager
+from hicache_core.registry import create_backend, make_storage_config, resolve_config
+
+TIERS = ("radix", "hicache", "hicache+storage")
+
+
+def default_tiers(config: HiCacheConfig) -> str:
+    """Storage when a backend is named, the host tier when ``--enable-hierarchical-cache``, else device only."""
+    if config.hicache_storage_backend:
+        return "hicache+storage"
+    return "hicache" if config.enable_hierarchical_cache else "radix"
+
+
+def build_cache(
+    config: HiCacheConfig,
+    spec: KVSpec,
+    device_tokens: int,
+    *,
+    tiers: Optional[str] = None,
+    device: Optional[torch.device | str] = None,
+    host_tokens: Optional[int] = None,
+    pin_memory: Optional[bool] = None,
+    metrics: Optional[CacheMetrics] = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pm: Optional[HiCachePluginManager] = None,
+    force_kernel: bool = False,
+) -> HiRadixCache:
+    """A cache over a device pool of ``device_tokens`` (rounded down to whole pages).
+
+    ``tiers``: ``radix`` (device only), ``hicache`` (device + host) or ``hicache+storage`` (device + host + the
+    configured backend); default from the config (:func:`default_tiers`). The host pool holds ``host_tokens``,
+    else ``--hicache-size`` / ``--hicache-ratio`` of the device pool."""
+    tiers = tiers or default_tiers(config)
+    if tiers not in TIERS:
+        raise ConfigError(f"cache tiers {tiers!r}: choose one of {', '.join(TIERS)}")
+    if tiers == "hicache+storage" and not config.hicache_storage_backend:
+        raise ConfigError("a storage tier needs --hicache-storage-backend (see `hicache backends`)")
+    if tiers != "hicache+storage":
+        config = config.replace(hicache_storage_backend=None)
+    config, resolved = resolve_config(config, pm)
+    ps = config.page_size
+    device_tokens -= device_tokens % ps
+    if device_tokens <= 0:
+        raise ConfigError(f"the device pool must hold at least one page of {ps} tokens")
+    device_pool = DevicePool(spec, device_tokens, ps, device)
+    host_pool = backend = None
+    if tiers != "radix":
+        n = host_tokens if host_tokens is not None else host_pool_tokens(config, device_tokens, spec)
+        host_pool = HostPool(spec, n, ps, config.hicache_mem_layout, pin_memory=pin_memory)
+    if resolved is not None:
+        sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
+        backend = create_backend(resolved, sc, host_pool, pm=pm)
+    return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel)

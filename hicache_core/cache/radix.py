@@ -1,0 +1,229 @@
+"""Pure radix mechanics over token ids at page granularity: walk, split, insert, lock, and one eviction helper.
+
+Nothing here knows about tiers, storage or threads. :class:`RadixTree` is SGLang's device-only RadixAttention
+cache; :class:`~hicache_core.cache.hiradix.HiRadixCache` builds the host and storage tiers on top of it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterator
+from typing import Optional
+
+import attrs
+import torch
+
+from hicache_core.cache.node import TreeNode
+from hicache_core.cache.policies import EVICTION_KEYS
+
+EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+@attrs.frozen
+class MatchResult:
+    device_indices: torch.Tensor  # device slots of the device-resident part of the prefix
+    last_device_node: TreeNode  # deepest node whose KV is on device
+    last_node: TreeNode  # deepest matched node (device or host-only): the anchor for prefetch and load back
+    host_hit_length: int  # tokens past the device part that are on host only
+
+    @property
+    def matched_length(self) -> int:
+        return len(self.device_indices) + self.host_hit_length
+
+
+class RadixTree:
+    """Keys are whole pages of token ids; ``node.value`` holds device slots (None once demoted off device)."""
+
+    def __init__(self, device_pool, page_size: int, eviction_policy: str = "lru") -> None:
+        self.device_pool = device_pool
+        self.page_size = page_size
+        self._evict_key = EVICTION_KEYS[eviction_policy]
+        self.reset()
+
+    def reset(self) -> None:
+        self.root = TreeNode()
+        self.root.value = EMPTY
+        self.root.host_value = EMPTY
+        self.root.hash_value = []
+        self.root.lock_ref = 1
+
+    # --- walking -----------------------------------------------------------------------------------------------------
+    def _page_align(self, n: int) -> int:
+        return n - n % self.page_size
+
+    def _match_len(self, a: tuple, b: tuple) -> int:
+        """Length of the common prefix of two keys, in whole pages."""
+        ps, n, i = self.page_size, min(len(a), len(b)), 0
+        while i + ps <= n and a[i : i + ps] == b[i : i + ps]:
+            i += ps
+        return i
+
+    def _descend(self, node: TreeNode, key: tuple) -> tuple[Optional[TreeNode], int]:
+        """The child of ``node`` that shares whole leading pages with ``key`` (split so it ends at the shared
+        part), and how many tokens they share; (None, 0) when no child starts with key's first page."""
+        child = node.children.get(key[: self.page_size])
+        if child is None:
+            return None, 0
+        n = self._match_len(child.key, key)
+        if n < len(child.key):
+            child = self._split(child, n)
+        return child, n
+
+    def _split(self, child: TreeNode, split_len: int) -> TreeNode:
+        """Cut ``child`` after ``split_len`` tokens; return the new upper node."""
+        ps = self.page_size
+        upper = TreeNode(child.key[:split_len], child.parent)
+        upper.lock_ref = child.lock_ref
+        upper.hit_count = child.hit_count
+        upper.last_access_time = child.last_access_time
+        upper.creation_time = child.creation_time
+        if child.value is not None:
+            upper.value, child.value = child.value[:split_len], child.value[split_len:]
+        if child.host_value is not None:
+            upper.host_value, child.host_value = child.host_value[:split_len], child.host_value[split_len:]
+        if child.hash_value is not None:
+            upper.hash_value, child.hash_value = child.hash_value[: split_len // ps], child.hash_value[split_len // ps :]
+        child.key = child.key[split_len:]
+        child.parent = upper
+        assert upper.parent is not None
+        upper.children[child.key[:ps]] = child
+        upper.parent.children[upper.key[:ps]] = upper
+        return upper
+
+    def _attach(self, parent: TreeNode, key: tuple) -> TreeNode:
+        node = TreeNode(key, parent)
+        parent.children[key[: self.page_size]] = node
+        return node
+
+    def _delete_leaf(self, node: TreeNode) -> None:
+        assert node.parent is not None
+        del node.parent.children[node.key[: self.page_size]]
+
+    def nodes(self) -> Iterator[TreeNode]:
+        stack = list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children.values())
+
+    # --- locks -------------------------------------------------------------------------------------------------------
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        """Pin ``node`` and its ancestors: in the tree, and on device while they are there."""
+        while node is not self.root:
+            node.lock_ref += 1
+            node = node.parent  # type: ignore[assignment]
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        while node is not self.root:
+            if node.lock_ref <= 0:
+                raise RuntimeError(f"lock of {node} released more often than taken")
+            node.lock_ref -= 1
+            node = node.parent  # type: ignore[assignment]
+
+    # --- match / insert ----------------------------------------------------------------------------------------------
+    def match_prefix(self, tokens) -> MatchResult:
+        """The longest cached prefix of ``tokens`` (whole pages): device slots, then the host-only length."""
+        key = tuple(tokens[: self._page_align(len(tokens))])
+        node, values, now = self.root, [], time.monotonic()
+        while key:
+            child, n = self._descend(node, key)
+            if child is None:
+                break
+            child.last_access_time = now
+            if child.value is not None:
+                values.append(child.value)
+            node, key = child, key[n:]
+        last_node, host_hit, x = node, 0, node
+        while x.value is None:
+            assert x.host_value is not None and x.parent is not None
+            host_hit += len(x.host_value)
+            x = x.parent
+        device = torch.cat(values) if values else EMPTY
+        return MatchResult(device, x, last_node, host_hit)
+
+    def insert(self, tokens, device_indices: torch.Tensor) -> int:
+        """Insert a computed sequence; return how many leading tokens were already on device (the caller frees
+        its own copies of those beyond what it matched). Demoted nodes on the path take the new device slots."""
+        n_all = self._page_align(len(tokens))
+        key, value = tuple(tokens[:n_all]), device_indices[:n_all]
+        node, prefix, now = self.root, 0, time.monotonic()
+        while key:
+            child, n = self._descend(node, key)
+            if child is None:
+                break
+            child.last_access_time = now
+            if child.value is None:
+                child.value = value[:n].clone()
+            else:
+                prefix += n
+            self._on_hit(child)
+            node, key, value = child, key[n:], value[n:]
+        if key:
+            new = self._attach(node, key)
+            new.value = value.clone()
+            self._on_new(new)
+            self._on_hit(new)
+        return prefix
+
+    def _on_hit(self, node: TreeNode) -> None:
+        """A node was inserted or inserted again (the tiers count hits for their write policies)."""
+        node.hit_count += 1
+
+    def _on_new(self, node: TreeNode) -> None:
+        """A node was just created by :meth:`insert`."""
+
+    # --- eviction ----------------------------------------------------------------------------------------------------
+    def evict_leaves(self, num_tokens: int, candidate: Callable[[TreeNode], bool],
+                     evict_one: Callable[[TreeNode], int]) -> int:
+        """The one eviction loop: pop ``candidate`` nodes (checked again when popped) in eviction-policy order and
+        ``evict_one`` each (returns tokens freed) until ``num_tokens`` are freed; a parent that becomes a
+        candidate joins the heap."""
+        heap = [(self._evict_key(n), n.id, n) for n in self.nodes() if candidate(n)]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_tokens and heap:
+            _, _, x = heapq.heappop(heap)
+            if not candidate(x):
+                continue
+            freed += evict_one(x)
+            p = x.parent
+            if p is not None and p is not self.root and candidate(p):
+                heapq.heappush(heap, (self._evict_key(p), p.id, p))
+        return freed
+
+    def evict(self, num_tokens: int) -> int:
+        """Free at least ``num_tokens`` device slots if possible, dropping unlocked leaves."""
+        return self.evict_leaves(num_tokens, lambda n: not n.children and n.lock_ref == 0, self._drop_device_leaf)
+
+    def _drop_device_leaf(self, x: TreeNode) -> int:
+        assert x.value is not None
+        n = len(x.value)
+        self.device_pool.free(x.value)
+        x.value = None
+        self._delete_leaf(x)
+        self._record_evicted("device", n)
+        return n
+
+    def _record_evicted(self, tier: str, tokens: int) -> None:
+        """Hook for metrics."""
+
+    # --- introspection -----------------------------------------------------------------------------------------------
+    def total_size(self) -> tuple[int, int]:
+        """(device tokens, host tokens) held by the tree."""
+        d = h = 0
+        for n in self.nodes():
+            d += len(n.value) if n.value is not None else 0
+            h += len(n.host_value) if n.host_value is not None else 0
+        return d, h
+
+    def pretty(self) -> str:
+        lines: list[str] = []
+
+        def walk(n: TreeNode, depth: int) -> None:
+            for c in n.children.values():
+                lines.append("  " * depth + repr(c))
+                walk(c, depth + 1)
+
+        walk(self.root, 0)
+        return "\n".join(lines)

@@ -1,0 +1,388 @@
+"""The tiers of the radix tree: device -> host demotion and load back, storage prefetch and backup.
+
+A matched prefix is always (device part)(host-only part): a node is demoted off device only once its children
+are, and a demoted node always keeps a host copy (it is deleted otherwise). Storage is not tracked in the tree;
+it is asked live (``batch_exists``) when a request's prompt runs past the local hit.
+
+Only the owner thread calls these methods. The controller runs the background work and reports what finished;
+:meth:`TieredCache.poll` applies it to the tree. :class:`~hicache_core.cache.hiradix.HiRadixCache` adds the front
+door engines call; these finer calls stay public for engines that schedule their own way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from hicache_core.cache.node import TreeNode
+from hicache_core.cache.radix import EMPTY, RadixTree
+from hicache_core.config import HiCacheConfig
+from hicache_core.controller import HiCacheController, PrefetchOperation
+from hicache_core.keys import hash_chain
+from hicache_core.metrics import CacheMetrics
+
+logger = logging.getLogger(__name__)
+
+LOAD_BACK_THRESHOLD = 10  # tokens: shorter host spans are recomputed rather than loaded (SGLang's value)
+
+
+@attrs.define
+class _Prefetch:
+    anchor: TreeNode
+    op: PrefetchOperation
+
+
+class TieredCache(RadixTree):
+    """Device, host and storage tiers. Without a host pool it is a device-only radix cache."""
+
+    def __init__(self, config: HiCacheConfig, device_pool, host_pool=None, storage=None,
+                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False) -> None:
+        super().__init__(device_pool, config.page_size, config.radix_eviction_policy)
+        self.config = config
+        self.host_pool = host_pool
+        self.metrics = metrics or CacheMetrics(enable_prometheus=config.enable_metrics)
+        self.controller: Optional[HiCacheController] = None
+        if host_pool is not None:
+            self.controller = HiCacheController(config, device_pool, host_pool, storage, self.metrics,
+                                                force_kernel=force_kernel)
+        elif storage is not None:
+            raise ValueError("a storage backend needs a host pool (enable the hierarchical cache)")
+        self.storage = storage
+        self.storage_enabled = storage is not None
+        self.write_policy = config.hicache_write_policy
+        self.write_through_threshold = config.write_through_threshold
+        self.ongoing_write_through: dict[int, TreeNode] = {}
+        self.ongoing_load_back: dict[int, TreeNode] = {}
+        self.ongoing_backup: dict[int, TreeNode] = {}
+        self._write_locked: set[int] = set()
+        self.ongoing_prefetch: dict[Any, _Prefetch] = {}
+
+    # --- tree hooks --------------------------------------------------------------------------------------------------
+    def _on_new(self, node: TreeNode) -> None:
+        if self.storage_enabled:
+            assert node.parent is not None
+            node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
+
+    def _on_hit(self, node: TreeNode) -> None:
+        node.hit_count += 1
+        if self.controller is None or self.write_policy == "write_back":
+            return
+        if not node.backuped and node.value is not None and node.hit_count >= self.write_through_threshold:
+            self.write_backup(node)
+
+    def _record_evicted(self, tier: str, tokens: int) -> None:
+        self.metrics.record_evicted(tier, tokens)
+
+    # --- device -> host -> storage -----------------------------------------------------------------------------------
+    def write_backup(self, node: TreeNode, write_back: bool = False) -> int:
+        """Start copying a node's device pages to host; returns tokens written (0 if the host is full)."""
+        assert self.controller is not None and node.value is not None
+        host = self.controller.write(node.value, node.id)
+        if host is None:
+            self.evict_host(len(node.value))
+            host = self.controller.write(node.value, node.id)
+        if host is None:
+            return 0
+        node.host_value = host
+        self.ongoing_write_through[node.id] = node
+        if not write_back:
+            self.inc_lock_ref(node)  # keep the device pages until the copy has landed
+            self._write_locked.add(node.id)
+        return len(host)
+
+    def writing_check(self, block: bool = False) -> None:
+        """Apply finished device->host copies; chain a storage backup after each."""
+        assert self.controller is not None
+        for node_id in self.controller.finished_writes(block):
+            node = self.ongoing_write_through.pop(node_id, None)
+            if node is None:
+                continue
+            if node_id in self._write_locked:
+                self._write_locked.discard(node_id)
+                self.dec_lock_ref(node)
+            if self.storage_enabled and node.hash_value and node.host_value is not None:
+                self.controller.write_storage(node.host_value, node.hash_value, node.id)
+                node.protect_host()  # the backup worker reads these host pages
+                self.ongoing_backup[node.id] = node
+
+    # --- eviction ----------------------------------------------------------------------------------------------------
+    def evict(self, num_tokens: int) -> int:
+        """Free at least ``num_tokens`` device slots if possible: demote nodes with a host copy, drop the rest."""
+        if self.controller is None:
+            return super().evict(num_tokens)
+        pending: set[int] = set()  # write-back copies started by this eviction
+
+        def candidate(n: TreeNode) -> bool:
+            return (n.value is not None and n.lock_ref == 0 and n.id not in pending
+                    and all(c.value is None or c.id in pending for c in n.children.values()))
+
+        written: list[TreeNode] = []
+
+        def evict_one(x: TreeNode) -> int:
+            if x.backuped:
+                return self._demote(x)
+            if self.write_policy == "write_back" or x.children:
+                # write_back copies on eviction; a node with host-only children must keep a host copy too
+                n = self.write_backup(x, write_back=True)
+                if n:
+                    pending.add(x.id)
+                    written.append(x)
+                return n
+            return self._drop_device_leaf(x)
+
+        freed = self.evict_leaves(num_tokens, candidate, evict_one)
+        if written:
+            self.writing_check(block=True)
+            for x in written:
+                self._demote(x)
+        return freed
+
+    def _demote(self, x: TreeNode) -> int:
+        assert x.value is not None
+        n = len(x.value)
+        self.device_pool.free(x.value)
+        x.value = None
+        self._record_evicted("device", n)
+        return n
+
+    def evict_host(self, num_tokens: int) -> int:
+        """Free host pages of host-only leaves (never a device-resident node's copy, never a locked node's)."""
+        return self.evict_leaves(num_tokens, self._host_leaf, self._drop_host_leaf)
+
+    @staticmethod
+    def _host_leaf(n: TreeNode) -> bool:
+        return n.value is None and not n.children and n.host_ref == 0 and n.lock_ref == 0
+
+    def _drop_host_leaf(self, x: TreeNode) -> int:
+        assert self.host_pool is not None and x.host_value is not None
+        n = len(x.host_value)
+        self.host_pool.free(x.host_value)
+        x.host_value = None
+        self._delete_leaf(x)
+        self._record_evicted("host", n)
+        return n
+
+    def alloc_device(self, num_tokens: int) -> Optional[torch.Tensor]:
+        """Device slots for new KV, evicting from the tree when the pool is short."""
+        idx = self.device_pool.alloc(num_tokens)
+        if idx is None:
+            self._make_room(num_tokens)
+            idx = self.device_pool.alloc(num_tokens)
+        return idx
+
+    def _make_room(self, num_tokens: int) -> None:
+        """Evict until ``num_tokens`` device slots are free, if the tree allows."""
+        self.evict(num_tokens - self.device_pool.available_size())
+        if self.device_pool.available_size() < num_tokens and self.controller and self.controller.writes_in_flight():
+            # nodes whose host copy is in flight are locked: let the copies land, then they can be demoted
+            self.writing_check(block=True)
+            self.evict(num_tokens - self.device_pool.available_size())
+
+    # --- host -> device ----------------------------------------------------------------------------------------------
+    def load_back(self, node: TreeNode) -> Optional[torch.Tensor]:
+        """Queue host->device for the demoted chain ending at ``node``; all or nothing."""
+        assert self.controller is not None
+        chain, x = [], node
+        while x.value is None:
+            chain.append(x)
+            x = x.parent  # type: ignore[assignment]
+        if not chain:
+            return None
+        chain.reverse()
+        host_indices = torch.cat([n.host_value for n in chain])  # type: ignore[misc]
+        if len(host_indices) < LOAD_BACK_THRESHOLD:
+            return None
+        self.inc_lock_ref(node)  # nothing on the path may be evicted while we make room
+        device = self.controller.load(host_indices, node.id)
+        if device is None:
+            self._make_room(len(host_indices))
+            device = self.controller.load(host_indices, node.id)
+        if device is None:
+            self.dec_lock_ref(node)
+            return None
+        offset = 0
+        for n in chain:
+            size = len(n.host_value)  # type: ignore[arg-type]
+            n.value = device[offset : offset + size]
+            offset += size
+        self.ongoing_load_back[node.id] = node  # stays locked until the copy has landed
+        self.metrics.add("loaded_back_tokens", len(host_indices))
+        return device
+
+    def init_load_back(self, last_node: TreeNode) -> tuple[torch.Tensor, TreeNode]:
+        """Load the host-only tail of a match; returns (new device slots, deepest device node)."""
+        if last_node.value is None:
+            loaded = self.load_back(last_node)
+            if loaded is not None:
+                return loaded, last_node
+            while last_node.value is None:
+                last_node = last_node.parent  # type: ignore[assignment]
+        return EMPTY, last_node
+
+    def ready_to_load_host_cache(self):
+        """Start the queued loads; the device pool's layer waiter now follows this op."""
+        return self.controller.start_loading() if self.controller else None
+
+    def loading_check(self) -> None:
+        assert self.controller is not None
+        for node_id in self.controller.finished_loads():
+            node = self.ongoing_load_back.pop(node_id, None)
+            if node is not None:
+                self.dec_lock_ref(node)
+
+    # --- storage -> host ---------------------------------------------------------------------------------------------
+    def prefetch_from_storage(self, request_id: Any, anchor: TreeNode, new_tokens) -> bool:
+        """Start fetching pages past the local hit (``anchor`` = match's last_node) from storage. Storage is asked
+        first; host pages are taken only once it has said which pages it holds."""
+        ctrl = self.controller
+        if not self.storage_enabled or ctrl is None or request_id in self.ongoing_prefetch:
+            return False
+        n = self._page_align(len(new_tokens))
+        if n < ctrl.prefetch_threshold or ctrl.prefetch_rate_limited():
+            return False
+        self.inc_lock_ref(anchor)  # the anchor's hash chains the keys; it must stay in the tree
+        op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash() if anchor is not self.root else None)
+        self.ongoing_prefetch[request_id] = _Prefetch(anchor, op)
+        return True
+
+    def _grant(self, op: PrefetchOperation) -> None:
+        """Host pages for a queried prefetch's hits. Host pages are evicted only for pages storage has, and only
+        when that makes room; otherwise the prefetch takes what fits, or is revoked."""
+        assert self.controller is not None and self.host_pool is not None
+        threshold = self.controller.prefetch_threshold
+        want = len(op.hash_value) * self.page_size
+        host = self.host_pool.alloc(want) if want >= threshold else None
+        if host is None and want >= threshold:
+            short = want - self.host_pool.available_size()
+            if self.host_evictable() >= short:
+                self.evict_host(short)
+                host = self.host_pool.alloc(want)
+            fit = self._page_align(self.host_pool.available_size())
+            if host is None and fit >= threshold:
+                host = self.host_pool.alloc(fit)
+        if host is None:
+            op.revoked = True
+            return
+        self.controller.grant_prefetch(op, host)
+
+    def host_evictable(self) -> int:
+        """Host tokens :meth:`evict_host` could free now (whole unlocked host-only subtrees)."""
+        ok: dict[int, bool] = {}
+        total = 0
+        for n in reversed(list(self.nodes())):  # children before parents
+            e = n.value is None and n.lock_ref == 0 and n.host_ref == 0 and all(ok[c.id] for c in n.children.values())
+            ok[n.id] = e
+            if e and n.host_value is not None:
+                total += len(n.host_value)
+        return total
+
+    def check_prefetch_progress(self, request_id: Any) -> bool:
+        """True when the request may be scheduled: no prefetch, or it has ended and its pages joined the tree."""
+        pf = self.ongoing_prefetch.get(request_id)
+        if pf is None:
+            return True
+        op, ctrl = pf.op, self.controller
+        assert ctrl is not None
+        stop = ctrl.prefetch_may_stop(op)
+        if not stop and not op.granted and not op.revoked and op.queried.is_set():
+            self._grant(op)
+        if op.revoked:
+            self._end_prefetch(request_id, pf)
+            self.metrics.add("prefetch_revoked", 1)
+            return True
+        if not stop:
+            return False
+        completed, hashes = ctrl.terminate_prefetch(op)
+        if op.host_indices is not None:
+            if completed < len(op.host_indices) and not op.io_done.is_set():
+                self.metrics.add("prefetch_terminated_early", 1)
+            if completed:
+                host = op.host_indices[:completed]
+                matched = self._insert_host(pf.anchor, op.token_ids[:completed], host, hashes)
+                if matched:
+                    self.host_pool.free(host[:matched])  # already in the tree: drop the duplicates
+                self.metrics.add("prefetched_tokens", completed - matched)
+        self._end_prefetch(request_id, pf)
+        return True
+
+    def _advance_prefetches(self) -> None:
+        """Grant host pages to prefetches whose storage query finished; end the revoked ones."""
+        for rid, pf in list(self.ongoing_prefetch.items()):
+            if not pf.op.granted and not pf.op.revoked and pf.op.queried.is_set():
+                self._grant(pf.op)
+            if pf.op.revoked:
+                self._end_prefetch(rid, pf)
+                self.metrics.add("prefetch_revoked", 1)
+
+    def _end_prefetch(self, request_id: Any, pf: _Prefetch) -> None:
+        assert self.controller is not None
+        self.dec_lock_ref(pf.anchor)
+        del self.ongoing_prefetch[request_id]
+        self.controller.end_prefetch(pf.op)
+
+    def release_aborted_request(self, request_id: Any) -> None:
+        """Stop a request's prefetch and hand its pages back."""
+        pf = self.ongoing_prefetch.get(request_id)
+        if pf is None:
+            return
+        completed = pf.op.mark_terminate()
+        if completed and pf.op.host_indices is not None:
+            assert self.host_pool is not None
+            self.host_pool.free(pf.op.host_indices[:completed])  # the worker returns the rest
+        self._end_prefetch(request_id, pf)
+
+    def _insert_host(self, anchor: TreeNode, tokens, host_indices: torch.Tensor, hashes: list[str]) -> int:
+        """Attach fetched pages below ``anchor`` as host-only nodes; return how many were already in the tree."""
+        node, key, matched = anchor, tuple(tokens), 0
+        while key:
+            child, n = self._descend(node, key)
+            if child is None:
+                break
+            node, key, matched = child, key[n:], matched + n
+        if key:
+            new = self._attach(node, key)
+            new.host_value = host_indices[matched:].clone()
+            new.hash_value = list(hashes[matched // self.page_size :])
+        return matched
+
+    # --- events ------------------------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Apply what background work finished: writes, loads, backups, queried prefetches, returned pages."""
+        ctrl = self.controller
+        if ctrl is None:
+            return
+        self.writing_check()
+        self.loading_check()
+        for op in ctrl.finished_backups():
+            node = self.ongoing_backup.pop(op.node_id, None)
+            if node is not None:
+                node.release_host()
+            self.metrics.add("backuped_tokens", op.completed_tokens)
+        self._advance_prefetches()
+        ctrl.poll()
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for every copy and storage backup in flight, then apply them (tests, benchmarks, shutdown)."""
+        import time
+
+        ctrl = self.controller
+        if ctrl is None:
+            return
+        deadline = time.monotonic() + timeout
+        ctrl.wait_idle(timeout)
+        self.poll()
+        while ctrl.backups_in_flight() or ctrl.writes_in_flight():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{ctrl.backups_in_flight()} storage backups still running after {timeout} s")
+            time.sleep(0.002)
+            ctrl.wait_idle(max(0.0, deadline - time.monotonic()))
+            self.poll()
+
+    def close(self) -> None:
+        if self.controller is not None:
+            for rid in list(self.ongoing_prefetch):
+                self.release_aborted_request(rid)
+            self.controller.close()
