@@ -1,7 +1,7 @@
 """Background work of the cache: device<->host copies, storage prefetch and backup.
 
 The owner thread (the one that owns the tree, usually the engine's scheduler) calls everything here except the
-jobs. Four :class:`_Worker` threads run the jobs: write (device -> host), load (host -> device, layer by layer),
+jobs. Four :class:`~hicache_core.operations.Worker` threads run the jobs: write (device -> host), load (host -> device, layer by layer),
 prefetch (storage -> host) and backup (host -> storage). Jobs never touch the tree or the allocators: they finish
 acks, flags and the host-memory release queue, and the owner collects what finished through
 :meth:`HiCacheController.finished_writes`, :meth:`finished_loads`, :meth:`finished_backups` and :meth:`poll`.
@@ -12,7 +12,6 @@ whose I/O still runs, acks in flight); the cache only edits the tree.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -25,126 +24,12 @@ import torch
 from hicache_core.config import HiCacheConfig
 from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
+from hicache_core.operations import BackupOperation, PrefetchOperation, TransferAck, Worker
 from hicache_core.transfer import HostDeviceTransfer
 
 logger = logging.getLogger(__name__)
 
 STORAGE_BATCH_PAGES = 128  # pages per batch_exists / batch_get_v1 / batch_set_v1 call (SGLang's storage_batch_size)
-_op_ids = itertools.count(1)
-Job = Callable[[Callable[[], None]], None]
-
-
-class TransferAck:
-    """Completion of one device<->host op; ``layer_events`` lets a reader wait for one layer of a load."""
-
-    def __init__(self, node_ids: list[int], num_layers: int = 1) -> None:
-        self.node_ids = node_ids
-        self.layer_events = [threading.Event() for _ in range(num_layers)]
-        self.error: Optional[BaseException] = None
-
-    def done(self) -> bool:
-        return self.layer_events[-1].is_set()
-
-    def wait(self, layer: Optional[int] = None, timeout: Optional[float] = None) -> None:
-        ev = self.layer_events[-1 if layer is None else layer]
-        if not ev.wait(timeout):
-            raise TimeoutError("transfer did not finish in time")
-        if self.error is not None:
-            raise RuntimeError(f"KV transfer failed: {self.error}") from self.error
-
-    def _finish(self, error: Optional[BaseException] = None) -> None:
-        self.error = error
-        for ev in self.layer_events:
-            ev.set()
-
-
-class _Worker:
-    """One thread running submitted jobs in order (on a CUDA stream of its own when the device is CUDA).
-    A job that raises is logged; the thread lives on."""
-
-    def __init__(self, name: str, device: torch.device) -> None:
-        self.name = name
-        self._q: queue.Queue[Optional[Job]] = queue.Queue()
-        self._device = device
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        """``job(sync)``: ``sync()`` waits until the copies issued so far have landed."""
-        self._q.put(job)
-
-    def _loop(self) -> None:
-        stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        sync: Callable[[], None] = stream.synchronize if stream is not None else (lambda: None)
-        while True:
-            job = self._q.get()
-            if job is None:
-                return
-            try:
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        job(sync)
-                else:
-                    job(sync)
-            except Exception:
-                logger.exception("%s: job failed", self.name)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=timeout)
-
-
-class PrefetchOperation:
-    """Storage -> host for one request. The prefetch worker first asks storage which pages exist
-    (``queried``, ``hash_value``); only then does the owner grant host pages (``host_indices``) for the hits and
-    the worker fills them in order, bumping ``completed_tokens`` only after the bytes are in place. Once
-    terminated, no more progress is accepted."""
-
-    def __init__(self, request_id: Any, token_ids: list[int], last_hash: Optional[str]) -> None:
-        self.id = next(_op_ids)
-        self.request_id = request_id
-        self.token_ids = token_ids
-        self.last_hash = last_hash
-        self.hash_value: list[str] = []
-        self.host_indices: Optional[torch.Tensor] = None  # granted by the owner after the query
-        self.completed_tokens = 0
-        self.start_time = time.monotonic()
-        self.last_progress = self.start_time
-        self.queried = threading.Event()  # existence query finished (hash_value final)
-        self.io_done = threading.Event()  # the worker is finished with every granted page
-        self.revoked = False  # too little in storage (or no host room): no pages were ever granted
-        self._terminated = False
-        self._lock = threading.Lock()
-
-    @property
-    def granted(self) -> bool:
-        return self.host_indices is not None
-
-    def increment(self, n: int) -> bool:
-        with self._lock:
-            if self._terminated:
-                return False
-            self.completed_tokens += n
-            self.last_progress = time.monotonic()
-            return True
-
-    def mark_terminate(self) -> int:
-        with self._lock:
-            self._terminated = True
-            return self.completed_tokens
-
-    def is_terminated(self) -> bool:
-        with self._lock:
-            return self._terminated
-
-
-class BackupOperation:
-    def __init__(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int) -> None:
-        self.id = next(_op_ids)
-        self.host_indices = host_indices
-        self.hash_value = hash_value
-        self.node_id = node_id
-        self.completed_tokens = 0
 
 
 class HiCacheController:
@@ -158,8 +43,8 @@ class HiCacheController:
         self.metrics = metrics or CacheMetrics()
         self.transfer = HostDeviceTransfer(host_pool, device_pool, config.hicache_io_backend, force_kernel=force_kernel)
         self.layer_num = device_pool.layer_num
-        self._write_worker = _Worker("hicache-write", device_pool.device)
-        self._load_worker = _Worker("hicache-load", device_pool.device)
+        self._write_worker = Worker("hicache-write", device_pool.device)
+        self._load_worker = Worker("hicache-load", device_pool.device)
         self._workers = [self._write_worker, self._load_worker]
         self._write_acks: list[TransferAck] = []
         self._load_acks: list[TransferAck] = []
@@ -181,8 +66,8 @@ class HiCacheController:
         self._backups_in_flight = 0
         self._stop = threading.Event()
         if storage is not None:
-            self._prefetch_worker = _Worker("hicache-prefetch", torch.device("cpu"))
-            self._backup_worker = _Worker("hicache-backup", torch.device("cpu"))
+            self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
+            self._backup_worker = Worker("hicache-backup", torch.device("cpu"))
             self._workers += [self._prefetch_worker, self._backup_worker]
 
     # --- device <-> host ---------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ import torch
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.radix import EMPTY, RadixTree
 from hicache_core.config import HiCacheConfig
-from hicache_core.controller import HiCacheController, PrefetchOperation
+from hicache_core.controller import HiCacheController
 from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
+from hicache_core.operations import PrefetchOperation
 
 logger = logging.getLogger(__name__)
 
