@@ -11,20 +11,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
-from hicache_core.config import HiCacheConfig, add_hicache_args, resolve_layout
+from hicache_core import __version__
+from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import HiCacheError
+from hicache_core.memory import DTYPES
 
 logger = logging.getLogger("hicache")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
-
-# Subcommands of `hicache bench`, filled by hicache_core.bench (each: name -> (add_arguments, run)).
-BenchCommand = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, layers: int = 4, heads: int = 8, head_dim: int = 128) -> None:
@@ -34,8 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, layers: int = 4, heads: i
     g.add_argument("--head-dim", type=int, default=head_dim, help=f"head dim; the latent width with --mla (default {head_dim})")
     g.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="KV dtype (default bfloat16)")
     g.add_argument("--mla", action="store_true", help="MLA: one latent vector per token and layer")
-    g.add_argument("--tp-rank", type=int, default=0)
-    g.add_argument("--tp-size", type=int, default=1)
+    g.add_argument("--tp-rank", type=int, default=0, help="this rank (part of the storage namespace; default 0)")
+    g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (default 1)")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -101,35 +99,29 @@ def cmd_backends(args: argparse.Namespace) -> int:
 # --- hicache check ------------------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
     from hicache_core.keys import hash_chain
-    from hicache_core.memory import HostPool
-    from hicache_core.registry import create_backend, make_storage_config, resolve
+    from hicache_core.registry import open_backend, resolve_config
 
-    config = HiCacheConfig.from_args(args)
+    config, resolved = resolve_config(HiCacheConfig.from_args(args))
     spec = spec_from_args(args)
-    name = config.hicache_storage_backend
-    page_first_only = False
-    if name:
-        resolved = resolve(name, config.hicache_storage_backend_extra_config)
-        page_first_only = resolved.page_first_only
-    config = resolve_layout(config, backend_page_first_only=page_first_only, backend_name=name)
     print(f"config ok: page_size={config.page_size} layout={config.hicache_mem_layout} io={config.hicache_io_backend} "
           f"write={config.hicache_write_policy} prefetch={config.hicache_storage_prefetch_policy} "
           f"(threshold {config.prefetch_threshold} tokens)")
-    if not name:
+    if resolved is None:
         print("no storage backend configured (--hicache-storage-backend): nothing more to check")
         return 0
-    n = args.pages
-    ps = config.page_size
-    pool = HostPool(spec, 2 * n * ps, ps, config.hicache_mem_layout, pin_memory=False)
-    sc = make_storage_config(config, spec, tp_rank=args.tp_rank, tp_size=args.tp_size)
-    backend = create_backend(name, sc, pool)
+    n, ps = args.pages, config.page_size
+    # a namespace of its own: the round trip never meets real pages, and clear() removes exactly its own
+    config = config.replace(model_name=f"hicache-check-{uuid.uuid4().hex[:12]}")
+    backend, pool = open_backend(config, spec, 2 * n * ps, resolved=resolved, tp_rank=args.tp_rank,
+                                 tp_size=args.tp_size)
     try:
+        print(f"backend {backend.name} ({'v1' if backend.interface_v1 else 'v0 via adapter'}) at {backend.describe()}")
         src = pool.alloc(n * ps)
         dst = pool.alloc(n * ps)
         g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
         pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=g))
         tokens = torch.randint(0, 2**31, (n * ps,), generator=g).tolist()
-        keys = hash_chain(tokens, ps, prior_hash=os.urandom(32).hex())
+        keys = hash_chain(tokens, ps)
         t0 = time.perf_counter()
         wrote = backend.batch_set_v1(keys, src)
         t1 = time.perf_counter()
@@ -141,11 +133,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             torch.equal(pool.get_flat_page(int(src[i * ps])).view(torch.uint8), pool.get_flat_page(int(dst[i * ps])).view(torch.uint8)) for i in range(n)
         )
         mib = n * pool.page_bytes / 2**20
-        print(f"backend {backend.name} ({'v1' if backend.interface_v1 else 'v0 via adapter'}), namespace {sc.namespace.tag}")
+        print(f"  namespace {config.model_name} ({backend.namespace_tag})")
         print(f"  set    {sum(wrote)}/{n} pages  {mib / max(t1 - t0, 1e-9):8.1f} MiB/s")
         print(f"  exists {found}/{n} pages")
         print(f"  get    {sum(got)}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  bytes {'identical' if same else 'DIFFER'}")
         ok = all(wrote) and found == n and all(got) and same
+        backend.clear()
+        left = backend.batch_exists(keys)
+        print(f"  cleanup: {'removed the check pages' if left == 0 else f'{left} check pages could not be removed'}")
         print("check passed" if ok else "check FAILED")
         return 0 if ok else 1
     finally:
@@ -155,6 +150,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --- entry point --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hicache", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (hicache-core)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -162,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backends)
 
-    p = sub.add_parser("check", help="validate flags, build the backend and round-trip a few pages")
+    p = sub.add_parser("check", help="validate flags, build the backend and round-trip a few pages (then remove them)")
     add_hicache_args(p)
     add_model_args(p, layers=2, heads=2, head_dim=64)
     p.add_argument("--pages", type=int, default=4, help="pages to round-trip (default 4)")

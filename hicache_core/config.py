@@ -211,29 +211,32 @@ class HiCacheConfig:
 
 
 def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add every HiCache flag (SGLang's names) to an argparse parser. Values are validated by HiCacheConfig."""
+    """Add every HiCache flag (SGLang's names) to an argparse parser. Help shows each command's real defaults
+    (``%(default)s`` follows ``parser.set_defaults``); values are validated again by HiCacheConfig."""
     d = HiCacheConfig()
     g = parser.add_argument_group("HiCache")
-    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default 64)")
+    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default %(default)s)")
     g.add_argument("--enable-hierarchical-cache", action="store_true", help="enable the host (L2) tier")
     g.add_argument("--hicache-ratio", type=float, default=d.hicache_ratio,
-                   help="host pool size as a multiple of the device pool (default 2)")
+                   help="host pool size as a multiple of the device pool (default %(default)s)")
     g.add_argument("--hicache-size", type=int, default=d.hicache_size,
-                   help="host pool size in GB per rank; overrides --hicache-ratio when > 0")
-    g.add_argument("--hicache-io-backend", default=d.hicache_io_backend,
-                   help=f"how pages move between device and host: {', '.join(IO_BACKENDS)}")
-    g.add_argument("--hicache-write-policy", default=d.hicache_write_policy,
-                   help=f"when device pages are copied to host: {', '.join(WRITE_POLICIES)}")
-    g.add_argument("--hicache-mem-layout", default=d.hicache_mem_layout,
-                   help=f"host pool layout: {', '.join(MEM_LAYOUTS)}")
-    g.add_argument("--hicache-storage-backend", default=None,
-                   help="L3 storage backend: a registered name (see `hicache backends`) or 'dynamic'")
+                   help="host pool size in GB per rank; overrides --hicache-ratio when > 0 (default %(default)s)")
+    g.add_argument("--hicache-io-backend", default=d.hicache_io_backend, choices=IO_BACKENDS,
+                   help="how pages move between device and host (default %(default)s; kernel needs CUDA)")
+    g.add_argument("--hicache-write-policy", default=d.hicache_write_policy, choices=WRITE_POLICIES,
+                   help="when device pages are copied to host (default %(default)s)")
+    g.add_argument("--hicache-mem-layout", default=d.hicache_mem_layout, choices=MEM_LAYOUTS,
+                   help="host pool layout (default %(default)s)")
+    g.add_argument("--hicache-storage-backend", default=None, metavar="NAME",
+                   help="L3 storage backend: a registered name (see `hicache backends`) or 'dynamic' "
+                        "(default %(default)s)")
     g.add_argument("--hicache-storage-prefetch-policy", default=d.hicache_storage_prefetch_policy,
-                   help=f"when a storage prefetch may stop: {', '.join(PREFETCH_POLICIES)}")
-    g.add_argument("--hicache-storage-backend-extra-config", default=None,
-                   help="JSON object (or a path to a JSON file) for the storage backend and prefetch knobs")
-    g.add_argument("--radix-eviction-policy", default=d.radix_eviction_policy,
-                   help=f"device/host eviction order: {', '.join(EVICTION_POLICIES)}")
+                   choices=PREFETCH_POLICIES, help="when a storage prefetch may stop (default %(default)s)")
+    g.add_argument("--hicache-storage-backend-extra-config", default=None, metavar="JSON",
+                   help="JSON object (or a path to a JSON file) for the storage backend and the prefetch knobs "
+                        "prefetch_threshold, prefetch_timeout_base, prefetch_timeout_per_ki_token")
+    g.add_argument("--radix-eviction-policy", default=d.radix_eviction_policy, choices=EVICTION_POLICIES,
+                   help="device/host eviction order (default %(default)s)")
     g.add_argument("--enable-metrics", action="store_true", help="export Prometheus metrics")
     g.add_argument("--enable-cache-report", action="store_true", help="report cached tokens per request")
     g.add_argument("--model-name", default=None, help="model name, part of the storage namespace")

@@ -199,10 +199,17 @@ def make_storage_config(
 class StorageBackendHandle(_Delegate):
     """What the controller holds: a v1-speaking backend plus its name; closing tells the observers."""
 
-    def __init__(self, name: str, inner: Any, raw: Any, interface_v1: bool, pm: HiCachePluginManager) -> None:
+    def __init__(self, name: str, inner: Any, raw: Any, interface_v1: bool, pm: HiCachePluginManager,
+                 namespace_tag: str) -> None:
         super().__init__(inner)
         self.name, self.raw, self.interface_v1, self._pm = name, raw, interface_v1, pm
+        self.namespace_tag = namespace_tag
         self._closed = False
+
+    def describe(self) -> str:
+        """Where the backend keeps its pages, in the backend's words (its class name if it says nothing)."""
+        describe = getattr(self.raw, "describe", None)
+        return str(describe()) if callable(describe) else type(self.raw).__qualname__
 
     def batch_exists(self, keys):
         return self.inner.batch_exists(keys)
@@ -257,7 +264,7 @@ def create_backend(
         inner.mem_pool_host = host_pool
     if not getattr(raw, "applies_namespace", False):
         inner = NamespacedBackend(inner, storage_config.namespace)
-    handle = StorageBackendHandle(resolved.name, inner, raw, resolved.interface_v1, pm)
+    handle = StorageBackendHandle(resolved.name, inner, raw, resolved.interface_v1, pm, storage_config.namespace.tag)
     pm.hook.hicache_backend_created(name=resolved.name, backend=raw, storage_config=storage_config)
     logger.info("storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0")
     return handle

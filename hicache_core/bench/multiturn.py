@@ -32,38 +32,49 @@ LABELS = {"none": "no cache", "radix": "device-only radix", "hicache": "HiCache 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    w = p.add_argument_group("workload")
-    w.add_argument("--num-clients", type=int, default=8)
-    w.add_argument("--num-rounds", type=int, default=4)
-    w.add_argument("--request-length", type=int, default=512, help="tokens of each client's first prompt")
-    w.add_argument("--question-length", type=int, default=64, help="new user tokens per later round")
-    w.add_argument("--output-length", type=int, default=16, help="tokens generated per reply")
-    w.add_argument("--request-rate", type=float, default=4.0, help="requests per second within a round")
-    w.add_argument("--distribution", choices=("uniform", "poisson"), default="uniform")
-    w.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random")
-    w.add_argument("--seed", type=int, default=0)
-    e = p.add_argument_group("engine")
-    e.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to run: {', '.join(CONFIGS)}")
-    e.add_argument("--device-tokens", type=int, default=1024, help="device KV pool, tokens (smaller than the working set)")
-    e.add_argument("--max-running", type=int, default=4)
-    e.add_argument("--hidden-size", type=int, default=512)
-    e.add_argument("--intermediate-size", type=int, default=1536)
-    e.add_argument("--num-layers", type=int, default=4)
-    e.add_argument("--num-heads", type=int, default=8)
-    e.add_argument("--num-kv-heads", type=int, default=2)
-    e.add_argument("--head-dim", type=int, default=64)
-    e.add_argument("--vocab-size", type=int, default=4096)
+    w = p.add_argument_group("workload (every configuration replays the same conversations)")
+    w.add_argument("--num-clients", type=int, default=8, help="concurrent conversations (default %(default)s)")
+    w.add_argument("--num-rounds", type=int, default=4,
+                   help="turns per conversation; each sends the whole history so far (default %(default)s)")
+    w.add_argument("--request-length", type=int, default=512,
+                   help="tokens of each client's first prompt (default %(default)s)")
+    w.add_argument("--question-length", type=int, default=64,
+                   help="new user tokens appended in each later round (default %(default)s)")
+    w.add_argument("--output-length", type=int, default=16,
+                   help="tokens generated per reply, greedy (default %(default)s)")
+    w.add_argument("--request-rate", type=float, default=4.0,
+                   help="arrivals per second within a round (default %(default)s)")
+    w.add_argument("--distribution", choices=("uniform", "poisson"), default="uniform",
+                   help="gaps between arrivals: fixed 1/rate, or exponential (default %(default)s)")
+    w.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random",
+                   help="order in which clients send within a round (default %(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="seeds prompts, order and model weights (default %(default)s)")
+    e = p.add_argument_group("engine (the reference engine and its tiny random llama)")
+    e.add_argument("--configs", default=",".join(CONFIGS),
+                   help="configurations to run, comma separated; 'none' always runs as the reference "
+                        "(default %(default)s)")
+    e.add_argument("--device-tokens", type=int, default=1024,
+                   help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)")
+    e.add_argument("--max-running", type=int, default=4, help="requests in one batch (default %(default)s)")
+    for flag, default, what in (("--hidden-size", 512, "model width"), ("--intermediate-size", 1536, "MLP width"),
+                                ("--num-layers", 4, "layers"), ("--num-heads", 8, "attention heads"),
+                                ("--num-kv-heads", 2, "KV heads"), ("--head-dim", 64, "head dimension"),
+                                ("--vocab-size", 4096, "vocabulary")):
+        e.add_argument(flag, type=int, default=default, help=f"{what} (default %(default)s)")
     o = p.add_argument_group("output")
-    o.add_argument("--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after)")
+    o.add_argument("--storage-dir", default=None,
+                   help="file backend directory (default: a temp dir, removed after the run)")
     o.add_argument("--warm", dest="warm", action="store_true", default=True,
                    help="replay round 1 in a second process on the first one's storage (default)")
-    o.add_argument("--no-warm", dest="warm", action="store_false")
-    o.add_argument("--report-dir", default="hicache-report", help="where report.json and report.png go")
+    o.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-restart replay")
+    o.add_argument("--report-dir", default="hicache-report",
+                   help="where report.json and report.png go (default %(default)s)")
     o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
     o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     add_hicache_args(p)
+    # the demo's own defaults (help above shows these, not the library's)
     p.set_defaults(page_size=32, hicache_ratio=3.0, hicache_io_backend="direct", hicache_storage_backend="file",
                    hicache_storage_prefetch_policy="wait_complete")
 
@@ -92,27 +103,35 @@ class Workload:
 
 
 class Progress:
+    """A tqdm bar on a terminal; one line per configuration when stderr is a log file; nothing when disabled."""
+
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.n, self.enabled, self.label = total, 0, enabled, ""
+        self.label, self.bar = "", None
+        self.log = enabled and not sys.stderr.isatty()
         self.t0 = time.perf_counter()
+        if enabled and not self.log:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the bench extra brings it; without it, log lines
+                self.log = True
+            else:
+                self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
 
     def step(self, label: str = "") -> None:
-        self.n += 1
-        changed = label and label != self.label
+        changed = bool(label) and label != self.label
         self.label = label or self.label
-        if self.enabled and not sys.stderr.isatty():  # a log file: one line per configuration, not per request
+        if self.bar is not None:
             if changed:
-                sys.stderr.write(f"{self.label} ... ({time.perf_counter() - self.t0:.1f}s)\n")
-            return
-        if self.enabled:
-            frac = self.n / max(self.total, 1)
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] {self.n}/{self.total} {self.label:<22} {time.perf_counter() - self.t0:5.1f}s")
-            sys.stderr.flush()
+                self.bar.set_description(self.label, refresh=False)
+            self.bar.update(1)
+        elif self.log and changed:
+            sys.stderr.write(f"{self.label} ... ({time.perf_counter() - self.t0:.1f}s)\n")
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write(f"done in {time.perf_counter() - self.t0:.1f}s\n" if not sys.stderr.isatty() else "\n")
+        if self.bar is not None:
+            self.bar.close()
+        elif self.log:
+            sys.stderr.write(f"done in {time.perf_counter() - self.t0:.1f}s\n")
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -12,11 +12,11 @@ import time
 import torch
 
 from hicache_core.bench.common import dump_json, gbps, print_table
-from hicache_core.config import HiCacheConfig, add_hicache_args, resolve_layout
+from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError
 from hicache_core.keys import hash_chain
 from hicache_core.memory import HostPool, KVSpec
-from hicache_core.registry import create_backend, make_storage_config, resolve
+from hicache_core.registry import ResolvedBackend, open_backend, resolve_config
 
 BATCH = 128
 
@@ -41,7 +41,7 @@ def _batches(keys, idx, ps):
         yield keys[i : i + BATCH], idx[i * ps : (i + len(keys[i : i + BATCH])) * ps]
 
 
-def _measure(config: HiCacheConfig, kib: int, total_mib: int, repeat: int) -> dict:
+def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_mib: int, repeat: int) -> dict:
     ps = config.page_size
     item = 2 * 128 * 2  # 2 KV heads x head_dim 128 x bf16 per token and layer
     layers = kib * 1024 // (2 * ps * item)
@@ -49,11 +49,9 @@ def _measure(config: HiCacheConfig, kib: int, total_mib: int, repeat: int) -> di
         raise ConfigError(f"--page-kib {kib} cannot be made of pages of {ps} tokens (2 heads x 128 dims, bf16)")
     spec = KVSpec(layer_num=layers, head_num=2, head_dim=128, dtype=torch.bfloat16)
     n = max(1, total_mib * 1024 // kib)
-    pool = HostPool(spec, 2 * n * ps, ps, config.hicache_mem_layout, pin_memory=False)
+    backend, pool = open_backend(config.replace(model_name="hicache-bench"), spec, 2 * n * ps, resolved=resolved)
     pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8))
     src, dst = pool.alloc(n * ps), pool.alloc(n * ps)
-    sc = make_storage_config(config.replace(model_name="hicache-bench"), spec)
-    backend = create_backend(config.hicache_storage_backend, sc, pool)
     baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
     nbytes = n * pool.page_bytes
     res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get")}
@@ -106,12 +104,10 @@ def _same_pages(pool: HostPool, a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = HiCacheConfig.from_args(args)
-    if not config.hicache_storage_backend:
+    config, resolved = resolve_config(HiCacheConfig.from_args(args))
+    if resolved is None:
         raise ConfigError("--hicache-storage-backend: name the backend to measure (see `hicache backends`)")
-    resolved = resolve(config.hicache_storage_backend, config.hicache_storage_backend_extra_config)
-    config = resolve_layout(config, backend_page_first_only=resolved.page_first_only, backend_name=resolved.name)
-    rows = [_measure(config, int(k), args.total_mib, args.repeat) for k in args.page_kib.split(",")]
+    rows = [_measure(config, resolved, int(k), args.total_mib, args.repeat) for k in args.page_kib.split(",")]
     if args.json:
         dump_json({"backend": config.hicache_storage_backend, "layout": config.hicache_mem_layout, "results": rows})
         return 0

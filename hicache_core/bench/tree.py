@@ -10,7 +10,7 @@ import time
 import torch
 
 from hicache_core.bench.common import dump_json, print_table, time_best
-from hicache_core.cache import HiRadixCache
+from hicache_core.cache import build_cache
 from hicache_core.config import HiCacheConfig
 from hicache_core.memory import DevicePool, HostPool, KVSpec
 from hicache_core.transfer import HostDeviceTransfer
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = [shared + [rng.randrange(32000) for _ in range(n_tok - len(shared))] for _ in range(args.requests)]
     cfg = HiCacheConfig(page_size=ps)
     tiny = KVSpec(layer_num=1, head_num=1, head_dim=1, dtype=torch.float32)  # the tree only needs slot indices
-    dev = DevicePool(tiny, (args.requests + 1) * n_tok, ps, "cpu")
-    cache = HiRadixCache(cfg, dev)
+    cache = build_cache(cfg, tiny, (args.requests + 1) * n_tok, tiers="radix", device="cpu")
+    dev = cache.device_pool
     slots = [dev.alloc(n_tok) for _ in prompts]
     t0 = time.perf_counter()
     for p, s in zip(prompts, slots):

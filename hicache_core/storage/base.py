@@ -115,5 +115,9 @@ class HiCacheStorage:
     def get_stats(self) -> Optional[dict[str, Any]]:
         return None
 
+    def describe(self) -> str:
+        """Where this backend keeps its pages, for humans (``hicache check`` prints it)."""
+        return type(self).__name__
+
     def close(self) -> None:
         """Release connections, files and threads."""

@@ -30,7 +30,7 @@ class MemoryStorage(HiCacheStorage):
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
         self.capacity_bytes = int(self.extra_config.get("capacity_bytes", 0))
-        name = str(self.extra_config.get("store", "default"))
+        name = self.store_name = str(self.extra_config.get("store", "default"))
         with _STORES_LOCK:
             store = _STORES.setdefault(name, _Store())
         self._store = store
@@ -101,6 +101,9 @@ class MemoryStorage(HiCacheStorage):
         with self._lock:
             for key in [k for k in self._pages if k.startswith(prefix)]:
                 self._store.bytes -= len(self._pages.pop(key))
+
+    def describe(self) -> str:
+        return f"in-process store {self.store_name!r} (gone when the process exits)"
 
     def get_stats(self):
         with self._lock:

@@ -10,6 +10,7 @@ another one sharing the directory -- ever sees half a page, and a failed write l
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,7 +53,6 @@ class FileStorage(HiCacheStorage):
         self.tag = self.namespace.tag
         self.dir = os.path.join(self.root, self.tag)
         try:
-            os.makedirs(self.dir, exist_ok=True)
             self._describe_namespace()
         except OSError as e:
             raise ConfigError(f"file backend: cannot use storage_dir {self.root!r}: {e.strerror}; "
@@ -72,6 +72,8 @@ class FileStorage(HiCacheStorage):
 
     # --- layout on disk ----------------------------------------------------------------------------------------------
     def _describe_namespace(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        self._described = True
         meta = os.path.join(self.dir, "namespace.json")
         if not os.path.exists(meta):
             tmp = f"{meta}.{uuid.uuid4().hex}.tmp"
@@ -94,6 +96,8 @@ class FileStorage(HiCacheStorage):
         payload = sum(len(s) for s in segments)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
+            if not self._described:  # clear() removed the namespace directory
+                self._describe_namespace()
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -268,15 +272,27 @@ class FileStorage(HiCacheStorage):
 
     # --- housekeeping ------------------------------------------------------------------------------------------------
     def clear(self) -> None:
-        """Delete this namespace's pages (other namespaces in the directory keep theirs)."""
-        for dirpath, _, files in os.walk(self.dir):
+        """Delete this namespace's pages (other namespaces in the directory keep theirs), and the namespace's
+        directory once nothing else is in it."""
+        for dirpath, _, files in os.walk(self.dir, topdown=False):
             for f in files:
                 if f.endswith(".page") or f.endswith(".tmp"):
                     self._remove(os.path.join(dirpath, f))
+            if dirpath != self.dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)  # only succeeds when empty
+        with contextlib.suppress(OSError):
+            if os.listdir(self.dir) == ["namespace.json"]:
+                os.unlink(os.path.join(self.dir, "namespace.json"))
+                os.rmdir(self.dir)
+                self._described = False
 
     def get_stats(self):
         with self._lock:
             return dict(self._stats, used_bytes=self._used if self.capacity_bytes else None)
+
+    def describe(self) -> str:
+        return f"directory {self.dir}"
 
     def close(self) -> None:
         if self._pool is not None:

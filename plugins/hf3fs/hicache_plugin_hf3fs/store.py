@@ -172,6 +172,10 @@ class Hf3fsStorage(HiCacheStorage):
     def clear(self) -> None:
         self._meta_call(self.meta.clear, self.rank_id)
 
+    def describe(self) -> str:
+        meta = self.cfg.metadata_server_url or "in-process metadata"
+        return f"file {self.path} ({self.io_kind} io, {meta})"
+
     def get_stats(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._stats, io_client=self.client.name if self.client else None)

@@ -244,6 +244,9 @@ class MooncakeStore(HiCacheStorage):
             logger.warning("mooncake backend: this client has no remove_by_regex: clear() removes every key")
             self.store.remove_all()
 
+    def describe(self) -> str:
+        return f"Mooncake Store, master {self.cfg.master_server_address} ({self.cfg.protocol}), keys {self.prefix}*"
+
     def get_stats(self) -> dict[str, Any]:
         with self._lock:
             return dict(self._stats)
