@@ -118,6 +118,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"backend {backend.name} ({'v1' if backend.interface_v1 else 'v0 via adapter'}) at {backend.describe()}")
         src = pool.alloc(n * ps)
         dst = pool.alloc(n * ps)
+        assert src is not None and dst is not None  # the pool holds exactly these
         g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
         pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=g))
         tokens = torch.randint(0, 2**31, (n * ps,), generator=g).tolist()

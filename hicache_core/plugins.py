@@ -124,7 +124,7 @@ class HiCachePluginManager(pluggy.PluginManager):
         for impl in self.hook.hicache_storage_backends.get_hookimpls():
             dist = self.distributions.get(impl.plugin_name, impl.plugin_name)
             try:
-                records = list(impl.function() or ())
+                records: list = list(impl.function() or ())  # type: ignore[call-overload]  # plugin code
             except Exception as e:
                 broken.append(PluginFailure(impl.plugin_name, dist, f"{type(e).__name__}: {e}"))
                 continue

@@ -43,10 +43,6 @@ def test_extra_config_from_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--hicache-io-backend", "dma"], r"--hicache-io-backend: invalid value 'dma'; choose one of kernel, direct"),
-    (["--hicache-write-policy", "always"], "choose one of write_back, write_through, write_through_selective"),
-    (["--hicache-mem-layout", "x"], "choose one of layer_first, page_first, page_first_direct"),
-    (["--hicache-storage-prefetch-policy", "x"], "best_effort, wait_complete, timeout"),
     (["--hicache-ratio", "-1"], "--hicache-ratio: invalid value -1.0"),
     (["--page-size", "0"], "--page-size: invalid value 0"),
     (["--hicache-storage-backend-extra-config", "{nope"], "not valid JSON"),
@@ -60,6 +56,32 @@ def test_extra_config_from_file(tmp_path):
 def test_bad_values_name_the_flag(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse(*argv)
+
+
+CHOICES = [
+    ("hicache_io_backend", "dma", r"--hicache-io-backend: invalid value 'dma'; choose one of kernel, direct"),
+    ("hicache_write_policy", "always", "choose one of write_back, write_through, write_through_selective"),
+    ("hicache_mem_layout", "x", "choose one of layer_first, page_first, page_first_direct"),
+    ("hicache_storage_prefetch_policy", "x", "best_effort, wait_complete, timeout"),
+]
+
+
+@pytest.mark.parametrize("field, value, match", CHOICES)
+def test_bad_choices_name_the_flag_and_the_choices(field, value, match, capsys):
+    with pytest.raises(ConfigError, match=match):  # in code or from a mapping
+        HiCacheConfig.from_mapping({field: value})
+    with pytest.raises(SystemExit) as e:  # on the command line argparse refuses it, listing the choices
+        parse("--" + field.replace("_", "-"), value)
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_help_lists_choices_and_real_defaults():
+    p = argparse.ArgumentParser()
+    add_hicache_args(p)
+    p.set_defaults(page_size=32)
+    text = p.format_help()
+    assert "{kernel,direct}" in text and "{best_effort,wait_complete,timeout}" in text
+    assert "tokens per KV page (default 32)" in text
 
 
 def test_from_mapping():

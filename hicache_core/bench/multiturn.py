@@ -147,7 +147,8 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
 
     engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running)
     history = [list(p) for p in work.first]
-    per_round, outputs = [], []
+    per_round: list[dict[str, Any]] = []
+    outputs: list[list[list[int]]] = []
     t_start = time.perf_counter()
     out_tokens = in_tokens = 0
     try:
@@ -178,7 +179,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
         stats = engine.metrics.stats()
     finally:
         engine.close()
-    later = [r["ttft_mean_ms"] for r in per_round[1:]]
+    later: list[float] = [r["ttft_mean_ms"] for r in per_round[1:]]
     return {
         "config": name,
         "label": LABELS[name],

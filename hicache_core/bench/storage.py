@@ -52,6 +52,7 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
     backend, pool = open_backend(config.replace(model_name="hicache-bench"), spec, 2 * n * ps, resolved=resolved)
     pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8))
     src, dst = pool.alloc(n * ps), pool.alloc(n * ps)
+    assert src is not None and dst is not None
     baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
     nbytes = n * pool.page_bytes
     res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get")}
@@ -60,14 +61,14 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
             keys = hash_chain(torch.randint(0, 2**31, (n * ps,)).tolist(), ps, os.urandom(32).hex())
             if baseline is not None and rep % 2 == 0:  # alternate who goes first: neither always gets a cold store
                 _baseline_round(baseline, keys, src, dst, res)
-            ok = []
-            res["set"].append(_time(lambda: [ok.extend(backend.batch_set_v1(k, i)) for k, i in _batches(keys, src, ps)]))
+            ok: list[bool] = []
+            res["set"].append(_time(lambda: _each(backend.batch_set_v1, keys, src, ps, ok)))
             if not all(ok):
                 raise RuntimeError(f"{sum(not x for x in ok)} of {n} pages failed to store")
-            found = []
-            res["exists"].append(_time(lambda: [found.append(backend.batch_exists(k)) for k, _ in _batches(keys, src, ps)]))
-            got = []
-            res["get"].append(_time(lambda: [got.extend(backend.batch_get_v1(k, i)) for k, i in _batches(keys, dst, ps)]))
+            found: list[int] = []
+            res["exists"].append(_time(lambda: found.extend(backend.batch_exists(k) for k, _ in _batches(keys, src, ps))))
+            got: list[bool] = []
+            res["get"].append(_time(lambda: _each(backend.batch_get_v1, keys, dst, ps, got)))
             if not all(got):
                 raise RuntimeError(f"{sum(not x for x in got)} of {n} pages failed to load")
             if not _same_pages(pool, src, dst):
@@ -89,6 +90,12 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
                    base_get_gbps=gbps(nbytes, med["base_get"]),
                    set_ratio=med["base_set"] / med["set"], get_ratio=med["base_get"] / med["get"])
     return row
+
+
+def _each(fn, keys, idx, ps, out: list) -> None:
+    """``fn`` over the batches, results appended to ``out``."""
+    for k, i in _batches(keys, idx, ps):
+        out.extend(fn(k, i))
 
 
 def _baseline_round(baseline, keys, src, dst, res) -> None:

@@ -31,7 +31,7 @@ class DevicePool:
         self.dtype = spec.dtype
         self.layer_num = spec.layer_num
         self.is_mla = spec.is_mla
-        shape = (spec.layer_num, num_tokens, spec.head_num, spec.head_dim)
+        shape: tuple[int, ...] = (spec.layer_num, num_tokens, spec.head_num, spec.head_dim)
         if not spec.is_mla:
             shape = (2, *shape)
         self.kv_buffer = torch.zeros(shape, dtype=spec.dtype, device=self.device)

@@ -124,7 +124,7 @@ class HostPool:
         self._seg_step = step
         self.segment_bytes = seg_len
         self.page_bytes = seg_len * len(base)
-        self._flat_shape = {
+        self._flat_shape: tuple[int, ...] = {
             "layer_first": (L, ps, s.head_num, s.head_dim),
             "page_first": (ps, L, s.head_num, s.head_dim),
             "page_first_direct": (L, ps, s.head_num, s.head_dim),
@@ -166,7 +166,7 @@ class HostPool:
 
     def page_memoryviews(self, host_indices) -> list[list[memoryview]]:
         """Writable memoryviews of each page's segments, for ``os.preadv`` / ``os.pwritev`` without copies."""
-        mv = memoryview(self.raw_np)
+        mv = memoryview(self.raw_np)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         n = self.segment_bytes
         return [[mv[o : o + n] for o in row] for row in self.segment_offsets(host_indices).tolist()]
 
@@ -176,12 +176,12 @@ class HostPool:
         if t % ps:
             raise ValueError(f"host index {t} is not the start of a page (page_size {ps})")
         kv = self.kv_buffer
-        lead = () if self.is_mla else (slice(None),)
+        lead: tuple[slice, ...] = () if self.is_mla else (slice(None),)
         if self.layout == "layer_first":
-            return kv[(*lead, slice(None), slice(t, t + ps))]
+            return kv[lead + (slice(None), slice(t, t + ps))]
         if self.layout == "page_first":
-            return kv[(*lead, slice(t, t + ps))]
-        return kv[(*lead, t // ps)]
+            return kv[lead + (slice(t, t + ps),)]
+        return kv[lead + (t // ps,)]
 
     def get_flat_page(self, index: int) -> torch.Tensor:
         """A copy of one page (``index`` = its first token slot) as a flat tensor in the page byte order."""

@@ -87,7 +87,9 @@ class HiCacheStorage:
         raise self._not_implemented("exists", "v0")
 
     def batch_get(self, keys: list[str], target_locations: Optional[list[torch.Tensor]] = None) -> list:
-        targets = target_locations or [None] * len(keys)
+        targets: list[Optional[torch.Tensor]] = [None] * len(keys)
+        if target_locations is not None:
+            targets = list(target_locations)
         return [self.get(k, t) for k, t in zip(keys, targets)]
 
     def batch_set(self, keys: list[str], values: list[torch.Tensor]) -> bool:

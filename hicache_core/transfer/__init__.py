@@ -46,7 +46,6 @@ class HostDeviceTransfer:
         if host_pool.page_size != device_pool.page_size:
             raise ConfigError(f"host page_size {host_pool.page_size} != device page_size {device_pool.page_size}")
         self.host, self.device = host_pool, device_pool
-        self.requested = io_backend
         self.io_backend = effective_io_backend(io_backend, device_pool.device, force_kernel=force_kernel)
         if self.io_backend == "kernel" and device_pool.device.type == "cuda" and not host_pool.pinned:
             raise ConfigError("--hicache-io-backend kernel reads host memory from the GPU: the host pool must be pinned")

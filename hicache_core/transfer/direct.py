@@ -60,6 +60,7 @@ def byte_view(pool) -> Any:
     shape = (spec.num_kv, pool.size // pool.page_size, spec.layer_num, pool.page_size, spec.item_bytes)
     strides = (skv, sp, sl, st, 1)
     raw = pool.raw if hasattr(pool, "raw") else pool.kv_buffer.reshape(-1).view(torch.uint8)
+    view: np.ndarray | torch.Tensor
     if raw.device.type == "cpu":
         view = as_strided(raw.numpy(), shape=shape, strides=strides)
     else:
@@ -68,7 +69,7 @@ def byte_view(pool) -> Any:
     return view
 
 
-def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None, device_side_src: bool) -> None:
+def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None) -> None:
     dst, src = byte_view(dst_pool), byte_view(src_pool)
     layer_sel = slice(None) if layer is None else layer
     rows = runs.tolist()
@@ -93,12 +94,12 @@ def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None, device_side_s
 
 
 def load_layer(host, device, host_indices, device_indices, layer: int) -> None:
-    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), layer, False)
+    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), layer)
 
 
 def load_all_layers(host, device, host_indices, device_indices) -> None:
-    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), None, False)
+    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), None)
 
 
 def backup_all_layers(device, host, device_indices, host_indices) -> None:
-    _copy(host, device, page_runs(device_indices, host_indices, host.page_size), None, True)
+    _copy(host, device, page_runs(device_indices, host_indices, host.page_size), None)

@@ -1,0 +1,10 @@
+"""The sdist ships its tests with their helpers (conftest and helpers included), and they run after unpacking."""
+
+from pathlib import Path
+
+from hicache_core.testing.packaging import run_pytest, unpacked_sdist
+
+
+def test_sdist_ships_tests_that_run(tmp_path):
+    root = unpacked_sdist(Path(__file__).resolve().parents[1], tmp_path)
+    assert " passed" in run_pytest(root, "tests", "-k", "v1_roundtrip")
