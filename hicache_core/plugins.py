@@ -39,6 +39,7 @@ class PluginFailure:
     entry_point: str
     distribution: str
     error: str
+    fix: str = "reinstall it (pip install --force-reinstall {dist}) or fix its dependencies"
 
 
 @attrs.frozen
@@ -96,14 +97,15 @@ class HiCachePluginManager(pluggy.PluginManager):
             unknown = self._unknown_hooks(ep.name)
             if unknown:
                 self.unregister(name=ep.name)
-                self._fail(ep.name, dist, "; ".join(unknown))
+                self._fail(ep.name, dist, "; ".join(unknown), "its author must rename the hook; until then "
+                           f"disable it with {DENY_ENV}={ep.name}")
                 continue
             self.distributions[ep.name] = dist
         self.check_pending()  # anything registered past the checks above fails here, loudly
 
-    def _fail(self, name: str, dist: str, msg: str) -> None:
+    def _fail(self, name: str, dist: str, msg: str, fix: Optional[str] = None) -> None:
         logger.warning("hicache plugin %r from %s failed to load: %s", name, dist, msg)
-        self.failures[name] = PluginFailure(name, dist, msg)
+        self.failures[name] = PluginFailure(name, dist, msg, *([fix] if fix else []))
 
     def _unknown_hooks(self, plugin_name: str) -> list[str]:
         """Hook implementations of ``plugin_name`` that match no hicache hook spec (pluggy would accept them

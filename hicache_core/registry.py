@@ -99,7 +99,7 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
         if failure is not None:
             raise BackendLoadError(
                 f"storage backend {name!r}: plugin {failure.distribution} failed to load ({failure.error}); "
-                f"reinstall it (pip install --force-reinstall {failure.distribution}) or fix its dependencies"
+                + failure.fix.format(dist=failure.distribution)
             )
         hint = KNOWN_PLUGINS.get(name)
         known = ", ".join(sorted(table) + ["dynamic"])

@@ -25,7 +25,8 @@ def prefix_codes(tokens) -> torch.Tensor:
 
 
 def write_kv(pool: DevicePool, idx: torch.Tensor, tokens) -> None:
-    codes = prefix_codes(tokens)
+    """The KV of the first ``len(idx)`` tokens into ``idx``."""
+    codes = prefix_codes(tokens)[: len(idx)]
     for layer in range(pool.layer_num):
         for kv, buf in enumerate((pool.k_buffer(layer), pool.v_buffer(layer))):
             buf.view(torch.int32)[idx] = (codes + layer * 7 + kv * 3)[:, None, None]

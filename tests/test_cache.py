@@ -126,6 +126,55 @@ def test_nothing_in_storage_revokes_and_returns_pages():
     c.close()
 
 
+def test_prefetch_for_a_prompt_stored_nowhere_leaves_host_pages_alone():
+    """Storage is asked before any host page is taken: a miss evicts nothing (SGLang #19320)."""
+    # write_back: inserting the new prompt copies nothing to host, so only the prefetch could touch host pages
+    c = make_cache(device_pages=6, host_pages=6, storage="memory", store=uuid.uuid4().hex, prefetch="wait_complete",
+                   write_policy="write_back")
+    for i in range(3):  # fill the host tier: three sequences demoted from device
+        run_request(c, seq(i, 2))
+    c.flush()
+    c.evict(10**6)
+    c.flush()
+    _, host_before = c.total_size()
+    free_before = c.host_pool.available_size()
+    assert host_before == 24 and free_before == 0  # the host pool is full: a prefetch would need to evict
+    revoked = c.metrics.stats()["prefetch_revoked"]
+    r = run_request(c, seq(9, 4))  # stored nowhere
+    assert r["storage"] == 0 and r["computed"] == 16
+    c.flush()
+    assert c.metrics.stats()["prefetch_revoked"] == revoked + 1
+    for i in range(3):  # every host page is still there
+        assert c.match_prefix(seq(i, 2)).matched_length == 8
+    assert c.metrics.stats()["evicted_tokens"].get("host", 0) == 0
+    c.close()
+
+
+def test_prefetch_evicts_host_pages_only_for_real_hits():
+    """A prefetch for pages storage has may evict colder host pages, and only as many as it needs."""
+    store = uuid.uuid4().hex
+    writer = make_cache(storage="memory", store=store)
+    run_request(writer, seq(8, 3))
+    writer.flush()
+    writer.close()
+    c = make_cache(device_pages=6, host_pages=6, storage="memory", store=store, prefetch="wait_complete")
+    for i in range(3):
+        run_request(c, seq(i, 2))
+    c.flush()
+    c.evict(10**6)
+    c.flush()
+    assert c.host_pool.available_size() == 0
+    r = run_request(c, seq(8, 3))
+    assert r["storage"] == 12
+    evicted = c.metrics.stats()["evicted_tokens"]["host"]
+    assert 12 <= evicted < 12 + 8  # room for 3 pages, in whole nodes of 2 pages: not one node more
+    assert sum(c.match_prefix(seq(i, 2)).matched_length == 8 for i in range(3)) == 1
+    c.flush()
+    owned_pages_ok(c)
+    locks_balanced(c)
+    c.close()
+
+
 class FaultyStorage:
     """Wraps a real backend handle; gets fail partway, raise, or hang."""
 

@@ -170,6 +170,49 @@ def test_plugin_that_raises_on_import_fails_only_when_selected(tmp_path, monkeyp
         resolve("broken", {}, pm)
 
 
+MISSPELLED_PLUGIN = '''
+from hicache_core.hookspecs import BackendRecord, hookimpl
+
+@hookimpl
+def hicache_storage_backend():  # the real hook is hicache_storage_backends
+    yield BackendRecord(name="typo", target="typo_pkg.store:Store")
+'''
+
+
+def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch, caplog):
+    """pluggy accepts an unknown hook name silently; hicache refuses the plugin and says which hook was meant."""
+    site = install_plugin(tmp_path / "s", "hicache-plugin-typo", "typo_pkg", MISSPELLED_PLUGIN, "typo")
+    monkeypatch.syspath_prepend(str(site))
+    pm = HiCachePluginManager()
+    failure = pm.failures["typo"]
+    assert failure.distribution == "hicache-plugin-typo"
+    assert "unknown hook 'hicache_storage_backend' (did you mean 'hicache_storage_backends'?)" in failure.error
+    assert "hicache_storage_backend" in caplog.text and not pm.has_plugin("typo")
+    with pytest.raises(BackendLoadError, match=r"plugin hicache-plugin-typo failed to load \(implements unknown hook "
+                                               r"'hicache_storage_backend'.*rename the hook.*HICACHE_PLUGINS_DISABLE=typo"):
+        resolve("typo", {}, pm)
+    with pytest.raises(BackendLoadError, match=r"unknown storage backend 'other'.*plugin typo \(hicache-plugin-typo\) "
+                                               r"failed to load: implements unknown hook"):
+        resolve("other", {}, pm)
+    r = run_cli("backends", pythonpath=[site])
+    assert r.returncode == 0 and "did you mean 'hicache_storage_backends'" in r.stdout
+
+
+def test_record_requiring_a_missing_module_does_not_load(tmp_path, monkeypatch):
+    """A backend whose run-time module is absent is reported as not loading, with the install hint."""
+    plugin = VENDOR_PLUGIN.replace('description="a vendor\'s v0 store")',
+                                   'description="needs its SDK", requires=("vendor_sdk_not_installed.client",), '
+                                   'install_hint="pip install vendor-sdk")').replace("vendor_store.", "sdk_store.")
+    site = install_plugin(tmp_path / "s", "hicache-plugin-vendor", "sdk_store", plugin, "vendor",
+                          {"store": VENDOR_STORE})
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(BackendLoadError, match=r"needs the module 'vendor_sdk_not_installed.client', which is not "
+                                               r"installed; pip install vendor-sdk"):
+        resolve("vendor", {}, HiCachePluginManager())
+    r = run_cli("backends", pythonpath=[site])
+    assert "does not load: storage backend 'vendor'" in r.stdout and "pip install vendor-sdk" in r.stdout
+
+
 def test_unknown_name_lists_available_and_install_hint():
     pm = HiCachePluginManager(load_entry_points=False)
     with pytest.raises(BackendLoadError, match="unknown storage backend 'mooncake'; available: memory, dynamic; to add it: pip install hicache-plugin-mooncake"):
@@ -246,8 +289,19 @@ def test_cli_check_roundtrips_through_plugin(vendor_site):
     assert "check passed" in r.stdout and "bytes identical" in r.stdout
 
 
+def test_cli_bad_choice_is_argparse_usage_error():
+    r = run_cli("check", "--hicache-io-backend", "dma")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "argument --hicache-io-backend: invalid choice: 'dma' (choose from 'kernel', 'direct')")
+
+
+def test_cli_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("hicache 0.1.0")
+
+
 @pytest.mark.parametrize("argv, match", [
-    (["check", "--hicache-io-backend", "dma"], "--hicache-io-backend: invalid value 'dma'"),
     (["check", "--hicache-storage-backend-extra-config", "{oops"], "not valid JSON"),
     (["check", "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", '{"backend_name": "x"}'],
      "module_path, class_name"),
