@@ -108,6 +108,19 @@ def owned_pages_ok(cache: HiRadixCache) -> None:
             f"prefetch={cache.ongoing_prefetch}")
 
 
+def empty_and_check(cache: HiRadixCache, device_free: int, host_free: int) -> None:
+    """Flush, evict everything, close: every page must be free again and the tree empty."""
+    cache.flush()
+    cache.evict(10**6)
+    cache.flush()
+    cache.evict_host(10**6)
+    cache.close()
+    cache.controller.poll()  # pages the workers handed back on the way out
+    assert cache.device_pool.available_size() == device_free
+    assert cache.host_pool.available_size() == host_free
+    assert not cache.root.children
+
+
 def locks_balanced(cache: HiRadixCache) -> None:
     for n in cache.nodes():
         assert n.lock_ref == 0 and n.host_ref == 0, f"lock left on {n}"

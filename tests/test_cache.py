@@ -13,6 +13,16 @@ def seq(base: int, n_pages: int) -> list[int]:
     return [base * 1000 + i for i in range(n_pages * PS)]
 
 
+def stored_elsewhere(tokens) -> str:
+    """A memory store holding ``tokens``' pages, written by another cache instance that is gone."""
+    store = uuid.uuid4().hex
+    writer = make_cache(storage="memory", store=store)
+    run_request(writer, tokens)
+    writer.flush()
+    writer.close()
+    return store
+
+
 def test_match_insert_split_and_prefix_length():
     c = make_cache(host_pages=0)
     a = seq(1, 3)
@@ -152,11 +162,7 @@ def test_prefetch_for_a_prompt_stored_nowhere_leaves_host_pages_alone():
 
 def test_prefetch_evicts_host_pages_only_for_real_hits():
     """A prefetch for pages storage has may evict colder host pages, and only as many as it needs."""
-    store = uuid.uuid4().hex
-    writer = make_cache(storage="memory", store=store)
-    run_request(writer, seq(8, 3))
-    writer.flush()
-    writer.close()
+    store = stored_elsewhere(seq(8, 3))
     c = make_cache(device_pages=6, host_pages=6, storage="memory", store=store, prefetch="wait_complete")
     for i in range(3):
         run_request(c, seq(i, 2))
@@ -207,12 +213,8 @@ class FaultyStorage:
 @pytest.mark.parametrize("mode, policy", [("raise", "wait_complete"), ("corrupt_then_fail", "wait_complete"),
                                           ("hang", "timeout"), ("hang", "wait_complete")])
 def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, policy):
-    store = uuid.uuid4().hex
-    writer = make_cache(storage="memory", store=store)
     s = seq(3, 6)
-    run_request(writer, s)
-    writer.flush()
-    writer.close()
+    store = stored_elsewhere(s)
     c = make_cache(storage="memory", store=store, prefetch=policy, extra={"prefetch_timeout_base": 0.2})
     c.controller.prefetch_stall_limit = 0.5
     faulty = FaultyStorage(c.controller.storage, mode)
@@ -236,10 +238,7 @@ def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, po
 
 
 def test_aborted_request_returns_prefetch_pages():
-    store = uuid.uuid4().hex
-    writer = make_cache(storage="memory", store=store)
-    run_request(writer, seq(4, 6))
-    writer.flush()
+    store = stored_elsewhere(seq(4, 6))
     c = make_cache(storage="memory", store=store, prefetch="wait_complete")
     faulty = FaultyStorage(c.controller.storage, "hang", hang_s=0.5)
     c.controller.storage = faulty

@@ -4,7 +4,7 @@ invariants -- balanced locks, every page owned once or free, exact bytes on ever
 import uuid
 
 import hypothesis.strategies as st
-from cache_helpers import PS, kv_matches, locks_balanced, make_cache, owned_pages_ok, run_request
+from cache_helpers import PS, empty_and_check, kv_matches, locks_balanced, make_cache, owned_pages_ok, run_request
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -68,20 +68,8 @@ class TieredCacheMachine(RuleBasedStateMachine):
         locks_balanced(self.cache)
 
     def teardown(self):
-        if not hasattr(self, "cache"):
-            return
-        c = self.cache
-        c.flush()
-        c.evict(10**6)
-        c.flush()
-        c.evict_host(10**6)
-        c.close()
-        import time
-        time.sleep(0.01)
-        c.controller.poll()
-        assert c.device_pool.available_size() == self.dev_total
-        assert c.host_pool.available_size() == self.host_total
-        assert not c.root.children
+        if hasattr(self, "cache"):
+            empty_and_check(self.cache, self.dev_total, self.host_total)
 
 
 TieredCacheMachine.TestCase.settings = settings(

@@ -7,7 +7,16 @@ device page is owned once (by the tree or by one running request). At the end: e
 import uuid
 
 import hypothesis.strategies as st
-from cache_helpers import PS, SENTINEL, kv_matches, locks_balanced, make_cache, owned_pages_ok, write_kv
+from cache_helpers import (
+    PS,
+    SENTINEL,
+    empty_and_check,
+    kv_matches,
+    locks_balanced,
+    make_cache,
+    owned_pages_ok,
+    write_kv,
+)
 from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
@@ -121,14 +130,7 @@ class FrontDoorMachine(RuleBasedStateMachine):
         c.flush()
         owned_pages_ok(c)
         locks_balanced(c)
-        c.evict(10**6)
-        c.flush()
-        c.evict_host(10**6)
-        c.close()
-        c.controller.poll()
-        assert c.device_pool.available_size() == self.dev_total
-        assert c.host_pool.available_size() == self.host_total
-        assert not c.root.children
+        empty_and_check(c, self.dev_total, self.host_total)
 
 
 FrontDoorMachine.TestCase.settings = settings(

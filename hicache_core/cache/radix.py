@@ -9,7 +9,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import torch
@@ -37,6 +37,7 @@ class RadixTree:
 
     def __init__(self, device_pool, page_size: int, eviction_policy: str = "lru") -> None:
         self.device_pool = device_pool
+        self.host_pool: Any = None  # the tiers add one
         self.page_size = page_size
         self._evict_key = EVICTION_KEYS[eviction_policy]
         self.reset()
@@ -194,16 +195,19 @@ class RadixTree:
 
     def evict(self, num_tokens: int) -> int:
         """Free at least ``num_tokens`` device slots if possible, dropping unlocked leaves."""
-        return self.evict_leaves(num_tokens, lambda n: not n.children and n.lock_ref == 0, self._drop_device_leaf)
+        return self.evict_leaves(num_tokens, lambda n: not n.children and n.lock_ref == 0,
+                                 lambda x: self._drop_leaf(x, "device"))
 
-    def _drop_device_leaf(self, x: TreeNode) -> int:
-        assert x.value is not None
-        n = len(x.value)
-        self.device_pool.free(x.value)
-        x.value = None
+    def _drop_leaf(self, x: TreeNode, tier: str) -> int:
+        """Free a leaf's slots in ``tier`` (``device``: its value; ``host``: its host value) and delete it."""
+        attr, pool = ("value", self.device_pool) if tier == "device" else ("host_value", self.host_pool)
+        idx = getattr(x, attr)
+        assert idx is not None and pool is not None
+        pool.free(idx)
+        setattr(x, attr, None)
         self._delete_leaf(x)
-        self._record_evicted("device", n)
-        return n
+        self._record_evicted(tier, len(idx))
+        return len(idx)
 
     def _record_evicted(self, tier: str, tokens: int) -> None:
         """Hook for metrics."""

@@ -132,7 +132,7 @@ class TieredCache(RadixTree):
                     pending.add(x.id)
                     written.append(x)
                 return n
-            return self._drop_device_leaf(x)
+            return self._drop_leaf(x, "device")
 
         freed = self.evict_leaves(num_tokens, candidate, evict_one)
         if written:
@@ -151,20 +151,11 @@ class TieredCache(RadixTree):
 
     def evict_host(self, num_tokens: int) -> int:
         """Free host pages of host-only leaves (never a device-resident node's copy, never a locked node's)."""
-        return self.evict_leaves(num_tokens, self._host_leaf, self._drop_host_leaf)
+        return self.evict_leaves(num_tokens, self._host_leaf, lambda x: self._drop_leaf(x, "host"))
 
     @staticmethod
     def _host_leaf(n: TreeNode) -> bool:
         return n.value is None and not n.children and n.host_ref == 0 and n.lock_ref == 0
-
-    def _drop_host_leaf(self, x: TreeNode) -> int:
-        assert self.host_pool is not None and x.host_value is not None
-        n = len(x.host_value)
-        self.host_pool.free(x.host_value)
-        x.host_value = None
-        self._delete_leaf(x)
-        self._record_evicted("host", n)
-        return n
 
     def alloc_device(self, num_tokens: int) -> Optional[torch.Tensor]:
         """Device slots for new KV, evicting from the tree when the pool is short."""
