@@ -25,6 +25,7 @@ from hicache_core.config import HiCacheConfig
 from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
 from hicache_core.operations import BackupOperation, PrefetchOperation, TransferAck, Worker
+from hicache_core.storage import StorageV1
 from hicache_core.transfer import HostDeviceTransfer
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ STORAGE_BATCH_PAGES = 128  # pages per batch_exists / batch_get_v1 / batch_set_v
 class HiCacheController:
     """Moves pages between tiers for a :class:`~hicache_core.cache.HiRadixCache`."""
 
-    def __init__(self, config: HiCacheConfig, device_pool, host_pool, storage=None,
+    def __init__(self, config: HiCacheConfig, device_pool, host_pool, storage: Optional[StorageV1] = None,
                  metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False) -> None:
         self.config = config
         self.device_pool, self.host_pool = device_pool, host_pool
@@ -251,6 +252,12 @@ class HiCacheController:
             op.io_done.wait(max(0.0, deadline - time.monotonic()))
 
     # --- worker jobs -------------------------------------------------------------------------------------------------
+    @property
+    def _store(self) -> StorageV1:
+        """The backend, for the storage jobs (which run only when there is one)."""
+        assert self.storage is not None
+        return self.storage
+
     def _give_back(self, idx: torch.Tensor) -> None:
         if idx.numel():
             self._release_queue.put(idx)
@@ -289,7 +296,7 @@ class HiCacheController:
                 hashes = hash_chain(op.token_ids, self.page_size, op.last_hash)
                 for start in range(0, len(hashes), STORAGE_BATCH_PAGES):
                     batch = hashes[start : start + STORAGE_BATCH_PAGES]
-                    n = self._storage_call("exists", self.storage.batch_exists, batch)
+                    n = self._storage_call("exists", self._store.batch_exists, batch)
                     n = max(0, min(int(n or 0), len(batch)))
                     hit += batch[:n]
                     if n < len(batch) or op.is_terminated():
@@ -308,7 +315,7 @@ class HiCacheController:
                     break
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                ok = self._storage_batch("get", self.storage.batch_get_v1, keys, idx)
+                ok = self._storage_batch("get", self._store.batch_get_v1, keys, idx)
                 if not op.increment(ok * ps) or ok < len(keys):
                     break
         finally:
@@ -322,7 +329,7 @@ class HiCacheController:
             for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                ok = self._storage_batch("set", self.storage.batch_set_v1, keys, idx)
+                ok = self._storage_batch("set", self._store.batch_set_v1, keys, idx)
                 op.completed_tokens += ok * ps
                 if ok < len(keys):
                     break

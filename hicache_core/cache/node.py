@@ -33,10 +33,6 @@ class TreeNode:
         self.id = next(_ids)
 
     @property
-    def evicted(self) -> bool:
-        return self.value is None
-
-    @property
     def backuped(self) -> bool:
         return self.host_value is not None
 
