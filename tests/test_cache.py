@@ -254,6 +254,25 @@ def test_aborted_request_returns_prefetch_pages():
 
 
 # --- write policies -------------------------------------------------------------------------------------------------
+def test_request_cancelled_before_its_loads_started_leaks_nothing():
+    """admit() queued a host->device load; the engine cancels before its forward pass (no
+    ready_to_load_host_cache): the load still runs, its pins and pages come back."""
+    c = make_cache(device_pages=6, host_pages=12)
+    free = c.device_pool.available_size()
+    run_request(c, seq(1, 3))
+    c.flush()
+    c.evict(10**6)  # device -> host
+    adm = c.admit("x", seq(1, 3) + [5])
+    assert adm.ready and adm.cached["host"] == 12
+    c.release(adm, seq(1, 3) + [5], 0)
+    c.flush()
+    locks_balanced(c)
+    owned_pages_ok(c)
+    c.evict(10**6)
+    assert c.device_pool.available_size() == free
+    c.close()
+
+
 def test_write_through_copies_on_insert():
     c = make_cache(write_policy="write_through")
     run_request(c, seq(1, 2))

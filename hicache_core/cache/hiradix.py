@@ -100,6 +100,7 @@ class HiRadixCache(TieredCache):
         own = self.alloc_device(need + -need % self.page_size)
         if own is None:
             self.dec_lock_ref(node)
+            self.ready_to_load_host_cache()  # the loads queued above pin device pages until they run
             return Admission(rid, FULL)
         self._admitting.pop(rid, None)
         self.metrics.record_request(len(tokens), cached["device"], cached["host"], cached["storage"])
@@ -121,6 +122,7 @@ class HiRadixCache(TieredCache):
             self.device_pool.free(own[aligned - p :])
         self.dec_lock_ref(admission.node)
         admission.node, admission.status = None, "released"
+        self.ready_to_load_host_cache()  # a request cancelled before its forward pass: its loads still run
 
     def abort(self, rid: Any) -> None:
         """Forget a request that was never admitted ``ready`` (a client gone while it waited): its prefetch stops

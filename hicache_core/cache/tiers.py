@@ -364,6 +364,7 @@ class TieredCache(RadixTree):
         if ctrl is None:
             return
         deadline = time.monotonic() + timeout
+        self.ready_to_load_host_cache()  # queued loads never started would never finish
         ctrl.wait_idle(timeout)
         self.poll()
         while ctrl.backups_in_flight() or ctrl.writes_in_flight():
