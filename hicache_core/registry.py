@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ from hicache_core.keys import StorageNamespace
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.parse import parse_bool
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
-from hicache_core.storage.adapter import NamespacedBackend, V0Adapter, _Delegate
+from hicache_core.storage.adapter import _Delegate, as_v1
 from hicache_core.storage.base import StorageConfig
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,19 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
             raise BackendLoadError(f"{e}; {rec.install_hint}") from e
         raise
     return ResolvedBackend(name, cls, rec.interface_v1, rec.page_first_only, offers[0].distribution)
+
+
+def construct(cls: type, storage_config: StorageConfig, extra: dict) -> Any:
+    """``cls(storage_config, extra)`` -- SGLang's dynamic shape -- or, for a class whose constructor takes fewer
+    arguments (the seed's minimal backend may take none), ``cls(storage_config)`` or ``cls()``."""
+    try:
+        params = [p for p in inspect.signature(cls).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):
+        return cls(storage_config, extra)
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(params) >= 2:
+        return cls(storage_config, extra)
+    return cls(storage_config) if params else cls()
 
 
 def _check_requirements(name: str, rec: BackendRecord, dist: str) -> None:
@@ -244,7 +258,7 @@ def create_backend(
     resolved = backend if isinstance(backend, ResolvedBackend) else resolve(backend, extra, pm)
     check_layout(resolved, storage_config.layout)
     try:
-        raw = resolved.cls(storage_config, dict(extra))
+        raw = construct(resolved.cls, storage_config, dict(extra))
     except (BackendLoadError, ConfigError):
         raise
     except Exception as e:
@@ -252,18 +266,14 @@ def create_backend(
             f"storage backend {resolved.name!r} ({resolved.cls.__module__}.{resolved.cls.__qualname__}) failed to "
             f"start: {type(e).__name__}: {e}"
         ) from e
+    if resolved.interface_v1 and not callable(getattr(raw, "register_mem_pool_host", None)):
+        raise BackendLoadError(f"storage backend {resolved.name!r} is v1 (zero copy) but has no "
+                               "register_mem_pool_host(host_pool): v1 reads and writes the host pool in place")
+    inner = as_v1(raw, interface_v1=resolved.interface_v1, namespace=storage_config.namespace)
     try:
-        raw.register_mem_pool_host(host_pool)
-    except AttributeError as e:
-        raise BackendLoadError(f"storage backend {resolved.name!r} has no register_mem_pool_host(): {e}") from e
+        inner.register_mem_pool_host(host_pool)  # optional for v0 classes: the adapter keeps the pool
     except Exception as e:
         raise BackendLoadError(f"storage backend {resolved.name!r} rejected the host pool: {e}") from e
-    inner: Any = raw
-    if not resolved.interface_v1:
-        inner = V0Adapter(raw)
-        inner.mem_pool_host = host_pool
-    if not getattr(raw, "applies_namespace", False):
-        inner = NamespacedBackend(inner, storage_config.namespace)
     handle = StorageBackendHandle(resolved.name, inner, raw, resolved.interface_v1, pm, storage_config.namespace.tag)
     pm.hook.hicache_backend_created(name=resolved.name, backend=raw, storage_config=storage_config)
     logger.info("storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0")

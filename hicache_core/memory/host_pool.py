@@ -184,8 +184,10 @@ class HostPool:
         return kv[lead + (t // ps,)]
 
     def get_flat_page(self, index: int) -> torch.Tensor:
-        """A copy of one page (``index`` = its first token slot) as a flat tensor in the page byte order."""
-        return self._page_view(index).flatten()
+        """A copy of one page (``index`` = its first token slot) as a flat tensor in the page byte order: never a
+        view, so a backend that keeps the tensor keeps the bytes, not a window on a page that will be reused."""
+        view = self._page_view(index)
+        return view.flatten().clone() if view.is_contiguous() else view.flatten()
 
     def set_flat_page(self, index: int, data: torch.Tensor) -> None:
         if data.numel() != self.page_bytes // self.spec.itemsize or data.dtype != self.dtype:

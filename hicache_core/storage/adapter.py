@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Optional
 
@@ -42,11 +43,26 @@ class _Delegate:
 
 
 class NamespacedBackend(_Delegate):
-    """Prefixes every key with the namespace tag before it reaches a namespace-unaware backend."""
+    """Prefixes every key with the namespace tag before it reaches a namespace-unaware backend (v1 and v0 alike)."""
 
     def __init__(self, inner: Any, namespace) -> None:
         super().__init__(inner)
         self.namespace = namespace
+
+    def get(self, key: str, target_location=None):
+        return self.inner.get(self.namespace.key(key), target_location)
+
+    def set(self, key: str, value) -> Any:
+        return self.inner.set(self.namespace.key(key), value)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(self.namespace.key(key))
+
+    def batch_get(self, keys: list[str], target_locations=None) -> list:
+        return self.inner.batch_get(self.namespace.keys(keys), target_locations)
+
+    def batch_set(self, keys: list[str], values) -> Any:
+        return self.inner.batch_set(self.namespace.keys(keys), values)
 
     def batch_exists(self, keys: list[str]) -> int:
         return self.inner.batch_exists(self.namespace.keys(keys))
@@ -67,8 +83,51 @@ def _as_bool_list(result: Any, n: int) -> list[bool]:
     return [bool(result)] * n
 
 
+def _takes_target(method: Any) -> bool:
+    """Whether ``get`` accepts a target buffer after the key (the seed's minimal ``get(key)`` does not)."""
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 class V0Adapter(_Delegate):
-    """v1 on top of v0: pages travel as flat tensors between the backend and the host pool."""
+    """v1 on top of v0: pages travel as flat tensors between the backend and the host pool.
+
+    The seed's minimal backend -- ``get(key)``, ``set(key, value)``, ``exists(key)`` and nothing else -- is enough:
+    the batch methods derive from the single ones, and ``register_mem_pool_host`` is optional."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self._get_with_target = _takes_target(inner.get)
+        self._counts = dict.fromkeys(("get_pages", "get_misses", "set_pages", "set_failed"), 0)
+
+    def get_stats(self) -> Optional[dict]:
+        """The class's own stats, or -- for a class that keeps none -- what the adapter counted."""
+        own = self.inner.get_stats() if callable(getattr(self.inner, "get_stats", None)) else None
+        return own if own is not None else dict(self._counts)
+
+    def register_mem_pool_host(self, mem_pool_host) -> None:
+        self.mem_pool_host = mem_pool_host
+        if callable(getattr(self.inner, "register_mem_pool_host", None)):
+            self.inner.register_mem_pool_host(mem_pool_host)
+
+    # --- v0, each batch method derived from the single one when the class has none ---------------------------
+    def get(self, key: str, target_location: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        return self.inner.get(key, target_location) if self._get_with_target else self.inner.get(key)
+
+    def batch_get(self, keys: list[str], target_locations: Optional[list] = None) -> list:
+        if hasattr(self.inner, "batch_get"):
+            return self.inner.batch_get(keys, target_locations)
+        targets = target_locations or [None] * len(keys)
+        return [self.get(k, t) for k, t in zip(keys, targets)]
+
+    def batch_set(self, keys: list[str], values: list[torch.Tensor]) -> Any:
+        if hasattr(self.inner, "batch_set"):
+            return self.inner.batch_set(keys, values)
+        return [bool(self.inner.set(k, v)) for k, v in zip(keys, values)]
 
     def batch_exists(self, keys: list[str]) -> int:
         if hasattr(self.inner, "batch_exists"):
@@ -81,11 +140,7 @@ class V0Adapter(_Delegate):
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         pool = self.mem_pool_host
         ps = pool.page_size
-        targets = [pool.dummy_flat_page() for _ in keys]
-        if hasattr(self.inner, "batch_get"):
-            values = self.inner.batch_get(keys, targets)
-        else:
-            values = [self.inner.get(k, t) for k, t in zip(keys, targets)]
+        values = self.batch_get(keys, [pool.dummy_flat_page() for _ in keys])
         if not isinstance(values, (list, tuple)):
             values = [None] * len(keys)  # SGLang's contract allows an int here: no usable pages
         ok = []
@@ -101,12 +156,22 @@ class V0Adapter(_Delegate):
                 logger.warning("backend returned a malformed page for %s (%r): treated as a miss", keys[i], type(value))
             ok.append(good)
         ok += [False] * (len(keys) - len(ok))
+        self._counts["get_pages"] += sum(ok)
+        self._counts["get_misses"] += len(ok) - sum(ok)
         return ok
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         pool = self.mem_pool_host
         ps = pool.page_size
         values = [pool.get_flat_page(int(host_indices[i * ps])) for i in range(len(keys))]
-        if hasattr(self.inner, "batch_set"):
-            return _as_bool_list(self.inner.batch_set(keys, values), len(keys))
-        return [bool(self.inner.set(k, v)) for k, v in zip(keys, values)]
+        ok = _as_bool_list(self.batch_set(keys, values), len(keys))
+        self._counts["set_pages"] += sum(ok)
+        self._counts["set_failed"] += len(ok) - sum(ok)
+        return ok
+
+
+def as_v1(raw: Any, *, interface_v1: bool, namespace) -> Any:
+    """What the controller talks to for a constructed backend: v0 classes behind :class:`V0Adapter`, classes that
+    do not apply the namespace themselves behind :class:`NamespacedBackend`."""
+    inner = raw if interface_v1 else V0Adapter(raw)
+    return inner if getattr(raw, "applies_namespace", False) else NamespacedBackend(inner, namespace)
