@@ -12,7 +12,7 @@ LAYERS = [
     ["config", "metrics", "keys"],
     ["plugins", "storage", "memory", "transfer"],
     ["registry", "operations"],
-    ["controller"],
+    ["controller", "sglang"],
     ["cache"],
     ["engine", "testing"],
     ["bench"],

@@ -200,6 +200,17 @@ class HostPool:
         """A landing buffer for one v0 page."""
         return torch.zeros(self.page_bytes // self.spec.itemsize, dtype=self.dtype)
 
+    # --- SGLang's names for the same, so SGLang's storage backends run on this pool ----------------------------------
+    def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
+        """SGLang's accessor: the page at ``index``, flat (a copy) or as the layout's page view."""
+        return self.get_flat_page(index) if flat else self._page_view(index)
+
+    def set_from_flat_data_page(self, index: int, data: torch.Tensor) -> None:
+        self.set_flat_page(index, data)
+
+    def get_dummy_flat_data_page(self) -> torch.Tensor:
+        return self.dummy_flat_page()
+
     # --- allocation ----------------------------------------------------------------------------------------------
     def alloc(self, num_tokens: int) -> Optional[torch.Tensor]:
         return self.allocator.alloc(num_tokens)

@@ -1,0 +1,165 @@
+"""hicache inside SGLang: :class:`HiCacheForSGLang` is a storage backend SGLang's own ``StorageBackendFactory`` loads
+unchanged, serving SGLang's HiCache from any hicache backend (file, hf3fs, mooncake, memory, a plugin's, dynamic)::
+
+    python -m sglang.launch_server ... --enable-hierarchical-cache --hicache-storage-backend dynamic \\
+      --hicache-storage-backend-extra-config '{"backend_name": "hicache", "module_path": "hicache_core.sglang",
+        "class_name": "HiCacheForSGLang", "interface_v1": 1, "hicache_backend": "file",
+        "storage_dir": "/mnt/kv"}'
+
+``hicache_backend`` names the hicache backend (default ``file``); every other key of the extra config, less the
+dynamic-loading keys, reaches that backend. sglang is imported lazily: importing this module without sglang
+installed works, constructing the class says what to install.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any, Optional
+
+import torch
+
+from hicache_core.config import DYNAMIC_KEYS, HiCacheConfig
+from hicache_core.errors import BackendLoadError
+from hicache_core.memory import KVSpec
+from hicache_core.registry import StorageBackendHandle, create_backend, make_storage_config
+
+logger = logging.getLogger(__name__)
+
+try:  # SGLang's factory requires its own base class
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage as _SGLangStorage
+
+    _SGLANG_ERROR: Optional[BaseException] = None
+except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
+    _SGLangStorage = object  # type: ignore[assignment,misc]
+    _SGLANG_ERROR = e
+
+
+class SGLangHostPool:
+    """An SGLang host pool seen through the interface hicache backends use, built from SGLang's own host-pool API
+    only (``get_page_buffer_meta``, ``get_data_page``, ``set_from_flat_data_page``, ``get_dummy_flat_data_page``,
+    ``layout``, ``page_size``, ``dtype``, ``kv_buffer``)."""
+
+    def __init__(self, pool: Any, spec: KVSpec) -> None:
+        self.pool, self.spec = pool, spec
+        self.layout, self.page_size, self.dtype = pool.layout, pool.page_size, pool.dtype
+        self.size = pool.size
+        _, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size))
+        self.page_bytes = sum(sizes)
+        self.raw = pool.kv_buffer.view(-1).view(torch.uint8)  # one contiguous buffer (zero-copy registration)
+
+    def get_page_buffer_meta(self, host_indices) -> tuple[list[int], list[int]]:
+        return self.pool.get_page_buffer_meta(host_indices)
+
+    def page_memoryviews(self, host_indices) -> list[list[memoryview]]:
+        """Writable views of each page's segments, from the pointers SGLang's pool hands out (host memory)."""
+        ptrs, sizes = self.pool.get_page_buffer_meta(host_indices)
+        per_page = len(ptrs) // max(1, len(host_indices) // self.page_size)
+        views = [memoryview((ctypes.c_char * n).from_address(p)).cast("B") for p, n in zip(ptrs, sizes)]
+        return [views[i : i + per_page] for i in range(0, len(views), per_page)]
+
+    def get_flat_page(self, index: int) -> torch.Tensor:
+        return self.pool.get_data_page(index, flat=True).clone()
+
+    def set_flat_page(self, index: int, data: torch.Tensor) -> None:
+        self.pool.set_from_flat_data_page(index, data)
+
+    def dummy_flat_page(self) -> torch.Tensor:
+        return self.pool.get_dummy_flat_data_page()
+
+
+def _spec_of(pool: Any, is_mla: bool) -> KVSpec:
+    """The KV geometry of an SGLang host pool (MHA: head_num x head_dim; MLA: kv_lora_rank + qk_rope_head_dim)."""
+    if getattr(pool, "spec", None) is not None:
+        return pool.spec
+    if is_mla:
+        return KVSpec(layer_num=pool.layer_num, head_num=1, head_dim=pool.kv_lora_rank + pool.qk_rope_head_dim,
+                      dtype=pool.dtype, is_mla=True)
+    return KVSpec(layer_num=pool.layer_num, head_num=pool.head_num, head_dim=pool.head_dim, dtype=pool.dtype)
+
+
+class HiCacheForSGLang(_SGLangStorage):  # type: ignore[misc,valid-type]
+    """An SGLang ``HiCacheStorage`` whose pages live in a hicache backend (v1 zero copy, and v0)."""
+
+    def __init__(self, storage_config: Any, kwargs: Optional[dict] = None) -> None:
+        if _SGLANG_ERROR is not None:
+            raise ImportError(
+                "hicache_core.sglang.HiCacheForSGLang is a storage backend for SGLang, and sglang does not import "
+                f"here ({type(_SGLANG_ERROR).__name__}: {_SGLANG_ERROR}); pip install sglang, or use hicache's own "
+                "engine (hicache_core.cache.build_cache)") from _SGLANG_ERROR
+        extra = {k: v for k, v in dict(storage_config.extra_config or {}).items() if k not in DYNAMIC_KEYS}
+        self.backend_name = str(extra.pop("hicache_backend", "file"))
+        self.backend_extra = {**extra, **(kwargs or {})}
+        self.sglang_config = storage_config
+        self.handle: Optional[StorageBackendHandle] = None
+        self.mem_pool_host: Any = None
+        # MLA: every rank reads, one rank writes (SGLang's rule; is_storage_writer where SGLang defines it)
+        writer = getattr(storage_config, "is_storage_writer", None)
+        self.writes = bool(writer) if writer is not None else (not storage_config.is_mla_model or
+                                                               storage_config.tp_rank == 0)
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """Build the hicache backend on SGLang's host pool: its layout, dtype, page size and pointers."""
+        sc = self.sglang_config
+        self.mem_pool_host = mem_pool_host
+        spec = _spec_of(mem_pool_host, bool(sc.is_mla_model))
+        pool = mem_pool_host if hasattr(mem_pool_host, "page_memoryviews") else SGLangHostPool(mem_pool_host, spec)
+        config = HiCacheConfig(page_size=pool.page_size, hicache_mem_layout=pool.layout, model_name=sc.model_name,
+                               hicache_storage_backend=self.backend_name,
+                               hicache_storage_backend_extra_config=self.backend_extra)
+        storage_config = make_storage_config(config, spec, tp_rank=sc.tp_rank, tp_size=sc.tp_size)
+        self.handle = create_backend(self.backend_name, storage_config, pool)
+        logger.info("hicache backend %s for SGLang at %s", self.backend_name, self.handle.describe())
+
+    @property
+    def backend(self) -> StorageBackendHandle:
+        if self.handle is None:
+            raise BackendLoadError("HiCacheForSGLang: register_mem_pool_host() was not called before page I/O")
+        return self.handle
+
+    # --- v1: zero copy on SGLang's host pool ----------------------------------------------------------------------
+    def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
+        return self.backend.batch_exists(list(keys))
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
+        return list(self.backend.batch_get_v1(list(keys), host_indices))
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
+        if not self.writes:
+            return [True] * len(keys)  # another rank writes this page (MLA)
+        return list(self.backend.batch_set_v1(list(keys), host_indices))
+
+    # --- v0: flat pages --------------------------------------------------------------------------------------------
+    def _v0(self, method: str):
+        fn = getattr(self.backend, method, None)
+        if not callable(fn):
+            raise NotImplementedError(f"hicache backend {self.backend_name!r} is zero copy only: use interface_v1=1")
+        return fn
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Optional[torch.Tensor]:
+        return self._v0("get")(key, target_location)
+
+    def batch_get(self, keys: list[str], target_locations: Any = None, target_sizes: Any = None) -> list:
+        targets = target_locations or [None] * len(keys)
+        return [self.get(k, t) for k, t in zip(keys, targets)]
+
+    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
+        return True if not self.writes else bool(self._v0("set")(key, value))
+
+    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
+                  target_sizes: Any = None) -> bool:
+        return all(self.set(k, v) for k, v in zip(keys, values or []))
+
+    def exists(self, key: str) -> bool:
+        return self.backend.batch_exists([key]) == 1
+
+    # --- housekeeping ----------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        self.backend.clear()
+
+    def get_stats(self) -> Optional[dict]:
+        return self.backend.get_stats() if self.handle is not None else None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()

@@ -1,0 +1,146 @@
+"""hicache inside SGLang, against SGLang's own code (sglang 0.5.23, installed --no-deps by the `sglang` tox env).
+
+SGLang's ``StorageBackendFactory`` loads ``hicache_core.sglang.HiCacheForSGLang`` unchanged and pages round-trip
+through SGLang's host-pool API (``set_from_flat_data_page`` / ``get_data_page``) in every layout.
+
+Stand-in, and why: SGLang's own host pool (``sglang.srt.mem_cache.memory_pool_host``) cannot be imported on this
+CPU-only machine -- it imports ``sglang.srt.configs``, which imports ``torchvision``, and the only torchvision
+wheel for torch 2.13 here is the CUDA build (``libc10_cuda.so`` missing). So the host pool is hicache's
+``HostPool``, which speaks SGLang's host-pool API; and to prove the bridge works on a pool that offers *only*
+SGLang's API, every case runs again through ``SGLangOnly``, a view that exposes nothing but SGLang's names.
+"""
+
+import os
+
+import pytest
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+from hicache_core.memory import HostPool, KVSpec
+from hicache_core.sglang import HiCacheForSGLang, SGLangHostPool
+
+PS = 4
+MHA = KVSpec(layer_num=3, head_num=2, head_dim=8, dtype=torch.bfloat16)
+MLA = KVSpec(layer_num=3, head_num=1, head_dim=24, dtype=torch.bfloat16, is_mla=True)
+LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+
+
+class SGLangOnly:
+    """A host pool with nothing but the attributes SGLang's MHA host pool has (what SGLang backends may use)."""
+
+    NAMES = ("layout", "page_size", "dtype", "size", "kv_buffer", "layer_num", "get_page_buffer_meta", "get_data_page", "set_from_flat_data_page", "get_dummy_flat_data_page",
+             "alloc", "free")
+
+    def __init__(self, pool: HostPool) -> None:
+        for name in self.NAMES:
+            setattr(self, name, getattr(pool, name))
+        self.head_num, self.head_dim = pool.spec.head_num, pool.spec.head_dim
+
+
+def sglang_config(extra: dict, *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, layout: str) -> HiCacheStorageConfig:
+    return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
+                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
+                                is_page_first_layout=layout != "layer_first", model_name="sglang-interop",
+                                extra_config=extra)
+
+
+def hicache_extra(backend: str, tmp_path) -> dict:
+    extra = {"backend_name": "hicache", "module_path": "hicache_core.sglang", "class_name": "HiCacheForSGLang",
+             "interface_v1": 1, "hicache_backend": backend}
+    if backend == "file":
+        extra["storage_dir"] = str(tmp_path / "file-store")
+    elif backend == "hf3fs":
+        extra.update(file_path_prefix=str(tmp_path / "hf3fs" / "kv"), file_size=1 << 24, numjobs=2, entries=4)
+    return extra
+
+
+def sglang_backend(extra, pool, **kw) -> HiCacheStorage:
+    """Exactly SGLang's path: the factory builds the class, then the controller registers the host pool."""
+    backend = StorageBackendFactory.create_backend("dynamic", sglang_config(extra, layout=pool.layout, **kw), pool)
+    assert isinstance(backend, HiCacheStorage)
+    backend.register_mem_pool_host(pool)
+    return backend
+
+
+def random_pages(pool, host_indices) -> list[torch.Tensor]:
+    pages = []
+    for i in range(0, len(host_indices), PS):
+        page = torch.randn(pool.get_dummy_flat_data_page().shape).to(pool.dtype)
+        pool.set_from_flat_data_page(int(host_indices[i]), page)
+        pages.append(page)
+    return pages
+
+
+def read_pages(pool, host_indices) -> list[torch.Tensor]:
+    return [pool.get_data_page(int(host_indices[i]), flat=True).clone() for i in range(0, len(host_indices), PS)]
+
+
+@pytest.mark.parametrize("view", ["hicache-pool", "sglang-api-only"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend_name", ["file", "hf3fs", "memory"])
+def test_factory_loads_hicache_and_pages_roundtrip(tmp_path, backend_name, layout, view):
+    ours = HostPool(MHA, 16 * PS, PS, layout, pin_memory=False)
+    pool = ours if view == "hicache-pool" else SGLangOnly(ours)
+    backend = sglang_backend(hicache_extra(backend_name, tmp_path), pool)
+    assert isinstance(backend, HiCacheForSGLang)
+    if view == "sglang-api-only":
+        assert isinstance(backend.backend.mem_pool_host, SGLangHostPool)
+    src, dst = ours.alloc(3 * PS), ours.alloc(3 * PS)
+    written = random_pages(pool, src)
+    keys = [os.urandom(32).hex() for _ in range(3)]
+    info = HiCacheStorageExtraInfo(prefix_keys=None)
+    assert backend.batch_set_v1(keys, src, info) == [True] * 3
+    assert backend.batch_exists(keys, info) == 3
+    assert backend.batch_get_v1(keys, dst, info) == [True] * 3
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(read_pages(pool, dst), written))
+    assert backend.batch_exists([os.urandom(32).hex()]) == 0
+    stats = backend.get_stats()
+    assert isinstance(stats, dict) and stats
+    backend.close()
+
+
+def test_v0_methods_work(tmp_path):
+    pool = HostPool(MHA, 8 * PS, PS, "layer_first", pin_memory=False)
+    backend = sglang_backend(hicache_extra("file", tmp_path), pool)
+    page = pool.get_dummy_flat_data_page()
+    page.copy_(torch.randn(page.shape).to(page.dtype))
+    assert backend.set("k0", page) is True and backend.exists("k0")
+    target = pool.get_dummy_flat_data_page()
+    got = backend.get("k0", target)
+    assert got is not None and torch.equal(got.view(torch.uint8), page.view(torch.uint8))
+    assert backend.batch_get(["k0", "nope"], [pool.get_dummy_flat_data_page(), pool.get_dummy_flat_data_page()])[1] is None
+    backend.close()
+
+
+def test_mla_only_rank_zero_writes_every_rank_reads(tmp_path):
+    extra = hicache_extra("file", tmp_path)
+    pools = [HostPool(MLA, 8 * PS, PS, "page_first_direct", pin_memory=False) for _ in range(2)]
+    rank0, rank1 = (sglang_backend(extra, p, mla=True, tp_rank=r, tp_size=2) for r, p in enumerate(pools))
+    keys = [os.urandom(32).hex() for _ in range(2)]
+    idx1 = pools[1].alloc(2 * PS)
+    random_pages(pools[1], idx1)
+    assert rank1.batch_set_v1(keys, idx1) == [True, True]  # acknowledged, not written
+    assert rank0.batch_exists(keys) == 0
+    idx0 = pools[0].alloc(2 * PS)
+    written = random_pages(pools[0], idx0)
+    assert rank0.batch_set_v1(keys, idx0) == [True, True]
+    assert rank1.batch_exists(keys) == 2  # MLA pages are the same on every rank: rank 1 reads rank 0's
+    dst = pools[1].alloc(2 * PS)
+    assert rank1.batch_get_v1(keys, dst) == [True, True]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(read_pages(pools[1], dst), written))
+
+
+def test_without_register_mem_pool_host_the_error_says_so(tmp_path):
+    pool = HostPool(MHA, 8 * PS, PS, "layer_first", pin_memory=False)
+    backend = StorageBackendFactory.create_backend("dynamic", sglang_config(hicache_extra("file", tmp_path),
+                                                                            layout="layer_first"), pool)
+    with pytest.raises(Exception, match="register_mem_pool_host\\(\\) was not called"):
+        backend.batch_exists(["k"])
+
+
+def test_unknown_hicache_backend_is_a_clear_error(tmp_path):
+    pool = HostPool(MHA, 8 * PS, PS, "layer_first", pin_memory=False)
+    extra = {**hicache_extra("file", tmp_path), "hicache_backend": "nosuch"}
+    with pytest.raises(Exception, match="unknown storage backend 'nosuch'; available: .*file"):
+        sglang_backend(extra, pool)
