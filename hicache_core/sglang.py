@@ -14,6 +14,7 @@ installed works, constructing the class says what to install.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 from typing import Any, Optional
 
@@ -26,12 +27,11 @@ from hicache_core.registry import StorageBackendHandle, create_backend, make_sto
 
 logger = logging.getLogger(__name__)
 
-try:  # SGLang's factory requires its own base class
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage as _SGLangStorage
-
-    _SGLANG_ERROR: Optional[BaseException] = None
-except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
-    _SGLangStorage = object  # type: ignore[assignment,misc]
+_SGLangStorage: Any = object  # SGLang's factory requires its own base class, when sglang imports
+_SGLANG_ERROR: Optional[BaseException] = None
+try:
+    _SGLangStorage = importlib.import_module("sglang.srt.mem_cache.hicache_storage").HiCacheStorage
+except Exception as e:  # any import failure means "not usable here"
     _SGLANG_ERROR = e
 
 
@@ -78,7 +78,7 @@ def _spec_of(pool: Any, is_mla: bool) -> KVSpec:
     return KVSpec(layer_num=pool.layer_num, head_num=pool.head_num, head_dim=pool.head_dim, dtype=pool.dtype)
 
 
-class HiCacheForSGLang(_SGLangStorage):  # type: ignore[misc,valid-type]
+class HiCacheForSGLang(_SGLangStorage):
     """An SGLang ``HiCacheStorage`` whose pages live in a hicache backend (v1 zero copy, and v0)."""
 
     def __init__(self, storage_config: Any, kwargs: Optional[dict] = None) -> None:
