@@ -163,3 +163,20 @@ class HiCacheForSGLang(_SGLangStorage):
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
+
+
+def through_sglang(config: HiCacheConfig, host_pool: Any) -> HiCacheForSGLang:
+    """HiCacheForSGLang for ``config``'s backend, built the way SGLang builds it (its HiCacheStorageConfig, then
+    register_mem_pool_host) on ``host_pool``: what ``hicache bench storage --via-sglang`` measures."""
+    if _SGLANG_ERROR is not None:
+        raise BackendLoadError(f"--via-sglang needs sglang ({type(_SGLANG_ERROR).__name__}: {_SGLANG_ERROR}); "
+                               "pip install sglang, or run the sglang tox env")
+    storage_config_cls = importlib.import_module("sglang.srt.mem_cache.hicache_storage").HiCacheStorageConfig
+    extra = {"hicache_backend": config.hicache_storage_backend, **config.backend_extra_config}
+    sc = storage_config_cls(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                            is_mla_model=host_pool.spec.is_mla, enable_storage_metrics=False,
+                            is_page_first_layout=host_pool.layout != "layer_first", model_name=config.model_name,
+                            extra_config=extra)
+    backend = HiCacheForSGLang(sc, {})
+    backend.register_mem_pool_host(host_pool)
+    return backend

@@ -144,3 +144,15 @@ def test_unknown_hicache_backend_is_a_clear_error(tmp_path):
     extra = {**hicache_extra("file", tmp_path), "hicache_backend": "nosuch"}
     with pytest.raises(Exception, match="unknown storage backend 'nosuch'; available: .*file"):
         sglang_backend(extra, pool)
+
+
+def test_bench_storage_through_sglang(tmp_path, capsys):
+    """The storage benchmark measures HiCacheForSGLang against the bare backend on the same pool (ratios in the
+    issue note; here: it runs, and every page read back is checked)."""
+    from hicache_core.cli import main
+
+    rc = main(["bench", "storage", "--via-sglang", "--total-mib", "4", "--page-kib", "256", "--repeat", "1",
+               "--hicache-mem-layout", "page_first_direct", "--hicache-io-backend", "direct",
+               "--hicache-storage-backend-extra-config", f'{{"storage_dir": "{tmp_path}"}}'])
+    out = capsys.readouterr().out
+    assert rc == 0 and "the bare backend" in out and "set ratio" in out

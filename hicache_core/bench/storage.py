@@ -8,6 +8,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-kib", default="256,1024", help="page sizes in KiB (default 256,1024)")
     p.add_argument("--total-mib", type=int, default=256, help="MiB moved per measurement (default 256)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--via-sglang", action="store_true",
+                   help="measure the backend through HiCacheForSGLang (needs sglang) against the bare backend")
     p.add_argument("--json", action="store_true")
 
 
@@ -41,7 +44,26 @@ def _batches(keys, idx, ps):
         yield keys[i : i + BATCH], idx[i * ps : (i + len(keys[i : i + BATCH])) * ps]
 
 
-def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_mib: int, repeat: int) -> dict:
+class _Bare:
+    """The baseline of --via-sglang: the same backend called directly, same pool, same batches."""
+
+    name = "the bare backend (same pool, same batches)"
+
+    def __init__(self, backend, ps: int) -> None:
+        self.backend, self.ps = backend, ps
+
+    def set(self, keys, idx) -> None:
+        _each(self.backend.batch_set_v1, keys, idx, self.ps, [])
+
+    def get(self, keys, idx) -> None:
+        _each(self.backend.batch_get_v1, keys, idx, self.ps, [])
+
+    def cleanup(self) -> None:
+        self.backend.clear()
+
+
+def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_mib: int, repeat: int,
+             via_sglang: bool = False) -> dict:
     ps = config.page_size
     item = 2 * 128 * 2  # 2 KV heads x head_dim 128 x bf16 per token and layer
     layers = kib * 1024 // (2 * ps * item)
@@ -49,11 +71,18 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
         raise ConfigError(f"--page-kib {kib} cannot be made of pages of {ps} tokens (2 heads x 128 dims, bf16)")
     spec = KVSpec(layer_num=layers, head_num=2, head_dim=128, dtype=torch.bfloat16)
     n = max(1, total_mib * 1024 // kib)
-    backend, pool = open_backend(config.replace(model_name="hicache-bench"), spec, 2 * n * ps, resolved=resolved)
+    config = config.replace(model_name="hicache-bench")
+    backend, pool = open_backend(config, spec, 2 * n * ps, resolved=resolved)
     pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8))
     src, dst = pool.alloc(n * ps), pool.alloc(n * ps)
     assert src is not None and dst is not None
-    baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
+    if via_sglang:
+        from hicache_core.sglang import through_sglang
+
+        baseline: Any = _Bare(backend, ps)
+        backend = through_sglang(config, pool)  # measured: SGLang's view of the same backend
+    else:
+        baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
     nbytes = n * pool.page_bytes
     res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get")}
     try:
@@ -82,6 +111,8 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
         backend.close()
         if baseline is not None:
             baseline.cleanup()
+        if isinstance(baseline, _Bare):
+            baseline.backend.close()
     med = {k: statistics.median(v) for k, v in res.items() if v}
     row = {"page_kib": kib, "pages": n, "set_gbps": gbps(nbytes, med["set"]), "get_gbps": gbps(nbytes, med["get"]),
            "exists_kpages_s": n / med["exists"] / 1e3}
@@ -114,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     config, resolved = resolve_config(HiCacheConfig.from_args(args))
     if resolved is None:
         raise ConfigError("--hicache-storage-backend: name the backend to measure (see `hicache backends`)")
-    rows = [_measure(config, resolved, int(k), args.total_mib, args.repeat) for k in args.page_kib.split(",")]
+    rows = [_measure(config, resolved, int(k), args.total_mib, args.repeat, args.via_sglang)
+            for k in args.page_kib.split(",")]
     if args.json:
         dump_json({"backend": config.hicache_storage_backend, "layout": config.hicache_mem_layout, "results": rows})
         return 0
