@@ -123,13 +123,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=g))
         tokens = torch.randint(0, 2**31, (n * ps,), generator=g).tolist()
         keys = hash_chain(tokens, ps)
-        t0 = time.perf_counter()
-        wrote = backend.batch_set_v1(keys, src)
-        t1 = time.perf_counter()
-        found = backend.batch_exists(keys)
-        t2 = time.perf_counter()
-        got = backend.batch_get_v1(keys, dst)
-        t3 = time.perf_counter()
+        try:
+            t0 = time.perf_counter()
+            wrote = backend.batch_set_v1(keys, src)
+            t1 = time.perf_counter()
+            found = backend.batch_exists(keys)
+            t2 = time.perf_counter()
+            got = backend.batch_get_v1(keys, dst)
+            t3 = time.perf_counter()
+        except Exception as e:  # the backend's fault, reported as the check's result, not a traceback
+            print(f"  the backend raised {type(e).__name__}: {e}")
+            print("check FAILED")
+            return 1
         same = all(
             torch.equal(pool.get_flat_page(int(src[i * ps])).view(torch.uint8), pool.get_flat_page(int(dst[i * ps])).view(torch.uint8)) for i in range(n)
         )
@@ -139,9 +144,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  exists {found}/{n} pages")
         print(f"  get    {sum(got)}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  bytes {'identical' if same else 'DIFFER'}")
         ok = all(wrote) and found == n and all(got) and same
-        backend.clear()
-        left = backend.batch_exists(keys)
-        print(f"  cleanup: {'removed the check pages' if left == 0 else f'{left} check pages could not be removed'}")
+        try:
+            backend.clear()
+            left = backend.batch_exists(keys)
+            print(f"  cleanup: {'removed the check pages' if left == 0 else f'{left} check pages could not be removed'}")
+        except Exception as e:
+            print(f"  cleanup: clear() raised {type(e).__name__}: {e}; the check pages may remain")
         print("check passed" if ok else "check FAILED")
         return 0 if ok else 1
     finally:

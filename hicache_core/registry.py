@@ -24,6 +24,7 @@ from hicache_core.parse import parse_bool
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
 from hicache_core.storage.adapter import _Delegate, as_v1
 from hicache_core.storage.base import StorageConfig
+from hicache_core.storage.foreign import construct_sglang, is_sglang_backend
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +133,12 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
     return ResolvedBackend(name, cls, rec.interface_v1, rec.page_first_only, offers[0].distribution)
 
 
-def construct(cls: type, storage_config: StorageConfig, extra: dict) -> Any:
+def construct(cls: type, storage_config: StorageConfig, extra: dict, host_pool: Any = None) -> Any:
     """``cls(storage_config, extra)`` -- SGLang's dynamic shape -- or, for a class whose constructor takes fewer
-    arguments (the seed's minimal backend may take none), ``cls(storage_config)`` or ``cls()``."""
+    arguments (the seed's minimal backend may take none), ``cls(storage_config)`` or ``cls()``. A subclass of
+    SGLang's own HiCacheStorage is built as SGLang builds it (:mod:`hicache_core.storage.foreign`)."""
+    if is_sglang_backend(cls):
+        return construct_sglang(cls, storage_config, extra, host_pool)
     try:
         params = [p for p in inspect.signature(cls).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
@@ -258,7 +262,7 @@ def create_backend(
     resolved = backend if isinstance(backend, ResolvedBackend) else resolve(backend, extra, pm)
     check_layout(resolved, storage_config.layout)
     try:
-        raw = construct(resolved.cls, storage_config, dict(extra))
+        raw = construct(resolved.cls, storage_config, dict(extra), host_pool)
     except (BackendLoadError, ConfigError):
         raise
     except Exception as e:

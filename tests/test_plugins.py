@@ -296,6 +296,30 @@ def test_cli_bad_choice_is_argparse_usage_error():
         "argument --hicache-io-backend: invalid choice: 'dma' (choose from 'kernel', 'direct')")
 
 
+RAISING_STORE = '''
+class RaisingStore:
+    def __init__(self, storage_config, kwargs):
+        pass
+    def register_mem_pool_host(self, pool):
+        self.pool = pool
+    def batch_exists(self, keys):
+        return 0
+    def batch_get_v1(self, keys, host_indices):
+        return [False] * len(keys)
+    def batch_set_v1(self, keys, host_indices):
+        raise ConnectionError("storage cluster unreachable")
+'''
+
+
+def test_cli_check_reports_a_raising_backend_without_a_traceback(tmp_path):
+    (tmp_path / "raising_store.py").write_text(RAISING_STORE)
+    extra = '{"backend_name": "r", "module_path": "raising_store", "class_name": "RaisingStore", "interface_v1": 1}'
+    r = run_cli("check", "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", extra,
+                pythonpath=[tmp_path])
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    assert "the backend raised ConnectionError: storage cluster unreachable" in r.stdout and "check FAILED" in r.stdout
+
+
 def test_cli_version():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("hicache 0.1.0")

@@ -201,6 +201,10 @@ class HostPool:
         return torch.zeros(self.page_bytes // self.spec.itemsize, dtype=self.dtype)
 
     # --- SGLang's names for the same, so SGLang's storage backends run on this pool ----------------------------------
+    @property
+    def size_per_token(self) -> int:
+        return self.spec.size_per_token
+
     def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
         """SGLang's accessor: the page at ``index``, flat (a copy) or as the layout's page view."""
         return self.get_flat_page(index) if flat else self._page_view(index)

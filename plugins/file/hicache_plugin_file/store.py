@@ -25,6 +25,7 @@ import torch
 
 from hicache_core.errors import ConfigError
 from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope, map_chunked, parse_bool
+from hicache_plugin_file.sglang_layout import SGLangFileLayout
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,17 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 class FileStorage(HiCacheStorage):
     """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else /tmp/hicache),
     ``capacity_bytes`` (0 = unlimited; LRU eviction of whole pages), ``io_threads`` (parallel page I/O in a batch,
-    default 4), ``fsync`` (flush each page to disk before publishing it; default off)."""
+    default 4), ``fsync`` (flush each page to disk before publishing it; default off), ``layout_compat``
+    (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see :mod:`.sglang_layout`)."""
+
+    def __new__(cls, storage_config=None, extra_config=None):
+        compat = (extra_config or {}).get("layout_compat", "hicache")
+        if compat == "sglang":
+            return SGLangFileLayout(storage_config, extra_config)  # one L3 directory with SGLang servers
+        if compat != "hicache":
+            raise ConfigError(f"file backend: layout_compat={compat!r}; choose 'hicache' (the default, checksummed "
+                              "pages) or 'sglang' (SGLang HiCacheFile's files)")
+        return super().__new__(cls)
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
