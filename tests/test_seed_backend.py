@@ -114,7 +114,7 @@ def test_runs_the_multiturn_benchmark(seed_module, tmp_path):
     from test_engine import SMALL, parse
 
     args = parse(SMALL + ["--no-warm", "--configs", "hicache+storage", "--report-dir", str(tmp_path / "r"),
-                          "--hicache-ratio", "1",  # a host tier no larger than the device: storage must serve
+                          "--hicache-ratio", "1", "--max-running", "1",  # host no larger than device, one request at a time: storage serves
                           "--hicache-storage-backend", "dynamic",
                           "--hicache-storage-backend-extra-config", json.dumps({**DYNAMIC, "prefetch_threshold": 16})])
     assert multiturn.run(args) == 0  # tokens identical to no-cache

@@ -135,7 +135,7 @@ def test_sglang_hicache_file_runs_the_multiturn_benchmark(tmp_path):
 
     extra = {**SGLANG_FILE, "file_storage_path": str(tmp_path / "store"), "prefetch_threshold": 16}
     args = parse(SMALL + ["--no-warm", "--configs", "hicache+storage", "--report-dir", str(tmp_path / "r"),
-                          "--hicache-ratio", "1",  # a host tier no larger than the device: storage must serve
+                          "--hicache-ratio", "1", "--max-running", "1",  # host no larger than device, one request at a time: storage serves
                           "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
                           json.dumps(extra)])
     assert multiturn.run(args) == 0  # tokens identical to no-cache
