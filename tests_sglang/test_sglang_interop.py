@@ -100,6 +100,28 @@ def test_factory_loads_hicache_and_pages_roundtrip(tmp_path, backend_name, layou
     backend.close()
 
 
+@pytest.mark.parametrize("view", ["hicache-pool", "sglang-api-only"])
+@pytest.mark.parametrize("layout", ["page_first", "page_first_direct"])
+def test_mooncake_through_sglang(tmp_path, master, layout, view):
+    """hicache's mooncake backend (zero copy, real mooncake_master on loopback) under SGLang's factory."""
+    ours = HostPool(MHA, 16 * PS, PS, layout, pin_memory=False)
+    pool = ours if view == "hicache-pool" else SGLangOnly(ours)
+    backend = sglang_backend({**hicache_extra("mooncake", tmp_path), **master.extra()}, pool)
+    src, dst = ours.alloc(3 * PS), ours.alloc(3 * PS)
+    written = random_pages(pool, src)
+    keys = [os.urandom(32).hex() for _ in range(3)]
+    assert backend.batch_set_v1(keys, src, None) == [True] * 3 and backend.batch_exists(keys) == 3
+    assert backend.batch_get_v1(keys, dst, None) == [True] * 3
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(read_pages(pool, dst), written))
+    backend.close()
+
+
+def test_mooncake_refuses_layer_first_with_the_fix(tmp_path, master):
+    pool = HostPool(MHA, 16 * PS, PS, "layer_first", pin_memory=False)
+    with pytest.raises(Exception, match="page_first/page_first_direct host layouts"):
+        sglang_backend({**hicache_extra("mooncake", tmp_path), **master.extra()}, pool)
+
+
 def test_v0_methods_work(tmp_path):
     pool = HostPool(MHA, 8 * PS, PS, "layer_first", pin_memory=False)
     backend = sglang_backend(hicache_extra("file", tmp_path), pool)
