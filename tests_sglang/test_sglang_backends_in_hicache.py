@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig
+from sglang_helpers import PS, random_pages, same
 
 from hicache_core.bench import multiturn
 from hicache_core.cli import main
@@ -23,7 +24,6 @@ from hicache_core.config import HiCacheConfig
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import create_backend, make_storage_config
 
-PS = 4
 SPEC = KVSpec(layer_num=3, head_num=2, head_dim=8, dtype=torch.bfloat16)
 MLA = KVSpec(layer_num=3, head_num=1, head_dim=24, dtype=torch.bfloat16, is_mla=True)
 
@@ -43,19 +43,6 @@ def hicache_file(path, pool, *, model="org/model-7b", tp_rank=0, tp_size=1):
     return create_backend("file", sc, pool)
 
 
-def fill(pool, idx) -> list[torch.Tensor]:
-    pages = []
-    for i in range(0, len(idx), PS):
-        page = torch.randn(pool.get_dummy_flat_data_page().shape).to(pool.dtype)
-        pool.set_from_flat_data_page(int(idx[i]), page)
-        pages.append(page)
-    return pages
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
 @pytest.mark.parametrize("spec", [SPEC, MLA], ids=["mha", "mla"])
 @pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
 def test_one_directory_for_sglang_and_hicache(tmp_path, layout, spec):
@@ -65,7 +52,7 @@ def test_one_directory_for_sglang_and_hicache(tmp_path, layout, spec):
     keys = [os.urandom(32).hex() for _ in range(4)]
     # SGLang writes (as its controller does: flat pages from get_data_page), hicache reads
     src = pool.alloc(2 * PS)
-    pages = fill(pool, src)
+    pages = random_pages(pool, src)
     assert theirs.batch_set(keys[:2], [pool.get_data_page(int(src[i * PS]), flat=True) for i in range(2)])
     assert ours.batch_exists(keys[:2]) == 2
     dst = pool.alloc(2 * PS)
@@ -73,7 +60,7 @@ def test_one_directory_for_sglang_and_hicache(tmp_path, layout, spec):
     assert all(same(pool.get_data_page(int(dst[i * PS]), flat=True), pages[i]) for i in range(2))
     # hicache writes, SGLang reads
     src2 = pool.alloc(2 * PS)
-    pages2 = fill(pool, src2)
+    pages2 = random_pages(pool, src2)
     assert ours.batch_set_v1(keys[2:], src2) == [True, True]
     for i, key in enumerate(keys[2:]):
         assert theirs.exists(key)
@@ -90,7 +77,7 @@ def test_another_model_or_rank_sees_nothing(tmp_path):
     theirs = sglang_file(tmp_path, layout="layer_first")
     key = os.urandom(32).hex()
     src = pool.alloc(PS)
-    fill(pool, src)
+    random_pages(pool, src)
     assert theirs.set(key, pool.get_data_page(int(src[0]), flat=True))
     assert hicache_file(tmp_path, pool, model="other/model").batch_exists([key]) == 0
     assert hicache_file(tmp_path, pool, tp_rank=1, tp_size=2).batch_exists([key]) == 0

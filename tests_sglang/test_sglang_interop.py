@@ -16,11 +16,11 @@ import pytest
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+from sglang_helpers import PS, all_same, random_pages, read_pages
 
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.sglang import HiCacheForSGLang, SGLangHostPool
 
-PS = 4
 MHA = KVSpec(layer_num=3, head_num=2, head_dim=8, dtype=torch.bfloat16)
 MLA = KVSpec(layer_num=3, head_num=1, head_dim=24, dtype=torch.bfloat16, is_mla=True)
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
@@ -63,19 +63,6 @@ def sglang_backend(extra, pool, **kw) -> HiCacheStorage:
     return backend
 
 
-def random_pages(pool, host_indices) -> list[torch.Tensor]:
-    pages = []
-    for i in range(0, len(host_indices), PS):
-        page = torch.randn(pool.get_dummy_flat_data_page().shape).to(pool.dtype)
-        pool.set_from_flat_data_page(int(host_indices[i]), page)
-        pages.append(page)
-    return pages
-
-
-def read_pages(pool, host_indices) -> list[torch.Tensor]:
-    return [pool.get_data_page(int(host_indices[i]), flat=True).clone() for i in range(0, len(host_indices), PS)]
-
-
 @pytest.mark.parametrize("view", ["hicache-pool", "sglang-api-only"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend_name", ["file", "hf3fs", "memory"])
@@ -93,7 +80,7 @@ def test_factory_loads_hicache_and_pages_roundtrip(tmp_path, backend_name, layou
     assert backend.batch_set_v1(keys, src, info) == [True] * 3
     assert backend.batch_exists(keys, info) == 3
     assert backend.batch_get_v1(keys, dst, info) == [True] * 3
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(read_pages(pool, dst), written))
+    assert all_same(read_pages(pool, dst), written)
     assert backend.batch_exists([os.urandom(32).hex()]) == 0
     stats = backend.get_stats()
     assert isinstance(stats, dict) and stats
@@ -112,7 +99,7 @@ def test_mooncake_through_sglang(tmp_path, master, layout, view):
     keys = [os.urandom(32).hex() for _ in range(3)]
     assert backend.batch_set_v1(keys, src, None) == [True] * 3 and backend.batch_exists(keys) == 3
     assert backend.batch_get_v1(keys, dst, None) == [True] * 3
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(read_pages(pool, dst), written))
+    assert all_same(read_pages(pool, dst), written)
     backend.close()
 
 
@@ -150,7 +137,7 @@ def test_mla_only_rank_zero_writes_every_rank_reads(tmp_path):
     assert rank1.batch_exists(keys) == 2  # MLA pages are the same on every rank: rank 1 reads rank 0's
     dst = pools[1].alloc(2 * PS)
     assert rank1.batch_get_v1(keys, dst) == [True, True]
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(read_pages(pools[1], dst), written))
+    assert all_same(read_pages(pools[1], dst), written)
 
 
 def test_without_register_mem_pool_host_the_error_says_so(tmp_path):
