@@ -12,6 +12,7 @@ door engines call; these finer calls stay public for engines that schedule their
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import attrs
@@ -358,8 +359,6 @@ class TieredCache(RadixTree):
 
     def flush(self, timeout: float = 60.0) -> None:
         """Wait for every copy and storage backup in flight, then apply them (tests, benchmarks, shutdown)."""
-        import time
-
         ctrl = self.controller
         if ctrl is None:
             return
