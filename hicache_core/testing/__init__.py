@@ -305,7 +305,7 @@ class BackendConformance:
         for t in threads:
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "a thread hung"
-        assert errors == []
+        assert errors == [], f"{len(errors)} threads failed: {errors[:3]}"
 
     def test_clear(self, tmp_path):
         if not self.supports_clear:
