@@ -24,6 +24,7 @@ from hicache_core.config import DYNAMIC_KEYS, HiCacheConfig
 from hicache_core.errors import BackendLoadError
 from hicache_core.memory import KVSpec
 from hicache_core.registry import StorageBackendHandle, create_backend, make_storage_config
+from hicache_core.storage.foreign import sglang_storage_config
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +172,8 @@ def through_sglang(config: HiCacheConfig, host_pool: Any) -> HiCacheForSGLang:
     if _SGLANG_ERROR is not None:
         raise BackendLoadError(f"--via-sglang needs sglang ({type(_SGLANG_ERROR).__name__}: {_SGLANG_ERROR}); "
                                "pip install sglang, or run the sglang tox env")
-    storage_config_cls = importlib.import_module("sglang.srt.mem_cache.hicache_storage").HiCacheStorageConfig
     extra = {"hicache_backend": config.hicache_storage_backend, **config.backend_extra_config}
-    sc = storage_config_cls(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                            is_mla_model=host_pool.spec.is_mla, enable_storage_metrics=False,
-                            is_page_first_layout=host_pool.layout != "layer_first", model_name=config.model_name,
-                            extra_config=extra)
+    sc = sglang_storage_config(make_storage_config(config, host_pool.spec), extra)
     backend = HiCacheForSGLang(sc, {})
     backend.register_mem_pool_host(host_pool)
     return backend
