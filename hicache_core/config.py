@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -33,6 +34,7 @@ RESERVED_EXTRA_KEYS = {
     "prefetch_timeout_base": float,
     "prefetch_timeout_per_ki_token": float,
     "hicache_storage_pass_prefix_keys": bool,
+    "io_timeout_s": float,  # ours: the deadline of each backend call (0 = none)
 }
 DYNAMIC_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 
@@ -52,8 +54,8 @@ def _choice(*choices: str):
 
 
 def _non_negative(inst, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a number >= 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a finite number >= 0")
 
 
 def _positive_int(inst, attribute, value):
@@ -113,16 +115,15 @@ def require_dynamic_keys(extra: Mapping[str, Any]) -> None:
 def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is bool:
         return parse_bool(value, f"--hicache-storage-backend-extra-config: {key}")
+    what = f"--hicache-storage-backend-extra-config: {key}={value!r}"
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(value)
         out = kind(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(
-            f"--hicache-storage-backend-extra-config: {key}={value!r} is not a valid {kind.__name__}"
-        ) from e
-    if out < 0:
-        raise ConfigError(f"--hicache-storage-backend-extra-config: {key}={value!r} must be >= 0")
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{what} is not a valid {'whole number' if kind is int else 'number'}") from e
+    if not math.isfinite(out) or out < 0:
+        raise ConfigError(f"{what} must be a finite number >= 0")
     return out
 
 
@@ -174,6 +175,12 @@ class HiCacheConfig:
     @property
     def prefetch_timeout_per_ki_token(self) -> float:
         return self._reserved("prefetch_timeout_per_ki_token", 0.25)
+
+    @property
+    def io_timeout_s(self) -> float:
+        """Deadline of each storage backend call in seconds; a call past it is abandoned and the request
+        recomputes (0: wait forever)."""
+        return self._reserved("io_timeout_s", 10.0)
 
     @property
     def pass_prefix_keys(self) -> bool:
@@ -233,8 +240,9 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--hicache-storage-prefetch-policy", default=d.hicache_storage_prefetch_policy,
                    choices=PREFETCH_POLICIES, help="when a storage prefetch may stop (default %(default)s)")
     g.add_argument("--hicache-storage-backend-extra-config", default=None, metavar="JSON",
-                   help="JSON object (or a path to a JSON file) for the storage backend and the prefetch knobs "
-                        "prefetch_threshold, prefetch_timeout_base, prefetch_timeout_per_ki_token")
+                   help="JSON object (or a path to a JSON file) for the storage backend, plus the core's knobs "
+                        "prefetch_threshold, prefetch_timeout_base, prefetch_timeout_per_ki_token and io_timeout_s "
+                        "(deadline of each backend call, default 10 s)")
     g.add_argument("--radix-eviction-policy", default=d.radix_eviction_policy, choices=EVICTION_POLICIES,
                    help="device/host eviction order (default %(default)s)")
     g.add_argument("--enable-metrics", action="store_true", help="export Prometheus metrics")

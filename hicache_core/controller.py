@@ -26,6 +26,7 @@ from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
 from hicache_core.operations import BackupOperation, PrefetchOperation, TransferAck, Worker
 from hicache_core.storage import StorageV1
+from hicache_core.storage.guard import Call, GuardedStorage, Outcome
 from hicache_core.transfer import HostDeviceTransfer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class HiCacheController:
         device_pool.set_layer_waiter(self._wait_layer)
 
         self.storage = storage
+        self.guard = (GuardedStorage(storage, self.metrics, timeout_s=config.io_timeout_s)
+                      if storage is not None else None)
         self.prefetch_policy = config.hicache_storage_prefetch_policy
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
         self.prefetch_timeout_base = config.prefetch_timeout_base
@@ -65,6 +68,9 @@ class HiCacheController:
         self._release_queue: queue.Queue[torch.Tensor] = queue.Queue()
         self._backup_acks: queue.Queue[BackupOperation] = queue.Queue()
         self._backups_in_flight = 0
+        self._held_lock = threading.Lock()
+        self._backups_held = 0  # abandoned past the deadline: acked only once the backend call returns
+        self._quarantined_tokens = 0  # host slots an abandoned call may still write: freed when it returns
         self._stop = threading.Event()
         if storage is not None:
             self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
@@ -227,10 +233,22 @@ class HiCacheController:
             except queue.Empty:
                 break
         self._backups_in_flight -= len(out)
+        held = sum(1 for op in out if op.held)
+        if held:
+            with self._held_lock:
+                self._backups_held -= held
         return out
 
     def backups_in_flight(self) -> int:
-        return self._backups_in_flight
+        """Backups still running, not counting those abandoned past the deadline (whose host pages stay protected
+        until their call returns, but which nobody should wait for)."""
+        with self._held_lock:
+            return self._backups_in_flight - self._backups_held
+
+    def quarantined_tokens(self) -> int:
+        """Host slots held back from reuse because a backend call past its deadline may still write them."""
+        with self._held_lock:
+            return self._quarantined_tokens
 
     # --- owner-side housekeeping ----------------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -253,41 +271,40 @@ class HiCacheController:
 
     # --- worker jobs -------------------------------------------------------------------------------------------------
     @property
-    def _store(self) -> StorageV1:
-        """The backend, for the storage jobs (which run only when there is one)."""
-        assert self.storage is not None
-        return self.storage
+    def _guard(self) -> GuardedStorage:
+        """The guarded backend, for the storage jobs (which run only when there is one)."""
+        assert self.guard is not None
+        return self.guard
 
     def _give_back(self, idx: torch.Tensor) -> None:
         if idx.numel():
             self._release_queue.put(idx)
 
-    def _storage_call(self, what: str, fn: Callable, *args):
-        """Call the backend; an exception is a failure counted in metrics, never a crash of the worker."""
-        try:
-            return fn(*args)
-        except Exception as e:
-            logger.warning("storage %s failed: %s: %s", what, type(e).__name__, e)
-            self.metrics.record_storage_error(f"{what}_exception")
-            return None
+    def _quarantine(self, call: Call, idx: torch.Tensor) -> None:
+        """Keep ``idx`` out of reuse until the abandoned ``call`` returns, then hand it back."""
+        n = int(idx.numel())
+        with self._held_lock:
+            self._quarantined_tokens += n
 
-    def _storage_batch(self, what: str, fn: Callable, keys: list[str], idx: torch.Tensor) -> int:
-        """One batch_get_v1 / batch_set_v1: how many pages succeeded from the start, with its bytes, time and
-        failures counted (``get_miss`` / ``set_failed``; exceptions as ``{what}_exception``)."""
+        def returned(_: Call) -> None:
+            with self._held_lock:
+                self._quarantined_tokens -= n
+            self._give_back(idx)
+
+        call.on_done(returned)
+
+    def _storage_batch(self, what: str, fn: Callable, keys: list[str], idx: torch.Tensor) -> Outcome:
+        """One guarded batch_get_v1 / batch_set_v1, with its bytes, time and misses counted (``get_miss`` /
+        ``set_failed``; the guard counts exceptions, deadlines and invalid results)."""
         t0 = time.perf_counter()
-        results = self._storage_call(what, fn, keys, idx)
+        out: Outcome = fn(keys, idx)
         seconds = time.perf_counter() - t0
-        ok = 0
-        for r in results or []:
-            if not r:
-                break
-            ok += 1
-        if ok:
-            nbytes = ok * self.page_size * self.host_pool.spec.size_per_token
+        if out.ok:
+            nbytes = out.ok * self.page_size * self.host_pool.spec.size_per_token
             self.metrics.record_transfer(f"storage_{what}", nbytes, seconds)
-        if ok < len(keys) and results is not None:
+        if out.ok < len(keys) and out.answered:
             self.metrics.record_storage_error("get_miss" if what == "get" else "set_failed")
-        return ok
+        return out
 
     def _query(self, op: PrefetchOperation) -> None:
         hit: list[str] = []
@@ -296,8 +313,7 @@ class HiCacheController:
                 hashes = hash_chain(op.token_ids, self.page_size, op.last_hash)
                 for start in range(0, len(hashes), STORAGE_BATCH_PAGES):
                     batch = hashes[start : start + STORAGE_BATCH_PAGES]
-                    n = self._storage_call("exists", self._store.batch_exists, batch)
-                    n = max(0, min(int(n or 0), len(batch)))
+                    n = self._guard.batch_exists(batch).ok
                     hit += batch[:n]
                     if n < len(batch) or op.is_terminated():
                         break
@@ -309,38 +325,58 @@ class HiCacheController:
     def _fetch(self, op: PrefetchOperation) -> None:
         ps = self.page_size
         assert op.host_indices is not None
+        held = (0, 0)  # token range of the granted pages an abandoned call still targets
         try:
             for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                 if op.is_terminated() or self._stop.is_set():
                     break
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
-                idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                ok = self._storage_batch("get", self._store.batch_get_v1, keys, idx)
-                if not op.increment(ok * ps) or ok < len(keys):
+                lo, hi = start * ps, (start + len(keys)) * ps
+                out = self._storage_batch("get", self._guard.batch_get_v1, keys, op.host_indices[lo:hi])
+                if out.abandoned is not None:
+                    self._quarantine(out.abandoned, op.host_indices[lo:hi])
+                    held = (lo, hi)
+                    break
+                if not op.increment(out.ok * ps) or out.ok < len(keys):
                     break
         finally:
             completed = op.mark_terminate()  # pages past what completed go back: no I/O touches them any more
-            self._give_back(op.host_indices[completed:])
+            if held[1]:
+                self._give_back(op.host_indices[completed : held[0]])
+                self._give_back(op.host_indices[held[1] :])
+            else:
+                self._give_back(op.host_indices[completed:])
             op.io_done.set()
 
     def _backup(self, op: BackupOperation) -> None:
         ps = self.page_size
+        abandoned: Optional[Call] = None
         try:
             for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                ok = self._storage_batch("set", self._store.batch_set_v1, keys, idx)
-                op.completed_tokens += ok * ps
-                if ok < len(keys):
+                out = self._storage_batch("set", self._guard.batch_set_v1, keys, idx)
+                op.completed_tokens += out.ok * ps
+                abandoned = out.abandoned
+                if out.ok < len(keys):
                     break
         finally:
-            self._backup_acks.put(op)
+            if abandoned is None:
+                self._backup_acks.put(op)
+            else:  # the backend may still be reading the node's host pages: ack (unprotect) once it returns
+                op.held = True
+                with self._held_lock:
+                    self._backups_held += 1
+                abandoned.on_done(lambda _: self._backup_acks.put(op))
 
     # --- lifecycle ---------------------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop the workers and close the backend, each bounded: calls still waiting on the backend are abandoned."""
         self._stop.set()
+        if self.guard is not None:
+            self.guard.interrupt()
         for w in self._workers:
             w.stop()
-        if self.storage is not None:
-            self.storage.close()
+        if self.guard is not None:
+            self.guard.close()
         self.device_pool.set_layer_waiter(None)

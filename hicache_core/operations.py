@@ -134,3 +134,4 @@ class BackupOperation:
         self.hash_value = hash_value
         self.node_id = node_id
         self.completed_tokens = 0
+        self.held = False  # a call past its deadline may still read the pages: acked when it returns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 import zlib
 
 import torch
@@ -124,3 +125,17 @@ def empty_and_check(cache: HiRadixCache, device_free: int, host_free: int) -> No
 def locks_balanced(cache: HiRadixCache) -> None:
     for n in cache.nodes():
         assert n.lock_ref == 0 and n.host_ref == 0, f"lock left on {n}"
+
+
+def seq(base: int, n_pages: int) -> list[int]:
+    return [base * 1000 + i for i in range(n_pages * PS)]
+
+
+def stored_elsewhere(tokens) -> str:
+    """A memory store holding ``tokens``' pages, written by another cache instance that is gone."""
+    store = uuid.uuid4().hex
+    writer = make_cache(storage="memory", store=store)
+    run_request(writer, tokens)
+    writer.flush()
+    writer.close()
+    return store

@@ -6,21 +6,16 @@ import uuid
 
 import pytest
 import torch
-from cache_helpers import PS, kv_matches, locks_balanced, make_cache, owned_pages_ok, run_request, write_kv
-
-
-def seq(base: int, n_pages: int) -> list[int]:
-    return [base * 1000 + i for i in range(n_pages * PS)]
-
-
-def stored_elsewhere(tokens) -> str:
-    """A memory store holding ``tokens``' pages, written by another cache instance that is gone."""
-    store = uuid.uuid4().hex
-    writer = make_cache(storage="memory", store=store)
-    run_request(writer, tokens)
-    writer.flush()
-    writer.close()
-    return store
+from cache_helpers import (
+    kv_matches,
+    locks_balanced,
+    make_cache,
+    owned_pages_ok,
+    run_request,
+    seq,
+    stored_elsewhere,
+    write_kv,
+)
 
 
 def test_match_insert_split_and_prefix_length():
@@ -217,15 +212,15 @@ def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, po
     store = stored_elsewhere(s)
     c = make_cache(storage="memory", store=store, prefetch=policy, extra={"prefetch_timeout_base": 0.2})
     c.controller.prefetch_stall_limit = 0.5
-    faulty = FaultyStorage(c.controller.storage, mode)
-    c.controller.storage = faulty
+    faulty = FaultyStorage(c.controller.guard.backend, mode)
+    c.controller.guard.backend = faulty
     free_before = c.host_pool.available_size()
     r = run_request(c, s)  # asserts every served byte is right
     expected_storage = {"raise": 0, "corrupt_then_fail": 12, "hang": 0}[mode]
     assert r["storage"] == expected_storage and r["computed"] == 24 - expected_storage
     if mode == "hang":
         assert faulty.released.wait(5)
-        c.controller.storage = faulty.inner
+        c.controller.guard.backend = faulty.inner
     time.sleep(0.1)
     c.flush()
     c.poll()
@@ -240,8 +235,8 @@ def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, po
 def test_aborted_request_returns_prefetch_pages():
     store = stored_elsewhere(seq(4, 6))
     c = make_cache(storage="memory", store=store, prefetch="wait_complete")
-    faulty = FaultyStorage(c.controller.storage, "hang", hang_s=0.5)
-    c.controller.storage = faulty
+    faulty = FaultyStorage(c.controller.guard.backend, "hang", hang_s=0.5)
+    c.controller.guard.backend = faulty
     m = c.match_prefix(seq(4, 6))
     assert c.prefetch_from_storage("r", m.last_node, seq(4, 6))
     c.release_aborted_request("r")

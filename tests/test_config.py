@@ -48,7 +48,7 @@ def test_extra_config_from_file(tmp_path):
     (["--hicache-storage-backend-extra-config", "{nope"], "not valid JSON"),
     (["--hicache-storage-backend-extra-config", "[1]"], "expected a JSON object"),
     (["--hicache-storage-backend-extra-config", "@/no/such/file.json"], "cannot read JSON file"),
-    (["--hicache-storage-backend-extra-config", '{"prefetch_threshold": "lots"}'], "prefetch_threshold='lots' is not a valid int"),
+    (["--hicache-storage-backend-extra-config", '{"prefetch_threshold": "lots"}'], "prefetch_threshold='lots' is not a valid whole number"),
     (["--hicache-storage-backend", "dynamic"], "needs --hicache-storage-backend-extra-config with backend_name, module_path, class_name"),
     (["--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", '{"backend_name": "x", "module_path": "m"}'],
      "class_name"),

@@ -1,0 +1,263 @@
+"""The one layer between the controller and a backend it does not trust: deadlines and result checks.
+
+Every backend call the controller makes goes through :class:`GuardedStorage`:
+
+* **Deadline.** The call runs on a daemon thread of the guard's; the caller waits at most ``timeout_s``. A call past
+  it is *abandoned*: the caller treats the batch as failed (the request recomputes) and gets the call's
+  :class:`Call` back, so it can keep the host pages that call targets out of reuse until the call really returns
+  (a late write must never land in memory that holds another page by then). While ``max_abandoned`` calls are still
+  out, the backend counts as hung and new calls fail at once instead of waiting out the deadline again.
+* **Results.** ``batch_exists`` must give an int in ``[0, len(keys)]``; ``batch_get_v1`` / ``batch_set_v1`` a list
+  or tuple of exactly ``len(keys)`` booleans. Anything else fails the whole batch.
+
+Every failure is counted in the metrics by kind (``{op}_exception``, ``{op}_deadline``, ``{op}_invalid_result``,
+``backend_hung``) and logged once per kind, so a broken backend cannot flood the log. Nothing raised by a
+backend escapes: worker threads never die of it.
+
+A call that holds the GIL while it blocks (a C extension that does not release it) cannot be interrupted by any
+thread: such a backend must bound its own calls (the mooncake plugin probes its master before connecting).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_ABANDONED = 2
+
+
+class Call:
+    """One backend call handed to a guard thread."""
+
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn, self.args = fn, args
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self._callbacks: list[Callable[[Call], None]] = []
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # reported to the caller, never raised in the guard's thread
+            self.error = e
+        with self._lock:
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:
+                logger.exception("storage guard: completion callback failed")
+
+    def on_done(self, cb: Callable[[Call], None]) -> None:
+        """Run ``cb(call)`` once the call has returned (at once if it has)."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(cb)
+                return
+        cb(self)
+
+
+class _Threads:
+    """Daemon threads that run calls; a thread stuck in a hung call is replaced, so a hang costs one thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._q: queue.SimpleQueue[Optional[Call]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._count = 0
+
+    def submit(self, call: Call) -> None:
+        with self._lock:
+            if self._idle == 0:
+                self._count += 1
+                threading.Thread(target=self._loop, name=f"{self.name}-{self._count}", daemon=True).start()
+            else:
+                self._idle -= 1
+        self._q.put(call)
+
+    def _loop(self) -> None:
+        while True:
+            call = self._q.get()
+            if call is None:
+                return
+            call.run()
+            with self._lock:
+                self._idle += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._q.put(None)
+
+
+class Outcome:
+    """What a guarded batch call gave: ``ok`` pages succeeded from the start; ``abandoned`` is the call still
+    running past its deadline (its target pages must stay out of reuse until ``abandoned.done``)."""
+
+    __slots__ = ("ok", "abandoned", "answered")
+
+    def __init__(self, ok: int, abandoned: Optional[Call] = None, answered: bool = True) -> None:
+        self.ok, self.abandoned, self.answered = ok, abandoned, answered
+
+
+class GuardedStorage:
+    """A backend (speaking v1) behind deadlines and result checks; see the module doc."""
+
+    def __init__(self, backend: Any, metrics: Any, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_abandoned: int = DEFAULT_MAX_ABANDONED, name: Optional[str] = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self.max_abandoned = max(1, max_abandoned)
+        self.name = name or getattr(backend, "name", None) or type(backend).__name__
+        self._threads = _Threads("hicache-storage-call")
+        self._lock = threading.Lock()
+        self._abandoned: set[Call] = set()
+        self._logged: set[str] = set()
+        self._closing = threading.Event()
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------------
+    def _fail(self, kind: str, message: str) -> None:
+        self.metrics.record_storage_error(kind)
+        with self._lock:
+            first = kind not in self._logged
+            self._logged.add(kind)
+        if first:
+            logger.warning("storage backend %s: %s (logged once; counted as storage error %r)", self.name, message, kind)
+
+    def abandoned_calls(self) -> int:
+        with self._lock:
+            return len(self._abandoned)
+
+    def _forget(self, call: Call) -> None:
+        with self._lock:
+            self._abandoned.discard(call)
+
+    def _call(self, op: str, fn: Callable, *args: Any, force: bool = False) -> tuple[bool, Any, Optional[Call]]:
+        """(returned in time without raising, result, the call if abandoned). ``force``: try even a hung backend."""
+        with self._lock:
+            hung = len(self._abandoned) >= self.max_abandoned
+        if hung and not force:
+            self._fail("backend_hung", f"{self.max_abandoned} calls past the {self.timeout_s:g} s deadline have "
+                                             "not returned: failing calls at once until they do")
+            return False, None, None
+        if self._closing.is_set():
+            return False, None, None
+        if not self.timeout_s:
+            call = Call(fn, args)
+            call.run()
+        else:
+            call = Call(fn, args)
+            self._threads.submit(call)
+            deadline = time.monotonic() + self.timeout_s
+            while not call.done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if self._closing.is_set() or time.monotonic() >= deadline:
+                    break
+            if not call.done.is_set():
+                with self._lock:
+                    self._abandoned.add(call)
+                call.on_done(self._forget)
+                self._fail(f"{op}_deadline", f"{op} did not return within {self.timeout_s:g} s: abandoned (the "
+                                             "request recomputes; its host pages stay reserved until the call returns)")
+                return False, None, call
+        if call.error is not None:
+            e = call.error
+            self._fail(f"{op}_exception", f"{op} raised {type(e).__name__}: {e}")
+            return False, None, None
+        return True, call.result, None
+
+    # --- the calls ---------------------------------------------------------------------------------------------------
+    def batch_exists(self, keys: list[str]) -> Outcome:
+        ok, result, abandoned = self._call("exists", self.backend.batch_exists, keys)
+        if not ok:
+            return Outcome(0, abandoned, answered=False)
+        try:
+            if isinstance(result, bool):
+                raise TypeError("a bool")
+            n = operator.index(result)
+        except TypeError:
+            self._fail("exists_invalid_result", f"batch_exists returned {_show(result)}, not an int count of keys")
+            return Outcome(0, answered=False)
+        if not 0 <= n <= len(keys):
+            self._fail("exists_invalid_result", f"batch_exists returned {n} for {len(keys)} keys")
+            return Outcome(0, answered=False)
+        return Outcome(n)
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> Outcome:
+        return self._pages("get", self.backend.batch_get_v1, keys, host_indices)
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> Outcome:
+        return self._pages("set", self.backend.batch_set_v1, keys, host_indices)
+
+    def _pages(self, op: str, fn: Callable, keys: list[str], host_indices: torch.Tensor) -> Outcome:
+        ok, result, abandoned = self._call(op, fn, keys, host_indices)
+        if not ok:
+            return Outcome(0, abandoned, answered=False)
+        flags = page_flags(result, len(keys))
+        if flags is None:
+            self._fail(f"{op}_invalid_result", f"batch_{op}_v1 returned {_show(result)} for {len(keys)} keys; "
+                                               f"the contract is a list of {len(keys)} bools")
+            return Outcome(0, answered=False)
+        n = 0
+        for f in flags:
+            if not f:
+                break
+            n += 1
+        return Outcome(n)
+
+    def call_bounded(self, what: str, fn: Callable, *args: Any, force: bool = False) -> Any:
+        """A housekeeping call (clear, close, stats) under the deadline; None if it failed or was abandoned."""
+        ok, result, _ = self._call(what, fn, *args, force=force)
+        return result if ok else None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        """Shutting down: calls waiting for a backend stop waiting (abandoned), new calls fail at once."""
+        self._closing.set()
+
+    def close(self) -> None:
+        """Close the backend within the deadline (a close that hangs is abandoned), then stop the threads."""
+        self._closing.clear()
+        self.call_bounded("close", self.backend.close, force=True)
+        self._closing.set()
+        self._threads.stop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+
+def page_flags(result: Any, n: int) -> Optional[list[bool]]:
+    """The per-page flags of a v1 result, or None unless it is a list/tuple of exactly ``n`` booleans (bool,
+    numpy bool, or the ints 0 and 1)."""
+    if not isinstance(result, (list, tuple)) or len(result) != n:
+        return None
+    out = []
+    for r in result:
+        if isinstance(r, bool):
+            out.append(r)
+        elif (getattr(getattr(r, "dtype", None), "kind", None) == "b" and getattr(r, "ndim", 1) == 0) or (
+                isinstance(r, int) and r in (0, 1)):  # numpy bool scalars, 0 and 1
+            out.append(bool(r))
+        else:
+            return None
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
