@@ -21,19 +21,20 @@ from hicache_core import __version__
 from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import HiCacheError
 from hicache_core.memory import DTYPES
+from hicache_core.parse import arg_int
 
 logger = logging.getLogger("hicache")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, layers: int = 4, heads: int = 8, head_dim: int = 128) -> None:
     g = parser.add_argument_group("KV shape")
-    g.add_argument("--num-layers", type=int, default=layers, help=f"layers (default {layers})")
-    g.add_argument("--num-kv-heads", type=int, default=heads, help=f"KV heads per rank (default {heads})")
-    g.add_argument("--head-dim", type=int, default=head_dim, help=f"head dim; the latent width with --mla (default {head_dim})")
+    g.add_argument("--num-layers", type=arg_int(1, 4096), default=layers, help=f"layers (default {layers})")
+    g.add_argument("--num-kv-heads", type=arg_int(1, 4096), default=heads, help=f"KV heads per rank (default {heads})")
+    g.add_argument("--head-dim", type=arg_int(1, 65536), default=head_dim, help=f"head dim; the latent width with --mla (default {head_dim})")
     g.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="KV dtype (default bfloat16)")
     g.add_argument("--mla", action="store_true", help="MLA: one latent vector per token and layer")
-    g.add_argument("--tp-rank", type=int, default=0, help="this rank (part of the storage namespace; default 0)")
-    g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (default 1)")
+    g.add_argument("--tp-rank", type=arg_int(0), default=0, help="this rank (part of the storage namespace; default 0)")
+    g.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 1024), default=1, help="tensor-parallel ranks (default 1)")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate flags, build the backend and round-trip a few pages (then remove them)")
     add_hicache_args(p)
     add_model_args(p, layers=2, heads=2, head_dim=64)
-    p.add_argument("--pages", type=int, default=4, help="pages to round-trip (default 4)")
+    p.add_argument("--pages", type=arg_int(1, 1 << 16), default=4, help="pages to round-trip (default 4)")
     p.set_defaults(func=cmd_check)
 
     from hicache_core.bench import BENCHMARKS
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "tp_size", None) is not None and getattr(args, "tp_rank", 0) >= args.tp_size:
+        parser.error(f"--tp-rank {args.tp_rank} must be below --tp-size {args.tp_size} (ranks count from 0)")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -198,6 +201,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("hicache: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("hicache: error: not enough memory for the pools these flags ask for; lower the sizes "
+              "(--pages, --page-size, --device-tokens, --hicache-ratio ...)", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "alloc" not in str(e).lower():
+            return _internal_error(e, args)
+        print(f"hicache: error: not enough memory for the pools these flags ask for ({str(e).splitlines()[0]}); "
+              "lower the sizes (--pages, --page-size, --device-tokens, --hicache-ratio ...)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        return _internal_error(e, args)
+
+
+def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
+    """A failure nobody anticipated: one line (the traceback with -v), and a request to report it."""
+    if args.verbose:
+        logger.exception("unexpected failure")
+    print(f"hicache: internal error: {type(e).__name__}: {e}; rerun with -v for the traceback and please report "
+          "it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

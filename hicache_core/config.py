@@ -18,7 +18,7 @@ from typing import Any, Optional
 import attrs
 
 from hicache_core.errors import ConfigError
-from hicache_core.parse import parse_bool
+from hicache_core.parse import arg_float, arg_int, parse_bool
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
 MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 EVICTION_POLICIES = ("lru", "lfu", "fifo")
+MAX_PAGE_SIZE = 1 << 16  # tokens per page; SGLang's pages are 1-256
 
 # Keys SGLang pops out of --hicache-storage-backend-extra-config before the rest reaches the backend.
 RESERVED_EXTRA_KEYS = {
@@ -61,6 +62,8 @@ def _non_negative(inst, attribute, value):
 def _positive_int(inst, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a whole number > 0")
+    if attribute.name == "page_size" and value > MAX_PAGE_SIZE:
+        raise ConfigError(f"--page-size: invalid value {value!r}; it must be <= {MAX_PAGE_SIZE} tokens")
 
 
 def read_json_object(path: str, source: str) -> dict[str, Any]:
@@ -68,6 +71,10 @@ def read_json_object(path: str, source: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
+    except RecursionError:
+        raise ConfigError(f"{source}: file {path!r} holds JSON nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: file {path!r} is not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise ConfigError(f"{source}: cannot read JSON file {path!r}: {e.strerror}") from e
     except json.JSONDecodeError as e:
@@ -90,6 +97,8 @@ def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]
         return read_json_object(path, source)
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: JSON nested too deeply; give a flat JSON object of keys and values") from None
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
@@ -222,11 +231,11 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     (``%(default)s`` follows ``parser.set_defaults``); values are validated again by HiCacheConfig."""
     d = HiCacheConfig()
     g = parser.add_argument_group("HiCache")
-    g.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page (default %(default)s)")
+    g.add_argument("--page-size", type=arg_int(1, MAX_PAGE_SIZE), default=d.page_size, help="tokens per KV page (default %(default)s)")
     g.add_argument("--enable-hierarchical-cache", action="store_true", help="enable the host (L2) tier")
-    g.add_argument("--hicache-ratio", type=float, default=d.hicache_ratio,
+    g.add_argument("--hicache-ratio", type=arg_float(0), default=d.hicache_ratio,
                    help="host pool size as a multiple of the device pool (default %(default)s)")
-    g.add_argument("--hicache-size", type=int, default=d.hicache_size,
+    g.add_argument("--hicache-size", type=arg_int(0), default=d.hicache_size,
                    help="host pool size in GB per rank; overrides --hicache-ratio when > 0 (default %(default)s)")
     g.add_argument("--hicache-io-backend", default=d.hicache_io_backend, choices=IO_BACKENDS,
                    help="how pages move between device and host (default %(default)s; kernel needs CUDA)")

@@ -46,3 +46,42 @@ def parse_size(value: Any, what: str) -> int:
     if n < 0:
         raise ConfigError(f"{what}={value!r} must be >= 0")
     return n
+
+
+# --- command-line flag types (argparse ``type=``): a bad value is argparse's one-line error, exit 2 ----------------
+def arg_int(minimum: int = 0, maximum: int | None = None):
+    """An argparse type: a whole number in ``[minimum, maximum]``."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def arg_float(minimum: float = 0.0, *, above: bool = False, allow_inf: bool = False):
+    """An argparse type: a number >= ``minimum`` (> with ``above``); NaN never, infinity only with ``allow_inf``."""
+    import argparse
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if math.isnan(value) or (math.isinf(value) and not allow_inf):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'>' if above else '>='} {minimum:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse

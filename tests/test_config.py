@@ -43,8 +43,6 @@ def test_extra_config_from_file(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--hicache-ratio", "-1"], "--hicache-ratio: invalid value -1.0"),
-    (["--page-size", "0"], "--page-size: invalid value 0"),
     (["--hicache-storage-backend-extra-config", "{nope"], "not valid JSON"),
     (["--hicache-storage-backend-extra-config", "[1]"], "expected a JSON object"),
     (["--hicache-storage-backend-extra-config", "@/no/such/file.json"], "cannot read JSON file"),
@@ -56,6 +54,18 @@ def test_extra_config_from_file(tmp_path):
 def test_bad_values_name_the_flag(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse(*argv)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("hicache_ratio", -1.0, "--hicache-ratio: invalid value -1.0; it must be a finite number >= 0"),
+    ("hicache_ratio", float("nan"), "--hicache-ratio: invalid value nan"),
+    ("hicache_ratio", float("inf"), "--hicache-ratio: invalid value inf"),
+    ("page_size", 0, "--page-size: invalid value 0"),
+    ("page_size", 10**9, "--page-size: invalid value 1000000000; it must be <= 65536"),
+])
+def test_bad_values_in_code_name_the_flag(field, value, match):
+    with pytest.raises(ConfigError, match=match):  # argparse refuses these on the command line already
+        HiCacheConfig.from_mapping({field: value})
 
 
 CHOICES = [

@@ -25,6 +25,7 @@ from typing import Any
 from hicache_core.bench.common import print_table
 from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError, HiCacheError
+from hicache_core.parse import arg_float, arg_int
 
 CONFIGS = ("none", "radix", "hicache", "hicache+storage")
 LABELS = {"none": "no cache", "radix": "device-only radix", "hicache": "HiCache L1+L2",
@@ -33,34 +34,34 @@ LABELS = {"none": "no cache", "radix": "device-only radix", "hicache": "HiCache 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload (every configuration replays the same conversations)")
-    w.add_argument("--num-clients", type=int, default=8, help="concurrent conversations (default %(default)s)")
-    w.add_argument("--num-rounds", type=int, default=4,
+    w.add_argument("--num-clients", type=arg_int(1, 100000), default=8, help="concurrent conversations (default %(default)s)")
+    w.add_argument("--num-rounds", type=arg_int(1, 100000), default=4,
                    help="turns per conversation; each sends the whole history so far (default %(default)s)")
-    w.add_argument("--request-length", type=int, default=512,
+    w.add_argument("--request-length", type=arg_int(1, 1 << 20), default=512,
                    help="tokens of each client's first prompt (default %(default)s)")
-    w.add_argument("--question-length", type=int, default=64,
+    w.add_argument("--question-length", type=arg_int(1, 1 << 20), default=64,
                    help="new user tokens appended in each later round (default %(default)s)")
-    w.add_argument("--output-length", type=int, default=16,
+    w.add_argument("--output-length", type=arg_int(1, 1 << 20), default=16,
                    help="tokens generated per reply, greedy (default %(default)s)")
-    w.add_argument("--request-rate", type=float, default=4.0,
+    w.add_argument("--request-rate", type=arg_float(0, above=True, allow_inf=True), default=4.0,
                    help="arrivals per second within a round (default %(default)s)")
     w.add_argument("--distribution", choices=("uniform", "poisson"), default="uniform",
                    help="gaps between arrivals: fixed 1/rate, or exponential (default %(default)s)")
     w.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random",
                    help="order in which clients send within a round (default %(default)s)")
-    w.add_argument("--seed", type=int, default=0, help="seeds prompts, order and model weights (default %(default)s)")
+    w.add_argument("--seed", type=arg_int(0), default=0, help="seeds prompts, order and model weights (default %(default)s)")
     e = p.add_argument_group("engine (the reference engine and its tiny random llama)")
     e.add_argument("--configs", default=",".join(CONFIGS),
                    help="configurations to run, comma separated; 'none' always runs as the reference "
                         "(default %(default)s)")
-    e.add_argument("--device-tokens", type=int, default=1024,
+    e.add_argument("--device-tokens", type=arg_int(1, 1 << 30), default=1024,
                    help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)")
-    e.add_argument("--max-running", type=int, default=4, help="requests in one batch (default %(default)s)")
+    e.add_argument("--max-running", type=arg_int(1, 100000), default=4, help="requests in one batch (default %(default)s)")
     for flag, default, what in (("--hidden-size", 512, "model width"), ("--intermediate-size", 1536, "MLP width"),
                                 ("--num-layers", 4, "layers"), ("--num-heads", 8, "attention heads"),
                                 ("--num-kv-heads", 2, "KV heads"), ("--head-dim", 64, "head dimension"),
                                 ("--vocab-size", 4096, "vocabulary")):
-        e.add_argument(flag, type=int, default=default, help=f"{what} (default %(default)s)")
+        e.add_argument(flag, type=arg_int(1, 1 << 16), default=default, help=f"{what} (default %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--storage-dir", default=None,
                    help="file backend directory (default: a temp dir, removed after the run)")

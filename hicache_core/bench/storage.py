@@ -17,6 +17,7 @@ from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError
 from hicache_core.keys import hash_chain
 from hicache_core.memory import HostPool, KVSpec
+from hicache_core.parse import arg_int
 from hicache_core.registry import ResolvedBackend, open_backend, resolve_config
 
 BATCH = 128
@@ -26,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_hicache_args(p)
     p.set_defaults(hicache_storage_backend="file")
     p.add_argument("--page-kib", default="256,1024", help="page sizes in KiB (default 256,1024)")
-    p.add_argument("--total-mib", type=int, default=256, help="MiB moved per measurement (default 256)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--total-mib", type=arg_int(1, 1 << 20), default=256, help="MiB moved per measurement (default 256)")
+    p.add_argument("--repeat", type=arg_int(1, 1000), default=3)
     p.add_argument("--via-sglang", action="store_true",
                    help="measure the backend through HiCacheForSGLang (needs sglang) against the bare backend")
     p.add_argument("--json", action="store_true")
@@ -145,8 +146,11 @@ def run(args: argparse.Namespace) -> int:
     config, resolved = resolve_config(HiCacheConfig.from_args(args))
     if resolved is None:
         raise ConfigError("--hicache-storage-backend: name the backend to measure (see `hicache backends`)")
-    rows = [_measure(config, resolved, int(k), args.total_mib, args.repeat, args.via_sglang)
-            for k in args.page_kib.split(",")]
+    try:
+        sizes = [int(k) for k in args.page_kib.split(",")]
+    except ValueError:
+        raise ConfigError(f"--page-kib {args.page_kib!r}: give page sizes in KiB, comma separated (e.g. 256,1024)") from None
+    rows = [_measure(config, resolved, k, args.total_mib, args.repeat, args.via_sglang) for k in sizes]
     if args.json:
         dump_json({"backend": config.hicache_storage_backend, "layout": config.hicache_mem_layout, "results": rows})
         return 0

@@ -10,24 +10,25 @@ import logging
 import torch
 
 from hicache_core.bench.common import dump_json, gbps, print_table, time_best
-from hicache_core.config import MEM_LAYOUTS
+from hicache_core.config import MAX_PAGE_SIZE, MEM_LAYOUTS
 from hicache_core.memory import DTYPES, DevicePool, HostPool, KVSpec, default_device
+from hicache_core.parse import arg_int
 from hicache_core.transfer import HostDeviceTransfer, effective_io_backend
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pages", type=int, default=192, help="pages moved per transfer, scattered at random (default 192)")
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--num-layers", type=int, default=32)
-    p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--mla-dim", type=int, default=576, help="MLA latent width (kv_lora_rank + rope dim); 0 skips MLA")
+    p.add_argument("--pages", type=arg_int(1, 1 << 20), default=192, help="pages moved per transfer, scattered at random (default 192)")
+    p.add_argument("--page-size", type=arg_int(1, MAX_PAGE_SIZE), default=64)
+    p.add_argument("--num-layers", type=arg_int(1, 4096), default=32)
+    p.add_argument("--num-kv-heads", type=arg_int(1, 4096), default=8)
+    p.add_argument("--head-dim", type=arg_int(1, 65536), default=128)
+    p.add_argument("--mla-dim", type=arg_int(0, 65536), default=576, help="MLA latent width (kv_lora_rank + rope dim); 0 skips MLA")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--layouts", default=",".join(MEM_LAYOUTS))
     p.add_argument("--io", default="kernel,direct", help="io backends to measure (kernel needs CUDA; reference is slow)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=arg_int(1, 1000), default=5)
     p.add_argument("--device", default=None, help="device pool device (default: cuda if present, else cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

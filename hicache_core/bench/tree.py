@@ -11,19 +11,20 @@ import torch
 
 from hicache_core.bench.common import dump_json, print_table, time_best
 from hicache_core.cache import build_cache
-from hicache_core.config import HiCacheConfig
+from hicache_core.config import MAX_PAGE_SIZE, HiCacheConfig
 from hicache_core.memory import DevicePool, HostPool, KVSpec
+from hicache_core.parse import arg_int
 from hicache_core.transfer import HostDeviceTransfer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-tokens", type=int, default=4096)
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--requests", type=int, default=200, help="distinct prompts in the tree (default 200)")
-    p.add_argument("--shared-prefix", type=int, default=1024, help="tokens every prompt shares (a system prompt)")
-    p.add_argument("--num-layers", type=int, default=32, help="layers of the KV loaded for comparison")
-    p.add_argument("--num-kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=arg_int(1, 1 << 24), default=4096)
+    p.add_argument("--page-size", type=arg_int(1, MAX_PAGE_SIZE), default=64)
+    p.add_argument("--requests", type=arg_int(1, 1 << 20), default=200, help="distinct prompts in the tree (default 200)")
+    p.add_argument("--shared-prefix", type=arg_int(0, 1 << 24), default=1024, help="tokens every prompt shares (a system prompt)")
+    p.add_argument("--num-layers", type=arg_int(1, 4096), default=32, help="layers of the KV loaded for comparison")
+    p.add_argument("--num-kv-heads", type=arg_int(1, 4096), default=8)
+    p.add_argument("--head-dim", type=arg_int(1, 65536), default=128)
     p.add_argument("--json", action="store_true")
 
 

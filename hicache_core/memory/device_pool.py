@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from hicache_core.memory.allocator import PageAllocator
-from hicache_core.memory.spec import KVSpec
+from hicache_core.memory.spec import KVSpec, require_host_memory
 
 
 def default_device() -> torch.device:
@@ -34,6 +34,8 @@ class DevicePool:
         shape: tuple[int, ...] = (spec.layer_num, num_tokens, spec.head_num, spec.head_dim)
         if not spec.is_mla:
             shape = (2, *shape)
+        if self.device.type == "cpu":
+            require_host_memory(num_tokens * spec.size_per_token, f"the device pool ({num_tokens} tokens, on the CPU)")
         self.kv_buffer = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         self.allocator = PageAllocator(num_tokens, page_size)
         self._layer_waiter: Optional[Callable[[int], None]] = None

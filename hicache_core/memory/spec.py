@@ -56,3 +56,18 @@ class KVSpec:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+
+def require_host_memory(nbytes: int, what: str) -> None:
+    """Refuse, with the sizes, a host allocation larger than this machine's physical memory (instead of a
+    failure deep inside the allocator)."""
+    import os
+
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > physical:
+        raise ConfigError(f"{what} needs {nbytes / 2**30:.1f} GiB but this machine has {physical / 2**30:.1f} GiB of "
+                          "memory: not enough memory for these sizes; lower them (page size, pages or tokens, "
+                          "--hicache-ratio / --hicache-size, layers, heads)")

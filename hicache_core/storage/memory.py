@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
+import attrs
 import torch
 
 from hicache_core.storage.base import HiCacheStorage
+from hicache_core.storage.options import option, parse_options, size, text
 
 
 class _Store:
@@ -16,6 +18,12 @@ class _Store:
         self.pages: dict[str, bytes] = {}
         self.bytes = 0
         self.lock = threading.Lock()
+
+
+@attrs.frozen(kw_only=True)
+class MemoryOptions:
+    store: str = option("default", text, "instances naming the same store share its pages (within a process)")
+    capacity_bytes: int = option(0, size, "bytes the store may hold (0 = unlimited); when full, new pages are refused")
 
 
 _STORES: dict[str, _Store] = {}
@@ -29,8 +37,9 @@ class MemoryStorage(HiCacheStorage):
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
-        self.capacity_bytes = int(self.extra_config.get("capacity_bytes", 0))
-        name = self.store_name = str(self.extra_config.get("store", "default"))
+        opts = parse_options(MemoryOptions, self.extra_config, "memory backend")
+        self.capacity_bytes = opts.capacity_bytes
+        name = self.store_name = opts.store
         with _STORES_LOCK:
             store = _STORES.setdefault(name, _Store())
         self._store = store

@@ -23,11 +23,11 @@ import torch
 
 from hicache_core.errors import ConfigError
 from hicache_core.storage import HiCacheStorage
+from hicache_core.storage.options import parse_options
+from hicache_plugin_file.directory import FileOptions, resolve_root, secure_directory
 
 logger = logging.getLogger(__name__)
 
-ENV_DIR = "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"
-DEFAULT_DIR = "/tmp/hicache"
 
 
 def sglang_suffix(storage_config) -> str:
@@ -39,19 +39,20 @@ def sglang_suffix(storage_config) -> str:
 
 
 class SGLangFileLayout(HiCacheStorage):
-    """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else SGLang's
-    ``file_storage_path``, else /tmp/hicache), ``layout_compat: "sglang"``."""
+    """Extra config: the file backend's (:class:`~hicache_plugin_file.store.FileOptions`) with
+    ``layout_compat: "sglang"``; ``storage_dir`` (or SGLang's ``file_storage_path``) names the directory SGLang
+    servers use. ``capacity_bytes``, ``fsync`` and ``mac_key`` are not available in SGLang's format."""
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
-        ex = self.extra_config
-        root = ex.get("storage_dir") or os.environ.get(ENV_DIR) or ex.get("file_storage_path") or DEFAULT_DIR
-        self.dir = os.path.abspath(os.path.expanduser(str(root)))
+        opts = parse_options(FileOptions, self.extra_config, "file backend (layout_compat sglang)")
+        unsupported = [k for k in ("capacity_bytes", "mac_key") if getattr(opts, k)]
+        if unsupported:
+            raise ConfigError(f"file backend: {', '.join(unsupported)} cannot be used with layout_compat 'sglang' "
+                              "(SGLang's files carry no header); use the default layout for them")
+        self.dir = resolve_root(opts)
+        secure_directory(self.dir, opts.shared, "file backend (layout_compat sglang)")
         self.suffix = sglang_suffix(storage_config)
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"file backend (layout_compat sglang): cannot use {self.dir!r}: {e.strerror}") from e
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(("get_pages", "get_misses", "wrong_size", "set_pages", "set_skipped",
                                      "set_failed"), 0)

@@ -4,7 +4,17 @@ page bytes. A page is served only when the envelope opens for the key asked; any
 foreign, swapped) is a miss, counted, and the bad file is removed so the page can be written again.
 
 Writes go to a temporary file in the same directory and are renamed into place, so no reader -- in this process or
-another one sharing the directory -- ever sees half a page, and a failed write leaves nothing visible.
+another one sharing the directory -- ever sees half a page, and a failed write leaves nothing visible. Temporary
+files a crashed writer left behind are removed at start.
+
+Trust: the default directory is per user (``$XDG_CACHE_HOME/hicache``, else ``/tmp/hicache-$UID``), created 0700,
+and a directory owned by another user or writable by group or others is refused unless ``shared`` says it is
+shared on purpose. The checksum catches accidents only; with ``mac_key`` (or ``$HICACHE_FILE_MAC_KEY``) every
+page is signed (HMAC-SHA256) and pages from writers without the key are misses.
+
+Capacity (``capacity_bytes``) is for the whole directory, across processes: the bytes in use are a counter file
+(``.hicache-usage``) updated under ``flock``; a process over the limit evicts the oldest pages it knows, and
+rescans the directory (every process's pages, by mtime) when it knows none.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from typing import Optional
@@ -24,15 +35,18 @@ from typing import Optional
 import torch
 
 from hicache_core.errors import ConfigError
-from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope, map_chunked, parse_bool
+from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope, map_chunked
+from hicache_core.storage.options import parse_options
+from hicache_plugin_file.directory import ENV_DIR, FileOptions, SharedUsage, pid_alive, resolve_root, secure_directory
 from hicache_plugin_file.sglang_layout import SGLangFileLayout
 
 logger = logging.getLogger(__name__)
 
-ENV_DIR = "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"
-DEFAULT_DIR = "/tmp/hicache"
+ENV_MAC_KEY = "HICACHE_FILE_MAC_KEY"
 VERSION = 2  # of the on-disk layout (namespace.json)
+ORPHAN_AGE_S = 3600.0  # a temporary file this old is a crashed writer's, whatever its pid says
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
 
 
 class FileStorage(HiCacheStorage):
@@ -42,25 +56,17 @@ class FileStorage(HiCacheStorage):
     (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see :mod:`.sglang_layout`)."""
 
     def __new__(cls, storage_config=None, extra_config=None):
-        compat = (extra_config or {}).get("layout_compat", "hicache")
-        if compat == "sglang":
+        opts = parse_options(FileOptions, extra_config or {}, "file backend")
+        if opts.layout_compat == "sglang":
             return SGLangFileLayout(storage_config, extra_config)  # one L3 directory with SGLang servers
-        if compat != "hicache":
-            raise ConfigError(f"file backend: layout_compat={compat!r}; choose 'hicache' (the default, checksummed "
-                              "pages) or 'sglang' (SGLang HiCacheFile's files)")
         return super().__new__(cls)
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
-        ex = self.extra_config
-        root = ex.get("storage_dir") or os.environ.get(ENV_DIR) or DEFAULT_DIR
-        try:
-            self.capacity_bytes = int(ex.get("capacity_bytes", 0))
-            self.io_threads = max(1, int(ex.get("io_threads", 4)))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"file backend: capacity_bytes and io_threads must be integers ({e})") from e
-        self.fsync = parse_bool(ex.get("fsync", False), "file backend: fsync")
-        self.root = os.path.abspath(os.path.expanduser(str(root)))
+        opts = self.options = parse_options(FileOptions, self.extra_config, "file backend")
+        self.capacity_bytes, self.io_threads, self.fsync = opts.capacity_bytes, opts.io_threads, opts.fsync
+        self.root = resolve_root(opts)
+        secure_directory(self.root, opts.shared)
         self.tag = self.namespace.tag
         self.dir = os.path.join(self.root, self.tag)
         try:
@@ -69,15 +75,16 @@ class FileStorage(HiCacheStorage):
             raise ConfigError(f"file backend: cannot use storage_dir {self.root!r}: {e.strerror}; "
                               "give a writable directory in the extra config (storage_dir) or "
                               f"${ENV_DIR}") from e
-        self.envelope = PageEnvelope(self.tag)
+        mac = opts.mac_key or os.environ.get(ENV_MAC_KEY) or None
+        self.envelope = PageEnvelope(self.tag, mac.encode() if mac else None)
         self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
         self._stats = dict.fromkeys(
-            ("get_pages", "get_misses", "truncated", "foreign", "corrupt", "set_pages", "set_skipped",
-             "set_failed", "evicted_pages", "bytes_read", "bytes_written"), 0)
+            ("get_pages", "get_misses", "truncated", "foreign", "corrupt", "unsigned", "forged", "set_pages",
+             "set_skipped", "set_failed", "evicted_pages", "orphans_removed", "bytes_read", "bytes_written"), 0)
         self._lru: OrderedDict[str, int] = OrderedDict()  # path -> bytes, oldest first
-        self._used = 0
-        if self.capacity_bytes:
-            self._scan()
+        self.usage: Optional[SharedUsage] = SharedUsage(self.root) if self.capacity_bytes else None
+        self._scan(startup=True)
         self._pool: Optional[cf.ThreadPoolExecutor] = None
         self._payload_bytes: Optional[int] = None
 
@@ -174,34 +181,56 @@ class FileStorage(HiCacheStorage):
         return True
 
     def _remove(self, path: str) -> None:
+        """Remove a page file; the directory's usage drops only if this call removed it."""
         try:
             os.unlink(path)
         except OSError:
-            pass
+            removed = False
+        else:
+            removed = True
         with self._lock:
             size = self._lru.pop(path, None)
-            if size:
-                self._used -= size
+        if removed and self.usage is not None:
+            self.usage.add(-(size if size is not None else 0))
 
-    # --- capacity (LRU of whole pages) -------------------------------------------------------------------------------
-    def _scan(self) -> None:
-        """Learn the pages already on disk (all namespaces share the capacity), oldest first by mtime."""
-        found = []
+    # --- capacity (LRU of whole pages, for the whole directory) ------------------------------------------------------
+    def _scan(self, startup: bool = False) -> None:
+        """Learn the pages on disk (every namespace and process shares the capacity), oldest first by mtime. At
+        start, also remove temporary files crashed writers left and set the directory's usage counter."""
+        found, total = [], 0
         for dirpath, _, files in os.walk(self.root):
             for f in files:
-                if f.endswith(".page"):
-                    p = os.path.join(dirpath, f)
+                p = os.path.join(dirpath, f)
+                if f.endswith(".page") and (self.capacity_bytes or not startup):
                     try:
                         st = os.stat(p)
                     except OSError:
                         continue
                     found.append((st.st_mtime, p, st.st_size))
+                    total += st.st_size
+                elif startup and f.endswith(".tmp"):
+                    self._remove_orphan(p)
+        if not self.capacity_bytes:
+            return
         with self._lock:
             self._lru.clear()
-            self._used = 0
             for _, p, size in sorted(found):
                 self._lru[p] = size
-                self._used += size
+        if startup and self.usage is not None:
+            self.usage.set(total)
+
+    def _remove_orphan(self, path: str) -> None:
+        m = _TMP.search(path)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except OSError:
+            return
+        pid = int(m.group(1)) if m else -1
+        if pid == os.getpid() or (pid > 0 and pid_alive(pid) and age < ORPHAN_AGE_S):
+            return  # a live writer's file
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            self._count("orphans_removed")
 
     def _touch(self, path: str) -> None:
         if not self.capacity_bytes:
@@ -215,26 +244,37 @@ class FileStorage(HiCacheStorage):
             pass
 
     def _account(self, path: str, size: int) -> None:
-        if not self.capacity_bytes:
+        """A page was published: count it and evict the oldest pages while the directory is over capacity."""
+        if self.usage is None:
             return
-        victims = []
         with self._lock:
-            if path not in self._lru:
-                self._used += size
             self._lru[path] = size
             self._lru.move_to_end(path)
-            while self._used > self.capacity_bytes and len(self._lru) > 1:
-                victim, vsize = self._lru.popitem(last=False)
-                self._used -= vsize
-                victims.append(victim)
-        for v in victims:
-            try:
-                os.unlink(v)
+        total = self.usage.add(size)
+        if total <= self.capacity_bytes:
+            return
+        with self._evict_lock:
+            rescanned = False
+            while self.usage.value() > self.capacity_bytes:
+                with self._lock:
+                    victim = next(iter(self._lru), None)
+                if victim is None or victim == path:
+                    if rescanned:
+                        break
+                    self._scan()  # pages other processes wrote: this process knows none of its own to drop
+                    rescanned = True
+                    continue
+                with self._lock:
+                    vsize = self._lru.pop(victim, 0)
+                try:
+                    os.unlink(victim)
+                except FileNotFoundError:
+                    continue  # another process evicted it (and counted it)
+                except OSError as e:
+                    logger.warning("file backend: cannot evict %s: %s", victim, e)
+                    continue
+                self.usage.add(-vsize)
                 self._count("evicted_pages")
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                logger.warning("file backend: cannot evict %s: %s", v, e)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -300,7 +340,9 @@ class FileStorage(HiCacheStorage):
 
     def get_stats(self):
         with self._lock:
-            return dict(self._stats, used_bytes=self._used if self.capacity_bytes else None)
+            stats = dict(self._stats)
+        stats["used_bytes"] = self.usage.value() if self.usage is not None else None
+        return stats
 
     def describe(self) -> str:
         return f"directory {self.dir}"
@@ -309,6 +351,8 @@ class FileStorage(HiCacheStorage):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self.usage is not None:
+            self.usage.close()
 
     # --- benchmark baseline ------------------------------------------------------------------------------------------
     def bench_baseline(self):

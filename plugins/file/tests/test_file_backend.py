@@ -153,7 +153,7 @@ def test_unusable_directory_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot use storage_dir .*writable directory"):
         make(blocker / "sub")
-    with pytest.raises(ConfigError, match="must be integers"):
+    with pytest.raises(ConfigError, match="capacity_bytes=.lots. is not a size"):
         make(tmp_path, capacity_bytes="lots")
 
 

@@ -3,9 +3,14 @@
 Endpoints (all POST, JSON; SGLang's mini 3FS metadata server's shape): ``/{rank}/initialize {num_pages}``,
 ``/{rank}/exists {keys}``, ``/{rank}/reserve_and_allocate_page_indices {keys: [[key, prefix], ...]}``,
 ``/{rank}/confirm_write {written_keys_to_confirm, pages_to_release}``, ``/{rank}/get_page_indices {keys}``,
-``/{rank}/delete_keys {keys}``, ``/{rank}/clear``. Unknown rank: 404; a bad body: 422 naming the field; a rank
-re-initialized with another size: 409. With ``--persist-path`` the index is saved every ``--save-interval`` seconds
-and at shutdown, and loaded at start, so a restart keeps every confirmed page.
+``/{rank}/delete_keys {keys}``, ``/{rank}/clear``. Unknown rank: 404; a bad body: 422 naming the field (at most
+4096 keys a request, ``num_pages`` up to 2**40); a rank re-initialized with another size: 409. With ``--auth-token``
+(or ``$HICACHE_HF3FS_METADATA_TOKEN``) every request needs ``Authorization: Bearer <token>`` (else 401).
+
+Reservations are leases (``--lease-s``, default 60): a slot reserved and not confirmed in time goes back, and its
+late confirm is refused (``{"rejected": [keys]}``); a reserve retried with the same ``request_id`` gets the same
+slots. With ``--persist-path`` the index is saved every ``--save-interval`` seconds and at shutdown, and loaded at
+start (a damaged file is refused with what is wrong), so a restart keeps every confirmed page.
 """
 
 from __future__ import annotations
@@ -13,36 +18,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import sys
 from typing import Optional
 
-from fastapi import Body, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
-from hicache_plugin_hf3fs.metadata import MetadataStore, RankMetadata
+from hicache_plugin_hf3fs.metadata import LEASE_S, MAX_KEYS, MAX_PAGES, TOKEN_ENV, MetadataStore, RankMetadata
 
 logger = logging.getLogger(__name__)
 
 
 class InitBody(BaseModel):
-    num_pages: int = Field(gt=0)
+    num_pages: int = Field(gt=0, le=MAX_PAGES)
 
 
 class KeysBody(BaseModel):
-    keys: list[str]
+    keys: list[str] = Field(max_length=MAX_KEYS)
 
 
 class ReserveBody(BaseModel):
-    keys: list[tuple[str, str]]
+    keys: list[tuple[str, str]] = Field(max_length=MAX_KEYS)
+    request_id: Optional[str] = Field(default=None, max_length=128)
 
 
 class ConfirmBody(BaseModel):
-    written_keys_to_confirm: list[tuple[str, int]] = []
-    pages_to_release: list[int] = []
+    written_keys_to_confirm: list[tuple[str, int]] = Field(default=[], max_length=MAX_KEYS)
+    pages_to_release: list[int] = Field(default=[], max_length=MAX_KEYS)
 
 
-def create_app(store: MetadataStore, save_interval: float = 60.0) -> FastAPI:
+def create_app(store: MetadataStore, save_interval: float = 60.0, auth_token: Optional[str] = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         task = None
@@ -57,7 +65,15 @@ def create_app(store: MetadataStore, save_interval: float = 60.0) -> FastAPI:
             task.cancel()
         store.save()
 
-    app = FastAPI(title="hicache hf3fs metadata", lifespan=lifespan)
+    def authorized(authorization: Optional[str] = Header(default=None)) -> None:
+        if not auth_token:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), auth_token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+                                     f"(the client reads metadata_auth_token or ${TOKEN_ENV})")
+
+    app = FastAPI(title="hicache hf3fs metadata", lifespan=lifespan, dependencies=[Depends(authorized)])
 
     def rank_of(rank: str) -> RankMetadata:
         try:
@@ -78,16 +94,16 @@ def create_app(store: MetadataStore, save_interval: float = 60.0) -> FastAPI:
 
     @app.post("/{rank}/reserve_and_allocate_page_indices")
     def reserve(rank: str, body: ReserveBody):
-        return {"indices": rank_of(rank).reserve_and_allocate_page_indices([k for k, _ in body.keys])}
+        return {"indices": rank_of(rank).reserve_and_allocate_page_indices([k for k, _ in body.keys], body.request_id)}
 
-    @app.post("/{rank}/confirm_write", status_code=204)
+    @app.post("/{rank}/confirm_write")
     def confirm(rank: str, body: ConfirmBody):
         m = rank_of(rank)
         bad = [i for _, i in body.written_keys_to_confirm if not 0 <= i < m.num_pages]
         bad += [i for i in body.pages_to_release if not 0 <= i < m.num_pages]
         if bad:
             raise HTTPException(422, f"page indices out of range [0, {m.num_pages}): {bad[:8]}")
-        m.confirm_write(list(body.written_keys_to_confirm), list(body.pages_to_release))
+        return {"rejected": m.confirm_write(list(body.written_keys_to_confirm), list(body.pages_to_release))}
 
     @app.post("/{rank}/get_page_indices")
     def get_indices(rank: str, body: KeysBody):
@@ -110,16 +126,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--port", type=int, default=18000)
     p.add_argument("--persist-path", default=None, help="JSON file the index is saved to and loaded from")
     p.add_argument("--save-interval", type=float, default=60.0, help="seconds between saves (with --persist-path)")
+    p.add_argument("--lease-s", type=float, default=LEASE_S,
+                   help=f"seconds a reserved slot waits for its confirm before it goes back (default {LEASE_S:g})")
+    p.add_argument("--auth-token", default=None,
+                   help=f"require 'Authorization: Bearer TOKEN' on every request (else ${TOKEN_ENV}; default: none)")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
+    if not 0 < args.lease_s < float("inf"):
+        p.error(f"--lease-s {args.lease_s} must be a positive number of seconds")
     try:
-        store = MetadataStore(args.persist_path)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"hicache-hf3fs-metadata: error: cannot load {args.persist_path!r}: {e}", file=sys.stderr)
+        store = MetadataStore(args.persist_path, lease_s=args.lease_s)
+    except OSError as e:
+        print(f"hicache-hf3fs-metadata: error: cannot read {args.persist_path!r}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"hicache-hf3fs-metadata: error: {e}", file=sys.stderr)
         return 2
     import uvicorn
 
-    uvicorn.run(create_app(store, args.save_interval), host=args.host, port=args.port, log_level=args.log_level)
+    token = args.auth_token or os.environ.get(TOKEN_ENV) or None
+    uvicorn.run(create_app(store, args.save_interval, token), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

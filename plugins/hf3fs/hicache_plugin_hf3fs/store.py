@@ -40,11 +40,11 @@ class Hf3fsStorage(HiCacheStorage):
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
         self.cfg = Hf3fsConfig.load(self.extra_config)
-        self.io_kind = str(self.extra_config.get("io_client", "auto"))
+        self.io_kind = self.cfg.io_client
         self.rank_id = self.namespace.tag  # carries the tp rank for MHA; MLA ranks share one file
         self.path = f"{self.cfg.file_path_prefix}.{self.rank_id}.bin"
         if self.cfg.metadata_server_url:
-            self.meta: Any = HttpMetadataClient(self.cfg.metadata_server_url)
+            self.meta: Any = HttpMetadataClient(self.cfg.metadata_server_url, token=self.cfg.metadata_auth_token)
         else:
             key = os.path.abspath(self.cfg.file_path_prefix)
             with _LOCAL_LOCK:
@@ -53,7 +53,7 @@ class Hf3fsStorage(HiCacheStorage):
         self.client: Optional[FileClient] = None
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(("get_pages", "get_misses", "corrupt", "set_pages", "set_skipped", "set_failed",
-                                     "metadata_errors", "bytes_read", "bytes_written"), 0)
+                                     "metadata_errors", "lease_expired", "bytes_read", "bytes_written"), 0)
         self.envelope = PageEnvelope(self.rank_id)
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
@@ -104,8 +104,16 @@ class Hf3fsStorage(HiCacheStorage):
             else:
                 release.append(slot)
         if written or release:
-            if self._meta_call(self.meta.confirm_write, self.rank_id, written, release) is _FAILED and written:
+            rejected = self._meta_call(self.meta.confirm_write, self.rank_id, written, release)
+            if rejected is _FAILED and written:
                 return [e for e, _ in res]  # unconfirmed writes are not visible
+            if rejected:  # the lease expired before the confirm: the slot may be another writer's now
+                refused = set(rejected)
+                for key, _ in written:
+                    if key in refused:
+                        ok[keys.index(key)] = False
+                written = [w for w in written if w[0] not in refused]
+                self._count("lease_expired", len(refused))
         self._count("set_pages", len(written))
         self._count("set_skipped", sum(1 for e, _ in res if e))
         self._count("set_failed", len(release) + sum(1 for e, s in res if not e and s < 0))

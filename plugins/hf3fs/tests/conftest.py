@@ -18,9 +18,10 @@ def free_port() -> int:
 
 
 class MetadataServer:
-    def __init__(self, persist_path: str | None = None) -> None:
+    def __init__(self, persist_path: str | None = None, *more_args: str) -> None:
         self.port = free_port()
         self.persist_path = persist_path
+        self.more_args = list(more_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -31,6 +32,7 @@ class MetadataServer:
         argv = [sys.executable, "-m", "hicache_plugin_hf3fs.server", "--port", str(self.port), "--save-interval", "0.2"]
         if self.persist_path:
             argv += ["--persist-path", self.persist_path]
+        argv += self.more_args
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
         deadline = time.monotonic() + 30

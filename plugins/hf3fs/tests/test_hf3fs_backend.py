@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 
@@ -14,12 +15,13 @@ import torch
 from conftest import MetadataServer
 
 from hicache_core.config import HiCacheConfig
-from hicache_core.errors import ConfigError
+from hicache_core.errors import BackendLoadError, ConfigError
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import make_storage_config
 from hicache_core.testing import BackendConformance, fill_random, page_bytes, random_keys
+from hicache_core.testing.cli import backend_check
 from hicache_plugin_hf3fs import Hf3fsConfig, Hf3fsStorage
-from hicache_plugin_hf3fs.metadata import RankMetadata
+from hicache_plugin_hf3fs.metadata import MetadataStore, RankMetadata
 
 
 @contextlib.contextmanager
@@ -112,11 +114,11 @@ def test_write_that_fails_is_never_visible_and_frees_its_slot(tmp_path):
     src = pool.alloc(2 * PS)
     fill_random(pool, src)
     keys = random_keys(2, PS)
-    free_before = len(be.meta.store.rank(be.rank_id).free_pages)
+    free_before = be.meta.store.rank(be.rank_id).free_count()
     with read_only_file(be):
         assert be.batch_set_v1(keys, src) == [False, False]
     assert be.batch_exists(keys) == 0
-    assert len(be.meta.store.rank(be.rank_id).free_pages) == free_before
+    assert be.meta.store.rank(be.rank_id).free_count() == free_before
 
 
 def test_reserved_but_unconfirmed_is_invisible_and_not_persisted():
@@ -186,13 +188,18 @@ def test_config_sources_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="lacks file_size, numjobs, entries"):
         Hf3fsConfig.load({})
     monkeypatch.delenv("SGLANG_HICACHE_HF3FS_CONFIG_PATH")
-    with pytest.raises(ConfigError, match="numjobs=0 must be a whole number > 0"):
+    with pytest.raises(ConfigError, match="numjobs=0 must be a whole number >= 1"):
         Hf3fsConfig.load({"file_path_prefix": "/z", "numjobs": 0})
-    with pytest.raises(ConfigError, match="metadata_server_url='localhost:1' must start with http://"):
+    with pytest.raises(ConfigError, match="metadata_server_url='localhost:1' must be an http:// or https:// URL"):
         Hf3fsConfig.load({"file_path_prefix": "/z", "metadata_server_url": "localhost:1"})
     with pytest.raises(ConfigError, match="holds no slot"):
         make(tmp_path, file_size=100)
     assert Hf3fsConfig.load({}).file_path_prefix == "/data/hicache"  # SGLang's single-machine default
+    with pytest.raises(ConfigError, match=r"unknown key 'file_sise' \(did you mean 'file_size'\?\)"):
+        Hf3fsConfig.load({"file_path_prefix": "/z", "file_sise": 4096})
+    with pytest.raises(ConfigError, match="io_client='fast'; choose one of auto, usrbio, posix"):
+        Hf3fsConfig.load({"io_client": "fast"})
+    assert Hf3fsConfig.load({"file_size": "1gb", "file_path_prefix": "/z"}).file_size == 1 << 30
 
 
 WORKER = textwrap.dedent('''
@@ -237,12 +244,84 @@ def test_two_processes_share_through_the_http_server(tmp_path, metadata_server):
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"ok": [True] * 4, "same": True}
 
 
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "holds list, not an object of ranks"),
+    ('{"r": {"num_pages": 4}}', "lacks 'free_pages'"),
+    ('{"r": {"num_pages": 4, "free_pages": [9], "key_to_index": []}}', "slot numbers outside"),
+    ('{"r": {"num_pages": 4, "free_pages": [1], "key_to_index": [["k", 1]]}}', "listed twice"),
+    ('{"r": {"num_pages": "4", "free_pages": [], "key_to_index": []}}', "'4' is not a whole number"),
+    ('{"r": {"num_pages": 4, "free_pages": [], "key_to_index": [["k"]]}}', "wrong shape"),
+])
+def test_a_damaged_index_is_refused_with_what_is_wrong(tmp_path, content, why):
+    bad = tmp_path / "index.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match="index file .*damaged|index file .*holds") as e:
+        MetadataStore(str(bad))
+    assert why in str(e.value) and "move" in str(e.value)
+
+
 def test_cli_server_refuses_a_broken_index(tmp_path):
     bad = tmp_path / "index.json"
-    bad.write_text("{not json")
+    bad.write_bytes(b"\xff\xfe garbage")
     r = subprocess.run([sys.executable, "-m", "hicache_plugin_hf3fs.server", "--persist-path", str(bad)],
                        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    assert r.returncode == 2 and "cannot load" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "index file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_reservations_are_leases_and_a_late_confirm_is_refused(tmp_path):
+    m = RankMetadata(2, lease_s=0.2)
+    (_, s1), (_, s2) = m.reserve_and_allocate_page_indices(["a", "b"])  # the client then dies
+    assert m.free_count() == 0
+    time.sleep(0.3)
+    (_, s3), = m.reserve_and_allocate_page_indices(["c"])  # the dead client's slots came back
+    assert m.free_count() == 1 and s3 in (s1, s2)
+    assert m.confirm_write([("a", s1), ("b", s2)], []) == ["a", "b"]  # s3 is c's now: a may not take it
+    assert m.exists(["a", "b"]) == [False, False]
+    assert m.confirm_write([("c", s3)], []) == [] and m.exists(["c"]) == [True]
+    # a backend whose confirm comes after its lease: the write is reported failed, never visible
+    be, pool = make(tmp_path)
+    rank = be.meta.store.rank(be.rank_id)
+    rank.lease_s = 0.0
+    src = pool.alloc(2 * PS)
+    fill_random(pool, src)
+    keys = random_keys(2, PS)
+    assert be.batch_set_v1(keys, src) == [False, False]
+    assert be.batch_exists(keys) == 0 and be.get_stats()["lease_expired"] == 2
+    rank.lease_s = 60.0
+    assert be.batch_set_v1(keys, src) == [True, True]
+
+
+def test_retried_reserve_is_idempotent_and_huge_files_cost_nothing(metadata_server):
+    u = metadata_server.url
+    assert _post(f"{u}/big/initialize", {"num_pages": 10**9})[0] == 204  # slots are handed out lazily
+    body = {"keys": [["k1", ""], ["k2", ""]], "request_id": "req-1"}
+    first = json.loads(_post(f"{u}/big/reserve_and_allocate_page_indices", body)[1])
+    again = json.loads(_post(f"{u}/big/reserve_and_allocate_page_indices", body)[1])
+    assert first == again  # the retry got the same slots, not two more
+    other = json.loads(_post(f"{u}/big/reserve_and_allocate_page_indices", {**body, "request_id": "req-2"})[1])
+    assert {s for _, s in other["indices"]}.isdisjoint({s for _, s in first["indices"]})
+    code, body = _post(f"{u}/big/initialize", {"num_pages": 2**41})
+    assert code == 422
+    code, body = _post(f"{u}/big/exists", {"keys": ["k"] * 5000})
+    assert code == 422 and b"keys" in body
+
+
+def test_bearer_token_is_required_when_configured(tmp_path):
+    server = MetadataServer(None, "--auth-token", "tok3n")
+    server.start()
+    try:
+        code, body = _post(f"{server.url}/r/initialize", {"num_pages": 4})
+        assert code == 401 and b"bearer token" in body
+        with pytest.raises(BackendLoadError, match="401"):
+            make(tmp_path, metadata_server_url=server.url)
+        be, pool = make(tmp_path, metadata_server_url=server.url, metadata_auth_token="tok3n")
+        src = pool.alloc(PS)
+        fill_random(pool, src)
+        keys = random_keys(1, PS)
+        assert be.batch_set_v1(keys, src) == [True] and be.batch_exists(keys) == 1
+    finally:
+        server.stop()
 
 
 def test_bench_storage_against_plain_positional_io(tmp_path, capsys):
@@ -252,3 +331,25 @@ def test_bench_storage_against_plain_positional_io(tmp_path, capsys):
                json.dumps({"file_path_prefix": str(tmp_path / "b"), "file_size": 64 << 20, "numjobs": 4, "entries": 8}),
                "--total-mib", "8", "--page-kib", "256", "--repeat", "1"])
     assert rc == 0 and "os.pwritev/preadv" in capsys.readouterr().out
+
+
+CLI_CASES = [
+    ("hf3fs unknown key", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "numjob": 2}), "did you mean 'numjobs'"),
+    ("hf3fs numjobs 0", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "numjobs": 0}), "numjobs=0 must be a whole number"),
+    ("hf3fs file size negative", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "file_size": -1}), "must be >= 0"),
+    ("hf3fs file size tiny", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "file_size": 100}), "holds no slot"),
+    ("hf3fs url scheme", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "metadata_server_url": "ftp://x"}),
+     "must be an http:// or https:// URL"),
+    ("hf3fs io client", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "io_client": "fast"}), "choose one of auto"),
+    ("hf3fs prefix number", backend_check("hf3fs", {"file_path_prefix": 7}), "file_path_prefix=7 must be a non-empty string"),
+    ("hf3fs metadata down", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "metadata_server_url": "http://127.0.0.1:9"}),
+     "metadata service refused initialize"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [(c[1], c[2]) for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_malformed_cli_input_is_one_clear_error(argv, expected, tmp_path, capsys):
+    from hicache_core.cli import main
+    from hicache_core.testing.cli import assert_clear_cli_error
+
+    assert_clear_cli_error(main, [a.replace("{tmp}", str(tmp_path)) for a in argv], expected, capsys)

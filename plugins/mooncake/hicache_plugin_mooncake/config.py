@@ -15,11 +15,18 @@ import attrs
 from hicache_core.config import read_json_object
 from hicache_core.errors import ConfigError
 from hicache_core.storage import parse_bool, parse_size
+from hicache_core.storage.options import boolean, choice, number, option, parse_options, size, text, whole
 
 CONFIG_PATH_ENV = "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH"
 DEFAULT_GLOBAL_SEGMENT = 4 << 30
 DEFAULT_LOCAL_BUFFER = 16 << 20
 PROTOCOLS = ("tcp", "rdma")
+def str_or_empty(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}={value!r} must be a string")
+    return value
+
+
 def _host_port(value: str, what: str) -> str:
     host, sep, port = str(value).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -27,21 +34,29 @@ def _host_port(value: str, what: str) -> str:
     return str(value)
 
 
+def _address(value: Any, what: str) -> str:
+    return _host_port(text(value, what), what.split(": ", 1)[-1])
+
+
 @attrs.frozen(kw_only=True)
 class MooncakeStoreConfig:
-    master_server_address: str
-    local_hostname: str = "localhost"
-    metadata_server: str = "P2PHANDSHAKE"
-    global_segment_size: int = DEFAULT_GLOBAL_SEGMENT
-    local_buffer_size: int = DEFAULT_LOCAL_BUFFER
-    protocol: str = "tcp"
-    device_name: str = ""
-    master_metrics_port: int = 9003
-    check_server: bool = False
-    extra_backend_tag: Optional[str] = None
+    master_server_address: str = option(None, _address, "host:port of mooncake_master (required)")
+    local_hostname: str = option("localhost", text, "this host's address for the transfer engine")
+    metadata_server: str = option("P2PHANDSHAKE", text, "P2PHANDSHAKE or http://host:port/metadata")
+    global_segment_size: int = option(DEFAULT_GLOBAL_SEGMENT, size, "bytes this client contributes to the store")
+    local_buffer_size: int = option(DEFAULT_LOCAL_BUFFER, size, "client-side transfer buffer")
+    protocol: str = option("tcp", choice(*PROTOCOLS), "transfer protocol")
+    device_name: str = option("", str_or_empty, "RDMA device(s); empty for tcp")
+    master_metrics_port: int = option(9003, whole(1, 65535), "the master's HTTP metrics port, probed before connecting")
+    check_server: bool = option(False, boolean, "SGLang's flag: ask the master before use")
+    extra_backend_tag: Optional[str] = option(None, text, "prefix of every key (separates deployments)")
+    connect_timeout_s: float = option(30.0, number(0, above=True), "seconds to wait for the master when connecting")
+    reconnect_after_s: float = option(10.0, number(0, above=True), "rebuild the client after calls fail this long")
     source: str = "extra config"
 
     def __attrs_post_init__(self) -> None:
+        if not self.master_server_address:
+            raise ConfigError(f"mooncake: {self.source} lacks master_server_address (host:port of mooncake_master)")
         _host_port(self.master_server_address, "master_server_address")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"mooncake: protocol={self.protocol!r}; choose one of {', '.join(PROTOCOLS)} (from {self.source})")
@@ -50,24 +65,12 @@ class MooncakeStoreConfig:
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], source: str) -> MooncakeStoreConfig:
-        known = {f.name for f in attrs.fields(cls)} - {"source"}
-        unknown = sorted(set(d) - known - {"interface_v1", "backend_name", "module_path", "class_name"})
-        if unknown:
-            raise ConfigError(f"mooncake: unknown key(s) {', '.join(unknown)} in {source}; known: {', '.join(sorted(known))}")
         if not d.get("master_server_address"):
             raise ConfigError(f"mooncake: {source} lacks master_server_address (host:port of mooncake_master)")
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("global_segment_size", "local_buffer_size"):
-            if k in kw:
-                kw[k] = parse_size(kw[k], f"mooncake: {k}")
-        if "master_metrics_port" in kw:
-            kw["master_metrics_port"] = int(kw["master_metrics_port"])
-        if "check_server" in kw:
-            kw["check_server"] = parse_bool(kw["check_server"], "mooncake: check_server")
-        return cls(source=source, **kw)
+        return parse_options(cls, d, "mooncake", where=source, source=source)
 
     @classmethod
-    def from_env(cls) -> MooncakeStoreConfig:
+    def from_env(cls, **kw: Any) -> MooncakeStoreConfig:
         master = os.environ.get("MOONCAKE_MASTER")
         if not master:
             raise ConfigError(
@@ -79,7 +82,7 @@ class MooncakeStoreConfig:
             port = int(os.environ.get("MOONCAKE_MASTER_METRICS_PORT", "9003"))
         except ValueError as e:
             raise ConfigError(f"mooncake: MOONCAKE_MASTER_METRICS_PORT={os.environ['MOONCAKE_MASTER_METRICS_PORT']!r} is not a port") from e
-        return cls(
+        base = dict(
             master_server_address=master,
             local_hostname=os.environ.get("LOCAL_HOSTNAME", "localhost"),
             metadata_server=os.environ.get("MOONCAKE_TE_META_DATA_SERVER", "P2PHANDSHAKE"),
@@ -92,15 +95,31 @@ class MooncakeStoreConfig:
             check_server=parse_bool(os.environ.get("MOONCAKE_CHECK_SERVER", "false"), "mooncake: MOONCAKE_CHECK_SERVER"),
             source="environment (MOONCAKE_*)",
         )
+        return cls(**{**base, **kw})
 
     @classmethod
     def load(cls, extra: Mapping[str, Any]) -> MooncakeStoreConfig:
+        """The extra config when it names the master; else the JSON file at $SGLANG_HICACHE_MOONCAKE_CONFIG_PATH,
+        else MOONCAKE_* -- with the extra config's other keys (tag, timeouts) on top."""
+        source = "--hicache-storage-backend-extra-config"
         if extra.get("master_server_address"):
-            return cls.from_mapping(extra, "--hicache-storage-backend-extra-config")
+            return cls.from_mapping(extra, source)
+        given = parse_options(_Partial, extra, "mooncake", where=source)  # unknown keys fail whatever wins
+        more = {k: v for k, v in attrs.asdict(given).items() if v is not None}
         path = os.environ.get(CONFIG_PATH_ENV)
         if path:
             data = read_json_object(path, f"mooncake: ${CONFIG_PATH_ENV}")
-            tag = extra.get("extra_backend_tag")
-            merged = {**data, **({"extra_backend_tag": tag} if tag else {})}
-            return cls.from_mapping(merged, f"${CONFIG_PATH_ENV} file {path!r}")
-        return cls.from_env()
+            return cls.from_mapping({**data, **more}, f"${CONFIG_PATH_ENV} file {path!r}")
+        return cls.from_env(**more)
+
+
+def _partial_fields() -> dict[str, Any]:
+    """The options, each defaulting to None: which keys an extra config gave."""
+    out = {}
+    for f in attrs.fields(MooncakeStoreConfig):
+        if "parse" in f.metadata:
+            out[f.name] = attrs.field(default=None, metadata=dict(f.metadata))
+    return out
+
+
+_Partial = attrs.make_class("_Partial", _partial_fields(), frozen=True, kw_only=True)

@@ -45,11 +45,9 @@ class MooncakeStore(HiCacheStorage):
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
-        ex = dict(self.extra_config)
-        self.connect_timeout_s = float(ex.pop("connect_timeout_s", 30))
-        self.reconnect_after_s = float(ex.pop("reconnect_after_s", 10))
-        self.cfg = MooncakeStoreConfig.load(ex)
-        tag = self.cfg.extra_backend_tag or ex.get("extra_backend_tag")
+        self.cfg = MooncakeStoreConfig.load(self.extra_config)
+        self.connect_timeout_s, self.reconnect_after_s = self.cfg.connect_timeout_s, self.cfg.reconnect_after_s
+        tag = self.cfg.extra_backend_tag
         self.prefix = (f"{tag}_" if tag else "") + self.namespace.tag + "_"
         self.parts = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
         self.tp_size = max(1, storage_config.tp_size)
@@ -62,21 +60,46 @@ class MooncakeStore(HiCacheStorage):
 
     # --- connection --------------------------------------------------------------------------------------------------
     def _reachable(self) -> None:
-        """Fail fast when the master (or an HTTP metadata server) does not accept connections: the client's
-        setup holds the GIL while it retries, which would freeze the whole process for minutes."""
+        """Fail fast, before the client's setup -- which holds the GIL while it waits, freezing the whole process
+        for minutes -- when the master or an HTTP metadata server does not accept connections, or accepts them
+        and does not answer (a hung or stopped process: the kernel still accepts its connections). Answers are
+        asked of HTTP endpoints: the metadata server, and the master's metrics port (``/health``) when it listens."""
         c = self.cfg
-        targets = [("mooncake_master", c.master_server_address)]
+        wait = min(5.0, self.connect_timeout_s)
+        host, _, port = c.master_server_address.rpartition(":")
+        probes = [("mooncake_master", (host, int(port)), None)]
         meta = urllib.parse.urlparse(c.metadata_server)
         if meta.scheme in ("http", "https") and meta.hostname:
-            targets.append(("metadata server", f"{meta.hostname}:{meta.port or (443 if meta.scheme == 'https' else 80)}"))
-        for what, hp in targets:
-            host, _, port = hp.rpartition(":")
+            meta_port = meta.port or (443 if meta.scheme == "https" else 80)
+            probes.append(("metadata server", (meta.hostname, meta_port), c.metadata_server + "?key=hicache-probe"))
+        probes.append(("mooncake_master's metrics port", (host, c.master_metrics_port), "/health"))
+        for what, (h, p), http_path in probes:
             try:
-                socket.create_connection((host, int(port)), timeout=min(5.0, self.connect_timeout_s)).close()
+                sock = socket.create_connection((h, p), timeout=wait)
             except OSError as e:
+                if http_path == "/health":
+                    continue  # metrics elsewhere or off: nothing more to ask
                 raise BackendLoadError(
-                    f"mooncake backend: cannot reach the {what} at {hp} ({e.strerror or e}); start it, or fix "
+                    f"mooncake backend: cannot reach the {what} at {h}:{p} ({e.strerror or e}); start it, or fix "
                     f"the address (config from {c.source})") from e
+            with sock:
+                if http_path is None:
+                    continue
+                path = urllib.parse.urlparse(http_path)
+                target = (path.path or "/") + (f"?{path.query}" if path.query else "")
+                try:
+                    sock.settimeout(wait)
+                    sock.sendall(f"GET {target} HTTP/1.0\r\nHost: {h}:{p}\r\n\r\n".encode())
+                    answer = sock.recv(16)
+                except OSError as e:
+                    answer, err = b"", e
+                else:
+                    err = None
+                if not answer.startswith(b"HTTP/"):
+                    raise BackendLoadError(
+                        f"mooncake backend: the {what} at {h}:{p} accepts connections but does not answer "
+                        f"within {wait:g} s ({err or 'no HTTP reply'}): is it hung or stopped? Restart it "
+                        f"(config from {c.source})")
 
     def _connect(self):
         cls = _import_store()

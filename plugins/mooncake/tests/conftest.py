@@ -50,7 +50,7 @@ class Master:
     def extra(self, **more) -> dict:
         return {"master_server_address": self.address, "metadata_server": self.metadata, "protocol": "tcp",
                 "local_hostname": "127.0.0.1", "global_segment_size": "64mb", "local_buffer_size": "16mb",
-                "connect_timeout_s": 20, **more}
+                "connect_timeout_s": 20, "master_metrics_port": self.metrics_port, **more}
 
     def start(self) -> None:
         log = open(self.log_path, "ab")

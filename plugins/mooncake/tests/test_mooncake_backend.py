@@ -17,6 +17,7 @@ from hicache_core.errors import BackendLoadError, ConfigError
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import make_storage_config
 from hicache_core.testing import BackendConformance, random_keys
+from hicache_core.testing.cli import backend_check
 from hicache_plugin_mooncake import MooncakeStore, MooncakeStoreConfig
 
 
@@ -94,7 +95,10 @@ def test_config_precedence(tmp_path, monkeypatch):
     ({"MOONCAKE_MASTER": "nohost"}, {}, "MOONCAKE_MASTER|master_server_address='nohost' is not host:port"),
     ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_GLOBAL_SEGMENT_SIZE": "huge"}, {}, "MOONCAKE_GLOBAL_SEGMENT_SIZE='huge' is not a size"),
     ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_PROTOCOL": "udp"}, {}, "protocol='udp'; choose one of tcp, rdma"),
-    ({}, {"master_server_address": "127.0.0.1:1", "colour": "red"}, "unknown key\\(s\\) colour"),
+    ({}, {"master_server_address": "127.0.0.1:1", "colour": "red"}, "unknown key 'colour'.*known keys: master_server_address"),
+    ({"MOONCAKE_MASTER": "127.0.0.1:1"}, {"conect_timeout_s": 3}, r"did you mean 'connect_timeout_s'\?"),
+    ({}, {"master_server_address": "127.0.0.1:1", "connect_timeout_s": float("nan")}, "connect_timeout_s=nan must be a finite number > 0"),
+    ({}, {"master_server_address": "127.0.0.1:1", "global_segment_size": -1}, "global_segment_size=-1 must be >= 0"),
     ({"SGLANG_HICACHE_MOONCAKE_CONFIG_PATH": "/no/such.json"}, {}, "cannot read"),
 ])
 def test_config_errors(monkeypatch, env, extra, match):
@@ -117,6 +121,69 @@ def test_unreachable_master_fails_within_the_timeout():
                                                        "metadata_server": f"http://127.0.0.1:{port}/metadata",
                                                        "connect_timeout_s": 2, "local_hostname": "127.0.0.1"})
     assert time.monotonic() - t0 < 10
+
+
+def test_hung_master_fails_fast_instead_of_freezing_the_process(tmp_path):
+    """A master that is alive but stopped (SIGSTOP) still accepts TCP connections; the client's setup would then
+    hold the GIL for minutes. The HTTP probes see no answer and fail in seconds, in process and at the CLI."""
+    import signal
+
+    from conftest import Master
+
+    m = Master(str(tmp_path))
+    m.start()
+    try:
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(BackendLoadError, match="accepts connections but does not answer .*hung or stopped"):
+            make(m, connect_timeout_s=2)
+        assert time.monotonic() - t0 < 10
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "check", "--hicache-storage-backend", "mooncake",
+                            "--hicache-mem-layout", "page_first", "--hicache-storage-backend-extra-config",
+                            json.dumps(m.extra(connect_timeout_s=2))], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "hung or stopped" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 60
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+        m.stop()
+
+
+def test_master_hung_after_connect_costs_one_deadline(tmp_path):
+    """Once connected, the client's calls wait for a stopped master without the GIL: the core's deadline bounds
+    them, and the backend counts as hung (calls fail at once) until the master answers again."""
+    import signal
+
+    from conftest import Master
+
+    from hicache_core.metrics import CacheMetrics
+    from hicache_core.storage.guard import GuardedStorage
+
+    m = Master(str(tmp_path))
+    m.start()
+    be, pool = make(m)
+    metrics = CacheMetrics()
+    guard = GuardedStorage(be, metrics, timeout_s=1.0, max_abandoned=1)
+    keys = random_keys(2, PS)
+    idx = pool.alloc(2 * PS)
+    try:
+        assert guard.batch_set_v1(keys, idx).ok == 2
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert guard.batch_exists(keys).ok == 0
+        assert guard.batch_get_v1(keys, pool.alloc(2 * PS)).ok == 0  # fails at once: one call is still out
+        assert time.monotonic() - t0 < 3
+        errs = metrics.stats()["storage_errors"]
+        assert errs.get("exists_deadline") == 1 and errs.get("backend_hung") == 1
+        os.kill(m.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while guard.abandoned_calls() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert guard.batch_exists(keys).ok == 2
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+        guard.close()
+        m.stop()
 
 
 def test_layer_first_is_refused_with_the_fix(master):
@@ -264,3 +331,24 @@ def test_bench_storage_against_raw_client(master, capsys):
                "--repeat", "1"])
     out = capsys.readouterr().out
     assert rc == 0 and "raw Mooncake client" in out
+
+
+CLI_CASES = [
+    ("mooncake bad address", backend_check("mooncake", {"master_server_address": "nohost"}), "is not host:port"),
+    ("mooncake unknown key", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "colour": 1}),
+     "unknown key 'colour'"),
+    ("mooncake protocol", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "protocol": "udp"}),
+     "choose one of tcp, rdma"),
+    ("mooncake timeout NaN", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "connect_timeout_s": "nan"}),
+     "must be a finite number > 0"),
+    ("mooncake segment text", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "global_segment_size": "big"}),
+     "is not a size"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [(c[1], c[2]) for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_malformed_cli_input_is_one_clear_error(argv, expected, tmp_path, capsys):
+    from hicache_core.cli import main
+    from hicache_core.testing.cli import assert_clear_cli_error
+
+    assert_clear_cli_error(main, [a.replace("{tmp}", str(tmp_path)) for a in argv], expected, capsys)
