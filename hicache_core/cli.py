@@ -174,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pages", type=arg_int(1, 1 << 16), default=4, help="pages to round-trip (default 4)")
     p.set_defaults(func=cmd_check)
 
+    from hicache_core.certify import add_arguments as add_certify_arguments
+    from hicache_core.certify import certify_main
+
+    p = sub.add_parser("certify", help="the conformance kit plus faults injected through the real controller: a "
+                                       "pass/fail table for a storage backend")
+    add_hicache_args(p)
+    add_certify_arguments(p)
+    p.set_defaults(func=certify_main, page_size=16)
+
     from hicache_core.bench import BENCHMARKS
 
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))

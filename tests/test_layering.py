@@ -15,7 +15,7 @@ LAYERS = [
     ["controller", "sglang"],
     ["cache"],
     ["engine", "testing"],
-    ["bench"],
+    ["bench", "certify"],
     ["cli"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,6 +1,5 @@
 """The in-memory reference backend passes the conformance kit."""
 
-import contextlib
 import uuid
 
 from hicache_core.testing import BackendConformance
@@ -14,12 +13,3 @@ class TestMemoryBackend(BackendConformance):
         if not hasattr(self, "_store"):
             self._store = f"conformance-{uuid.uuid4().hex}"
         return {"store": self._store}
-
-    @contextlib.contextmanager
-    def failing_writes(self, backend):
-        old = backend.capacity_bytes
-        backend.capacity_bytes = max(1, backend._store.bytes)  # full: new pages are refused
-        try:
-            yield
-        finally:
-            backend.capacity_bytes = old

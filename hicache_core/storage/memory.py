@@ -3,7 +3,9 @@ and the simplest complete example of the contract (v0 and v1)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Optional
 
 import attrs
@@ -117,3 +119,14 @@ class MemoryStorage(HiCacheStorage):
     def get_stats(self):
         with self._lock:
             return dict(self._stats, store_pages=len(self._pages), store_bytes=self._store.bytes)
+
+    # --- certification hook (hicache certify, the conformance kit) -------------------------------------------------
+    @contextlib.contextmanager
+    def failing_writes(self) -> Iterator[None]:
+        """Inside the block the store counts as full: new pages are refused."""
+        old = self.capacity_bytes
+        self.capacity_bytes = max(1, self._store.bytes)
+        try:
+            yield
+        finally:
+            self.capacity_bytes = old

@@ -354,6 +354,33 @@ class FileStorage(HiCacheStorage):
         if self.usage is not None:
             self.usage.close()
 
+    # --- certification hooks (hicache certify, the conformance kit) ----------------------------------------------------
+    @contextlib.contextmanager
+    def failing_writes(self):
+        """Inside the block a regular file stands where the namespace directory was: every open() under it fails
+        with ENOTDIR, as on a dead disk."""
+        moved = self.dir + ".away"
+        os.rename(self.dir, moved)
+        with open(self.dir, "w") as f:
+            f.write("not a directory")
+        try:
+            yield
+        finally:
+            os.unlink(self.dir)
+            os.rename(moved, self.dir)
+
+    def corrupt_stored_page(self, key: str) -> bool:
+        """Flip one payload byte of the stored page, as a bad disk would."""
+        try:
+            with open(self._path(key), "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                last = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([last[0] ^ 0x40]))
+            return True
+        except OSError:
+            return False
+
     # --- benchmark baseline ------------------------------------------------------------------------------------------
     def bench_baseline(self):
         """The plain loop the benchmark compares with: os.write / readinto of the same bytes, same directory."""

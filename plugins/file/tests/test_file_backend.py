@@ -1,6 +1,5 @@
 """The file backend: conformance kit in every layout, corruption on disk, two processes, capacity, config."""
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -24,19 +23,6 @@ class TestFileConformance(BackendConformance):
 
     def extra_config(self, tmp_path):
         return {"storage_dir": str(tmp_path / "store")}
-
-    @contextlib.contextmanager
-    def failing_writes(self, backend):
-        # a regular file where the namespace directory was: every open() under it fails with ENOTDIR
-        moved = backend.dir + ".away"
-        os.rename(backend.dir, moved)
-        with open(backend.dir, "w") as f:
-            f.write("not a directory")
-        try:
-            yield
-        finally:
-            os.unlink(backend.dir)
-            os.rename(moved, backend.dir)
 
 
 SPEC = KVSpec(layer_num=2, head_num=2, head_dim=8, dtype=torch.bfloat16)

@@ -171,3 +171,18 @@ def test_capacity_holds_for_the_directory_across_processes(tmp_path):
     write(a, apool, random_keys(2, PS))  # this process now evicts pages the child wrote, too
     on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs if f.endswith(".page"))
     assert on_disk <= cap and a.get_stats()["used_bytes"] == on_disk
+
+
+def test_file_backend_certifies(tmp_path, capsys):
+    import json
+
+    from hicache_core.cli import main
+
+    rc = main(["certify", "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",
+               json.dumps({"storage_dir": "{tmp}"}), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    failed = [r for r in report["rows"] if r["outcome"] != "passed"]
+    assert rc == 0 and report["passed"], failed
+    assert [r["name"] for r in failed] == ["test_unserved_layout_is_refused"]  # it serves every layout
+    corrupt = next(r for r in report["rows"] if r["name"] == "corrupt")
+    assert "wrong KV 0" in corrupt["detail"]

@@ -10,6 +10,7 @@ eviction by another instance) fails the check and is a miss, never another page'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -196,6 +197,30 @@ class Hf3fsStorage(HiCacheStorage):
 
     def bench_baseline(self):
         return PlainPositionalIO(self)
+
+
+    # --- certification hooks (hicache certify, the conformance kit) ----------------------------------------------------
+    @contextlib.contextmanager
+    def failing_writes(self):
+        """Inside the block the file's descriptor is read-only: every write fails for real (EBADF)."""
+        assert self.client is not None
+        good = self.client.fd
+        self.client.fd = os.open(self.client.path, os.O_RDONLY)
+        try:
+            yield
+        finally:
+            os.close(self.client.fd)
+            self.client.fd = good
+
+    def corrupt_stored_page(self, key: str) -> bool:
+        """Flip one payload byte in the key's slot, as a bad disk would."""
+        slot = self.meta.get_page_indices(self.rank_id, [key])[0]
+        if slot is None or self.client is None:
+            return False
+        pos = slot * self.slot_bytes + HEADER + self.page_bytes - 1
+        byte = os.pread(self.client.fd, 1, pos)
+        os.pwrite(self.client.fd, bytes([byte[0] ^ 0x40]), pos)
+        return True
 
 
 class PlainPositionalIO:

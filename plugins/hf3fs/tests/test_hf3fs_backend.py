@@ -26,15 +26,9 @@ from hicache_plugin_hf3fs.metadata import MetadataStore, RankMetadata
 
 @contextlib.contextmanager
 def read_only_file(backend):
-    """Swap the data file's descriptor for a read-only one: every pwrite fails for real (EBADF)."""
-    client = backend.client
-    good = client.fd
-    client.fd = os.open(client.path, os.O_RDONLY)
-    try:
+    """Every pwrite fails for real (EBADF): the backend's own certification hook."""
+    with backend.failing_writes():
         yield
-    finally:
-        os.close(client.fd)
-        client.fd = good
 
 
 class TestHf3fsInProcessMetadata(BackendConformance):
@@ -42,9 +36,6 @@ class TestHf3fsInProcessMetadata(BackendConformance):
 
     def extra_config(self, tmp_path):
         return {"file_path_prefix": str(tmp_path / "hf3fs" / "cache"), "file_size": 4 << 20, "numjobs": 4, "entries": 8}
-
-    def failing_writes(self, backend):
-        return read_only_file(backend)
 
 
 class TestHf3fsHttpMetadata(TestHf3fsInProcessMetadata):
@@ -353,3 +344,18 @@ def test_malformed_cli_input_is_one_clear_error(argv, expected, tmp_path, capsys
     from hicache_core.testing.cli import assert_clear_cli_error
 
     assert_clear_cli_error(main, [a.replace("{tmp}", str(tmp_path)) for a in argv], expected, capsys)
+
+
+@pytest.mark.parametrize("metadata", ["in-process", "http"])
+def test_hf3fs_backend_certifies(tmp_path, capsys, metadata, metadata_server):
+    from hicache_core.cli import main
+
+    extra = {"file_path_prefix": "{tmp}/hf3fs", "file_size": 8 << 20, "numjobs": 2}
+    if metadata == "http":
+        extra["metadata_server_url"] = metadata_server.url
+    rc = main(["certify", "--hicache-storage-backend", "hf3fs", "--hicache-storage-backend-extra-config",
+               json.dumps(extra), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    not_passed = [r for r in report["rows"] if r["outcome"] != "passed"]
+    assert rc == 0 and report["passed"], not_passed
+    assert [r["name"] for r in not_passed] == ["test_unserved_layout_is_refused"]

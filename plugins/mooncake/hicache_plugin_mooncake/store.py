@@ -43,6 +43,8 @@ class MooncakeStore(HiCacheStorage):
     them to use ``$SGLANG_HICACHE_MOONCAKE_CONFIG_PATH`` / ``MOONCAKE_*``; plus ``connect_timeout_s`` (30) and
     ``reconnect_after_s`` (10)."""
 
+    supports_v0 = False  # zero copy only: pages move between registered buffers (the conformance kit reads this)
+
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
         self.cfg = MooncakeStoreConfig.load(self.extra_config)

@@ -352,3 +352,16 @@ def test_malformed_cli_input_is_one_clear_error(argv, expected, tmp_path, capsys
     from hicache_core.testing.cli import assert_clear_cli_error
 
     assert_clear_cli_error(main, [a.replace("{tmp}", str(tmp_path)) for a in argv], expected, capsys)
+
+
+def test_mooncake_backend_certifies(master, capsys):
+    from hicache_core.cli import main
+
+    rc = main(["certify", "--hicache-storage-backend", "mooncake", "--hicache-storage-backend-extra-config",
+               json.dumps(master.extra()), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rc == 0 and report["passed"], [r for r in report["rows"] if r["outcome"] == "FAILED"]
+    assert rows["none"]["outcome"] == "passed" and "wrong KV 0, leaked pages 0" in rows["hang"]["detail"]
+    # pages live in the client's segment and carry no checksum; failing writes needs the master stopped
+    assert {n for n, r in rows.items() if r["outcome"] == "n/a"} >= {"corrupt", "test_failed_write_is_not_visible"}
