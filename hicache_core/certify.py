@@ -158,7 +158,7 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
             if mode == "restart" and i == requests // 2:
                 cache.flush(30)
                 old = faulty.inner
-                faulty.inner = create_backend(cfg.hicache_storage_backend, make_storage_config(cfg, SPEC),
+                faulty.inner = create_backend(cfg.hicache_storage_backend or "", make_storage_config(cfg, SPEC),
                                               cache.host_pool, extra_config=cfg.backend_extra_config)
                 old.close()
                 faulty.injected += 1

@@ -96,7 +96,7 @@ def test_a_file_of_the_wrong_size_is_a_miss(tmp_path):
 def test_unknown_layout_compat_is_refused(tmp_path):
     from hicache_core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="layout_compat='sglang2'; choose 'hicache'"):
+    with pytest.raises(ConfigError, match="layout_compat='sglang2'; choose one of hicache, sglang"):
         create_backend("file", make_storage_config(HiCacheConfig(page_size=PS), SPEC),
                        HostPool(SPEC, 8 * PS, PS, "layer_first", pin_memory=False),
                        extra_config={"layout_compat": "sglang2", "storage_dir": str(tmp_path)})
