@@ -4,46 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-import zlib
 
 import torch
 
 from hicache_core.cache import Admission, HiRadixCache, build_cache
 from hicache_core.config import HiCacheConfig
-from hicache_core.memory import DevicePool, KVSpec
+from hicache_core.memory import KVSpec
+from hicache_core.testing.faults import SENTINEL, kv_matches, write_kv  # noqa: F401 (re-exported)
 
 PS = 4
 SPEC = KVSpec(layer_num=2, head_num=1, head_dim=2, dtype=torch.float32)
-
-
-def prefix_codes(tokens) -> torch.Tensor:
-    """One int32 per position: a checksum of the whole prefix up to and including that token."""
-    out, crc = [], 0
-    for t in tokens:
-        crc = zlib.crc32(int(t).to_bytes(4, "little"), crc)
-        out.append(crc & 0x7FFFFFFF)
-    return torch.tensor(out, dtype=torch.int32)
-
-
-def write_kv(pool: DevicePool, idx: torch.Tensor, tokens) -> None:
-    """The KV of the first ``len(idx)`` tokens into ``idx``."""
-    codes = prefix_codes(tokens)[: len(idx)]
-    for layer in range(pool.layer_num):
-        for kv, buf in enumerate((pool.k_buffer(layer), pool.v_buffer(layer))):
-            buf.view(torch.int32)[idx] = (codes + layer * 7 + kv * 3)[:, None, None]
-
-
-def kv_matches(pool: DevicePool, idx: torch.Tensor, tokens) -> bool:
-    if len(idx) == 0:
-        return True
-    codes = prefix_codes(tokens)[: len(idx)]
-    for layer in range(pool.layer_num):
-        pool.wait_layer(layer)
-        for kv, buf in enumerate((pool.k_buffer(layer), pool.v_buffer(layer))):
-            got = buf.view(torch.int32)[idx][:, 0, 0]
-            if not torch.equal(got, codes + layer * 7 + kv * 3):
-                return False
-    return True
 
 
 def make_cache(*, device_pages=8, host_pages=16, storage=None, store="default", layout="layer_first",
@@ -60,7 +30,6 @@ def make_cache(*, device_pages=8, host_pages=16, storage=None, store="default", 
                        pin_memory=False)
 
 
-SENTINEL = 7  # one token past the pages of a test prompt: the engine computes it, so whole pages are servable
 
 
 def admit_ready(cache: HiRadixCache, rid, prompt, extra_tokens: int = 0, timeout: float = 30.0) -> Admission:
