@@ -100,7 +100,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
 # --- hicache check ------------------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
     from hicache_core.keys import hash_chain
+    from hicache_core.metrics import CacheMetrics
     from hicache_core.registry import open_backend, resolve_config
+    from hicache_core.storage.guard import GuardedStorage
 
     config, resolved = resolve_config(HiCacheConfig.from_args(args))
     spec = spec_from_args(args)
@@ -115,6 +117,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = config.replace(model_name=f"hicache-check-{uuid.uuid4().hex[:12]}")
     backend, pool = open_backend(config, spec, 2 * n * ps, resolved=resolved, tp_rank=args.tp_rank,
                                  tp_size=args.tp_size)
+    guard = None
     try:
         print(f"backend {backend.name} ({'v1' if backend.interface_v1 else 'v0 via adapter'}) at {backend.describe()}")
         src = pool.alloc(n * ps)
@@ -124,37 +127,46 @@ def cmd_check(args: argparse.Namespace) -> int:
         pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=g))
         tokens = torch.randint(0, 2**31, (n * ps,), generator=g).tolist()
         keys = hash_chain(tokens, ps)
-        try:
-            t0 = time.perf_counter()
-            wrote = backend.batch_set_v1(keys, src)
-            t1 = time.perf_counter()
-            found = backend.batch_exists(keys)
-            t2 = time.perf_counter()
-            got = backend.batch_get_v1(keys, dst)
-            t3 = time.perf_counter()
-        except Exception as e:  # the backend's fault, reported as the check's result, not a traceback
-            print(f"  the backend raised {type(e).__name__}: {e}")
-            print("check FAILED")
-            return 1
-        same = all(
-            torch.equal(pool.get_flat_page(int(src[i * ps])).view(torch.uint8), pool.get_flat_page(int(dst[i * ps])).view(torch.uint8)) for i in range(n)
-        )
+        # through the guard the controller uses: a hung or lying backend is a failed check, bounded by io_timeout_s
+        guard = GuardedStorage(backend, CacheMetrics(), timeout_s=config.io_timeout_s, max_abandoned=3)
+        failures: list[str] = []
+
+        def step(fn, *a) -> int:
+            guard.last_failure = None
+            n_ok = fn(*a).ok
+            if guard.last_failure and guard.last_failure not in failures:
+                failures.append(guard.last_failure)
+            return n_ok
+
+        t0 = time.perf_counter()
+        wrote = step(guard.batch_set_v1, keys, src)
+        t1 = time.perf_counter()
+        found = step(guard.batch_exists, keys)
+        t2 = time.perf_counter()
+        got = step(guard.batch_get_v1, keys, dst)
+        t3 = time.perf_counter()
+        for f in failures:
+            print(f"  the backend failed: {f}")
+        same = got == n and all(
+            torch.equal(pool.get_flat_page(int(src[i * ps])).view(torch.uint8),
+                        pool.get_flat_page(int(dst[i * ps])).view(torch.uint8)) for i in range(n))
         mib = n * pool.page_bytes / 2**20
         print(f"  namespace {config.model_name} ({backend.namespace_tag})")
-        print(f"  set    {sum(wrote)}/{n} pages  {mib / max(t1 - t0, 1e-9):8.1f} MiB/s")
+        print(f"  set    {wrote}/{n} pages  {mib / max(t1 - t0, 1e-9):8.1f} MiB/s")
         print(f"  exists {found}/{n} pages")
-        print(f"  get    {sum(got)}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  bytes {'identical' if same else 'DIFFER'}")
-        ok = all(wrote) and found == n and all(got) and same
-        try:
-            backend.clear()
-            left = backend.batch_exists(keys)
+        print(f"  get    {got}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  bytes {'identical' if same else 'DIFFER'}")
+        ok = wrote == n and found == n and got == n and same
+        guard.last_failure = None
+        guard.call_bounded("clear", backend.clear)
+        if guard.last_failure:
+            print(f"  cleanup: {guard.last_failure}; the check pages may remain")
+        else:
+            left = guard.batch_exists(keys).ok
             print(f"  cleanup: {'removed the check pages' if left == 0 else f'{left} check pages could not be removed'}")
-        except Exception as e:
-            print(f"  cleanup: clear() raised {type(e).__name__}: {e}; the check pages may remain")
         print("check passed" if ok else "check FAILED")
         return 0 if ok else 1
     finally:
-        backend.close()
+        guard.close() if guard is not None else backend.close()
 
 
 # --- entry point --------------------------------------------------------------------------------------------------

@@ -239,3 +239,22 @@ def test_guard_without_deadline_and_exceptions_counted():
     assert g.batch_exists(["a"]).ok == 0
     assert m.stats()["storage_errors"] == {"exists_exception": 2}
     g.close()
+
+
+def test_check_with_a_hung_backend_fails_within_the_deadline(monkeypatch):
+    """`hicache check` goes through the same guard: a read that never returns is a failed check, not a hang."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "certify_fixtures"
+    extra = ('{"backend_name": "hung", "module_path": "hung_store", "class_name": "HungStore", "interface_v1": 0, '
+             '"io_timeout_s": 1}')
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "check", "--hicache-storage-backend", "dynamic",
+                        "--hicache-storage-backend-extra-config", extra], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(fixtures)})
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and "get did not return within 1 s" in r.stdout and "check FAILED" in r.stdout, r.stdout
+    assert "Traceback" not in r.stderr
+    assert took < 30, f"check took {took:.0f} s against a 1 s deadline"

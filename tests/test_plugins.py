@@ -317,7 +317,7 @@ def test_cli_check_reports_a_raising_backend_without_a_traceback(tmp_path):
     r = run_cli("check", "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", extra,
                 pythonpath=[tmp_path])
     assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
-    assert "the backend raised ConnectionError: storage cluster unreachable" in r.stdout and "check FAILED" in r.stdout
+    assert "the backend failed: set raised ConnectionError: storage cluster unreachable" in r.stdout and "check FAILED" in r.stdout
 
 
 def test_cli_version():

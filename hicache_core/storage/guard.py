@@ -130,10 +130,12 @@ class GuardedStorage:
         self._abandoned: set[Call] = set()
         self._logged: set[str] = set()
         self._closing = threading.Event()
+        self.last_failure: Optional[str] = None  # the latest failure, in words (``hicache check`` prints it)
 
     # --- bookkeeping -------------------------------------------------------------------------------------------------
     def _fail(self, kind: str, message: str) -> None:
         self.metrics.record_storage_error(kind)
+        self.last_failure = message
         with self._lock:
             first = kind not in self._logged
             self._logged.add(kind)
