@@ -5,7 +5,7 @@ Two parts, one pass/fail table:
 1. **Conformance**: the kit (:mod:`hicache_core.testing`) run by pytest against the configured backend; ``{tmp}``
    in the extra config becomes a fresh directory per test.
 2. **Faults through the real controller**: requests through a real cache with tiny pools (every served byte checked
-   against what computing it gives, :mod:`hicache_core.testing.faults`), while the backend is made to raise, hang
+   against what computing it gives, :mod:`hicache_core.faults`), while the backend is made to raise, hang
    past the deadline, return wrong shapes, answer ``batch_exists`` with junk, have stored pages damaged, or be
    restarted under the running cache. Each row: a writer cache fills the store, a second cache (a restarted server)
    reads it back. A row passes when no wrong KV was served, no page leaked and no request waited past the bound.
@@ -31,9 +31,9 @@ import torch
 
 from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError
+from hicache_core.faults import FAULTS, FaultyBackend, RunResult, drain, make_prompts, run_requests, small_cache
 from hicache_core.memory import KVSpec
 from hicache_core.registry import create_backend, make_storage_config, resolve_config
-from hicache_core.testing.faults import FAULTS, FaultyBackend, RunResult, drain, make_prompts, run_requests, small_cache
 
 SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.float32)
 DEADLINE_S = 0.5
@@ -63,8 +63,12 @@ KIT = textwrap.dedent('''
         def extra_config(self, tmp_path):
             return json.loads(os.environ["HICACHE_CERTIFY_EXTRA"].replace("{tmp}", str(tmp_path)))
 
+        # namespaces of this run only: a shared store keeps what others wrote (and its own sizes)
+        def config(self, layout, **changes):
+            cfg = super().config(layout, **changes)
+            return cfg.replace(model_name=f"{cfg.model_name}-{os.environ['HICACHE_CERTIFY_RUN']}")
+
         def build(self, tmp_path, layout, *, model="conformance", **kw):
-            # namespaces of this run only: a shared store keeps what others wrote (and its own sizes)
             return super().build(tmp_path, layout, model=f"{model}-{os.environ['HICACHE_CERTIFY_RUN']}", **kw)
 ''')
 
@@ -228,7 +232,12 @@ def cmd_certify(args: argparse.Namespace, config: HiCacheConfig) -> int:
 
 
 def certify_main(args: argparse.Namespace) -> int:
+    log = logging.getLogger("hicache_core")
+    level = log.level
     if not args.verbose:  # the faults are on purpose: their warnings would bury the table
-        logging.getLogger("hicache_core").setLevel(logging.ERROR)
-    return cmd_certify(args, HiCacheConfig.from_args(args))
+        log.setLevel(logging.ERROR)
+    try:
+        return cmd_certify(args, HiCacheConfig.from_args(args))
+    finally:
+        log.setLevel(level)
 

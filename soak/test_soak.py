@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from hicache_core.config import HiCacheConfig
+from hicache_core.faults import FAULTS, FaultyBackend, RunResult, drain, make_prompts, run_requests, small_cache
 from hicache_core.memory import KVSpec
-from hicache_core.testing.faults import FAULTS, FaultyBackend, RunResult, drain, make_prompts, run_requests, small_cache
 
 SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.float32)
 PS = 16

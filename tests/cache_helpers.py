@@ -9,8 +9,8 @@ import torch
 
 from hicache_core.cache import Admission, HiRadixCache, build_cache
 from hicache_core.config import HiCacheConfig
+from hicache_core.faults import SENTINEL, kv_matches, write_kv  # noqa: F401 (re-exported)
 from hicache_core.memory import KVSpec
-from hicache_core.testing.faults import SENTINEL, kv_matches, write_kv  # noqa: F401 (re-exported)
 
 PS = 4
 SPEC = KVSpec(layer_num=2, head_num=1, head_dim=2, dtype=torch.float32)

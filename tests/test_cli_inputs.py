@@ -151,3 +151,16 @@ def test_malformed_input_is_one_clear_error(argv, expected, tmp_dirs, capsys, mo
 def test_the_table_is_big_enough():
     # the operator's 93, less the hf3fs and mooncake cases that live with their plugins' tests
     assert len(CASES) >= 85
+
+
+def test_the_cli_needs_no_test_tools():
+    """`hicache` (every command's parser, certify's included) imports without pytest, as on a serving machine."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pytest'] = None\n"
+            "from hicache_core.cli import build_parser, main\n"
+            "build_parser()\n"
+            "sys.exit(main(['certify', '--hicache-storage-backend', 'memory', '--no-conformance', '--faults', 'none']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "CERTIFIED" in r.stdout, r.stderr[-2000:]

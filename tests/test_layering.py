@@ -14,7 +14,7 @@ LAYERS = [
     ["registry", "operations"],
     ["controller", "sglang"],
     ["cache"],
-    ["engine", "testing"],
+    ["engine", "testing", "faults"],
     ["bench", "certify"],
     ["cli"],
 ]

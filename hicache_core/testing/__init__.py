@@ -343,9 +343,8 @@ class BackendConformance:
         """Built the way the cache builds it (resolve_config + open_backend), the backend round-trips pages."""
         if not self.backend_name:
             pytest.skip("no backend_name: the backend is not registered under a name")
-        cfg = HiCacheConfig(page_size=self.page_size, hicache_mem_layout="page_first_direct",
-                            hicache_io_backend="direct", hicache_storage_backend=self.backend_name,
-                            hicache_storage_backend_extra_config=self.extra_config(tmp_path))
+        cfg = self.config("page_first_direct", hicache_io_backend="direct", hicache_storage_backend=self.backend_name,
+                          hicache_storage_backend_extra_config=self.extra_config(tmp_path))
         cfg, resolved = resolve_config(cfg)
         handle, pool = open_backend(cfg, self.spec, 4 * self.pages * self.page_size, resolved=resolved)
         self._opened.append(handle)
