@@ -7,8 +7,8 @@ Two parts, one pass/fail table:
 2. **Faults through the real controller**: requests through a real cache with tiny pools (every served byte checked
    against what computing it gives, :mod:`hicache_core.faults`), while the backend is made to raise, hang
    past the deadline, return wrong shapes, answer ``batch_exists`` with junk, have stored pages damaged, or be
-   restarted under the running cache. Each row: a writer cache fills the store, a second cache (a restarted server)
-   reads it back. A row passes when no wrong KV was served, no page leaked and no request waited past the bound.
+   restarted under the running cache. Each row: a writer cache fills the store, a second cache (another server, or
+   the same one restarted) reads it back while the writer is still open. A row passes when no wrong KV was served, no page leaked and no request waited past the bound.
 """
 
 from __future__ import annotations
@@ -146,36 +146,40 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
     prompts = make_prompts(rng, families=4, pages=6, page_size=ps)
     writer, reader, injected = RunResult(), RunResult(), 0
     t0 = time.monotonic()
-    for result in (writer, reader):
-        cache = small_cache(cfg, SPEC)
-        assert cache.controller is not None and cache.controller.guard is not None
-        guard = cache.controller.guard
-        handle = guard.backend
-        if mode == "corrupt" and not callable(getattr(handle.raw, "corrupt_stored_page", None)):
-            cache.close()
-            return Row("faults", mode, "n/a", "the backend offers no corrupt_stored_page(key) to damage a stored "
-                                               "page with (see docs/writing-a-backend.md)")
-        faulty = FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S)
-        guard.backend = faulty
+    caches: list[tuple[Any, RunResult]] = []
+    try:
+        # the writer stays open while a second cache reads: some stores keep pages only while their writer lives
+        for result in (writer, reader):
+            cache = small_cache(cfg, SPEC)
+            caches.append((cache, result))
+            assert cache.controller is not None and cache.controller.guard is not None
+            guard = cache.controller.guard
+            handle = guard.backend
+            if mode == "corrupt" and not callable(getattr(handle.raw, "corrupt_stored_page", None)):
+                return Row("faults", mode, "n/a", "the backend offers no corrupt_stored_page(key) to damage a stored "
+                                                   "page with (see docs/writing-a-backend.md)")
+            faulty = FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S)
+            guard.backend = faulty
 
-        def between(i: int, cache=cache, faulty=faulty) -> None:
-            if mode == "restart" and i == requests // 2:
-                cache.flush(30)
-                old = faulty.inner
-                faulty.inner = create_backend(cfg.hicache_storage_backend or "", make_storage_config(cfg, SPEC),
-                                              cache.host_pool, extra_config=cfg.backend_extra_config)
-                old.close()
-                faulty.injected += 1
+            def between(i: int, cache=cache, faulty=faulty) -> None:
+                if mode == "restart" and i == requests // 2:
+                    cache.flush(30)
+                    old = faulty.inner
+                    faulty.inner = create_backend(cfg.hicache_storage_backend or "", make_storage_config(cfg, SPEC),
+                                                  cache.host_pool, extra_config=cfg.backend_extra_config)
+                    old.close()
+                    faulty.injected += 1
 
-        try:
             run_requests(cache, prompts, requests, rng, result, between, wait_limit_s=DEADLINE_S * 8 + 10)
-        finally:
+            cache.flush(30)  # every backup landed (or failed) before the next cache reads
+            injected += faulty.injected
+    finally:
+        for cache, result in reversed(caches):
             drain(cache, result)
-        injected += faulty.injected
     wrong, leaked = writer.wrong_kv + reader.wrong_kv, writer.leaked_pages + reader.leaked_pages
     wait = max(writer.longest_wait_s, reader.longest_wait_s)
     detail = (f"{writer.requests + reader.requests} requests, {injected} faults, {reader.storage_tokens} tokens from "
-              f"storage after restart, wrong KV {wrong}, leaked pages {leaked}, longest wait {wait:.2f} s, "
+              f"storage in the second cache, wrong KV {wrong}, leaked pages {leaked}, longest wait {wait:.2f} s, "
               f"{time.monotonic() - t0:.1f} s")
     problems = []
     if wrong:
@@ -183,7 +187,7 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
     if leaked:
         problems.append("leaked pages")
     if mode == "none" and reader.storage_tokens == 0:
-        problems.append("a restarted cache got no storage hits from a healthy backend")
+        problems.append("a second cache got no storage hits from a healthy backend")
     if mode != "none" and RATES[mode] and injected == 0:
         problems.append("no fault was injected")
     return Row("faults", mode, "FAILED" if problems else "passed",
