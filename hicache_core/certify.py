@@ -3,7 +3,7 @@
 Two parts, one pass/fail table:
 
 1. **Conformance**: the kit (:mod:`hicache_core.testing`) run by pytest against the configured backend; ``{tmp}``
-   in the extra config becomes a fresh directory per test.
+   in the extra config becomes a fresh directory per test (and one temporary directory for part 2).
 2. **Faults through the real controller**: requests through a real cache with tiny pools (every served byte checked
    against what computing it gives, :mod:`hicache_core.faults`), while the backend is made to raise, hang
    past the deadline, return wrong shapes, answer ``batch_exists`` with junk, have stored pages damaged, or be
@@ -219,7 +219,9 @@ def cmd_certify(args: argparse.Namespace, config: HiCacheConfig) -> int:
     rows: list[Row] = []
     if not args.no_conformance:
         rows += run_conformance(config.hicache_storage_backend or "", config.backend_extra_config)
-    rows += run_faults(config, args.requests, args.seed, modes)
+    with tempfile.TemporaryDirectory(prefix="hicache-certify-faults-") as d:  # what {tmp} means for the fault rows
+        extra = json.loads(json.dumps(config.hicache_storage_backend_extra_config).replace("{tmp}", d))
+        rows += run_faults(config.replace(hicache_storage_backend_extra_config=extra), args.requests, args.seed, modes)
     failed = [r for r in rows if r.outcome == "FAILED"]
     if args.json:
         print(json.dumps({"backend": config.hicache_storage_backend, "passed": not failed,

@@ -173,11 +173,12 @@ def test_capacity_holds_for_the_directory_across_processes(tmp_path):
     assert on_disk <= cap and a.get_stats()["used_bytes"] == on_disk
 
 
-def test_file_backend_certifies(tmp_path, capsys):
+def test_file_backend_certifies(tmp_path, capsys, monkeypatch):
     import json
 
     from hicache_core.cli import main
 
+    monkeypatch.chdir(tmp_path)
     rc = main(["certify", "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",
                json.dumps({"storage_dir": "{tmp}"}), "--json"])
     report = json.loads(capsys.readouterr().out)
@@ -186,3 +187,4 @@ def test_file_backend_certifies(tmp_path, capsys):
     assert [r["name"] for r in failed] == ["test_unserved_layout_is_refused"]  # it serves every layout
     corrupt = next(r for r in report["rows"] if r["name"] == "corrupt")
     assert "wrong KV 0" in corrupt["detail"]
+    assert os.listdir(tmp_path) == [], "{tmp} must become temporary directories, removed afterwards"
