@@ -258,3 +258,39 @@ def test_check_with_a_hung_backend_fails_within_the_deadline(monkeypatch):
     assert r.returncode == 1 and "get did not return within 1 s" in r.stdout and "check FAILED" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr
     assert took < 30, f"check took {took:.0f} s against a 1 s deadline"
+
+
+def test_guard_threads_hold_no_tensors_and_leave_on_close():
+    """A tensor whose last reference died on a guard thread while the interpreter finalized aborted the process
+    (std::terminate from torch's noexcept dealloc; `hicache check` exited -6 about one run in eight). The thread
+    drops the arguments before the caller wakes, the caller takes the result, and close() joins the threads."""
+    import gc
+    import weakref
+
+    import torch
+
+    from hicache_core.metrics import CacheMetrics
+
+    made: list = []
+
+    class Store:
+        def batch_get_v1(self, keys, idx):
+            made.append(weakref.ref(idx))
+            return [True] * len(keys)
+
+        def batch_exists(self, keys):
+            return len(keys)
+
+        def close(self):
+            pass
+
+    guard = GuardedStorage(Store(), CacheMetrics(), timeout_s=5)
+    idx = torch.arange(4)
+    assert guard.batch_get_v1(["a", "b"], idx).ok == 2
+    del idx
+    gc.collect()
+    assert made[0]() is None, "a guard thread still holds the call's tensor"
+    assert guard.batch_exists(["a"]).ok == 1
+    guard.close()
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("hicache-storage-call")]
+    assert alive == []
