@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_certify_arguments(p)
     p.set_defaults(func=certify_main, page_size=16)
 
+    from hicache_core.serve import add_arguments as add_serve_arguments
+    from hicache_core.serve import run as serve_main
+
+    p = sub.add_parser("serve", help="serve the reference engine over SGLang's and OpenAI's HTTP APIs")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve_main)
+
     from hicache_core.bench import BENCHMARKS
 
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))

@@ -54,9 +54,8 @@ class HiCacheController:
         self._current_load: Optional[TransferAck] = None
         device_pool.set_layer_waiter(self._wait_layer)
 
-        self.storage = storage
-        self.guard = (GuardedStorage(storage, self.metrics, timeout_s=config.io_timeout_s)
-                      if storage is not None else None)
+        self.storage: Optional[StorageV1] = None
+        self.guard: Optional[GuardedStorage] = None
         self.prefetch_policy = config.hicache_storage_prefetch_policy
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
         self.prefetch_timeout_base = config.prefetch_timeout_base
@@ -73,9 +72,27 @@ class HiCacheController:
         self._quarantined_tokens = 0  # host slots an abandoned call may still write: freed when it returns
         self._stop = threading.Event()
         if storage is not None:
-            self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
-            self._backup_worker = Worker("hicache-backup", torch.device("cpu"))
-            self._workers += [self._prefetch_worker, self._backup_worker]
+            self.attach_storage(storage, config)
+
+    def attach_storage(self, storage: StorageV1, config: HiCacheConfig) -> None:
+        """Start the storage tier: the guarded backend and its prefetch and backup workers."""
+        if self.guard is not None:
+            raise RuntimeError("a storage backend is attached already; detach it first")
+        self.config = config
+        self.storage = storage
+        self.guard = GuardedStorage(storage, self.metrics, timeout_s=config.io_timeout_s)
+        self.prefetch_policy = config.hicache_storage_prefetch_policy
+        self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
+        self._backup_worker = Worker("hicache-backup", torch.device("cpu"))
+        self._workers += [self._prefetch_worker, self._backup_worker]
+
+    def detach_storage(self) -> None:
+        """Stop the storage tier (the owner made sure no prefetch or backup is in flight) and close the backend."""
+        for w in (self._prefetch_worker, self._backup_worker):
+            w.stop()
+            self._workers.remove(w)
+        self._guard.close()
+        self.storage = self.guard = None
 
     # --- device <-> host ---------------------------------------------------------------------------------------------
     def _wait_layer(self, layer: int) -> None:

@@ -15,7 +15,7 @@ LAYERS = [
     ["controller", "sglang"],
     ["cache"],
     ["engine", "testing", "faults"],
-    ["bench", "certify"],
+    ["bench", "certify", "serve"],
     ["cli"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -69,3 +69,27 @@ def build_cache(
         sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
         backend = create_backend(resolved, sc, host_pool, pm=pm)
     return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel)
+
+
+def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,
+                   pm: Optional[HiCachePluginManager] = None) -> HiRadixCache:
+    """Build the backend ``config`` names for ``cache``'s host pool and attach it (runtime attach)."""
+    if cache.host_pool is None:
+        raise ConfigError("attaching a storage backend needs the host tier (--enable-hierarchical-cache)")
+    if not config.hicache_storage_backend:
+        raise ConfigError("name the backend to attach (hicache_storage_backend); see `hicache backends`")
+    config = config.replace(hicache_mem_layout=cache.config.hicache_mem_layout, page_size=cache.page_size)
+    config, resolved = resolve_config(config, pm)
+    if config.hicache_mem_layout != cache.host_pool.layout:
+        raise ConfigError(f"storage backend {config.hicache_storage_backend!r} needs host layout "
+                          f"{config.hicache_mem_layout}; this server's host pool is {cache.host_pool.layout} "
+                          f"(restart with --hicache-mem-layout {config.hicache_mem_layout})")
+    assert resolved is not None
+    backend = create_backend(resolved, make_storage_config(config, cache.host_pool.spec, tp_rank=tp_rank,
+                                                           tp_size=tp_size), cache.host_pool, pm=pm)
+    try:
+        cache.attach_storage(backend, config)
+    except BaseException:
+        backend.close()
+        raise
+    return cache

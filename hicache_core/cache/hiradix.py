@@ -22,6 +22,8 @@ import torch
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.radix import EMPTY
 from hicache_core.cache.tiers import LOAD_BACK_THRESHOLD, TieredCache
+from hicache_core.errors import ConfigError
+from hicache_core.keys import hash_chain
 
 __all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache"]
 
@@ -129,6 +131,32 @@ class HiRadixCache(TieredCache):
         and its pages go back."""
         self._admitting.pop(rid, None)
         self.release_aborted_request(rid)
+
+    # --- storage at runtime (SGLang's attach/detach; the owner calls these only while no request is in flight) ---
+    def attach_storage(self, backend: Any, config: Any) -> None:
+        """Start the storage tier on ``backend`` (built for this cache's host pool) with ``config``."""
+        if self.controller is None:
+            raise ConfigError("attaching a storage backend needs the host tier (--enable-hierarchical-cache)")
+        if self.storage_enabled:
+            raise ConfigError(f"storage backend {self.config.hicache_storage_backend!r} is attached already; "
+                              "detach it first")
+        self.flush()
+        for node in self.nodes():  # parents first: nodes made before storage get their keys, chained from the root
+            assert node.parent is not None
+            node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
+        self.controller.attach_storage(backend, config)
+        self.config, self.storage, self.storage_enabled = config, backend, True
+
+    def detach_storage(self) -> None:
+        """Wait for the backups in flight, then stop the storage tier and close its backend."""
+        if not self.storage_enabled or self.controller is None:
+            raise ConfigError("no storage backend is attached")
+        if self.ongoing_prefetch or self._admitting:
+            raise ConfigError(f"{len(self.ongoing_prefetch)} storage prefetches are in flight; retry when idle")
+        self.flush()
+        self.controller.detach_storage()
+        self.storage, self.storage_enabled = None, False
+        self.config = self.config.replace(hicache_storage_backend=None, hicache_storage_backend_extra_config=None)
 
     def close(self) -> None:
         self._admitting.clear()

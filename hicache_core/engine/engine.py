@@ -47,14 +47,31 @@ class Request:
     cached: dict = attrs.field(factory=lambda: {"device": 0, "host": 0, "storage": 0})
     admission: Optional[Admission] = None  # slots: the cached prefix, then its own for computed tokens
     used: int = 0  # own slots holding KV
+    eos: frozenset = frozenset()  # token ids that end the request (unless ignore_eos)
+    # called on the scheduler's thread after each new token; returning True ends the request (a stop string)
+    on_token: Optional[Callable[[Request], Optional[bool]]] = None
+    finish_reason: Optional[str] = None  # "length", "stop" (eos or a stop condition), "abort"
 
     @property
     def ttft(self) -> float:
         return (self.first_token_time or 0.0) - self.arrival
 
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.cached.values())
+
     def slots(self) -> torch.Tensor:
         assert self.admission is not None
         return self.admission.slots(self.used)
+
+    def _emit(self, tok: int) -> None:
+        self.output.append(tok)
+        if tok in self.eos:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.on_token is not None and self.on_token(self) and self.finish_reason is None:
+            self.finish_reason = "stop"
 
 
 class Engine:
@@ -83,6 +100,8 @@ class Engine:
             self.pool = self.cache.device_pool
             config = self.cache.config
         self.config = config
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
 
     # --- admission ---------------------------------------------------------------------------------------------------
     def _admit(self, r: Request) -> str:
@@ -119,37 +138,62 @@ class Engine:
         for r in requests:
             r.arrival = r.arrival or now
         future = deque(sorted(requests, key=lambda r: r.arrival))
-        waiting: deque[Request] = deque()
-        running: list[Request] = []
         done: list[Request] = []
-        while future or waiting or running:
+        while future or self.busy():
             now = time.perf_counter()
             while future and future[0].arrival <= now:
-                waiting.append(future.popleft())
-            if self.cache:
-                self.cache.poll()
-            admitted = self._admit_waiting(waiting, running)
-            if admitted:
-                if self.cache:
-                    self.cache.ready_to_load_host_cache()
-                self._prefill(admitted)
-                running += admitted
-            decoding = [r for r in running if len(r.output) < r.max_new_tokens and r not in admitted]
-            if decoding:
-                self._decode(decoding)
-            for r in [r for r in running if len(r.output) >= r.max_new_tokens]:
-                running.remove(r)
-                self._finish(r)
+                self.waiting.append(future.popleft())
+            finished, worked = self.step()
+            for r in finished:
                 done.append(r)
                 if on_finish:
                     on_finish(r)
-            if not admitted and not decoding:
+            if not worked:
                 # idle: every waiting request waits for its prefetch, or nothing has arrived yet
-                nxt = future[0].arrival - time.perf_counter() if future and not waiting else 0.0005
+                nxt = future[0].arrival - time.perf_counter() if future and not self.waiting else 0.0005
                 time.sleep(max(0.0, min(nxt, 0.05)))
         if self.cache:
             self.cache.poll()
         return done
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> tuple[list[Request], bool]:
+        """One scheduler iteration over ``waiting`` and ``running``: admit, prefill the admitted, decode the rest,
+        release the finished. Returns (finished requests, whether any forward pass ran)."""
+        if self.cache:
+            self.cache.poll()
+        admitted = self._admit_waiting(self.waiting, self.running)
+        if admitted:
+            if self.cache:
+                self.cache.ready_to_load_host_cache()
+            self._prefill(admitted)
+            self.running += admitted
+        decoding = [r for r in self.running if r.finish_reason is None and r not in admitted]
+        if decoding:
+            self._decode(decoding)
+        finished = [r for r in self.running if r.finish_reason is not None]
+        for r in finished:
+            self.running.remove(r)
+            self._finish(r)
+        return finished, bool(admitted or decoding)
+
+    def abort(self, r: Request) -> bool:
+        """End ``r`` now wherever it is (a client gone): its pages go back, what it computed joins the tree.
+        Returns False when it had already finished."""
+        if r in self.running:
+            self.running.remove(r)
+            r.finish_reason = "abort"
+            self._finish(r)
+            return True
+        if r in self.waiting:
+            self.waiting.remove(r)
+            r.finish_reason, r.finish_time = "abort", time.perf_counter()
+            if self.cache:
+                self.cache.abort(r.rid)  # its storage prefetch, if one is in flight
+            return True
+        return False
 
     def _admit_waiting(self, waiting: deque, running: list) -> list[Request]:
         admitted: list[Request] = []
@@ -176,8 +220,8 @@ class Engine:
         logits = self.model.forward(self.pool, seqs)
         now = time.perf_counter()
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
-            r.output.append(tok)
             r.first_token_time = now
+            r._emit(tok)
 
     def _decode(self, batch: list[Request]) -> None:
         seqs = []
@@ -188,7 +232,7 @@ class Engine:
             seqs.append((torch.tensor([r.output[-1]]), slot, r.slots()))
         logits = self.model.forward(self.pool, seqs)
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
-            r.output.append(tok)
+            r._emit(tok)
 
     def flush(self) -> None:
         if self.cache:

@@ -31,26 +31,66 @@ class ModelConfig:
     rms_eps: float = 1e-6
     seed: int = 0
     kv_dtype: torch.dtype = torch.bfloat16
+    max_position_embeddings: int = 1 << 20
+    # llama3 / linear rope scaling from a checkpoint's config.json (None: plain rotary)
+    rope_scaling: Optional[dict] = attrs.field(default=None, eq=False, hash=False)
+    checkpoint: Optional[str] = None  # the model directory it was loaded from (its name is then the model's)
 
     def kv_spec(self) -> KVSpec:
         return KVSpec(layer_num=self.num_layers, head_num=self.num_kv_heads, head_dim=self.head_dim, dtype=self.kv_dtype)
 
     @property
     def name(self) -> str:
+        if self.checkpoint:
+            return self.checkpoint
         return (f"tiny-llama-h{self.hidden_size}-l{self.num_layers}-q{self.num_heads}-kv{self.num_kv_heads}"
                 f"-d{self.head_dim}-seed{self.seed}")
+
+
+def _lin(x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
+    y = x @ p[name]
+    b = p.get(name + "_b")
+    return y if b is None else y + b
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-class TinyLlama:
-    """Weights and the forward pass. ``forward`` reads and writes K/V through a :class:`DevicePool`."""
+def rope_inv_freq(c: ModelConfig) -> torch.Tensor:
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=COMPUTE) / c.head_dim))
+    rs = c.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(rs["factor"])
+    elif kind == "llama3":  # long-context scaling of Llama 3.1: low frequencies slowed, a smooth band between
+        factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old = float(rs["original_max_position_embeddings"])
+        wavelen = 2 * torch.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (plain, linear and llama3 are)")
+    return inv
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+
+class TinyLlama:
+    """Weights and the forward pass. ``forward`` reads and writes K/V through a :class:`DevicePool`.
+
+    Without ``weights`` they are random (seeded); a checkpoint gives them by our names (see
+    :mod:`hicache_core.engine.checkpoint`): matrices as ``x @ w``, optional biases ``<name>_b``."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu",
+                 weights: Optional[dict] = None) -> None:
         self.config = c = config
         self.device = torch.device(device)
+        self._inv_freq = rope_inv_freq(c).to(self.device)
+        if weights is not None:
+            self.embed, self.layers = weights["embed"], weights["layers"]
+            self.final_norm, self.lm_head = weights["final_norm"], weights["lm_head"]
+            return
         g = torch.Generator().manual_seed(c.seed)
 
         def w(*shape: int, scale: Optional[float] = None) -> torch.Tensor:
@@ -71,8 +111,6 @@ class TinyLlama:
         ]
         self.final_norm = torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device)
         self.lm_head = w(c.hidden_size, c.vocab_size)
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=COMPUTE) / c.head_dim))
-        self._inv_freq = inv.to(self.device)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, dim); rotate pairs (first half, second half) by position * inv_freq."""
@@ -96,9 +134,9 @@ class TinyLlama:
         hq, hk, d = c.num_heads, c.num_kv_heads, c.head_dim
         for layer_id, p in enumerate(self.layers):
             h = _rms(x, p["attn_norm"], c.rms_eps)
-            q = self._rope((h @ p["wq"]).view(-1, hq, d), positions)
-            k = self._rope((h @ p["wk"]).view(-1, hk, d), positions)
-            v = (h @ p["wv"]).view(-1, hk, d)
+            q = self._rope(_lin(h, p, "wq").view(-1, hq, d), positions)
+            k = self._rope(_lin(h, p, "wk").view(-1, hk, d), positions)
+            v = _lin(h, p, "wv").view(-1, hk, d)
             k_buf, v_buf = pool.get_kv_buffer(layer_id)  # waits for this layer of a load in flight
             k_buf[new_slots] = k.to(pool.dtype)
             v_buf[new_slots] = v.to(pool.dtype)
@@ -115,8 +153,8 @@ class TinyLlama:
                 scores = scores.masked_fill(kpos > qpos, float("-inf"))
                 outs.append((scores.softmax(-1) @ vi).transpose(0, 1).reshape(n, hq * d))
                 start += n
-            x = x + torch.cat(outs) @ p["wo"]
+            x = x + _lin(torch.cat(outs), p, "wo")
             h = _rms(x, p["mlp_norm"], c.rms_eps)
-            x = x + (torch.nn.functional.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+            x = x + _lin(torch.nn.functional.silu(_lin(h, p, "w_gate")) * _lin(h, p, "w_up"), p, "w_down")
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
         return _rms(x[last], self.final_norm, c.rms_eps) @ self.lm_head

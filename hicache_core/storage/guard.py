@@ -40,7 +40,8 @@ class Call:
     """One backend call handed to a guard thread."""
 
     def __init__(self, fn: Callable, args: tuple) -> None:
-        self.fn, self.args = fn, args
+        self.fn: Optional[Callable] = fn
+        self.args: Optional[tuple] = args
         self.done = threading.Event()
         self.result: Any = None
         self.error: Optional[BaseException] = None
@@ -54,6 +55,7 @@ class Call:
         # torch's noexcept destructor turns into std::terminate -- `hicache check` aborted ~1 exit in 8 so.
         fn, args = self.fn, self.args
         self.fn = self.args = None
+        assert fn is not None and args is not None, "a call runs once"
         try:
             self.result = fn(*args)
         except BaseException as e:  # reported to the caller, never raised in the guard's thread

@@ -1,0 +1,129 @@
+"""Load a local Hugging Face llama-architecture checkpoint into the reference model.
+
+A model directory holds ``config.json``, the weights as ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``) and ``tokenizer.json``. Weights are read with ``safetensors`` and kept in the
+model's float64 compute dtype; the KV pool holds the checkpoint's dtype (float32, bfloat16 or float16).
+Every way a directory can fail to be one (missing file, another architecture, a missing tensor, a shape that does
+not match the config) is a :class:`~hicache_core.errors.ConfigError` naming the file and what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hicache_core.engine.model import COMPUTE, ModelConfig, TinyLlama
+from hicache_core.errors import ConfigError
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--model-path: {path} is missing (a Hugging Face model directory has config.json, "
+                          "model.safetensors and tokenizer.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--model-path: cannot read {path}: {e}") from None
+
+
+def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
+    """Our :class:`ModelConfig` from ``config.json`` (KV dtype: the checkpoint's unless ``dtype`` says)."""
+    cfg = _read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--model-path: {path / 'config.json'} is not a JSON object")
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "llama" and not set(archs) & set(ARCHITECTURES):
+        raise ConfigError(f"--model-path: {path} holds a {cfg.get('model_type') or archs or 'unknown'} model; "
+                          f"only the llama architecture ({', '.join(ARCHITECTURES)}) is supported")
+    if dtype == "auto":
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--model-path: dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rs = cfg.get("rope_scaling")
+        if rs is not None and rs.get("rope_type", rs.get("type")) not in ("default", "linear", "llama3"):
+            raise ConfigError(f"--model-path: rope_scaling {rs.get('rope_type', rs.get('type'))!r} is not supported "
+                              "(plain, linear and llama3 are)")
+        return ModelConfig(
+            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            kv_dtype=DTYPES[dtype], max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_scaling=rs, checkpoint=path.name,
+        )
+    except KeyError as e:
+        raise ConfigError(f"--model-path: {path / 'config.json'} lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--model-path: {path / 'config.json'} has a bad value: {e}") from None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ConfigError("--model-path needs the safetensors package: pip install 'hicache-core[serve]'") from None
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"--model-path: {path} has no model.safetensors (nor an index of shards); "
+                          "save the model with safe_serialization=True")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(path / f)))
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise ConfigError(f"--model-path: cannot read weights {path / f}: {e}") from None
+    return out
+
+
+def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype: str = "auto") -> TinyLlama:
+    """The reference model with a checkpoint's weights."""
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model directory)")
+    c = model_config(path, dtype)
+    t = _tensors(path)
+
+    def take(name: str, shape: tuple[int, ...], transpose: bool = False, optional: bool = False) -> Any:
+        w = t.get(name)
+        if w is None:
+            if optional:
+                return None
+            raise ConfigError(f"--model-path: the weights lack {name!r} (is this a LlamaForCausalLM checkpoint?)")
+        if tuple(w.shape) != shape:
+            raise ConfigError(f"--model-path: {name} has shape {tuple(w.shape)}; config.json implies {shape}")
+        w = w.to(COMPUTE)
+        return (w.t() if transpose else w).contiguous().to(device)
+
+    h, q, kv, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    layers = []
+    for i in range(c.num_layers):
+        pre = f"model.layers.{i}."
+        p = {"attn_norm": take(pre + "input_layernorm.weight", (h,)),
+             "mlp_norm": take(pre + "post_attention_layernorm.weight", (h,))}
+        for ours, theirs, out_dim, in_dim in (("wq", "self_attn.q_proj", q, h), ("wk", "self_attn.k_proj", kv, h),
+                                               ("wv", "self_attn.v_proj", kv, h), ("wo", "self_attn.o_proj", h, q),
+                                               ("w_gate", "mlp.gate_proj", inter, h), ("w_up", "mlp.up_proj", inter, h),
+                                               ("w_down", "mlp.down_proj", h, inter)):
+            p[ours] = take(f"{pre}{theirs}.weight", (out_dim, in_dim), transpose=True)
+            bias = take(f"{pre}{theirs}.bias", (out_dim,), optional=True)
+            if bias is not None:
+                p[ours + "_b"] = bias
+        layers.append(p)
+    embed = take("model.embed_tokens.weight", (c.vocab_size, h))
+    head = t.get("lm_head.weight")
+    lm_head = take("lm_head.weight", (c.vocab_size, h), transpose=True) if head is not None else embed.t().contiguous()
+    weights = {"embed": embed, "layers": layers, "final_norm": take("model.norm.weight", (h,)), "lm_head": lm_head}
+    return TinyLlama(c, device, weights=weights)

@@ -1,0 +1,295 @@
+"""The HTTP API: SGLang's native endpoints, OpenAI's, metrics and storage attach/detach, over one scheduler.
+
+A handler parses and checks the body (:mod:`hicache_core.serve.protocol`: 400 with the reason), hands the request
+to the scheduler and waits on its events. A client that goes away (a closed stream, a cancelled request) has its
+request aborted: its pages go back at once. Nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from hicache_core.engine import Request
+from hicache_core.errors import HiCacheError
+from hicache_core.serve.protocol import (
+    BadRequest,
+    Params,
+    chat_messages,
+    openai_params,
+    openai_prompt,
+    prompt_ids,
+    sampling_params,
+)
+from hicache_core.serve.scheduler import Busy, Stream
+from hicache_core.serve.state import ServerState
+
+
+def _finish(r: Request) -> Optional[dict]:
+    if r.finish_reason is None:
+        return None
+    if r.finish_reason == "length":
+        return {"type": "length", "length": len(r.output)}
+    if r.finish_reason == "stop":
+        return {"type": "stop", "matched": r.output[-1] if r.output and r.output[-1] in r.eos else None}
+    return {"type": "abort", "message": r.finish_reason}
+
+
+def meta_info(state: ServerState, r: Request) -> dict:
+    return {"id": r.rid, "finish_reason": _finish(r), "prompt_tokens": len(r.prompt),
+            "completion_tokens": len(r.output), "cached_tokens": r.cached_tokens,
+            "cached_tokens_details": dict(r.cached),
+            "e2e_latency": (r.finish_time or time.perf_counter()) - r.arrival,
+            "ttft": r.ttft if r.first_token_time else None}
+
+
+def usage(state: ServerState, r: Request) -> dict:
+    u: dict[str, Any] = {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.output),
+                         "total_tokens": len(r.prompt) + len(r.output)}
+    if state.config.enable_cache_report and r.cached_tokens:
+        u["prompt_tokens_details"] = {"cached_tokens": r.cached_tokens, "cached_tokens_details": dict(r.cached)}
+    return u
+
+
+def _openai_reason(r: Request) -> Optional[str]:
+    return {"length": "length", "stop": "stop"}.get(r.finish_reason or "", "abort" if r.finish_reason else None)
+
+
+async def run_to_end(state: ServerState, stream: Stream) -> Request:
+    """Wait for the request to finish; abort it if the handler is cancelled (the client left)."""
+    try:
+        while True:
+            kind, r = await stream.events.get()
+            if kind == "done":
+                return r
+    except asyncio.CancelledError:
+        state.scheduler.abort(stream.request)
+        raise
+
+
+async def events(state: ServerState, stream: Stream) -> AsyncIterator[tuple[str, Request]]:
+    """The request's events; a consumer that stops early (client gone) aborts it."""
+    done = False
+    try:
+        while not done:
+            kind, r = await stream.events.get()
+            done = kind == "done"
+            yield kind, r
+    finally:
+        if not done:
+            state.scheduler.abort(stream.request)
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None) -> Any:
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title="hicache serve", version="1", lifespan=lifespan)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "BadRequestError" if status < 500 else
+                                       "ServerError", "code": status}, "object": "error", "message": message},
+                            status_code=status)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: HTTPRequest, e: BadRequest) -> JSONResponse:
+        return error(e.status, str(e))
+
+    @app.exception_handler(HiCacheError)
+    async def hicache_error(_: HTTPRequest, e: HiCacheError) -> JSONResponse:
+        return error(400, str(e))
+
+    async def body_of(req: HTTPRequest) -> dict:
+        raw = await req.body()
+        try:
+            body = json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    def start(ids: list[int], params: Params) -> Stream:
+        r = state.new_request(ids, params)
+        return state.submit(r, asyncio.get_running_loop())
+
+    def stream_flag(body: dict) -> bool:
+        s = body.get("stream", False)
+        if not isinstance(s, bool):
+            raise BadRequest(f"stream must be true or false, not {s!r}")
+        return s
+
+    # --- SGLang's native API ---------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Any:
+        if not state.scheduler.alive:
+            return error(503, f"the scheduler has stopped ({state.scheduler.last_error})")
+        return PlainTextResponse("")
+
+    @app.get("/get_model_info")
+    async def model_info() -> dict:
+        c = state.model.config
+        return {"model_path": state.args.model_path or c.name, "tokenizer_path": state.args.model_path,
+                "is_generation": True, "served_model_name": state.model_name, "vocab_size": c.vocab_size,
+                "max_total_tokens": state.engine.pool.size, "context_length": state.context}
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict:
+        running, waiting = state.scheduler.counts()
+        cache = state.engine.cache
+        return {"version": _version(), "model_path": state.args.model_path, "served_model_name": state.model_name,
+                "mode": state.mode, "page_size": state.engine.page_size, "max_total_tokens": state.engine.pool.size,
+                "max_running_requests": state.engine.max_running, "num_running_reqs": running,
+                "num_queue_reqs": waiting, "host_pool_tokens": cache.host_pool.size if cache and cache.host_pool else 0,
+                "storage": state.storage_info(), "cache_stats": state.engine.metrics.stats()}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Any:
+        try:
+            await asyncio.wrap_future(state.scheduler.call(state.flush_cache, idle=True))
+        except Busy as e:
+            return error(400, f"cannot flush the cache now: {e}")
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/generate")
+    async def generate(req: HTTPRequest) -> Any:
+        body = await body_of(req)
+        prompts, batch = prompt_ids(body, state.tokenizer, state.model.config.vocab_size)
+        params = sampling_params(body.get("sampling_params"))
+        if stream_flag(body):
+            if batch:
+                raise BadRequest("stream takes one prompt, not a batch")
+            stream = start(prompts[0], params)
+
+            async def chunks() -> AsyncIterator[str]:
+                async for kind, r in events(state, stream):
+                    if kind == "done" or r.finish_reason is None:
+                        yield sse({"text": state.text_of(r, params.stop), "output_ids": list(r.output),
+                                   "meta_info": meta_info(state, r)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+        streams = [start(ids, params) for ids in prompts]
+        try:
+            done = await asyncio.gather(*(run_to_end(state, s) for s in streams))
+        except asyncio.CancelledError:
+            for s in streams:
+                state.scheduler.abort(s.request)
+            raise
+        out = [{"text": state.text_of(r, params.stop), "output_ids": list(r.output),
+                "meta_info": meta_info(state, r)} for r in done]
+        return out if batch else out[0]
+
+    # --- OpenAI's API ------------------------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "hicache", "max_model_len": state.context}]}
+
+    async def openai(body: dict, chat: bool) -> Any:
+        model = body.get("model")
+        if model is not None and model != state.model_name:
+            raise BadRequest(f"model {model!r} is not served here; this server serves {state.model_name!r}", 404)
+        if chat:
+            try:
+                ids = state.tokenizer.apply_chat_template(chat_messages(body))
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        else:
+            ids = openai_prompt(body, state.tokenizer, state.model.config.vocab_size)
+        params = openai_params(body, chat)
+        stream = start(ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + stream.request.rid
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": rid, "created": int(time.time()), "model": state.model_name}
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        if not stream_flag(body):
+            r = await run_to_end(state, stream)
+            text = state.text_of(r, params.stop)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": _openai_reason(r), "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            return {**head, "object": kind, "choices": [choice], "usage": usage(state, r)}
+        opts = body.get("stream_options") or {}
+        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+
+        async def chunks() -> AsyncIterator[str]:
+            sent = ""
+            if chat:
+                yield sse({**head, "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]})
+            async for ev, r in events(state, stream):
+                text = state.text_of(r, params.stop)
+                # hold back a partial stop string and an incomplete UTF-8 character
+                safe = text if ev == "done" else text[: max(len(sent), len(text) - max(map(len, params.stop),
+                                                                                        default=0))].rstrip("\ufffd")
+                delta, sent = safe[len(sent):], max(safe, sent, key=len)
+                reason = _openai_reason(r) if ev == "done" else None
+                if delta or reason:
+                    c: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+                    c.update({"delta": {"content": delta}} if chat else {"text": delta})
+                    yield sse({**head, "object": chunk_kind, "choices": [c]})
+                if ev == "done" and include_usage:
+                    yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(state, r)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(req: HTTPRequest) -> Any:
+        return await openai(await body_of(req), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: HTTPRequest) -> Any:
+        return await openai(await body_of(req), chat=True)
+
+    # --- metrics and storage at runtime ------------------------------------------------------------------------------
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        if not state.config.enable_metrics:
+            return error(404, "metrics are off; start the server with --enable-metrics")
+        return PlainTextResponse(state.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/hicache/storage-backend")
+    async def storage_get() -> dict:
+        return state.storage_info()
+
+    @app.put("/hicache/storage-backend")
+    async def storage_put(req: HTTPRequest) -> Any:
+        body = await body_of(req)
+        try:
+            info = await asyncio.wrap_future(state.scheduler.call(lambda: state.attach(body), idle=True))
+        except Busy as e:
+            return error(400, f"cannot attach a storage backend now: {e}")
+        return {"success": True, **info}
+
+    @app.delete("/hicache/storage-backend")
+    async def storage_delete() -> Any:
+        try:
+            info = await asyncio.wrap_future(state.scheduler.call(state.detach, idle=True))
+        except Busy as e:
+            return error(400, f"cannot detach the storage backend now: {e}")
+        return {"success": True, **info}
+
+    return app
+
+
+def _version() -> str:
+    from hicache_core import __version__
+
+    return __version__

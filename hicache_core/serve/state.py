@@ -1,0 +1,168 @@
+"""What a running server holds: the model, tokenizer, engine, scheduler and metrics, built from the flags.
+
+Cache tiers follow SGLang's flags: ``--disable-radix-cache`` no prefix cache; the device radix cache by default;
+``--enable-hierarchical-cache`` adds the host tier; a ``--hicache-storage-backend`` then adds storage (it needs the
+host tier, as in SGLang). A backend can also be attached and detached at runtime while the engine is idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import uuid
+from typing import Any, Optional
+
+from hicache_core.config import HiCacheConfig
+from hicache_core.engine import Engine, Request, TinyLlama
+from hicache_core.errors import ConfigError
+from hicache_core.serve.metrics import ServerMetrics
+from hicache_core.serve.protocol import BadRequest, Params, check_fits
+from hicache_core.serve.scheduler import Scheduler, Stream
+
+logger = logging.getLogger(__name__)
+
+
+def engine_mode(args: argparse.Namespace) -> str:
+    if args.disable_radix_cache:
+        if args.enable_hierarchical_cache or args.hicache_storage_backend:
+            raise ConfigError("--disable-radix-cache turns the prefix cache off; drop it to use "
+                              "--enable-hierarchical-cache or a storage backend")
+        return "none"
+    if not args.enable_hierarchical_cache:
+        if args.hicache_storage_backend:
+            raise ConfigError("--hicache-storage-backend needs the host tier: add --enable-hierarchical-cache")
+        return "radix"
+    return "hicache+storage" if args.hicache_storage_backend else "hicache"
+
+
+def load_model(args: argparse.Namespace) -> tuple[TinyLlama, Any]:
+    from hicache_core.engine.tokenizer import load_tokenizer
+
+    if args.model_path:
+        from hicache_core.engine.checkpoint import load_model as load_checkpoint
+
+        model = load_checkpoint(args.model_path, dtype=args.dtype)
+    else:
+        from hicache_core.engine import ModelConfig
+
+        model = TinyLlama(ModelConfig(seed=args.seed))
+    return model, load_tokenizer(args.model_path)
+
+
+class ServerState:
+    def __init__(self, args: argparse.Namespace, config: HiCacheConfig) -> None:
+        self.args = args
+        self.model, self.tokenizer = load_model(args)
+        self.mode = engine_mode(args)
+        self.engine = Engine(self.model, config, self.mode, device_tokens=args.max_total_tokens,
+                             max_running=args.max_running_requests)
+        self.config = self.engine.config
+        self.model_name = args.served_model_name or self.model.config.name
+        self.metrics = ServerMetrics(self)
+        self.scheduler = Scheduler(self.engine, on_finish=self.metrics.finished)
+        self.created = int(time.time())
+        self.context = min(self.engine.pool.size, self.model.config.max_position_embeddings)
+
+    # --- requests ------------------------------------------------------------------------------------------------------
+    def new_request(self, ids: list[int], params: Params) -> Request:
+        why = ("the device pool" if self.engine.pool.size <= self.model.config.max_position_embeddings
+               else "the model's max_position_embeddings")
+        check_fits(ids, params, self.context, why)
+        eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eos_ids)
+        r = Request(uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos)
+        if params.stop:
+            stops, tok = params.stop, self.tokenizer
+
+            def on_token(req: Request) -> bool:
+                text = tok.decode(req.output)
+                return any(s in text for s in stops)
+
+            r.on_token = on_token
+        return r
+
+    def submit(self, r: Request, loop: Any) -> Stream:
+        if not self.scheduler.alive:
+            raise BadRequest(f"the scheduler has stopped ({self.scheduler.last_error or 'shutting down'})", 503)
+        return self.scheduler.submit(r, loop)
+
+    def text_of(self, r: Request, stop: Optional[list[str]] = None) -> str:
+        """The output text; with a stop string matched, cut before it (as SGLang and OpenAI do)."""
+        ids = r.output
+        if ids and ids[-1] in r.eos:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids)
+        for s in stop or []:
+            at = text.find(s)
+            if at >= 0:
+                text = text[:at]
+        return text
+
+    # --- storage at runtime ------------------------------------------------------------------------------------------
+    def storage_info(self) -> dict:
+        cache = self.engine.cache
+        cfg = self.engine.config
+        attached = bool(cache is not None and cache.storage_enabled)
+        return {"hicache_storage_backend": cfg.hicache_storage_backend if attached else None,
+                "hicache_storage_backend_extra_config": cfg.hicache_storage_backend_extra_config if attached else None,
+                "hicache_storage_prefetch_policy": cfg.hicache_storage_prefetch_policy,
+                "host_tier": bool(cache is not None and cache.host_pool is not None)}
+
+    def flush_cache(self) -> None:
+        """Empty the device and host tiers (storage keeps its pages), as SGLang's /flush_cache does."""
+        cache = self.engine.cache
+        if cache is None:
+            return
+        for _ in range(8):  # write_back writes an evicted page to host first: repeat until nothing is left
+            cache.flush()
+            freed = cache.evict(self.engine.pool.size)
+            if cache.host_pool is not None:
+                cache.flush()
+                freed += cache.evict_host(cache.host_pool.size)
+            if not freed:
+                break
+        cache.poll()
+
+    def attach(self, body: dict) -> dict:
+        """PUT /hicache/storage-backend: SGLang's body (backend, extra config JSON string, prefetch policy)."""
+        from hicache_core.cache.build import attach_backend
+
+        allowed = {"hicache_storage_backend", "hicache_storage_backend_extra_config_json",
+                   "hicache_storage_backend_extra_config", "hicache_storage_prefetch_policy"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the body takes {', '.join(sorted(allowed))}")
+        name = body.get("hicache_storage_backend")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("hicache_storage_backend (the backend's name) is required")
+        extra = body.get("hicache_storage_backend_extra_config_json", body.get("hicache_storage_backend_extra_config"))
+        if isinstance(extra, dict):
+            import json
+
+            extra = json.dumps(extra)
+        if extra is not None and not isinstance(extra, str):
+            raise BadRequest("hicache_storage_backend_extra_config_json must be a JSON string")
+        cache = self.engine.cache
+        if cache is None or cache.host_pool is None:
+            raise BadRequest("attaching a storage backend needs the host tier: start with --enable-hierarchical-cache")
+        changes: dict[str, Any] = {"hicache_storage_backend": name, "hicache_storage_backend_extra_config": extra}
+        if body.get("hicache_storage_prefetch_policy") is not None:
+            changes["hicache_storage_prefetch_policy"] = body["hicache_storage_prefetch_policy"]
+        config = cache.config.replace(**changes)  # validates like the flags do (ConfigError: 400)
+        attach_backend(cache, config, tp_rank=self.args.tp_rank, tp_size=self.args.tp_size)
+        self.engine.config = cache.config
+        self.mode = self.engine.mode = "hicache+storage"
+        return self.storage_info()
+
+    def detach(self) -> dict:
+        cache = self.engine.cache
+        if cache is None or not cache.storage_enabled:
+            raise BadRequest("no storage backend is attached")
+        cache.detach_storage()
+        self.engine.config = cache.config
+        self.mode = self.engine.mode = "hicache"
+        return self.storage_info()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.engine.close()
