@@ -76,6 +76,8 @@ class HFTokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is None and (path / "chat_template.jinja").exists():  # where transformers >= 4.43 saves it
+            template = (path / "chat_template.jinja").read_text()
         self.chat_template: Optional[str] = template if isinstance(template, str) else None
         eos = set(eos_ids)
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
