@@ -162,19 +162,17 @@ def test_attach_and_detach_storage_at_runtime(server, tmp_path):
     assert server.get("/hicache/storage-backend")["hicache_storage_backend"] is None
     extra = json.dumps({"storage_dir": str(tmp_path / "attached")})
     status, out = server.post("/hicache/storage-backend", {"hicache_storage_backend": "file",
-                                                           "hicache_storage_backend_extra_config_json": extra},
+                                                           "hicache_storage_backend_extra_config_json": extra,
+                                                           "hicache_storage_prefetch_policy": "wait_complete"},
                               method="PUT")
     assert status == 200 and out["hicache_storage_backend"] == "file", out
+    assert out["hicache_storage_prefetch_policy"] == "wait_complete"
     status, out = server.post("/hicache/storage-backend", {"hicache_storage_backend": "file"}, method="PUT")
     assert status == 400 and "attached already" in out["message"]
     prompt = "attach " + PROMPT * 2  # past the 256-token prefetch threshold
     first = server.generate({"text": prompt, "sampling_params": {"max_new_tokens": 4}})
-    deadline = time.monotonic() + 30
-    while not list((tmp_path / "attached").rglob("*.page*")) and time.monotonic() < deadline:
-        server.generate({"text": "tick", "sampling_params": {"max_new_tokens": 1}})  # backups land between steps
-        time.sleep(0.1)
-    assert list((tmp_path / "attached").rglob("*")), "nothing reached the attached backend"
-    assert server.post("/flush_cache", {})[0] == 200
+    assert server.post("/flush_cache", {})[0] == 200  # waits for the backups, then empties device and host
+    assert list((tmp_path / "attached").rglob("*.page")), "nothing reached the attached backend"
     again = server.generate({"text": prompt, "sampling_params": {"max_new_tokens": 4}})
     assert again["output_ids"] == first["output_ids"] and again["meta_info"]["cached_tokens_details"]["storage"] > 0
     status, out = server.post("/hicache/storage-backend", {}, method="DELETE")
@@ -190,7 +188,8 @@ def test_detach_refused_while_busy(server, tmp_path):
                        method="PUT")[0] == 200
     body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}, "stream": True}
     with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection, and the request is aborted
+        next(lines)
         status, out = server.post("/hicache/storage-backend", {}, method="DELETE")
         assert status == 400 and "retry when idle" in out["message"], out
     deadline = time.monotonic() + 30
