@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,3 +46,42 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
 
 def dump_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+class Progress:
+    """A tqdm bar on a terminal; one line per configuration when stderr is a log file; nothing when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.label, self.bar = "", None
+        self.log = enabled and not sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        if enabled and not self.log:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the bench extra brings it; without it, log lines
+                self.log = True
+            else:
+                self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, label: str = "") -> None:
+        changed = bool(label) and label != self.label
+        self.label = label or self.label
+        if self.bar is not None:
+            if changed:
+                self.bar.set_description(self.label, refresh=False)
+            self.bar.update(1)
+        elif self.log and changed:
+            sys.stderr.write(f"{self.label} ... ({time.perf_counter() - self.t0:.1f}s)\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.log:
+            sys.stderr.write(f"done in {time.perf_counter() - self.t0:.1f}s\n")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]

@@ -22,7 +22,8 @@ import tempfile
 import time
 from typing import Any
 
-from hicache_core.bench.common import print_table
+from hicache_core.bench.common import Progress, print_table
+from hicache_core.bench.common import pct as _pct
 from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError, HiCacheError
 from hicache_core.parse import arg_float, arg_int
@@ -72,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where report.json and report.png go (default %(default)s)")
     o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
+    o.add_argument("--base-url", action="append", default=None, metavar="[LABEL=]URL",
+                   help="drive running servers (SGLang's /generate, e.g. hicache serve) instead of the in-process "
+                        "engine; repeat to compare them, the first is the reference")
     o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     add_hicache_args(p)
@@ -101,45 +105,6 @@ class Workload:
                 self.gaps.append([rng.expovariate(args.request_rate) for _ in order])
             else:
                 self.gaps.append([1.0 / args.request_rate for _ in order])
-
-
-class Progress:
-    """A tqdm bar on a terminal; one line per configuration when stderr is a log file; nothing when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.label, self.bar = "", None
-        self.log = enabled and not sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-        if enabled and not self.log:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # the bench extra brings it; without it, log lines
-                self.log = True
-            else:
-                self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
-
-    def step(self, label: str = "") -> None:
-        changed = bool(label) and label != self.label
-        self.label = label or self.label
-        if self.bar is not None:
-            if changed:
-                self.bar.set_description(self.label, refresh=False)
-            self.bar.update(1)
-        elif self.log and changed:
-            sys.stderr.write(f"{self.label} ... ({time.perf_counter() - self.t0:.1f}s)\n")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.log:
-            sys.stderr.write(f"done in {time.perf_counter() - self.t0:.1f}s\n")
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
 def run_config(name: str, args: argparse.Namespace, work: Workload, model, base: HiCacheConfig, rounds: int,
@@ -293,6 +258,8 @@ def _chart(report: dict, path: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     if args.warm_child:
         return _warm_child(args)
+    if args.base_url:
+        return _run_servers(args)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
@@ -319,6 +286,20 @@ def run(args: argparse.Namespace) -> int:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return _report(args, results, warm)
+
+
+def _run_servers(args: argparse.Namespace) -> int:
+    from hicache_core.bench.http import parse_base_urls, run_server, server_config
+
+    servers = []
+    for label, url in parse_base_urls(args.base_url):
+        mode, _ = server_config(url)
+        servers.append((label or LABELS.get(mode, mode), mode, url))
+    work = Workload(args)
+    progress = Progress(len(servers) * args.num_rounds * args.num_clients, not args.no_progress)
+    results = [run_server(label, mode, url, args, work, progress, _pct) for label, mode, url in servers]
+    progress.close()
+    return _report(args, results, None)
 
 
 def _report(args: argparse.Namespace, results: list[dict], warm: dict | None) -> int:
@@ -348,10 +329,12 @@ def _report(args: argparse.Namespace, results: list[dict], warm: dict | None) ->
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0 if ok else 1
+    where = (f"servers {', '.join(r['url'] for r in results)}" if args.base_url else
+             f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
+             f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})")
     print(f"\nhicache bench multiturn: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
           f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
-          f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
-          f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})\n")
+          f"{where}\n")
     rows = []
     for r in results:
         row = {"config": r["label"], "r2": r["ttft_mean_rounds2plus_ms"] or 0.0, "hit": r["cache_hit_rate"] * 100,
@@ -370,12 +353,12 @@ def _report(args: argparse.Namespace, results: list[dict], warm: dict | None) ->
         print(f"  {r['label']:<20} " + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"]))
     if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
         print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
-              "mean TTFT than the device-only radix cache (same device pool)")
+              "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
     if warm:
         print(f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
               f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x); "
               f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}")
     print(f"\nreport: {json_path}" + (f", chart: {png_path}" if not chart_note else f" ({chart_note})"))
     if not ok:
-        print("ERROR: a configuration produced different tokens from the no-cache run", file=sys.stderr)
+        print("ERROR: a configuration produced different tokens from the reference run", file=sys.stderr)
     return 0 if ok else 1
