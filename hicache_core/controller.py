@@ -7,8 +7,7 @@ acks, flags and the host-memory release queue, and the owner collects what finis
 :meth:`HiCacheController.finished_writes`, :meth:`finished_loads`, :meth:`finished_backups` and :meth:`poll`.
 
 The controller owns each operation's whole life and its accounting (prefetch occupancy, detached prefetches
-whose I/O still runs, acks in flight); the cache only edits the tree.
-"""
+whose I/O still runs, acks in flight); the cache only edits the tree."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import torch
 from hicache_core.config import HiCacheConfig
 from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
-from hicache_core.operations import BackupOperation, PrefetchOperation, TransferAck, Worker
+from hicache_core.operations import BackupOperation, PrefetchOperation, TransferAck, Worker, extra_for
 from hicache_core.storage import StorageV1
 from hicache_core.storage.guard import Call, GuardedStorage, Outcome
 from hicache_core.transfer import HostDeviceTransfer
@@ -194,9 +193,9 @@ class HiCacheController:
     def prefetch_rate_limited(self) -> bool:
         return self.prefetch_tokens_occupied >= self.prefetch_capacity_limit
 
-    def prefetch(self, request_id: Any, tokens: list[int], last_hash: Optional[str]) -> PrefetchOperation:
+    def prefetch(self, request_id: Any, tokens: list[int], last_hash: Optional[str], prefix_keys=None) -> PrefetchOperation:
         """Start a prefetch: the worker asks storage which pages exist; no host page is taken yet."""
-        op = PrefetchOperation(request_id, tokens, last_hash)
+        op = PrefetchOperation(request_id, tokens, last_hash, prefix_keys)
         self.prefetch_tokens_occupied += len(tokens)
         self._prefetch_worker.submit(lambda _: self._query(op))
         return op
@@ -236,9 +235,9 @@ class HiCacheController:
             self._detached.append(op)
 
     # --- storage: backup ---------------------------------------------------------------------------------------------
-    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int) -> None:
+    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int, prefix_keys=None) -> None:
         """Back host pages up to storage; the node is reported by :meth:`finished_backups` when done."""
-        op = BackupOperation(host_indices, hash_value, node_id)
+        op = BackupOperation(host_indices, hash_value, node_id, prefix_keys)
         self._backups_in_flight += 1
         self._backup_worker.submit(lambda _: self._backup(op))
 
@@ -310,11 +309,11 @@ class HiCacheController:
 
         call.on_done(returned)
 
-    def _storage_batch(self, what: str, fn: Callable, keys: list[str], idx: torch.Tensor) -> Outcome:
+    def _storage_batch(self, what: str, fn: Callable, keys: list[str], idx: torch.Tensor, extra: Any) -> Outcome:
         """One guarded batch_get_v1 / batch_set_v1, with its bytes, time and misses counted (``get_miss`` /
         ``set_failed``; the guard counts exceptions, deadlines and invalid results)."""
         t0 = time.perf_counter()
-        out: Outcome = fn(keys, idx)
+        out: Outcome = fn(keys, idx, extra)
         seconds = time.perf_counter() - t0
         if out.ok:
             nbytes = out.ok * self.page_size * self.host_pool.spec.size_per_token
@@ -330,7 +329,7 @@ class HiCacheController:
                 hashes = hash_chain(op.token_ids, self.page_size, op.last_hash)
                 for start in range(0, len(hashes), STORAGE_BATCH_PAGES):
                     batch = hashes[start : start + STORAGE_BATCH_PAGES]
-                    n = self._guard.batch_exists(batch).ok
+                    n = self._guard.batch_exists(batch, extra_for(op.prefix_keys, hashes, start)).ok
                     hit += batch[:n]
                     if n < len(batch) or op.is_terminated():
                         break
@@ -349,7 +348,8 @@ class HiCacheController:
                     break
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 lo, hi = start * ps, (start + len(keys)) * ps
-                out = self._storage_batch("get", self._guard.batch_get_v1, keys, op.host_indices[lo:hi])
+                out = self._storage_batch("get", self._guard.batch_get_v1, keys, op.host_indices[lo:hi],
+                                          extra_for(op.prefix_keys, op.hash_value, start))
                 if out.abandoned is not None:
                     self._quarantine(out.abandoned, op.host_indices[lo:hi])
                     held = (lo, hi)
@@ -372,7 +372,8 @@ class HiCacheController:
             for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                out = self._storage_batch("set", self._guard.batch_set_v1, keys, idx)
+                extra = extra_for(op.prefix_keys, op.hash_value, start)
+                out = self._storage_batch("set", self._guard.batch_set_v1, keys, idx, extra)
                 op.completed_tokens += out.ok * ps
                 abandoned = out.abandoned
                 if out.ok < len(keys):

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from hicache_core.storage.base import ExtraInfo
+
 logger = logging.getLogger(__name__)
 
 _op_ids = itertools.count(1)
@@ -89,8 +91,10 @@ class PrefetchOperation:
     the worker fills them in order, bumping ``completed_tokens`` only after the bytes are in place. Once
     terminated, no more progress is accepted."""
 
-    def __init__(self, request_id: Any, token_ids: list[int], last_hash: Optional[str]) -> None:
+    def __init__(self, request_id: Any, token_ids: list[int], last_hash: Optional[str],
+                 prefix_keys: Optional[list[str]] = None) -> None:
         self.id = next(_op_ids)
+        self.prefix_keys = prefix_keys  # storage keys before the first page (hicache_storage_pass_prefix_keys)
         self.request_id = request_id
         self.token_ids = token_ids
         self.last_hash = last_hash
@@ -128,10 +132,20 @@ class PrefetchOperation:
 
 
 class BackupOperation:
-    def __init__(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int) -> None:
+    def __init__(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int,
+                 prefix_keys: Optional[list[str]] = None) -> None:
         self.id = next(_op_ids)
+        self.prefix_keys = prefix_keys
         self.host_indices = host_indices
         self.hash_value = hash_value
         self.node_id = node_id
         self.completed_tokens = 0
         self.held = False  # a call past its deadline may still read the pages: acked when it returns
+
+
+def extra_for(prefix_keys: Optional[list[str]], hashes: list[str], start: int) -> Optional[ExtraInfo]:
+    """The extra info of a batch starting at page ``start`` of ``hashes``: the prefix keys plus the pages before
+    it; None when prefix keys are not passed."""
+    if prefix_keys is None:
+        return None
+    return ExtraInfo(prefix_keys=prefix_keys + hashes[:start])

@@ -23,7 +23,7 @@ from hicache_core.memory import HostPool, KVSpec
 from hicache_core.parse import parse_bool
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
 from hicache_core.storage.adapter import _Delegate, as_v1
-from hicache_core.storage.base import StorageConfig
+from hicache_core.storage.base import ExtraInfo, StorageConfig, call_with_extra
 from hicache_core.storage.foreign import construct_sglang, is_sglang_backend
 
 logger = logging.getLogger(__name__)
@@ -229,14 +229,14 @@ class StorageBackendHandle(_Delegate):
         describe = getattr(self.raw, "describe", None)
         return str(describe()) if callable(describe) else type(self.raw).__qualname__
 
-    def batch_exists(self, keys):
-        return self.inner.batch_exists(keys)
+    def batch_exists(self, keys, extra_info: Optional[ExtraInfo] = None):
+        return call_with_extra(self.inner.batch_exists, keys, extra=extra_info)
 
-    def batch_get_v1(self, keys, host_indices):
-        return self.inner.batch_get_v1(keys, host_indices)
+    def batch_get_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
+        return call_with_extra(self.inner.batch_get_v1, keys, host_indices, extra=extra_info)
 
-    def batch_set_v1(self, keys, host_indices):
-        return self.inner.batch_set_v1(keys, host_indices)
+    def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
+        return call_with_extra(self.inner.batch_set_v1, keys, host_indices, extra=extra_info)
 
     def close(self) -> None:
         if self._closed:

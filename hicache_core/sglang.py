@@ -24,6 +24,7 @@ from hicache_core.config import DYNAMIC_KEYS, HiCacheConfig
 from hicache_core.errors import BackendLoadError
 from hicache_core.memory import KVSpec
 from hicache_core.registry import StorageBackendHandle, create_backend, make_storage_config
+from hicache_core.storage.base import ExtraInfo
 from hicache_core.storage.foreign import sglang_storage_config
 
 logger = logging.getLogger(__name__)
@@ -119,16 +120,17 @@ class HiCacheForSGLang(_SGLangStorage):
         return self.handle
 
     # --- v1: zero copy on SGLang's host pool ----------------------------------------------------------------------
+    # SGLang's extra_info (prefix keys with hicache_storage_pass_prefix_keys) reaches backends that take it
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
-        return self.backend.batch_exists(list(keys))
+        return self.backend.batch_exists(list(keys), ExtraInfo.of(extra_info))
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
-        return list(self.backend.batch_get_v1(list(keys), host_indices))
+        return list(self.backend.batch_get_v1(list(keys), host_indices, ExtraInfo.of(extra_info)))
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
         if not self.writes:
             return [True] * len(keys)  # another rank writes this page (MLA)
-        return list(self.backend.batch_set_v1(list(keys), host_indices))
+        return list(self.backend.batch_set_v1(list(keys), host_indices, ExtraInfo.of(extra_info)))
 
     # --- v0: flat pages --------------------------------------------------------------------------------------------
     def _v0(self, method: str):

@@ -106,7 +106,7 @@ class TieredCache(RadixTree):
                 self._write_locked.discard(node_id)
                 self.dec_lock_ref(node)
             if self.storage_enabled and node.hash_value and node.host_value is not None:
-                self.controller.write_storage(node.host_value, node.hash_value, node.id)
+                self.controller.write_storage(node.host_value, node.hash_value, node.id, self._prefix_keys(node.parent))
                 node.protect_host()  # the backup worker reads these host pages
                 self.ongoing_backup[node.id] = node
 
@@ -237,7 +237,8 @@ class TieredCache(RadixTree):
         if n < ctrl.prefetch_threshold or ctrl.prefetch_rate_limited():
             return False
         self.inc_lock_ref(anchor)  # the anchor's hash chains the keys; it must stay in the tree
-        op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash() if anchor is not self.root else None)
+        op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash() if anchor is not self.root else None,
+                           self._prefix_keys(anchor))
         self.ongoing_prefetch[request_id] = _Prefetch(anchor, op)
         return True
 
@@ -340,6 +341,16 @@ class TieredCache(RadixTree):
             new.host_value = host_indices[matched:].clone()
             new.hash_value = list(hashes[matched // self.page_size :])
         return matched
+
+    def _prefix_keys(self, node: Optional[TreeNode]) -> Optional[list[str]]:
+        """The storage keys from the root down to ``node`` (hicache_storage_pass_prefix_keys), else None."""
+        if not self.config.pass_prefix_keys:
+            return None
+        chain: list[list[str]] = []
+        while node is not None and node is not self.root:
+            chain.append(node.hash_value or [])
+            node = node.parent
+        return [k for keys in reversed(chain) for k in keys]
 
     # --- events ------------------------------------------------------------------------------------------------------
     def poll(self) -> None:

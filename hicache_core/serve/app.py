@@ -290,6 +290,9 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
 
 
 def _version() -> str:
-    from hicache_core import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("hicache-core")
+    except PackageNotFoundError:
+        return "unknown"

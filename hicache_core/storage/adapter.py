@@ -12,7 +12,10 @@ import inspect
 import logging
 from typing import Any, Optional
 
+import attrs
 import torch
+
+from hicache_core.storage.base import ExtraInfo, call_with_extra
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +67,21 @@ class NamespacedBackend(_Delegate):
     def batch_set(self, keys: list[str], values) -> Any:
         return self.inner.batch_set(self.namespace.keys(keys), values)
 
-    def batch_exists(self, keys: list[str]) -> int:
-        return self.inner.batch_exists(self.namespace.keys(keys))
+    def _extra(self, extra: Optional[ExtraInfo]) -> Optional[ExtraInfo]:
+        if extra is None or not extra.prefix_keys:
+            return extra
+        return attrs.evolve(extra, prefix_keys=self.namespace.keys(extra.prefix_keys))
 
-    def batch_get_v1(self, keys, host_indices):
-        return self.inner.batch_get_v1(self.namespace.keys(keys), host_indices)
+    def batch_exists(self, keys: list[str], extra_info: Optional[ExtraInfo] = None) -> int:
+        return call_with_extra(self.inner.batch_exists, self.namespace.keys(keys), extra=self._extra(extra_info))
 
-    def batch_set_v1(self, keys, host_indices):
-        return self.inner.batch_set_v1(self.namespace.keys(keys), host_indices)
+    def batch_get_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
+        return call_with_extra(self.inner.batch_get_v1, self.namespace.keys(keys), host_indices,
+                               extra=self._extra(extra_info))
+
+    def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
+        return call_with_extra(self.inner.batch_set_v1, self.namespace.keys(keys), host_indices,
+                               extra=self._extra(extra_info))
 
 
 def _as_bool_list(result: Any, n: int) -> list[bool]:
@@ -129,9 +139,9 @@ class V0Adapter(_Delegate):
             return self.inner.batch_set(keys, values)
         return [bool(self.inner.set(k, v)) for k, v in zip(keys, values)]
 
-    def batch_exists(self, keys: list[str]) -> int:
+    def batch_exists(self, keys: list[str], extra_info: Optional[ExtraInfo] = None) -> int:
         if hasattr(self.inner, "batch_exists"):
-            return int(self.inner.batch_exists(keys))
+            return int(call_with_extra(self.inner.batch_exists, keys, extra=extra_info))
         for i, k in enumerate(keys):
             if not self.inner.exists(k):
                 return i

@@ -12,12 +12,61 @@ Rules every backend keeps: a failed write never becomes visible; a read that can
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import attrs
 import torch
 
 from hicache_core.keys import StorageNamespace
+
+
+@attrs.frozen
+class ExtraInfo:
+    """What a v1 call may carry besides its keys, as SGLang's ``HiCacheStorageExtraInfo``: with
+    ``hicache_storage_pass_prefix_keys`` on, ``prefix_keys`` are the storage keys of every page before the batch's
+    first (its prefix in the tree), in order. Passed as a third argument only to methods that take one."""
+
+    prefix_keys: Optional[list[str]] = None
+    extra_info: Optional[dict] = None
+
+    @classmethod
+    def of(cls, other: Any) -> Optional[ExtraInfo]:
+        """Ours from SGLang's (or anything with those fields); None when it carries nothing."""
+        if other is None or isinstance(other, ExtraInfo):
+            return other
+        keys = getattr(other, "prefix_keys", None)
+        keys = [k for k in keys if isinstance(k, str)] if isinstance(keys, (list, tuple)) else None
+        extra = getattr(other, "extra_info", None)
+        if not keys and not extra:
+            return None
+        return cls(keys or None, extra if isinstance(extra, dict) else None)
+
+
+_TAKES_EXTRA: dict[Any, bool] = {}
+
+
+def takes_extra_info(fn: Callable, nargs: int) -> bool:
+    """Does ``fn`` (called with ``nargs`` positional arguments) accept one more, ``extra_info``?"""
+    key = (getattr(fn, "__func__", fn), nargs)
+    found = _TAKES_EXTRA.get(key)
+    if found is None:
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        found = any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) > nargs
+        _TAKES_EXTRA[key] = found
+    return found
+
+
+def call_with_extra(fn: Callable, *args: Any, extra: Optional[ExtraInfo] = None) -> Any:
+    """``fn(*args, extra)`` when there is extra info and ``fn`` takes it, else ``fn(*args)``."""
+    if extra is not None and takes_extra_info(fn, len(args)):
+        return fn(*args, extra)
+    return fn(*args)
 
 
 @attrs.frozen(kw_only=True)

@@ -210,8 +210,9 @@ class GuardedStorage:
         return True, result, None
 
     # --- the calls ---------------------------------------------------------------------------------------------------
-    def batch_exists(self, keys: list[str]) -> Outcome:
-        ok, result, abandoned = self._call("exists", self.backend.batch_exists, keys)
+    def batch_exists(self, keys: list[str], extra: Any = None) -> Outcome:
+        """``extra``: an :class:`~hicache_core.storage.base.ExtraInfo` for the backend (prefix keys), or None."""
+        ok, result, abandoned = self._call("exists", self.backend.batch_exists, keys, *_opt(extra))
         if not ok:
             return Outcome(0, abandoned, answered=False)
         try:
@@ -226,14 +227,14 @@ class GuardedStorage:
             return Outcome(0, answered=False)
         return Outcome(n)
 
-    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> Outcome:
-        return self._pages("get", self.backend.batch_get_v1, keys, host_indices)
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra: Any = None) -> Outcome:
+        return self._pages("get", self.backend.batch_get_v1, keys, host_indices, extra)
 
-    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> Outcome:
-        return self._pages("set", self.backend.batch_set_v1, keys, host_indices)
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor, extra: Any = None) -> Outcome:
+        return self._pages("set", self.backend.batch_set_v1, keys, host_indices, extra)
 
-    def _pages(self, op: str, fn: Callable, keys: list[str], host_indices: torch.Tensor) -> Outcome:
-        ok, result, abandoned = self._call(op, fn, keys, host_indices)
+    def _pages(self, op: str, fn: Callable, keys: list[str], host_indices: torch.Tensor, extra: Any) -> Outcome:
+        ok, result, abandoned = self._call(op, fn, keys, host_indices, *_opt(extra))
         if not ok:
             return Outcome(0, abandoned, answered=False)
         flags = page_flags(result, len(keys))
@@ -267,6 +268,10 @@ class GuardedStorage:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)
+
+
+def _opt(extra: Any) -> tuple:
+    return () if extra is None else (extra,)
 
 
 def page_flags(result: Any, n: int) -> Optional[list[bool]]:
