@@ -71,3 +71,20 @@ def test_without_the_flag_no_extra_info_is_passed():
     c.flush()
     c.close()
     assert CALLS and all(extra is None for _, _, extra in CALLS)
+
+
+def test_sglang_extra_info_is_read_by_its_fields():
+    """HiCacheForSGLang hands SGLang's HiCacheStorageExtraInfo on as ours: same field names; SGLang's read-side
+    default ``prefix_keys=(None,)`` (a typo upstream) carries nothing."""
+    import dataclasses
+
+    from hicache_core.storage import ExtraInfo
+
+    @dataclasses.dataclass
+    class SGLangExtraInfo:
+        prefix_keys: object = (None,)
+        extra_info: object = None
+
+    assert ExtraInfo.of(None) is None and ExtraInfo.of(SGLangExtraInfo()) is None
+    assert ExtraInfo.of(SGLangExtraInfo(prefix_keys=["a", "b"])) == ExtraInfo(prefix_keys=["a", "b"])
+    assert ExtraInfo.of(SGLangExtraInfo(prefix_keys=None, extra_info={"x": 1})) == ExtraInfo(None, {"x": 1})
