@@ -100,3 +100,54 @@ def test_bad_engine_input():
         Engine(model, HiCacheConfig(page_size=8), "none", device_tokens=64).generate([Request("x", list(range(128)), 4)])
     with pytest.raises(ConfigError, match="--configs: unknown gpu"):
         multiturn.run(parse(SMALL + ["--configs", "gpu"]))
+
+
+def test_repeat_reports_spread_cpu_and_warm_restarts(tmp_path, capsys):
+    args = parse(SMALL + ["--configs", "radix,hicache+storage", "--repeat", "2", "--report-dir", str(tmp_path / "r"),
+                          "--storage-dir", str(tmp_path / "store"), "--warm"])
+    assert multiturn.run(args) == 0
+    report = json.load(open(tmp_path / "r" / "report.json"))
+    rep = report["summary"]["repeats"]
+    assert rep["n"] == 2 and len(report["repeats"]) == 1
+    assert len(rep["speedup_storage_vs_radix"]["values"]) == 2 and len(rep["warm_round1_speedup"]["values"]) == 2
+    sp = rep["ttft_rounds2plus_ms"]["hicache+storage"]
+    assert sp["min"] <= sp["median"] <= sp["max"]
+    assert all(c["cpu"]["own_cores"] > 0 for c in report["configs"])
+    assert report["warm"]["cpu"]["own_cores"] > 0
+    assert sorted(os.listdir(tmp_path / "store")) == ["repeat-1", "repeat-2"]  # each repeat starts cold
+    assert "over 2 repeats" in capsys.readouterr().out
+
+
+def test_untrustworthy_figures_are_flagged():
+    from hicache_core.bench.report import summarize
+
+    def run(config, storage=0, contended=False):
+        return {"config": config, "label": config, "outputs": [[1]], "ttft_mean_rounds2plus_ms": 10.0,
+                "rounds": [{"ttft_mean_ms": 10.0}], "hit_tokens": {"device": 0, "host": 0, "storage": storage},
+                "cpu": {"contended": contended, "others_cores": 1.3 if contended else 0.0}}
+
+    quiet = summarize([run("none"), run("radix"), run("hicache+storage")], run("hicache+storage", storage=64))
+    assert quiet["warnings"] == []
+    noisy = summarize([run("none"), run("radix", contended=True), run("hicache+storage")], run("hicache+storage"))
+    assert any("0 tokens from storage" in w for w in noisy["warnings"])
+    assert any("radix: other processes used 1.3 CPU cores" in w for w in noisy["warnings"])
+
+
+def test_cpu_meter_sees_another_process_burning_a_core():
+    import subprocess
+    import sys
+    import time
+
+    from hicache_core.bench.measure import CpuMeter
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with CpuMeter() as m:
+            time.sleep(1.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    r = m.result()
+    assert r["others_cores"] is not None and r["others_cores"] > 0.5 and r["contended"], r
+    assert r["own_cores"] < 0.5

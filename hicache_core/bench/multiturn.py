@@ -22,8 +22,10 @@ import tempfile
 import time
 from typing import Any
 
-from hicache_core.bench.common import Progress, print_table
+from hicache_core.bench.common import Progress
 from hicache_core.bench.common import pct as _pct
+from hicache_core.bench.measure import CpuMeter, warm_up
+from hicache_core.bench.report import report
 from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError, HiCacheError
 from hicache_core.parse import arg_float, arg_int
@@ -64,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                 ("--vocab-size", 4096, "vocabulary")):
         e.add_argument(flag, type=arg_int(1, 1 << 16), default=default, help=f"{what} (default %(default)s)")
     o = p.add_argument_group("output")
+    o.add_argument("--repeat", type=arg_int(1, 100), default=1,
+                   help="run everything N times (fresh storage each time) and report the spread (default %(default)s)")
     o.add_argument("--storage-dir", default=None,
                    help="file backend directory (default: a temp dir, removed after the run)")
     o.add_argument("--warm", dest="warm", action="store_true", default=True,
@@ -112,6 +116,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
     from hicache_core.engine import Engine, Request
 
     engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running)
+    meter = CpuMeter().__enter__()
     history = [list(p) for p in work.first]
     per_round: list[dict[str, Any]] = []
     outputs: list[list[list[int]]] = []
@@ -142,6 +147,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
             outputs.append([by_client[c].output for c in sorted(by_client)])
         engine.flush()
         wall = time.perf_counter() - t_start
+        meter.__exit__()
         stats = engine.metrics.stats()
     finally:
         engine.close()
@@ -163,6 +169,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
         "throughput_req_s": rounds * args.num_clients / wall,
         "throughput_in_tok_s": in_tokens / wall,
         "throughput_out_tok_s": out_tokens / wall,
+        "cpu": meter.result(),
         "outputs": outputs,
     }
 
@@ -188,7 +195,9 @@ def _warm_child(args: argparse.Namespace) -> int:
     """Round 1 only, hicache+storage, on storage someone else filled: a restarted server."""
     work = Workload(args)
     base = _base_config(args, args.storage_dir)
-    result = run_config("hicache+storage", args, work, _model(args), base, 1, Progress(0, False))
+    model = _model(args)
+    warm_up(model, args.page_size)  # a restarted server has warmed up before its first request is timed
+    result = run_config("hicache+storage", args, work, model, base, 1, Progress(0, False))
     with open(args.child_out, "w") as f:
         json.dump(result, f)
     return 0
@@ -200,7 +209,7 @@ def _run_warm(args: argparse.Namespace, storage_dir: str) -> dict[str, Any]:
     argv = [sys.executable, "-m", "hicache_core.cli", "bench", "multiturn", "--warm-child", "--child-out", out,
             "--storage-dir", storage_dir]
     skip = {"warm_child", "child_out", "storage_dir", "warm", "json", "no_progress", "report_dir", "configs", "func",
-            "command", "bench", "verbose"}
+            "command", "bench", "verbose", "repeat", "base_url"}
     for k, v in vars(args).items():
         if k in skip or v is None or v is False:
             continue
@@ -219,42 +228,6 @@ def _run_warm(args: argparse.Namespace, storage_dir: str) -> dict[str, Any]:
         os.unlink(out)
 
 
-def _chart(report: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'hicache-core[bench]'): no chart"
-    runs = report["configs"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        a.plot([r["round"] for r in run["rounds"]], [r["ttft_mean_ms"] for r in run["rounds"]], marker="o", label=run["label"])
-    if report.get("warm"):
-        a.scatter([1], [report["warm"]["rounds"][0]["ttft_mean_ms"]], marker="*", s=160, color="k", label="warm restart, round 1", zorder=5)
-    a.set_xticks(range(1, len(runs[0]["rounds"]) + 1))
-    a.set_xlabel("round")
-    a.set_ylabel("mean TTFT (ms)")
-    a.set_yscale("log")
-    a.set_title("Time to first token by round")
-    a.legend()
-    names = [run["label"] for run in runs]
-    bottom = [0.0] * len(runs)
-    for tier, color in (("device", "#4c72b0"), ("host", "#55a868"), ("storage", "#c44e52")):
-        vals = [run["hit_tokens"][tier] / max(run["prompt_tokens"], 1) for run in runs]
-        b.bar(names, vals, bottom=bottom, color=color, label=tier)
-        bottom = [x + y for x, y in zip(bottom, vals)]
-    b.set_ylabel("share of prompt tokens served from cache")
-    b.set_title("Cache hits by tier")
-    b.legend()
-    b.tick_params(axis="x", labelrotation=15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     if args.warm_child:
         return _warm_child(args)
@@ -270,22 +243,27 @@ def run(args: argparse.Namespace) -> int:
     storage_dir = args.storage_dir
     if storage_dir is None:
         tmp = storage_dir = tempfile.mkdtemp(prefix="hicache-bench-")
+    reps: list[tuple[list[dict], dict | None]] = []
     try:
-        base = _base_config(args, storage_dir)
         work = Workload(args)
         model = _model(args)
-        progress = Progress(len(configs) * args.num_rounds * args.num_clients, not args.no_progress)
-        results = [run_config(c, args, work, model, base, args.num_rounds, progress) for c in configs]
+        warm_up(model, args.page_size)
+        progress = Progress(args.repeat * len(configs) * args.num_rounds * args.num_clients, not args.no_progress)
+        for i in range(args.repeat):
+            sdir = storage_dir if args.repeat == 1 else os.path.join(storage_dir, f"repeat-{i + 1}")
+            base = _base_config(args, sdir)
+            results = [run_config(c, args, work, model, base, args.num_rounds, progress) for c in configs]
+            warm = None
+            if args.warm and "hicache+storage" in configs:
+                if not args.no_progress:
+                    sys.stderr.write("warm restart: a second engine process on the same storage...\n")
+                warm = _run_warm(args, sdir)
+            reps.append((results, warm))
         progress.close()
-        warm = None
-        if args.warm and "hicache+storage" in configs:
-            if not args.no_progress:
-                sys.stderr.write("warm restart: a second engine process on the same storage...\n")
-            warm = _run_warm(args, storage_dir)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _report(args, results, warm)
+    return report(args, reps)
 
 
 def _run_servers(args: argparse.Namespace) -> int:
@@ -296,69 +274,11 @@ def _run_servers(args: argparse.Namespace) -> int:
         mode, _ = server_config(url)
         servers.append((label or LABELS.get(mode, mode), mode, url))
     work = Workload(args)
-    progress = Progress(len(servers) * args.num_rounds * args.num_clients, not args.no_progress)
-    results = [run_server(label, mode, url, args, work, progress, _pct) for label, mode, url in servers]
+    progress = Progress(args.repeat * len(servers) * args.num_rounds * args.num_clients, not args.no_progress)
+    reps: list[tuple[list[dict], dict | None]] = []
+    for _ in range(args.repeat):
+        reps.append(([run_server(label, mode, url, args, work, progress, _pct) for label, mode, url in servers], None))
     progress.close()
-    return _report(args, results, None)
+    return report(args, reps)
 
 
-def _report(args: argparse.Namespace, results: list[dict], warm: dict | None) -> int:
-    reference = results[0]["outputs"]
-    same = {r["config"]: r["outputs"] == reference for r in results}
-    by = {r["config"]: r for r in results}
-    summary: dict[str, Any] = {"outputs_identical": same}
-    if "radix" in by and "hicache+storage" in by and by["hicache+storage"]["ttft_mean_rounds2plus_ms"]:
-        summary["ttft_rounds2plus_speedup_storage_vs_radix"] = (
-            by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"])
-    if warm:
-        cold = by["hicache+storage"]["rounds"][0]["ttft_mean_ms"]
-        summary["warm_round1_ttft_ms"] = warm["rounds"][0]["ttft_mean_ms"]
-        summary["cold_round1_ttft_ms"] = cold
-        summary["warm_round1_speedup"] = cold / warm["rounds"][0]["ttft_mean_ms"]
-        summary["warm_outputs_identical"] = warm["outputs"][0] == reference[0]
-    report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary,
-              "configs": [{k: v for k, v in r.items() if k != "outputs"} for r in results],
-              "warm": {k: v for k, v in warm.items() if k != "outputs"} if warm else None}
-    os.makedirs(args.report_dir, exist_ok=True)
-    json_path = os.path.join(args.report_dir, "report.json")
-    png_path = os.path.join(args.report_dir, "report.png")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    chart_note = _chart(report, png_path)
-    ok = all(same.values()) and (not warm or summary["warm_outputs_identical"])
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-        return 0 if ok else 1
-    where = (f"servers {', '.join(r['url'] for r in results)}" if args.base_url else
-             f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
-             f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})")
-    print(f"\nhicache bench multiturn: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
-          f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
-          f"{where}\n")
-    rows = []
-    for r in results:
-        row = {"config": r["label"], "r2": r["ttft_mean_rounds2plus_ms"] or 0.0, "hit": r["cache_hit_rate"] * 100,
-               "dev": r["hit_tokens"]["device"], "host": r["hit_tokens"]["host"], "sto": r["hit_tokens"]["storage"],
-               "rps": r["throughput_req_s"], "mb": sum(r["transfer_bytes"].values()) / 2**20,
-               "same": "yes" if same[r["config"]] else "NO"}
-        for rr in r["rounds"]:
-            row[f"t{rr['round']}"] = rr["ttft_mean_ms"]
-        rows.append(row)
-    cols = [("config", "configuration", "s")] + [(f"t{i}", f"TTFT r{i} ms", ".1f") for i in range(1, args.num_rounds + 1)]
-    cols += [("r2", "r2+ mean", ".1f"), ("hit", "hit %", ".1f"), ("dev", "device tok", "d"), ("host", "host tok", "d"),
-             ("sto", "storage tok", "d"), ("mb", "MiB moved", ".1f"), ("rps", "req/s", ".2f"), ("same", "same tokens", "s")]
-    print_table(rows, cols)
-    print("\nTTFT p50 / p90 per round (ms):")
-    for r in results:
-        print(f"  {r['label']:<20} " + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"]))
-    if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
-        print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
-              "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
-    if warm:
-        print(f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
-              f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x); "
-              f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}")
-    print(f"\nreport: {json_path}" + (f", chart: {png_path}" if not chart_note else f" ({chart_note})"))
-    if not ok:
-        print("ERROR: a configuration produced different tokens from the reference run", file=sys.stderr)
-    return 0 if ok else 1

@@ -1,0 +1,164 @@
+"""The multi-turn benchmark's report: tables, JSON and chart, with spread over ``--repeat`` runs and warnings
+for figures that cannot be trusted (a warm restart that served nothing from storage, a contended CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional
+
+from hicache_core.bench.common import print_table
+from hicache_core.bench.measure import CONTENDED_CORES, spread
+
+
+def chart(report: dict, path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'hicache-core[bench]'): no chart"
+    runs = report["configs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        a.plot([r["round"] for r in run["rounds"]], [r["ttft_mean_ms"] for r in run["rounds"]], marker="o", label=run["label"])
+    if report.get("warm"):
+        a.scatter([1], [report["warm"]["rounds"][0]["ttft_mean_ms"]], marker="*", s=160, color="k", label="warm restart, round 1", zorder=5)
+    a.set_xticks(range(1, len(runs[0]["rounds"]) + 1))
+    a.set_xlabel("round")
+    a.set_ylabel("mean TTFT (ms)")
+    a.set_yscale("log")
+    a.set_title("Time to first token by round")
+    a.legend()
+    names = [run["label"] for run in runs]
+    bottom = [0.0] * len(runs)
+    for tier, color in (("device", "#4c72b0"), ("host", "#55a868"), ("storage", "#c44e52")):
+        vals = [run["hit_tokens"][tier] / max(run["prompt_tokens"], 1) for run in runs]
+        b.bar(names, vals, bottom=bottom, color=color, label=tier)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.set_ylabel("share of prompt tokens served from cache")
+    b.set_title("Cache hits by tier")
+    b.legend()
+    b.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
+    """One repetition's headline figures, its token checks and its warnings."""
+    reference = results[0]["outputs"]
+    by = {r["config"]: r for r in results}
+    s: dict[str, Any] = {"outputs_identical": {r["config"]: r["outputs"] == reference for r in results},
+                         "warnings": []}
+    if "radix" in by and "hicache+storage" in by and by["hicache+storage"]["ttft_mean_rounds2plus_ms"]:
+        s["ttft_rounds2plus_speedup_storage_vs_radix"] = (
+            by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"])
+    if warm:
+        cold = by["hicache+storage"]["rounds"][0]["ttft_mean_ms"]
+        s["warm_round1_ttft_ms"] = warm["rounds"][0]["ttft_mean_ms"]
+        s["cold_round1_ttft_ms"] = cold
+        s["warm_round1_speedup"] = cold / warm["rounds"][0]["ttft_mean_ms"]
+        s["warm_outputs_identical"] = warm["outputs"][0] == reference[0]
+        s["warm_storage_tokens"] = warm["hit_tokens"]["storage"]
+        if not warm["hit_tokens"]["storage"]:
+            s["warnings"].append("the warm restart served 0 tokens from storage: its round 1 says nothing about "
+                                 "restarts (was the storage emptied, or written elsewhere?)")
+    for r in results + ([warm] if warm else []):
+        cpu = r.get("cpu") or {}
+        if cpu.get("contended"):
+            name = "warm restart" if r is warm else r["label"]
+            s["warnings"].append(f"{name}: other processes used {cpu['others_cores']:.1f} CPU cores during the run "
+                                 f"(more than {CONTENDED_CORES}): its timings are contended")
+    return s
+
+
+def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]]]) -> int:
+    """Print and write the report; 0 when every configuration of every repetition matched the reference."""
+    summaries = [summarize(results, warm) for results, warm in reps]
+    results, warm = reps[0]
+    summary = dict(summaries[0])
+    summary["warnings"] = [f"repeat {i + 1}: {w}" if len(reps) > 1 else w
+                           for i, s in enumerate(summaries) for w in s["warnings"]]
+    if len(reps) > 1:
+        summary["repeats"] = {
+            "n": len(reps),
+            "ttft_rounds2plus_ms": {r["config"]: spread([rr[i]["ttft_mean_rounds2plus_ms"] for rr, _ in reps])
+                                    for i, r in enumerate(results)},
+            "speedup_storage_vs_radix": spread([s.get("ttft_rounds2plus_speedup_storage_vs_radix") for s in summaries]),
+            "warm_round1_speedup": spread([s.get("warm_round1_speedup") for s in summaries]),
+        }
+    same = {c: all(s["outputs_identical"][c] for s in summaries) for c in summary["outputs_identical"]}
+    summary["outputs_identical"] = same
+    ok = all(same.values()) and all(s.get("warm_outputs_identical", True) for s in summaries)
+    strip = lambda r: {k: v for k, v in r.items() if k != "outputs"}  # noqa: E731
+    out = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary,
+           "configs": [strip(r) for r in results], "warm": strip(warm) if warm else None,
+           "repeats": [{"configs": [strip(r) for r in rr], "warm": strip(w) if w else None} for rr, w in reps[1:]]}
+    os.makedirs(args.report_dir, exist_ok=True)
+    json_path = os.path.join(args.report_dir, "report.json")
+    png_path = os.path.join(args.report_dir, "report.png")
+    with open(json_path, "w") as f:
+        json.dump(out, f, indent=2, default=str)
+    chart_note = chart(out, png_path)
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0 if ok else 1
+    _print(args, results, warm, summary, same)
+    print(f"\nreport: {json_path}" + (f", chart: {png_path}" if not chart_note else f" ({chart_note})"))
+    for w in summary["warnings"]:
+        print(f"WARNING: {w}", file=sys.stderr)
+    if not ok:
+        print("ERROR: a configuration produced different tokens from the reference run", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], summary: dict, same: dict) -> None:
+    where = (f"servers {', '.join(r['url'] for r in results)}" if args.base_url else
+             f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
+             f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})")
+    print(f"\nhicache bench multiturn: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
+          f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
+          f"{where}\n")
+    rows = []
+    for r in results:
+        cpu = (r.get("cpu") or {}).get("others_cores")
+        row = {"config": r["label"], "r2": r["ttft_mean_rounds2plus_ms"] or 0.0, "hit": r["cache_hit_rate"] * 100,
+               "dev": r["hit_tokens"]["device"], "host": r["hit_tokens"]["host"], "sto": r["hit_tokens"]["storage"],
+               "rps": r["throughput_req_s"], "mb": sum(r["transfer_bytes"].values()) / 2**20,
+               "same": "yes" if same[r["config"]] else "NO", "cpu": "-" if cpu is None else f"{cpu:.2f}"}
+        for rr in r["rounds"]:
+            row[f"t{rr['round']}"] = rr["ttft_mean_ms"]
+        rows.append(row)
+    cols = [("config", "configuration", "s")] + [(f"t{i}", f"TTFT r{i} ms", ".1f") for i in range(1, args.num_rounds + 1)]
+    cols += [("r2", "r2+ mean", ".1f"), ("hit", "hit %", ".1f"), ("dev", "device tok", "d"), ("host", "host tok", "d"),
+             ("sto", "storage tok", "d"), ("mb", "MiB moved", ".1f"), ("rps", "req/s", ".2f"),
+             ("cpu", "others' CPU", "s"), ("same", "same tokens", "s")]
+    print_table(rows, cols)
+    print("\nTTFT p50 / p90 per round (ms):")
+    for r in results:
+        print(f"  {r['label']:<20} " + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"]))
+    if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
+        print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
+              "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
+    if warm:
+        print(f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
+              f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x), "
+              f"{summary['warm_storage_tokens']} tokens from storage; "
+              f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}")
+    rep = summary.get("repeats")
+    if rep:
+        print(f"\nover {rep['n']} repeats (median, min-max):")
+        for r in results:
+            sp = rep["ttft_rounds2plus_ms"][r["config"]]
+            if sp["median"] is not None:
+                print(f"  {r['label']:<20} r2+ mean TTFT {sp['median']:.1f} ms ({sp['min']:.1f}-{sp['max']:.1f})")
+        for key, what in (("speedup_storage_vs_radix", "storage vs radix, rounds 2+"),
+                          ("warm_round1_speedup", "warm restart vs cold, round 1")):
+            sp = rep[key]
+            if sp["median"] is not None:
+                print(f"  {what}: {sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})")
