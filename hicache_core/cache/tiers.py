@@ -15,29 +15,22 @@ import logging
 import time
 from typing import Any, Optional
 
-import attrs
 import torch
 
 from hicache_core.cache.node import TreeNode
-from hicache_core.cache.radix import EMPTY, RadixTree
+from hicache_core.cache.prefetch import StoragePrefetch, _Prefetch
+from hicache_core.cache.radix import EMPTY
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
 from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
-from hicache_core.operations import PrefetchOperation
 
 logger = logging.getLogger(__name__)
 
 LOAD_BACK_THRESHOLD = 10  # tokens: shorter host spans are recomputed rather than loaded (SGLang's value)
 
 
-@attrs.define
-class _Prefetch:
-    anchor: TreeNode
-    op: PrefetchOperation
-
-
-class TieredCache(RadixTree):
+class TieredCache(StoragePrefetch):
     """Device, host and storage tiers. Without a host pool it is a device-only radix cache."""
 
     def __init__(self, config: HiCacheConfig, device_pool, host_pool=None, storage=None,
@@ -150,14 +143,6 @@ class TieredCache(RadixTree):
         self._record_evicted("device", n)
         return n
 
-    def evict_host(self, num_tokens: int) -> int:
-        """Free host pages of host-only leaves (never a device-resident node's copy, never a locked node's)."""
-        return self.evict_leaves(num_tokens, self._host_leaf, lambda x: self._drop_leaf(x, "host"))
-
-    @staticmethod
-    def _host_leaf(n: TreeNode) -> bool:
-        return n.value is None and not n.children and n.host_ref == 0 and n.lock_ref == 0
-
     def alloc_device(self, num_tokens: int) -> Optional[torch.Tensor]:
         """Device slots for new KV, evicting from the tree when the pool is short."""
         idx = self.device_pool.alloc(num_tokens)
@@ -225,132 +210,6 @@ class TieredCache(RadixTree):
             node = self.ongoing_load_back.pop(node_id, None)
             if node is not None:
                 self.dec_lock_ref(node)
-
-    # --- storage -> host ---------------------------------------------------------------------------------------------
-    def prefetch_from_storage(self, request_id: Any, anchor: TreeNode, new_tokens) -> bool:
-        """Start fetching pages past the local hit (``anchor`` = match's last_node) from storage. Storage is asked
-        first; host pages are taken only once it has said which pages it holds."""
-        ctrl = self.controller
-        if not self.storage_enabled or ctrl is None or request_id in self.ongoing_prefetch:
-            return False
-        n = self._page_align(len(new_tokens))
-        if n < ctrl.prefetch_threshold or ctrl.prefetch_rate_limited():
-            return False
-        self.inc_lock_ref(anchor)  # the anchor's hash chains the keys; it must stay in the tree
-        op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash() if anchor is not self.root else None,
-                           self._prefix_keys(anchor))
-        self.ongoing_prefetch[request_id] = _Prefetch(anchor, op)
-        return True
-
-    def _grant(self, op: PrefetchOperation) -> None:
-        """Host pages for a queried prefetch's hits. Host pages are evicted only for pages storage has, and only
-        when that makes room; otherwise the prefetch takes what fits, or is revoked."""
-        assert self.controller is not None and self.host_pool is not None
-        threshold = self.controller.prefetch_threshold
-        want = len(op.hash_value) * self.page_size
-        host = self.host_pool.alloc(want) if want >= threshold else None
-        if host is None and want >= threshold:
-            short = want - self.host_pool.available_size()
-            if self.host_evictable() >= short:
-                self.evict_host(short)
-                host = self.host_pool.alloc(want)
-            fit = self._page_align(self.host_pool.available_size())
-            if host is None and fit >= threshold:
-                host = self.host_pool.alloc(fit)
-        if host is None:
-            op.revoked = True
-            return
-        self.controller.grant_prefetch(op, host)
-
-    def host_evictable(self) -> int:
-        """Host tokens :meth:`evict_host` could free now (whole unlocked host-only subtrees)."""
-        ok: dict[int, bool] = {}
-        total = 0
-        for n in reversed(list(self.nodes())):  # children before parents
-            e = n.value is None and n.lock_ref == 0 and n.host_ref == 0 and all(ok[c.id] for c in n.children.values())
-            ok[n.id] = e
-            if e and n.host_value is not None:
-                total += len(n.host_value)
-        return total
-
-    def check_prefetch_progress(self, request_id: Any) -> bool:
-        """True when the request may be scheduled: no prefetch, or it has ended and its pages joined the tree."""
-        pf = self.ongoing_prefetch.get(request_id)
-        if pf is None:
-            return True
-        op, ctrl = pf.op, self.controller
-        assert ctrl is not None
-        stop = ctrl.prefetch_may_stop(op)
-        if not stop and not op.granted and not op.revoked and op.queried.is_set():
-            self._grant(op)
-        if op.revoked:
-            self._end_prefetch(request_id, pf)
-            self.metrics.add("prefetch_revoked", 1)
-            return True
-        if not stop:
-            return False
-        completed, hashes = ctrl.terminate_prefetch(op)
-        if op.host_indices is not None:
-            if completed < len(op.host_indices) and not op.io_done.is_set():
-                self.metrics.add("prefetch_terminated_early", 1)
-            if completed:
-                host = op.host_indices[:completed]
-                matched = self._insert_host(pf.anchor, op.token_ids[:completed], host, hashes)
-                if matched:
-                    self.host_pool.free(host[:matched])  # already in the tree: drop the duplicates
-                self.metrics.add("prefetched_tokens", completed - matched)
-        self._end_prefetch(request_id, pf)
-        return True
-
-    def _advance_prefetches(self) -> None:
-        """Grant host pages to prefetches whose storage query finished; end the revoked ones."""
-        for rid, pf in list(self.ongoing_prefetch.items()):
-            if not pf.op.granted and not pf.op.revoked and pf.op.queried.is_set():
-                self._grant(pf.op)
-            if pf.op.revoked:
-                self._end_prefetch(rid, pf)
-                self.metrics.add("prefetch_revoked", 1)
-
-    def _end_prefetch(self, request_id: Any, pf: _Prefetch) -> None:
-        assert self.controller is not None
-        self.dec_lock_ref(pf.anchor)
-        del self.ongoing_prefetch[request_id]
-        self.controller.end_prefetch(pf.op)
-
-    def release_aborted_request(self, request_id: Any) -> None:
-        """Stop a request's prefetch and hand its pages back."""
-        pf = self.ongoing_prefetch.get(request_id)
-        if pf is None:
-            return
-        completed = pf.op.mark_terminate()
-        if completed and pf.op.host_indices is not None:
-            assert self.host_pool is not None
-            self.host_pool.free(pf.op.host_indices[:completed])  # the worker returns the rest
-        self._end_prefetch(request_id, pf)
-
-    def _insert_host(self, anchor: TreeNode, tokens, host_indices: torch.Tensor, hashes: list[str]) -> int:
-        """Attach fetched pages below ``anchor`` as host-only nodes; return how many were already in the tree."""
-        node, key, matched = anchor, tuple(tokens), 0
-        while key:
-            child, n = self._descend(node, key)
-            if child is None:
-                break
-            node, key, matched = child, key[n:], matched + n
-        if key:
-            new = self._attach(node, key)
-            new.host_value = host_indices[matched:].clone()
-            new.hash_value = list(hashes[matched // self.page_size :])
-        return matched
-
-    def _prefix_keys(self, node: Optional[TreeNode]) -> Optional[list[str]]:
-        """The storage keys from the root down to ``node`` (hicache_storage_pass_prefix_keys), else None."""
-        if not self.config.pass_prefix_keys:
-            return None
-        chain: list[list[str]] = []
-        while node is not None and node is not self.root:
-            chain.append(node.hash_value or [])
-            node = node.parent
-        return [k for keys in reversed(chain) for k in keys]
 
     # --- events ------------------------------------------------------------------------------------------------------
     def poll(self) -> None:
