@@ -6,10 +6,11 @@ are applied and logged, and the cache keeps the adjusted config (``cache.config`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from hicache_core.cache.agree import Solo
 from hicache_core.cache.hiradix import HiRadixCache
 from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError
@@ -17,6 +18,7 @@ from hicache_core.memory import DevicePool, HostPool, KVSpec, host_pool_tokens
 from hicache_core.metrics import CacheMetrics
 from hicache_core.plugins import HiCachePluginManager
 from hicache_core.registry import create_backend, make_storage_config, resolve_config
+from hicache_core.storage.adapter import ReadOnlyRank
 
 TIERS = ("radix", "hicache", "hicache+storage")
 
@@ -42,12 +44,17 @@ def build_cache(
     tp_size: int = 1,
     pm: Optional[HiCachePluginManager] = None,
     force_kernel: bool = False,
+    agree: Optional[Solo] = None,
 ) -> HiRadixCache:
     """A cache over a device pool of ``device_tokens`` (rounded down to whole pages).
 
     ``tiers``: ``radix`` (device only), ``hicache`` (device + host) or ``hicache+storage`` (device + host + the
     configured backend); default from the config (:func:`default_tiers`). The host pool holds ``host_tokens``,
-    else ``--hicache-size`` / ``--hicache-ratio`` of the device pool."""
+    else ``--hicache-size`` / ``--hicache-ratio`` of the device pool.
+
+    Tensor parallelism: each rank builds its own cache over its shard of the heads with its ``tp_rank`` /
+    ``tp_size`` (its own storage keys; MLA pages are shared, written by rank 0 only) and ``agree`` =
+    :class:`~hicache_core.cache.agree.RankAgreement` on a group of the ranks, so their trees stay identical."""
     tiers = tiers or default_tiers(config)
     if tiers not in TIERS:
         raise ConfigError(f"cache tiers {tiers!r}: choose one of {', '.join(TIERS)}")
@@ -61,14 +68,17 @@ def build_cache(
     if device_tokens <= 0:
         raise ConfigError(f"the device pool must hold at least one page of {ps} tokens")
     device_pool = DevicePool(spec, device_tokens, ps, device)
-    host_pool = backend = None
+    host_pool = None
+    backend: Any = None
     if tiers != "radix":
         n = host_tokens if host_tokens is not None else host_pool_tokens(config, device_tokens, spec)
         host_pool = HostPool(spec, n, ps, config.hicache_mem_layout, pin_memory=pin_memory)
     if resolved is not None:
         sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
         backend = create_backend(resolved, sc, host_pool, pm=pm)
-    return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel)
+        if spec.is_mla and tp_rank != 0:
+            backend = ReadOnlyRank(backend)
+    return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree)
 
 
 def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,

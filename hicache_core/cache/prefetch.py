@@ -11,6 +11,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from hicache_core.cache.agree import Solo
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.radix import RadixTree
 from hicache_core.config import HiCacheConfig
@@ -23,6 +24,7 @@ from hicache_core.operations import PrefetchOperation
 class _Prefetch:
     anchor: TreeNode
     op: PrefetchOperation
+    queried: bool = False  # storage has answered (on every rank), and op.hash_value holds the pages all found
 
 
 class StoragePrefetch(RadixTree):
@@ -34,6 +36,29 @@ class StoragePrefetch(RadixTree):
     metrics: CacheMetrics
     storage_enabled: bool
     ongoing_prefetch: dict[Any, _Prefetch]
+    agree: Solo
+
+    def _host_room(self, want: int) -> int:
+        """Free host tokens on every rank after evicting host-only pages toward ``want`` (the same on every rank,
+        though pages come back from worker threads at different times on each)."""
+        avail = self.agree.min([self.host_pool.available_size()])[0]
+        if avail < want and self.host_evictable() >= want - avail:
+            avail += self.evict_host(want - avail)
+        return avail
+
+    def _agree_queried(self, pfs: list[_Prefetch]) -> None:
+        """Mark prefetches whose storage query has answered everywhere; keep the pages every rank found."""
+        pending = [pf for pf in pfs if not pf.queried and not pf.op.granted and not pf.op.revoked]
+        if not self.agree.active:
+            for pf in pending:
+                pf.queried = pf.op.queried.is_set()
+            return
+        local = [[int(pf.op.queried.is_set()), len(pf.op.hash_value) if pf.op.queried.is_set() else 0] for pf in pending]
+        agreed = self.agree.min([x for pair in local for x in pair])
+        for i, pf in enumerate(pending):
+            if agreed[2 * i]:
+                pf.queried = True
+                pf.op.hash_value = pf.op.hash_value[: agreed[2 * i + 1]]
 
     def evict_host(self, num_tokens: int) -> int:
         """Free host pages of host-only leaves (never a device-resident node's copy, never a locked node's)."""
@@ -65,8 +90,13 @@ class StoragePrefetch(RadixTree):
         assert self.controller is not None and self.host_pool is not None
         threshold = self.controller.prefetch_threshold
         want = len(op.hash_value) * self.page_size
-        host = self.host_pool.alloc(want) if want >= threshold else None
-        if host is None and want >= threshold:
+        if self.agree.active:  # decided on what every rank has room for: the same grant everywhere
+            avail = self._host_room(want) if want >= threshold else 0
+            take = want if avail >= want else self._page_align(avail)
+            host = self.host_pool.alloc(take) if take >= threshold else None
+        else:
+            host = self.host_pool.alloc(want) if want >= threshold else None
+        if host is None and want >= threshold and not self.agree.active:
             short = want - self.host_pool.available_size()
             if self.host_evictable() >= short:
                 self.evict_host(short)
@@ -97,9 +127,11 @@ class StoragePrefetch(RadixTree):
             return True
         op, ctrl = pf.op, self.controller
         assert ctrl is not None
-        stop = ctrl.prefetch_may_stop(op)
-        if not stop and not op.granted and not op.revoked and op.queried.is_set():
-            self._grant(op)
+        stop = self.agree.all(ctrl.prefetch_may_stop(op))
+        if not stop and not op.granted and not op.revoked:
+            self._agree_queried([pf])
+            if pf.queried:
+                self._grant(op)
         if op.revoked:
             self._end_prefetch(request_id, pf)
             self.metrics.add("prefetch_revoked", 1)
@@ -107,6 +139,11 @@ class StoragePrefetch(RadixTree):
         if not stop:
             return False
         completed, hashes = ctrl.terminate_prefetch(op)
+        if self.agree.active:  # every rank keeps what every rank fetched; a rank that fetched more frees the rest
+            agreed = self.agree.min([completed])[0]
+            if agreed < completed and op.host_indices is not None:
+                self.host_pool.free(op.host_indices[agreed:completed])
+            completed, hashes = agreed, hashes[: agreed // self.page_size]
         if op.host_indices is not None:
             if completed < len(op.host_indices) and not op.io_done.is_set():
                 self.metrics.add("prefetch_terminated_early", 1)
@@ -121,8 +158,9 @@ class StoragePrefetch(RadixTree):
 
     def _advance_prefetches(self) -> None:
         """Grant host pages to prefetches whose storage query finished; end the revoked ones."""
+        self._agree_queried(list(self.ongoing_prefetch.values()))
         for rid, pf in list(self.ongoing_prefetch.items()):
-            if not pf.op.granted and not pf.op.revoked and pf.op.queried.is_set():
+            if not pf.op.granted and not pf.op.revoked and pf.queried:
                 self._grant(pf.op)
             if pf.op.revoked:
                 self._end_prefetch(rid, pf)

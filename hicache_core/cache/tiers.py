@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from hicache_core.cache.agree import Solo
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.prefetch import StoragePrefetch, _Prefetch
 from hicache_core.cache.radix import EMPTY
@@ -34,9 +35,14 @@ class TieredCache(StoragePrefetch):
     """Device, host and storage tiers. Without a host pool it is a device-only radix cache."""
 
     def __init__(self, config: HiCacheConfig, device_pool, host_pool=None, storage=None,
-                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False) -> None:
+                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False,
+                 agree: Optional[Solo] = None) -> None:
         super().__init__(device_pool, config.page_size, config.radix_eviction_policy)
         self.config = config
+        self.agree = agree or Solo()  # tensor-parallel ranks agree on rank-local outcomes (cache/agree.py)
+        self._landed_writes: list[int] = []  # finished here, not yet everywhere
+        self._landed_loads: list[int] = []
+        self._backed_up: dict[int, Any] = {}
         self.host_pool = host_pool
         self.metrics = metrics or CacheMetrics(enable_prometheus=config.enable_metrics)
         self.controller: Optional[HiCacheController] = None
@@ -75,6 +81,8 @@ class TieredCache(StoragePrefetch):
     def write_backup(self, node: TreeNode, write_back: bool = False) -> int:
         """Start copying a node's device pages to host; returns tokens written (0 if the host is full)."""
         assert self.controller is not None and node.value is not None
+        if self.agree.active and self._host_room(len(node.value)) < len(node.value):
+            return 0
         host = self.controller.write(node.value, node.id)
         if host is None:
             self.evict_host(len(node.value))
@@ -91,7 +99,7 @@ class TieredCache(StoragePrefetch):
     def writing_check(self, block: bool = False) -> None:
         """Apply finished device->host copies; chain a storage backup after each."""
         assert self.controller is not None
-        for node_id in self.controller.finished_writes(block):
+        for node_id in self._agreed(self._landed_writes, self.controller.finished_writes(block)):
             node = self.ongoing_write_through.pop(node_id, None)
             if node is None:
                 continue
@@ -154,7 +162,8 @@ class TieredCache(StoragePrefetch):
     def _make_room(self, num_tokens: int) -> None:
         """Evict until ``num_tokens`` device slots are free, if the tree allows."""
         self.evict(num_tokens - self.device_pool.available_size())
-        if self.device_pool.available_size() < num_tokens and self.controller and self.controller.writes_in_flight():
+        if (self.device_pool.available_size() < num_tokens and self.controller
+                and self.agree.any(self.controller.writes_in_flight())):
             # nodes whose host copy is in flight are locked: let the copies land, then they can be demoted
             self.writing_check(block=True)
             self.evict(num_tokens - self.device_pool.available_size())
@@ -206,10 +215,19 @@ class TieredCache(StoragePrefetch):
 
     def loading_check(self) -> None:
         assert self.controller is not None
-        for node_id in self.controller.finished_loads():
+        for node_id in self._agreed(self._landed_loads, self.controller.finished_loads()):
             node = self.ongoing_load_back.pop(node_id, None)
             if node is not None:
                 self.dec_lock_ref(node)
+
+    # --- rank agreement (cache/agree.py) ----------------------------------------------------------------------------
+    def _agreed(self, landed: list[int], new: list[int]) -> list[int]:
+        """The oldest finished copies that have finished on every rank (all of them with one rank)."""
+        landed += new
+        n = self.agree.min([len(landed)])[0] if self.agree.active else len(landed)
+        out = landed[:n]
+        del landed[:n]
+        return out
 
     # --- events ------------------------------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -220,7 +238,14 @@ class TieredCache(StoragePrefetch):
         self.writing_check()
         self.loading_check()
         for op in ctrl.finished_backups():
-            node = self.ongoing_backup.pop(op.node_id, None)
+            self._backed_up[op.node_id] = op
+        done = list(self._backed_up)
+        if self.agree.active:  # a node's host copy is released once its backup has finished on every rank
+            ids = list(self.ongoing_backup)
+            done = [i for i, ok in zip(ids, self.agree.min([int(i in self._backed_up) for i in ids])) if ok]
+        for node_id in done:
+            op = self._backed_up.pop(node_id)
+            node = self.ongoing_backup.pop(node_id, None)
             if node is not None:
                 node.release_host()
             self.metrics.add("backuped_tokens", op.completed_tokens)
@@ -236,8 +261,8 @@ class TieredCache(StoragePrefetch):
         self.ready_to_load_host_cache()  # queued loads never started would never finish
         ctrl.wait_idle(timeout)
         self.poll()
-        while ctrl.backups_in_flight() or ctrl.writes_in_flight():
-            if time.monotonic() > deadline:
+        while self.agree.any(bool(ctrl.backups_in_flight() or ctrl.writes_in_flight())):
+            if self.agree.any(time.monotonic() > deadline):
                 raise TimeoutError(f"{ctrl.backups_in_flight()} storage backups still running after {timeout} s")
             time.sleep(0.002)
             ctrl.wait_idle(max(0.0, deadline - time.monotonic()))

@@ -185,3 +185,17 @@ def as_v1(raw: Any, *, interface_v1: bool, namespace) -> Any:
     do not apply the namespace themselves behind :class:`NamespacedBackend`."""
     inner = raw if interface_v1 else V0Adapter(raw)
     return inner if getattr(raw, "applies_namespace", False) else NamespacedBackend(inner, namespace)
+
+
+class ReadOnlyRank(_Delegate):
+    """MLA under tensor parallelism: the latent KV is the same on every rank and ranks share its pages, so rank 0
+    writes them and every other rank only reads (storage receives each page once; SGLang's rule)."""
+
+    def batch_exists(self, keys: list[str], extra_info: Optional[ExtraInfo] = None) -> int:
+        return call_with_extra(self.inner.batch_exists, keys, extra=extra_info)
+
+    def batch_get_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
+        return call_with_extra(self.inner.batch_get_v1, keys, host_indices, extra=extra_info)
+
+    def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None) -> list[bool]:
+        return [True] * len(keys)  # rank 0 writes these pages

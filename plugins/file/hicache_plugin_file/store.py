@@ -94,7 +94,8 @@ class FileStorage(HiCacheStorage):
         self._described = True
         meta = os.path.join(self.dir, "namespace.json")
         if not os.path.exists(meta):
-            tmp = f"{meta}.{uuid.uuid4().hex}.tmp"
+            # named like a page's temporary file (pid first), so another process's start-up scan sees a live writer
+            tmp = f"{meta}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
             with open(tmp, "w") as f:
                 json.dump({"tag": self.tag, "format_version": VERSION, **self.namespace.fields()}, f, indent=1)
             os.replace(tmp, meta)

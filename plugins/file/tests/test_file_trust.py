@@ -188,3 +188,24 @@ def test_file_backend_certifies(tmp_path, capsys, monkeypatch):
     corrupt = next(r for r in report["rows"] if r["name"] == "corrupt")
     assert "wrong KV 0" in corrupt["detail"]
     assert os.listdir(tmp_path) == [], "{tmp} must become temporary directories, removed afterwards"
+
+
+def test_a_process_starting_on_the_directory_keeps_anothers_namespace_file(tmp_path, monkeypatch):
+    """Two ranks starting at once on one directory: the second's start-up scan ran between the first writing its
+    namespace.json's temporary file and publishing it, took it for a crashed writer's, and the first failed
+    ("No such file or directory"). The temporary file now carries its writer's pid like a page's does."""
+    import hicache_plugin_file.store as store
+
+    real_replace = os.replace
+    started = []
+
+    def replace_after_another_start(src, dst):
+        if dst.endswith("namespace.json") and not started:
+            started.append("other")
+            make({"storage_dir": str(tmp_path)}, model="other")  # another process's start-up scan runs now
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", replace_after_another_start)
+    be, pool = make({"storage_dir": str(tmp_path)})
+    write(be, pool, random_keys(2))
+    assert started and be.batch_exists(random_keys(1)) == 0
