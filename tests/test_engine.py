@@ -10,6 +10,7 @@ import torch
 from hicache_core.bench import multiturn
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
+from hicache_core.errors import ConfigError
 
 SMALL = ["--num-clients", "4", "--num-rounds", "3", "--request-length", "96", "--question-length", "32",
          "--output-length", "6", "--request-rate", "200", "--device-tokens", "256", "--max-running", "2",
@@ -151,3 +152,34 @@ def test_cpu_meter_sees_another_process_burning_a_core():
     r = m.result()
     assert r["others_cores"] is not None and r["others_cores"] > 0.5 and r["contended"], r
     assert r["own_cores"] < 0.5
+
+
+def test_tensor_parallel_ranks_give_the_single_rank_tokens_in_every_configuration(tmp_path):
+    """TP=2: two rank processes (gloo), heads, KV and MLP sharded, each rank with its own pools and storage keys,
+    cache decisions agreed -- the same greedy tokens as one rank, every configuration, the same hits on both."""
+    from hicache_core.bench.multiturn import CONFIGS, Progress, Workload, _base_config, _model, run_config
+
+    extra = json.dumps({"prefetch_threshold": 16})
+    outs = {}
+    for tp in (1, 2):
+        args = parse(SMALL + ["--tp-size", str(tp), "--hicache-storage-backend-extra-config", extra])
+        base = _base_config(args, str(tmp_path / f"store-tp{tp}"))
+        work = Workload(args)
+        model = _model(args)
+        outs[tp] = {c: run_config(c, args, work, model, base, args.num_rounds, Progress(0, False)) for c in CONFIGS}
+    for c in CONFIGS:
+        assert outs[2][c]["outputs"] == outs[1][c]["outputs"] == outs[1]["none"]["outputs"], c
+        r0, r1 = outs[2][c]["per_rank_hit_tokens"]
+        assert r0 == r1 == outs[2][c]["hit_tokens"], c
+    assert outs[2]["hicache+storage"]["hit_tokens"]["host"] + outs[2]["hicache+storage"]["hit_tokens"]["storage"] > 0
+    assert os.path.isdir(tmp_path / "store-tp2") and len(os.listdir(tmp_path / "store-tp2")) == 2  # a namespace per rank
+
+
+def test_tensor_parallel_warm_restart_and_bad_sizes(tmp_path):
+    args = parse(SMALL + ["--configs", "hicache+storage", "--tp-size", "2", "--report-dir", str(tmp_path / "r"),
+                          "--storage-dir", str(tmp_path / "store"), "--warm"])
+    assert multiturn.run(args) == 0
+    summary = json.load(open(tmp_path / "r" / "report.json"))["summary"]
+    assert summary["warm_outputs_identical"] and summary["warm_storage_tokens"] > 0
+    with pytest.raises(ConfigError, match="attention heads .4. must divide evenly"):
+        multiturn.run(parse(SMALL + ["--tp-size", "3"]))

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device-tokens", type=arg_int(1, 1 << 30), default=1024,
                    help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)")
     e.add_argument("--max-running", type=arg_int(1, 100000), default=4, help="requests in one batch (default %(default)s)")
+    e.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 64), default=1,
+                   help="tensor-parallel rank processes (gloo on CPU; heads and KV sharded; default %(default)s)")
     for flag, default, what in (("--hidden-size", 512, "model width"), ("--intermediate-size", 1536, "MLP width"),
                                 ("--num-layers", 4, "layers"), ("--num-heads", 8, "attention heads"),
                                 ("--num-kv-heads", 2, "KV heads"), ("--head-dim", 64, "head dimension"),
@@ -93,7 +95,6 @@ class Workload:
     """Deterministic conversations: prompts and questions come from the seed; replies from the model."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
         rng = random.Random(args.seed)
         vocab = args.vocab_size
         self.first = [[rng.randrange(vocab) for _ in range(args.request_length)] for _ in range(args.num_clients)]
@@ -112,10 +113,21 @@ class Workload:
 
 
 def run_config(name: str, args: argparse.Namespace, work: Workload, model, base: HiCacheConfig, rounds: int,
-               progress: Progress) -> dict[str, Any]:
+               progress: Progress, tp: Any = None) -> dict[str, Any]:
     from hicache_core.engine import Engine, Request
 
-    engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running)
+    if args.tp_size > 1 and tp is None:  # one process per rank; rank 0's figures, every rank's hits
+        from hicache_core.engine.tp import run_tp
+
+        plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})  # picklable
+        with CpuMeter() as meter:  # every rank's CPU is this process's children's: not "others"
+            result = run_tp(args.tp_size, _config_on_rank, name, plain, work, base, rounds)
+        assert isinstance(result, dict)
+        result["cpu"] = meter.result()
+        for _ in range(rounds * args.num_clients):
+            progress.step(LABELS[name])
+        return result
+    engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running, tp=tp)
     meter = CpuMeter().__enter__()
     history = [list(p) for p in work.first]
     per_round: list[dict[str, Any]] = []
@@ -172,6 +184,17 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
         "cpu": meter.result(),
         "outputs": outputs,
     }
+
+
+def _config_on_rank(ctx: Any, name: str, args: argparse.Namespace, work: Workload, base: HiCacheConfig,
+                    rounds: int) -> dict[str, Any]:
+    from hicache_core.engine.tp import shard
+
+    model = shard(_model(args), ctx)
+    warm_up(model, args.page_size)
+    result = run_config(name, args, work, model, base, rounds, Progress(0, False), tp=ctx)
+    result["per_rank_hit_tokens"] = ctx.gather(result["hit_tokens"])
+    return result
 
 
 def _model(args: argparse.Namespace):
@@ -239,6 +262,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--configs: unknown {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
     if "none" not in configs:
         configs.insert(0, "none")  # the reference every other configuration must match
+    if args.tp_size > 1:
+        from hicache_core.engine.tp import check_divisible
+
+        check_divisible(_model(args).config, args.tp_size)
     tmp = None
     storage_dir = args.storage_dir
     if storage_dir is None:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import torch
@@ -84,10 +84,12 @@ class Engine:
         mode: str = "hicache+storage",
         device_tokens: int = 1024,
         max_running: int = 4,
+        tp: Any = None,
     ) -> None:
+        """``tp``: this rank's :class:`~hicache_core.engine.tp.TPContext` when ``model`` is a rank's shard."""
         if mode not in MODES:
             raise ConfigError(f"engine mode {mode!r}: choose one of {', '.join(MODES)}")
-        self.model, self.mode, self.max_running = model, mode, max_running
+        self.model, self.mode, self.max_running, self.tp = model, mode, max_running, tp
         config = config.replace(model_name=config.model_name or model.config.name)
         self.page_size = config.page_size
         self.metrics = CacheMetrics(enable_prometheus=config.enable_metrics, labels={"mode": mode})
@@ -96,7 +98,13 @@ class Engine:
         if mode == "none":
             self.pool = DevicePool(spec, device_tokens - device_tokens % self.page_size, self.page_size, model.device)
         else:
-            self.cache = build_cache(config, spec, device_tokens, tiers=mode, device=model.device, metrics=self.metrics)
+            agree = None
+            if tp is not None:
+                from hicache_core.cache.agree import RankAgreement
+
+                agree = RankAgreement(tp.cache_group)
+            self.cache = build_cache(config, spec, device_tokens, tiers=mode, device=model.device, metrics=self.metrics,
+                                     tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1, agree=agree)
             self.pool = self.cache.device_pool
             config = self.cache.config
         self.config = config
@@ -139,9 +147,14 @@ class Engine:
             r.arrival = r.arrival or now
         future = deque(sorted(requests, key=lambda r: r.arrival))
         done: list[Request] = []
-        while future or self.busy():
+        while future or self.busy():  # the same on every rank (arrivals and cache decisions are agreed)
             now = time.perf_counter()
-            while future and future[0].arrival <= now:
+            n = 0
+            while n < len(future) and future[n].arrival <= now:
+                n += 1
+            if self.tp is not None:  # every rank admits the same requests: rank 0's clock decides
+                n = self.tp.arrivals(n)
+            for _ in range(n):
                 self.waiting.append(future.popleft())
             finished, worked = self.step()
             for r in finished:

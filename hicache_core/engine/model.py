@@ -8,7 +8,7 @@ greedy tokens. That is what lets the benchmark check every cache configuration a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import torch
@@ -87,6 +87,8 @@ class TinyLlama:
         self.config = c = config
         self.device = torch.device(device)
         self._inv_freq = rope_inv_freq(c).to(self.device)
+        self.tp_shard = False  # a rank's shard (engine/tp.py): partial outputs are summed over tp_group
+        self.tp_group: Any = None  # None: the default group
         if weights is not None:
             self.embed, self.layers = weights["embed"], weights["layers"]
             self.final_norm, self.lm_head = weights["final_norm"], weights["lm_head"]
@@ -118,6 +120,14 @@ class TinyLlama:
         cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: sum the ranks' partial outputs (row-parallel o_proj and down_proj)."""
+        if self.tp_shard:
+            import torch.distributed as dist
+
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial
 
     def forward(self, pool, seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One step for several sequences. Each entry: (new token ids, their slots, all slots so far incl. new).
@@ -153,8 +163,8 @@ class TinyLlama:
                 scores = scores.masked_fill(kpos > qpos, float("-inf"))
                 outs.append((scores.softmax(-1) @ vi).transpose(0, 1).reshape(n, hq * d))
                 start += n
-            x = x + _lin(torch.cat(outs), p, "wo")
+            x = x + self._reduce(_lin(torch.cat(outs), p, "wo"))
             h = _rms(x, p["mlp_norm"], c.rms_eps)
-            x = x + _lin(torch.nn.functional.silu(_lin(h, p, "w_gate")) * _lin(h, p, "w_up"), p, "w_down")
+            x = x + self._reduce(_lin(torch.nn.functional.silu(_lin(h, p, "w_gate")) * _lin(h, p, "w_up"), p, "w_down"))
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
         return _rms(x[last], self.final_norm, c.rms_eps) @ self.lm_head
