@@ -202,7 +202,7 @@ def test_detach_refused_while_busy(server, tmp_path):
     (["--hicache-storage-backend", "file"], "needs the host tier: add --enable-hierarchical-cache"),
     (["--disable-radix-cache", "--enable-hierarchical-cache"], "--disable-radix-cache"),
     (["--model-path", "/nonexistent/model"], "not a directory"),
-    (["--tp-size", "2"], "runs one rank"),
+    (["--tp-size", "4"], "must divide evenly"),
     (["--port", "70000"], "--port"),
 ])
 def test_serve_flags_fail_clearly(argv, says):

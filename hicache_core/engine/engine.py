@@ -51,6 +51,7 @@ class Request:
     # called on the scheduler's thread after each new token; returning True ends the request (a stop string)
     on_token: Optional[Callable[[Request], Optional[bool]]] = None
     finish_reason: Optional[str] = None  # "length", "stop" (eos or a stop condition), "abort"
+    params: Any = None  # what the server built it from (tensor-parallel followers rebuild it from these)
 
     @property
     def ttft(self) -> float:

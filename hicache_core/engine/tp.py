@@ -45,6 +45,19 @@ class TPContext:
         dist.broadcast(t, src=0, group=self.group)
         return int(t.item())
 
+    def send_plan(self, plan: list, stop: bool) -> None:
+        """Rank 0 (a server's scheduler): this iteration's inputs, to every other rank."""
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([plan, stop], src=0, group=self.group)
+
+    def recv_plan(self) -> tuple[list, bool]:
+        import torch.distributed as dist
+
+        box: list = [None, None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0], bool(box[1])
+
     def gather(self, obj: Any) -> list:
         import torch.distributed as dist
 

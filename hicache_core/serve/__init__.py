@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
+from typing import Optional
 
 from hicache_core.errors import ConfigError
 from hicache_core.parse import arg_int
@@ -46,34 +48,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"hicache serve needs the serve extra ({e.name} is missing): "
                           "pip install 'hicache-core[serve]'") from None
     from hicache_core.config import HiCacheConfig
-    from hicache_core.serve.app import build_app
-    from hicache_core.serve.state import ServerState
+    from hicache_core.serve.state import ServerState, engine_mode
 
-    if args.tp_size != 1:
-        raise ConfigError(f"--tp-size {args.tp_size}: hicache serve runs one rank; tensor parallelism across "
-                          "processes is not supported yet (use --tp-size 1)")
-    args.tp_rank = 0
     logging.getLogger().setLevel(args.log_level.upper())
     logging.getLogger("hicache_core").setLevel(args.log_level.upper())
+    config = HiCacheConfig.from_args(args)
+    engine_mode(args)  # flag combinations first: a clear error before anything starts
+    if args.tp_size > 1:
+        from hicache_core.engine.tp import check_divisible
+        from hicache_core.serve.tp import serve_tp
+
+        check_divisible(_model_config(args), args.tp_size)
+        _bind(args).close()  # the port is free (rank 0 binds it again)
+        return serve_tp(args, config)
+    sock = _bind(args)
+    return serve_state(args, ServerState(args, config), sock)
+
+
+def _model_config(args: argparse.Namespace):
+    if args.model_path:
+        from pathlib import Path
+
+        from hicache_core.engine.checkpoint import model_config
+
+        return model_config(Path(args.model_path).expanduser(), args.dtype)
+    from hicache_core.engine import ModelConfig
+
+    return ModelConfig(seed=args.seed)
+
+
+def _bind(args: argparse.Namespace) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror} (pick another --port)") from None
-    config = HiCacheConfig.from_args(args)
-    state = ServerState(args, config)
+    return sock
+
+
+def serve_state(args: argparse.Namespace, state, sock: Optional[socket.socket] = None) -> int:
+    """Serve ``state`` over HTTP until stopped (rank 0 of a tensor-parallel server runs this too)."""
+    import uvicorn
+
+    from hicache_core.serve.app import build_app
+
+    sock = sock or _bind(args)
     port = sock.getsockname()[1]
     app = build_app(state, on_ready=(lambda: _write_port(args.port_file, port)) if args.port_file else None)
     state.scheduler.start()
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
                                            timeout_graceful_shutdown=5))
     print(f"hicache serve: {state.model_name} ({state.mode}) on http://{args.host}:{port}", flush=True)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that killed
+    # the process before the cache was closed (backups flushed, other ranks told to stop). Ours only note it.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
     try:
         server.run(sockets=[sock])
     finally:

@@ -161,7 +161,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     @app.post("/flush_cache")
     async def flush_cache() -> Any:
         try:
-            await asyncio.wrap_future(state.scheduler.call(state.flush_cache, idle=True))
+            await asyncio.wrap_future(state.scheduler.call("flush_cache", idle=True))
         except Busy as e:
             return error(400, f"cannot flush the cache now: {e}")
         return PlainTextResponse("Cache flushed.\n")
@@ -273,7 +273,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     async def storage_put(req: HTTPRequest) -> Any:
         body = await body_of(req)
         try:
-            info = await asyncio.wrap_future(state.scheduler.call(lambda: state.attach(body), idle=True))
+            info = await asyncio.wrap_future(state.scheduler.call("attach", body, idle=True))
         except Busy as e:
             return error(400, f"cannot attach a storage backend now: {e}")
         return {"success": True, **info}
@@ -281,7 +281,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     @app.delete("/hicache/storage-backend")
     async def storage_delete() -> Any:
         try:
-            info = await asyncio.wrap_future(state.scheduler.call(state.detach, idle=True))
+            info = await asyncio.wrap_future(state.scheduler.call("detach", idle=True))
         except Busy as e:
             return error(400, f"cannot detach the storage backend now: {e}")
         return {"success": True, **info}

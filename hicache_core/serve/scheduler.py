@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Optional
 
+import attrs
+
 from hicache_core.engine import Engine, Request
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,11 @@ class Stream:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, on_finish: Optional[Callable[[Request], None]] = None) -> None:
+    def __init__(self, engine: Engine, on_finish: Optional[Callable[[Request], None]] = None, tp: Any = None) -> None:
         self.engine = engine
         self.on_finish = on_finish
+        self.tp = tp  # rank 0 of a tensor-parallel server: every iteration's inputs go to the other ranks first
+        self.target: Any = None  # what control calls run on (the server state)
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, Stream] = {}
         self._stop = threading.Event()
@@ -73,11 +77,11 @@ class Scheduler:
     def abort(self, request: Request) -> None:
         self._inbox.put(("abort", request))
 
-    def call(self, fn: Callable[[], Any], *, idle: bool = False) -> Future:
-        """Run ``fn`` on the scheduler thread between steps; with ``idle``, only when no request runs or waits
-        (else the future fails with :class:`Busy`)."""
+    def call(self, name: str, *args: Any, idle: bool = False) -> Future:
+        """Run ``target.<name>(*args)`` on the scheduler thread between steps (on every rank); with ``idle``, only
+        when no request runs or waits (else the future fails with :class:`Busy`)."""
         fut: Future = Future()
-        self._inbox.put(("call", (fn, idle, fut)))
+        self._inbox.put(("call", (name, args, idle, fut)))
         return fut
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -94,17 +98,27 @@ class Scheduler:
         return len(self.engine.running), len(self.engine.waiting)
 
     # --- the thread ----------------------------------------------------------------------------------------------------
-    def _drain(self, block: bool) -> None:
+    def _take(self, block: bool) -> list[tuple[str, Any]]:
+        items = []
         try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            items.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            while True:
+                items.append(self._inbox.get_nowait())
         except queue.Empty:
-            return
-        while True:
-            self._handle(*item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+            return items
+
+    def _send(self, items: list[tuple[str, Any]], stop: bool) -> None:
+        """Tensor parallel: this iteration's inputs to the other ranks (serve/tp.py follows them)."""
+        plan: list[tuple] = []
+        for kind, arg in items:
+            if kind == "add":
+                r = arg.request
+                plan.append(("add", r.rid, r.prompt, attrs.asdict(r.params)))
+            elif kind == "abort":
+                plan.append(("abort", arg.rid))
+            elif kind == "call":
+                plan.append(("call", arg[0], arg[1], arg[2]))
+        self.tp.send_plan(plan, stop)
 
     def _handle(self, kind: str, arg: Any) -> None:
         eng = self.engine
@@ -114,18 +128,22 @@ class Scheduler:
         elif kind == "abort":
             if eng.abort(arg):
                 self._done(arg)
-        elif kind == "call":
-            fn, idle, fut = arg
-            if not fut.set_running_or_notify_cancel():
-                return
+        elif kind == "call":  # runs even when its caller has gone: the other ranks run it too
+            name, args, idle, fut = arg
+            live = fut.set_running_or_notify_cancel()
             if idle and eng.busy():
                 running, waiting = self.counts()
-                fut.set_exception(Busy(f"{running} requests running and {waiting} waiting; retry when idle"))
+                if live:
+                    fut.set_exception(Busy(f"{running} requests running and {waiting} waiting; retry when idle"))
                 return
             try:
-                fut.set_result(fn())
+                result = getattr(self.target, name)(*args)
             except BaseException as e:  # the caller sees it
-                fut.set_exception(e)
+                if live:
+                    fut.set_exception(e)
+                return
+            if live:
+                fut.set_result(result)
 
     def _done(self, r: Request) -> None:
         stream = self._streams.pop(r.rid, None)
@@ -139,8 +157,15 @@ class Scheduler:
 
     def _run(self) -> None:
         eng = self.engine
-        while not self._stop.is_set():
-            self._drain(block=not eng.busy())
+        while True:
+            items = self._take(block=not eng.busy())
+            stop = self._stop.is_set()
+            if self.tp is not None:
+                self._send(items, stop)
+            for item in items:
+                self._handle(*item)
+            if stop:
+                break
             if not eng.busy():
                 if eng.cache is not None:
                     eng.cache.poll()  # backups finish while idle too

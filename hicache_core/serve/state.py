@@ -51,26 +51,32 @@ def load_model(args: argparse.Namespace) -> tuple[TinyLlama, Any]:
 
 
 class ServerState:
-    def __init__(self, args: argparse.Namespace, config: HiCacheConfig) -> None:
+    def __init__(self, args: argparse.Namespace, config: HiCacheConfig, tp: Any = None) -> None:
+        """``tp``: this rank's :class:`~hicache_core.engine.tp.TPContext` (serve/tp.py): the model is its shard."""
         self.args = args
         self.model, self.tokenizer = load_model(args)
         self.mode = engine_mode(args)
+        if tp is not None:
+            from hicache_core.engine.tp import shard
+
+            self.model = shard(self.model, tp)
         self.engine = Engine(self.model, config, self.mode, device_tokens=args.max_total_tokens,
-                             max_running=args.max_running_requests)
+                             max_running=args.max_running_requests, tp=tp)
         self.config = self.engine.config
         self.model_name = args.served_model_name or self.model.config.name
         self.metrics = ServerMetrics(self)
-        self.scheduler = Scheduler(self.engine, on_finish=self.metrics.finished)
+        self.scheduler = Scheduler(self.engine, on_finish=self.metrics.finished, tp=tp)
+        self.scheduler.target = self
         self.created = int(time.time())
         self.context = min(self.engine.pool.size, self.model.config.max_position_embeddings)
 
     # --- requests ------------------------------------------------------------------------------------------------------
-    def new_request(self, ids: list[int], params: Params) -> Request:
+    def new_request(self, ids: list[int], params: Params, rid: Optional[str] = None) -> Request:
         why = ("the device pool" if self.engine.pool.size <= self.model.config.max_position_embeddings
                else "the model's max_position_embeddings")
         check_fits(ids, params, self.context, why)
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eos_ids)
-        r = Request(uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos)
+        r = Request(rid or uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos, params=params)
         if params.stop:
             stops, tok = params.stop, self.tokenizer
 
@@ -149,7 +155,8 @@ class ServerState:
         if body.get("hicache_storage_prefetch_policy") is not None:
             changes["hicache_storage_prefetch_policy"] = body["hicache_storage_prefetch_policy"]
         config = cache.config.replace(**changes)  # validates like the flags do (ConfigError: 400)
-        attach_backend(cache, config, tp_rank=self.args.tp_rank, tp_size=self.args.tp_size)
+        tp = self.engine.tp
+        attach_backend(cache, config, tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1)
         self.engine.config = cache.config
         self.mode = self.engine.mode = "hicache+storage"
         return self.storage_info()
