@@ -175,11 +175,12 @@ def test_tensor_parallel_ranks_give_the_single_rank_tokens_in_every_configuratio
     assert os.path.isdir(tmp_path / "store-tp2") and len(os.listdir(tmp_path / "store-tp2")) == 2  # a namespace per rank
 
 
-def test_tensor_parallel_warm_restart_and_bad_sizes(tmp_path):
+def test_tensor_parallel_warm_restart_and_bad_sizes(tmp_path, capsys):
     args = parse(SMALL + ["--configs", "hicache+storage", "--tp-size", "2", "--report-dir", str(tmp_path / "r"),
                           "--storage-dir", str(tmp_path / "store"), "--warm"])
     assert multiturn.run(args) == 0
     summary = json.load(open(tmp_path / "r" / "report.json"))["summary"]
     assert summary["warm_outputs_identical"] and summary["warm_storage_tokens"] > 0
+    assert "hit tokens per rank" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="attention heads .4. must divide evenly"):
         multiturn.run(parse(SMALL + ["--tp-size", "3"]))

@@ -142,6 +142,12 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
     print("\nTTFT p50 / p90 per round (ms):")
     for r in results:
         print(f"  {r['label']:<20} " + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"]))
+    ranks = [r for r in results if r.get("per_rank_hit_tokens")]
+    if ranks:
+        print(f"\nhit tokens per rank (device/host/storage), {len(ranks[0]['per_rank_hit_tokens'])} tensor-parallel ranks:")
+        for r in ranks:
+            print(f"  {r['label']:<20} " + "  ".join(
+                f"rank {i} {h['device']}/{h['host']}/{h['storage']}" for i, h in enumerate(r["per_rank_hit_tokens"])))
     if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
         print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
               "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
