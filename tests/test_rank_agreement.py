@@ -20,7 +20,8 @@ def test_two_ranks_keep_identical_trees(tmp_path, fault):
     if fault == "none":
         assert r0["storage_tokens"] > 0
     else:
-        assert r1["errors"] and not r0["errors"], (r0["errors"], r1["errors"])  # only rank 1 saw faults
+        assert r1["errors"], r1  # rank 1 saw its backend's faults (rank 0 may see a slow call on a busy machine)
+        assert not {k for k in r0["errors"] if k.endswith("_exception")}, r0["errors"]  # none injected there
 
 
 def test_mla_pages_are_written_once_and_read_by_every_rank(tmp_path):
