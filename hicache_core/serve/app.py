@@ -43,12 +43,17 @@ def _finish(r: Request) -> Optional[dict]:
     return {"type": "abort", "message": r.finish_reason}
 
 
-def meta_info(state: ServerState, r: Request) -> dict:
+def meta_info(r: Request) -> dict:
     return {"id": r.rid, "finish_reason": _finish(r), "prompt_tokens": len(r.prompt),
             "completion_tokens": len(r.output), "cached_tokens": r.cached_tokens,
             "cached_tokens_details": dict(r.cached),
             "e2e_latency": (r.finish_time or time.perf_counter()) - r.arrival,
             "ttft": r.ttft if r.first_token_time else None}
+
+
+def generated(state: ServerState, r: Request, stop: list[str]) -> dict:
+    """A /generate answer (or stream chunk): the text so far, its ids, meta_info."""
+    return {"text": state.text_of(r, stop), "output_ids": list(r.output), "meta_info": meta_info(r)}
 
 
 def usage(state: ServerState, r: Request) -> dict:
@@ -179,8 +184,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
             async def chunks() -> AsyncIterator[str]:
                 async for kind, r in events(state, stream):
                     if kind == "done" or r.finish_reason is None:
-                        yield sse({"text": state.text_of(r, params.stop), "output_ids": list(r.output),
-                                   "meta_info": meta_info(state, r)})
+                        yield sse(generated(state, r, params.stop))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
@@ -191,8 +195,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
             for s in streams:
                 state.scheduler.abort(s.request)
             raise
-        out = [{"text": state.text_of(r, params.stop), "output_ids": list(r.output),
-                "meta_info": meta_info(state, r)} for r in done]
+        out = [generated(state, r, params.stop) for r in done]
         return out if batch else out[0]
 
     # --- OpenAI's API ------------------------------------------------------------------------------------------------
