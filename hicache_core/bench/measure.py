@@ -15,6 +15,8 @@ import statistics
 import time
 from typing import Any, Optional
 
+from hicache_core.engine.engine import warm_up  # noqa: F401  (the benches import it from here)
+
 CONTENDED_CORES = 0.5  # other processes' CPU during a run, in cores, past which its timings are flagged
 
 
@@ -56,18 +58,6 @@ class CpuMeter:
             out["others_cores"] = others
             out["contended"] = others > CONTENDED_CORES
         return out
-
-
-def warm_up(model: Any, page_size: int) -> None:
-    """One short request through a cache-less engine: the process's first-call costs, paid untimed."""
-    from hicache_core.config import HiCacheConfig
-    from hicache_core.engine import Engine, Request
-
-    engine = Engine(model, HiCacheConfig(page_size=page_size), "none", device_tokens=8 * page_size, max_running=2)
-    try:
-        engine.generate([Request("warm-up", list(range(min(2 * page_size, model.config.vocab_size))), 2)])
-    finally:
-        engine.close()
 
 
 def spread(values: list[Optional[float]]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ def build_cache(
     pm: Optional[HiCachePluginManager] = None,
     force_kernel: bool = False,
     agree: Optional[Solo] = None,
+    storage_writes: bool = True,
 ) -> HiRadixCache:
     """A cache over a device pool of ``device_tokens`` (rounded down to whole pages).
 
@@ -54,7 +55,9 @@ def build_cache(
 
     Tensor parallelism: each rank builds its own cache over its shard of the heads with its ``tp_rank`` /
     ``tp_size`` (its own storage keys; MLA pages are shared, written by rank 0 only) and ``agree`` =
-    :class:`~hicache_core.cache.agree.RankAgreement` on a group of the ranks, so their trees stay identical."""
+    :class:`~hicache_core.cache.agree.RankAgreement` on a group of the ranks, so their trees stay identical.
+
+    ``storage_writes=False``: this cache only reads storage (a PD decode instance that does not offload)."""
     tiers = tiers or default_tiers(config)
     if tiers not in TIERS:
         raise ConfigError(f"cache tiers {tiers!r}: choose one of {', '.join(TIERS)}")
@@ -78,7 +81,8 @@ def build_cache(
         backend = create_backend(resolved, sc, host_pool, pm=pm)
         if spec.is_mla and tp_rank != 0:
             backend = ReadOnlyRank(backend)
-    return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree)
+    return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree,
+                        storage_writes=storage_writes)
 
 
 def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,

@@ -36,8 +36,9 @@ class TieredCache(StoragePrefetch):
 
     def __init__(self, config: HiCacheConfig, device_pool, host_pool=None, storage=None,
                  metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False,
-                 agree: Optional[Solo] = None) -> None:
+                 agree: Optional[Solo] = None, storage_writes: bool = True) -> None:
         super().__init__(device_pool, config.page_size, config.radix_eviction_policy)
+        self.storage_writes = storage_writes  # False: this cache only reads storage (a PD decode without offload)
         self.config = config
         self.agree = agree or Solo()  # tensor-parallel ranks agree on rank-local outcomes (cache/agree.py)
         self._landed_writes: list[int] = []  # finished here, not yet everywhere
@@ -106,10 +107,24 @@ class TieredCache(StoragePrefetch):
             if node_id in self._write_locked:
                 self._write_locked.discard(node_id)
                 self.dec_lock_ref(node)
-            if self.storage_enabled and node.hash_value and node.host_value is not None:
+            if self.storage_enabled and self.storage_writes and node.hash_value and node.host_value is not None:
                 self.controller.write_storage(node.host_value, node.hash_value, node.id, self._prefix_keys(node.parent))
                 node.protect_host()  # the backup worker reads these host pages
                 self.ongoing_backup[node.id] = node
+
+    def backup_in_flight(self, tokens) -> bool:
+        """Whether a page of ``tokens``' cached path is still on its way to storage (its device->host copy or its
+        storage backup has not finished). False once every page that will be backed up is in storage: a page whose
+        copy never started (host full) or whose backup failed is not waited for; a reader recomputes it."""
+        busy = self.ongoing_write_through.keys() | self.ongoing_backup.keys()
+        if not busy:
+            return False
+        node = self.match_prefix(tokens).last_node
+        while node is not self.root:
+            if node.id in busy:
+                return True
+            node = node.parent  # type: ignore[assignment]
+        return False
 
     # --- eviction ----------------------------------------------------------------------------------------------------
     def evict(self, num_tokens: int) -> int:

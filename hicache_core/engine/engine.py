@@ -11,6 +11,14 @@ One scheduler loop, owner of the cache:
 
 Modes: ``none`` (no prefix cache), ``radix`` (device-only radix cache), ``hicache`` (device + host),
 ``hicache+storage`` (device + host + an L3 backend).
+
+Prefill/decode disaggregation (``disaggregation_mode``): KV goes from a prefill instance to a decode instance
+through the storage tier they share. A ``prefill`` engine computes each prompt and its first token, writes the
+prompt's pages through to storage and reports the request finished once they have landed there (or after
+``HANDOFF_TIMEOUT_S``; decode then recomputes what is missing). A ``decode`` engine admits the same prompt with
+``wait_complete`` prefetch from the first page, so it loads what prefill wrote and computes only the last partial
+page; with ``offload_kvcache`` it also writes each finished request's prompt and generated tokens to storage,
+where the next turn's prefill finds them. Without it, decode only reads storage.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from hicache_core.metrics import CacheMetrics
 
 logger = logging.getLogger(__name__)
 MODES = ("none", "radix", "hicache", "hicache+storage")
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+HANDOFF_TIMEOUT_S = 30.0  # a prefill request whose pages have not reached storage by then is answered anyway
 
 
 @attrs.define(eq=False)
@@ -75,6 +85,32 @@ class Request:
             self.finish_reason = "stop"
 
 
+def role_config(config: HiCacheConfig, mode: str, role: str, offload: bool) -> HiCacheConfig:
+    """The cache config of a prefill or decode instance (ConfigError for flags that do not fit). Checks a prefill/decode role against the cache flags; a decode instance prefetches from the first page and
+    waits for all of it (it must not recompute what prefill handed over)."""
+    if role not in DISAGGREGATION_MODES:
+        raise ConfigError(f"--disaggregation-mode {role!r}: choose one of {', '.join(DISAGGREGATION_MODES)}")
+    if offload and role != "decode":
+        raise ConfigError("--disaggregation-decode-enable-offload-kvcache is for a decode instance: "
+                          "add --disaggregation-mode decode")
+    if role == "null":
+        return config
+    if mode != "hicache+storage":
+        raise ConfigError(f"--disaggregation-mode {role} hands KV between prefill and decode through the storage "
+                          "tier they share: add --enable-hierarchical-cache and --hicache-storage-backend (the same "
+                          "backend and extra config on both)")
+    writes = role == "prefill" or offload
+    if writes and config.hicache_write_policy != "write_through":
+        what = "prefill" if role == "prefill" else "decode with offload"
+        raise ConfigError(f"a {what} instance writes every request's pages to storage as it finishes: it needs "
+                          f"--hicache-write-policy write_through, not {config.hicache_write_policy}")
+    if role == "decode":
+        extra = {**config.hicache_storage_backend_extra_config, "prefetch_threshold": config.page_size}
+        config = config.replace(hicache_storage_prefetch_policy="wait_complete",
+                                hicache_storage_backend_extra_config=extra)
+    return config
+
+
 class Engine:
     """Runs requests to completion with one of the cache modes; device pool in tokens."""
 
@@ -86,12 +122,18 @@ class Engine:
         device_tokens: int = 1024,
         max_running: int = 4,
         tp: Any = None,
+        disaggregation_mode: str = "null",
+        offload_kvcache: bool = False,
     ) -> None:
-        """``tp``: this rank's :class:`~hicache_core.engine.tp.TPContext` when ``model`` is a rank's shard."""
+        """``tp``: this rank's :class:`~hicache_core.engine.tp.TPContext` when ``model`` is a rank's shard.
+        ``disaggregation_mode``/``offload_kvcache``: a prefill or decode instance (see the module's docstring)."""
         if mode not in MODES:
             raise ConfigError(f"engine mode {mode!r}: choose one of {', '.join(MODES)}")
         self.model, self.mode, self.max_running, self.tp = model, mode, max_running, tp
         config = config.replace(model_name=config.model_name or model.config.name)
+        self.role = disaggregation_mode
+        config = role_config(config, mode, disaggregation_mode, offload_kvcache)
+        self.handing_off: list[tuple[Request, list[int], float]] = []  # prefill: (request, prompt, deadline)
         self.page_size = config.page_size
         self.metrics = CacheMetrics(enable_prometheus=config.enable_metrics, labels={"mode": mode})
         self.cache: Optional[HiRadixCache] = None
@@ -105,7 +147,8 @@ class Engine:
 
                 agree = RankAgreement(tp.cache_group)
             self.cache = build_cache(config, spec, device_tokens, tiers=mode, device=model.device, metrics=self.metrics,
-                                     tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1, agree=agree)
+                                     tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1, agree=agree,
+                                     storage_writes=disaggregation_mode != "decode" or offload_kvcache)
             self.pool = self.cache.device_pool
             config = self.cache.config
         self.config = config
@@ -119,6 +162,8 @@ class Engine:
         need += -need % self.page_size
         if need > self.pool.size:
             raise ConfigError(f"request {r.rid} needs {need} device tokens; the device pool holds {self.pool.size}")
+        if self.role == "prefill":  # a prefill instance answers with the first token; decode generates the rest
+            r.max_new_tokens = min(r.max_new_tokens, 1)
         if self.cache is None:  # no prefix cache: every token is computed
             own = self.pool.alloc(need)
             if own is None:
@@ -171,7 +216,11 @@ class Engine:
         return done
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.handing_off)
+
+    def in_flight(self) -> list[Request]:
+        """Every request not yet reported finished: running, waiting, and (prefill) handing its KV to storage."""
+        return list(self.running) + list(self.waiting) + [r for r, _, _ in self.handing_off]
 
     def step(self) -> tuple[list[Request], bool]:
         """One scheduler iteration over ``waiting`` and ``running``: admit, prefill the admitted, decode the rest,
@@ -191,11 +240,46 @@ class Engine:
         for r in finished:
             self.running.remove(r)
             self._finish(r)
+        if self.role == "prefill" and self.cache is not None:
+            finished = self._handed_off(finished)
         return finished, bool(admitted or decoding)
+
+    def _handed_off(self, finished: list[Request]) -> list[Request]:
+        """Prefill: hold each finished request until its prompt's pages are in storage (decode reads them next)."""
+        assert self.cache is not None
+        deadline = time.monotonic() + HANDOFF_TIMEOUT_S
+        self.handing_off += [(r, r.prompt, deadline) for r in finished if r.finish_reason != "abort"]
+        done = [r for r in finished if r.finish_reason == "abort"]
+        if not self.handing_off:
+            return done
+        now = time.monotonic()
+        pending = [self.cache.backup_in_flight(p) for _, p, _ in self.handing_off]
+        late = [now > d for _, _, d in self.handing_off]
+        agree = self.cache.agree
+        if agree.active:  # tensor parallel: a page is stored once it is stored everywhere; rank 0's clock decides
+            n = len(pending)
+            agreed = agree.min([int(not x) for x in pending] + [int(not late[i] if self.tp.rank == 0 else 1)
+                                                                 for i in range(n)])
+            pending, late = [not x for x in agreed[:n]], [not x for x in agreed[n:]]
+        keep = []
+        for item, busy, over in zip(self.handing_off, pending, late):
+            if busy and not over:
+                keep.append(item)
+                continue
+            if busy:
+                logger.warning("prefill: request %s's pages were not in storage after %.0f s; answering anyway "
+                               "(decode recomputes what it cannot load)", item[0].rid, HANDOFF_TIMEOUT_S)
+            done.append(item[0])
+        self.handing_off = keep
+        return done
 
     def abort(self, r: Request) -> bool:
         """End ``r`` now wherever it is (a client gone): its pages go back, what it computed joins the tree.
         Returns False when it had already finished."""
+        held = [item for item in self.handing_off if item[0] is r]
+        if held:  # prefill: computed and released; its backup carries on, nobody waits for it
+            self.handing_off.remove(held[0])
+            return True
         if r in self.running:
             self.running.remove(r)
             r.finish_reason = "abort"
@@ -255,3 +339,12 @@ class Engine:
     def close(self) -> None:
         if self.cache:
             self.cache.close()
+
+
+def warm_up(model: Any, page_size: int) -> None:
+    """One short request through a cache-less engine: the process's first-call costs, paid untimed."""
+    engine = Engine(model, HiCacheConfig(page_size=page_size), "none", device_tokens=8 * page_size, max_running=2)
+    try:
+        engine.generate([Request("warm-up", list(range(min(2 * page_size, model.config.vocab_size))), 2)])
+    finally:
+        engine.close()
