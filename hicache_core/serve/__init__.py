@@ -41,6 +41,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache at all")
     s.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 1024), default=1,
                    help="tensor-parallel ranks (this server runs one; default %(default)s)")
+    d = p.add_argument_group("prefill/decode disaggregation (KV handed over through the shared storage tier)")
+    d.add_argument("--disaggregation-mode", default="null", choices=("null", "prefill", "decode"),
+                   help="prefill: answer with the first token once the prompt's pages are in storage; decode: load "
+                        "the prompt from storage and generate (default %(default)s: both in one server)")
+    d.add_argument("--disaggregation-decode-enable-offload-kvcache", action="store_true",
+                   help="decode: write each finished request's prompt and generated KV to storage (asynchronously), "
+                        "so the next turn's prefill hits it")
+    d.add_argument("--disaggregation-transfer-backend", default=None,
+                   help="SGLang's flag, accepted so its command lines run: KV always goes through the storage tier")
+    d.add_argument("--disaggregation-ib-device", default=None, help="SGLang's flag, accepted and not used")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default %(default)s)")
     s.add_argument("--port-file", default=None, help="write the bound port here once serving (tests, scripts)")
 
@@ -53,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"hicache serve needs the serve extra ({e.name} is missing): "
                           "pip install 'hicache-core[serve]'") from None
     from hicache_core.config import HiCacheConfig
-    from hicache_core.serve.state import ServerState, engine_mode
+    from hicache_core.serve.state import ServerState
 
     logging.getLogger().setLevel(args.log_level.upper())
     logging.getLogger("hicache_core").setLevel(args.log_level.upper())
     config = HiCacheConfig.from_args(args)
-    engine_mode(args)  # flag combinations first: a clear error before anything starts
+    check_roles(args, config)  # flag combinations first: a clear error before anything starts
     if args.tp_size > 1:
         from hicache_core.engine.tp import check_divisible
         from hicache_core.serve.tp import serve_tp
@@ -68,6 +78,20 @@ def run(args: argparse.Namespace) -> int:
         return serve_tp(args, config)
     sock = _bind(args)
     return serve_state(args, ServerState(args, config), sock)
+
+
+def check_roles(args: argparse.Namespace, config) -> None:
+    from hicache_core.engine.engine import role_config
+    from hicache_core.serve.state import engine_mode
+
+    role_config(config, engine_mode(args), args.disaggregation_mode, args.disaggregation_decode_enable_offload_kvcache)
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("disaggregation_transfer_backend",
+                                                                      "disaggregation_ib_device") if getattr(args, k)]
+    if unused and args.disaggregation_mode != "null":
+        logging.getLogger(__name__).warning(
+            "%s: hicache serve hands KV from prefill to decode through the storage tier (%s), not a transfer "
+            "backend; the flag is accepted for SGLang command lines and not used", ", ".join(unused),
+            args.hicache_storage_backend)
 
 
 def _model_config(args: argparse.Namespace):

@@ -158,7 +158,9 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
         running, waiting = state.scheduler.counts()
         cache = state.engine.cache
         return {"version": _version(), "model_path": state.args.model_path, "served_model_name": state.model_name,
-                "mode": state.mode, "page_size": state.engine.page_size, "max_total_tokens": state.engine.pool.size,
+                "mode": state.mode, "disaggregation_mode": state.engine.role,
+                "disaggregation_decode_enable_offload_kvcache": state.args.disaggregation_decode_enable_offload_kvcache,
+                "page_size": state.engine.page_size, "max_total_tokens": state.engine.pool.size,
                 "max_running_requests": state.engine.max_running, "num_running_reqs": running,
                 "num_queue_reqs": waiting, "host_pool_tokens": cache.host_pool.size if cache and cache.host_pool else 0,
                 "storage": state.storage_info(), "cache_stats": state.engine.metrics.stats()}

@@ -100,8 +100,12 @@ class Scheduler:
     # --- the thread ----------------------------------------------------------------------------------------------------
     def _take(self, block: bool) -> list[tuple[str, Any]]:
         items = []
+        cache = self.engine.cache
+        # idle with copies or backups in flight: poll often, so each next one starts soon (a PD decode's offload
+        # should be in storage before the next turn reaches prefill)
+        wait = 0.002 if cache is not None and (cache.ongoing_write_through or cache.ongoing_backup) else 0.05
         try:
-            items.append(self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait())
+            items.append(self._inbox.get(timeout=wait) if block else self._inbox.get_nowait())
             while True:
                 items.append(self._inbox.get_nowait())
         except queue.Empty:
@@ -175,7 +179,7 @@ class Scheduler:
             except Exception as e:  # a bug must not leave every client hanging: fail what is in flight
                 logger.exception("scheduler: step failed; aborting the requests in flight")
                 self.last_error = f"{type(e).__name__}: {e}"
-                for r in list(eng.running) + list(eng.waiting):
+                for r in eng.in_flight():
                     try:
                         eng.abort(r)
                     except Exception:
@@ -191,6 +195,6 @@ class Scheduler:
                 self._done(r)
             if not worked:
                 time.sleep(0.0005)  # requests wait on their storage prefetch
-        for r in list(eng.running) + list(eng.waiting):  # stopping: nobody waits forever
+        for r in eng.in_flight():  # stopping: nobody waits forever
             eng.abort(r)
             self._done(r)

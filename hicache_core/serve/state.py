@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, Request, TinyLlama
+from hicache_core.engine.engine import warm_up
 from hicache_core.errors import ConfigError
 from hicache_core.serve.metrics import ServerMetrics
 from hicache_core.serve.protocol import BadRequest, Params, check_fits
@@ -60,8 +61,12 @@ class ServerState:
             from hicache_core.engine.tp import shard
 
             self.model = shard(self.model, tp)
+        if tp is None:  # first-call costs paid before the first request, not by it
+            warm_up(self.model, config.page_size)
         self.engine = Engine(self.model, config, self.mode, device_tokens=args.max_total_tokens,
-                             max_running=args.max_running_requests, tp=tp)
+                             max_running=args.max_running_requests, tp=tp,
+                             disaggregation_mode=args.disaggregation_mode,
+                             offload_kvcache=args.disaggregation_decode_enable_offload_kvcache)
         self.config = self.engine.config
         self.model_name = args.served_model_name or self.model.config.name
         self.metrics = ServerMetrics(self)

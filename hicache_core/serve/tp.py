@@ -55,7 +55,7 @@ def follow(state: Any, ctx: Any) -> None:
         finished, _ = eng.step()
         for r in finished:
             requests.pop(r.rid, None)
-    for r in list(eng.running) + list(eng.waiting):
+    for r in eng.in_flight():
         eng.abort(r)
     eng.close()
 
