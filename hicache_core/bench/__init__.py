@@ -24,4 +24,5 @@ BENCHMARKS: dict = {
     "multiturn": _lazy("multiturn", "multi-turn chat on the reference engine under every cache configuration"),
     "storage": _lazy("storage", "storage backend set/get/exists beside its plugin's raw baseline"),
     "tree": _lazy("tree", "radix tree cost per request (match_prefix, insert) beside the KV load time"),
+    "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
 }

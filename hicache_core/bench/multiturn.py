@@ -35,7 +35,7 @@ LABELS = {"none": "no cache", "radix": "device-only radix", "hicache": "HiCache 
           "hicache+storage": "HiCache L1+L2+L3"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) -> None:
     w = p.add_argument_group("workload (every configuration replays the same conversations)")
     w.add_argument("--num-clients", type=arg_int(1, 100000), default=8, help="concurrent conversations (default %(default)s)")
     w.add_argument("--num-rounds", type=arg_int(1, 100000), default=4,
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of each client's first prompt (default %(default)s)")
     w.add_argument("--question-length", type=arg_int(1, 1 << 20), default=64,
                    help="new user tokens appended in each later round (default %(default)s)")
-    w.add_argument("--output-length", type=arg_int(1, 1 << 20), default=16,
+    w.add_argument("--output-length", type=arg_int(1, 1 << 20), default=output_length,
                    help="tokens generated per reply, greedy (default %(default)s)")
     w.add_argument("--request-rate", type=arg_float(0, above=True, allow_inf=True), default=4.0,
                    help="arrivals per second within a round (default %(default)s)")
@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random",
                    help="order in which clients send within a round (default %(default)s)")
     w.add_argument("--seed", type=arg_int(0), default=0, help="seeds prompts, order and model weights (default %(default)s)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p)
     e = p.add_argument_group("engine (the reference engine and its tiny random llama)")
     e.add_argument("--configs", default=",".join(CONFIGS),
                    help="configurations to run, comma separated; 'none' always runs as the reference "

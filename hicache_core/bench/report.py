@@ -21,7 +21,7 @@ def chart(report: dict, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'hicache-core[bench]'): no chart"
-    runs = report["configs"]
+    runs = [r for r in report["configs"] if r.get("rounds")]  # not a reference that only gave tokens
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
         a.plot([r["round"] for r in run["rounds"]], [r["ttft_mean_ms"] for r in run["rounds"]], marker="o", label=run["label"])
@@ -58,6 +58,11 @@ def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
     if "radix" in by and "hicache+storage" in by and by["hicache+storage"]["ttft_mean_rounds2plus_ms"]:
         s["ttft_rounds2plus_speedup_storage_vs_radix"] = (
             by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"])
+    local = (by.get("pd-local") or {}).get("ttft_mean_rounds2plus_ms")
+    if local:
+        s["ttft_rounds2plus_speedup_vs_pd_local"] = {
+            r["config"]: local / r["ttft_mean_rounds2plus_ms"] for r in results
+            if r["config"] != "pd-local" and r.get("ttft_mean_rounds2plus_ms")}
     if warm:
         cold = by["hicache+storage"]["rounds"][0]["ttft_mean_ms"]
         s["warm_round1_ttft_ms"] = warm["rounds"][0]["ttft_mean_ms"]
@@ -77,8 +82,9 @@ def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
     return s
 
 
-def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]]]) -> int:
-    """Print and write the report; 0 when every configuration of every repetition matched the reference."""
+def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]]], kind: str = "multiturn") -> int:
+    """Print and write the report; 0 when every configuration of every repetition matched the reference (the
+    first result: for ``kind="pd"`` a single-process run that gives only tokens)."""
     summaries = [summarize(results, warm) for results, warm in reps]
     results, warm = reps[0]
     summary = dict(summaries[0])
@@ -87,8 +93,11 @@ def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]
     if len(reps) > 1:
         summary["repeats"] = {
             "n": len(reps),
-            "ttft_rounds2plus_ms": {r["config"]: spread([rr[i]["ttft_mean_rounds2plus_ms"] for rr, _ in reps])
+            "ttft_rounds2plus_ms": {r["config"]: spread([rr[i].get("ttft_mean_rounds2plus_ms") for rr, _ in reps])
                                     for i, r in enumerate(results)},
+            "speedup_vs_pd_local": {c: spread([s.get("ttft_rounds2plus_speedup_vs_pd_local", {}).get(c)
+                                               for s in summaries])
+                                    for c in summary.get("ttft_rounds2plus_speedup_vs_pd_local", {})},
             "speedup_storage_vs_radix": spread([s.get("ttft_rounds2plus_speedup_storage_vs_radix") for s in summaries]),
             "warm_round1_speedup": spread([s.get("warm_round1_speedup") for s in summaries]),
         }
@@ -108,7 +117,7 @@ def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0 if ok else 1
-    _print(args, results, warm, summary, same)
+    _print(args, results, warm, summary, same, kind)
     print(f"\nreport: {json_path}" + (f", chart: {png_path}" if not chart_note else f" ({chart_note})"))
     for w in summary["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr)
@@ -117,11 +126,17 @@ def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]
     return 0 if ok else 1
 
 
-def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], summary: dict, same: dict) -> None:
-    where = (f"servers {', '.join(r['url'] for r in results)}" if args.base_url else
+def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], summary: dict, same: dict,
+           kind: str) -> None:
+    where = (f"servers {', '.join(r['url'] for r in results)}" if getattr(args, "base_url", None) else
              f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
              f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})")
-    print(f"\nhicache bench multiturn: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
+    if kind == "pd":
+        where = f"--mode {args.mode}, `hicache serve` instances; each with a " + where
+        if not all(same.values()):
+            print("tokens: some configuration differs from the single-process run (see 'same tokens')")
+        results = [r for r in results if r.get("rounds")]  # the single-process reference gave tokens only
+    print(f"\nhicache bench {kind}: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
           f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
           f"{where}\n")
     rows = []
@@ -148,6 +163,16 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
         for r in ranks:
             print(f"  {r['label']:<20} " + "  ".join(
                 f"rank {i} {h['device']}/{h['host']}/{h['storage']}" for i, h in enumerate(r["per_rank_hit_tokens"])))
+    inst = [r for r in results if r.get("per_instance_hit_tokens")]
+    if inst:
+        print("\nprefill hit tokens per instance (device/host/storage); decode loaded from storage:")
+        for r in inst:
+            print(f"  {r['label']:<28} " + "  ".join(f"{n} {h['device']}/{h['host']}/{h['storage']}"
+                                                    for n, h in r["per_instance_hit_tokens"].items())
+                  + f"  decode {r['decode_storage_tokens']}")
+    for c, x in (summary.get("ttft_rounds2plus_speedup_vs_pd_local") or {}).items():
+        label = next(r["label"] for r in results if r["config"] == c)
+        print(f"rounds 2+: {label} has {x:.1f}x lower mean TTFT than PD without a shared store")
     if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
         print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
               "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
@@ -163,6 +188,9 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
             sp = rep["ttft_rounds2plus_ms"][r["config"]]
             if sp["median"] is not None:
                 print(f"  {r['label']:<20} r2+ mean TTFT {sp['median']:.1f} ms ({sp['min']:.1f}-{sp['max']:.1f})")
+        for c, sp in rep.get("speedup_vs_pd_local", {}).items():
+            if sp["median"] is not None:
+                print(f"  {c} vs pd-local, rounds 2+: {sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})")
         for key, what in (("speedup_storage_vs_radix", "storage vs radix, rounds 2+"),
                           ("warm_round1_speedup", "warm restart vs cold, round 1")):
             sp = rep[key]

@@ -1,0 +1,360 @@
+"""``hicache bench pd``: prefill/decode disaggregation across ``hicache serve`` processes that share one store.
+
+The bench is the router (as SGLang's PD load balancer is): each request goes to a prefill instance, which answers
+with the first token once the prompt's pages are in storage, then to a decode instance, which loads them from
+storage and generates the reply. TTFT is the prefill's answer time; hits are the prefill's, per tier.
+
+``--mode prefill-share``: two prefill instances and a decode. Rounds alternate between the prefill instances, so
+every round after the first is prefilled by the instance that did not see the previous one: what it hits beyond its
+own tiers, it hits in the store the other one filled.
+
+``--mode decode-offload``: one prefill and one decode. With ``--disaggregation-decode-enable-offload-kvcache``
+the decode writes each finished request's prompt *and generated* KV to storage, and the next turn's prefill hits
+the reply too.
+
+Every configuration runs the same conversations on fresh server processes and a fresh store; "no shared store"
+(the prefill instances with device and host tiers only, a plain decode server that recomputes the prompt) is the
+baseline. Every configuration's tokens must equal a single-process run of the same model (computed in this process
+first, without any cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Optional
+
+from hicache_core.bench.common import Progress, pct
+from hicache_core.bench.http import TIERS, _delta, _get, _post
+from hicache_core.bench.multiturn import Workload, add_workload_arguments
+from hicache_core.bench.report import report
+from hicache_core.config import HiCacheConfig, add_hicache_args
+from hicache_core.errors import ConfigError, HiCacheError
+from hicache_core.parse import arg_int
+
+MODES = ("prefill-share", "decode-offload")
+# name -> (label, prefill instances' role flags, decode's role flags); None: a plain server without a store
+CONFIGS: dict[str, dict[str, tuple]] = {
+    "prefill-share": {
+        "pd-local": ("PD, no shared store", None, None),
+        "pd-shared": ("PD, shared store", ("prefill",), ("decode",)),
+    },
+    "decode-offload": {
+        "pd-local": ("PD, no shared store", None, None),
+        "pd-shared": ("PD, shared store", ("prefill",), ("decode",)),
+        "pd-offload": ("PD, store + decode offload", ("prefill",), ("decode", "offload")),
+    },
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p, output_length=128)
+    s = p.add_argument_group("instances (each a `hicache serve` process on 127.0.0.1 with the random tiny model)")
+    s.add_argument("--mode", choices=MODES, default="prefill-share",
+                   help="prefill-share: two prefill instances share the store; decode-offload: decode writes "
+                        "finished requests to the store for the next turn's prefill (default %(default)s)")
+    s.add_argument("--configs", default=None,
+                   help="configurations to run, comma separated (default: all of the mode's: prefill-share "
+                        "pd-local,pd-shared; decode-offload adds pd-offload)")
+    s.add_argument("--device-tokens", type=arg_int(1, 1 << 30), default=2048,
+                   help="each instance's device KV pool in tokens (default %(default)s)")
+    s.add_argument("--max-running", type=arg_int(1, 100000), default=4,
+                   help="requests in one batch, per instance (default %(default)s)")
+    s.add_argument("--start-timeout", type=arg_int(1, 3600), default=180,
+                   help="seconds an instance may take to start (default %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument("--repeat", type=arg_int(1, 100), default=1,
+                   help="run everything N times (fresh instances and store each time) and report the spread")
+    o.add_argument("--storage-dir", default=None,
+                   help="file backend directory (default: a temp dir, removed after the run)")
+    o.add_argument("--report-dir", default="hicache-report", help="where report.json and report.png go "
+                                                                 "(default %(default)s)")
+    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_hicache_args(p)
+    p.set_defaults(page_size=32, hicache_ratio=3.0, hicache_io_backend="direct", hicache_storage_backend="file",
+                   hicache_storage_prefetch_policy="wait_complete")
+
+
+# --- instances ----------------------------------------------------------------------------------------------------
+def _hicache_flags(args: argparse.Namespace, storage_dir: str, store: bool) -> list[str]:
+    """The cache flags every instance gets: this run's --hicache-* (storage only where the configuration has it)."""
+    cfg = HiCacheConfig.from_args(args)
+    flags = ["--page-size", str(cfg.page_size), "--enable-hierarchical-cache", "--hicache-ratio", str(cfg.hicache_ratio),
+             "--hicache-io-backend", cfg.hicache_io_backend, "--hicache-mem-layout", cfg.hicache_mem_layout,
+             "--hicache-write-policy", cfg.hicache_write_policy,
+             "--hicache-storage-prefetch-policy", cfg.hicache_storage_prefetch_policy]
+    if cfg.hicache_size:
+        flags += ["--hicache-size", str(cfg.hicache_size)]
+    if store:
+        extra = dict(cfg.hicache_storage_backend_extra_config)
+        extra.setdefault("prefetch_threshold", cfg.page_size)  # a page of a reply decode offloaded is worth it
+        if cfg.hicache_storage_backend == "file":
+            extra.setdefault("storage_dir", storage_dir)
+        flags += ["--hicache-storage-backend", str(cfg.hicache_storage_backend),
+                  "--hicache-storage-backend-extra-config", json.dumps(extra)]
+    return flags
+
+
+class Instances:
+    """Start ``hicache serve`` processes in parallel, wait until each serves, stop them all."""
+
+    def __init__(self, specs: list[tuple[str, list[str]]], workdir: str, timeout: float) -> None:
+        self.specs, self.workdir, self.timeout = specs, workdir, timeout
+        self.procs: list[tuple[str, subprocess.Popen, str]] = []
+        self.urls: dict[str, str] = {}
+
+    def __enter__(self) -> Instances:
+        try:
+            for name, flags in self.specs:
+                log = os.path.join(self.workdir, f"{name}.log")
+                with open(log, "w") as out:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--port-file",
+                         os.path.join(self.workdir, f"{name}.port"), "--log-level", "warning", *flags],
+                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                self.procs.append((name, proc, log))
+            deadline = time.monotonic() + self.timeout
+            for name, proc, log in self.procs:
+                port_file = os.path.join(self.workdir, f"{name}.port")
+                while not (os.path.exists(port_file) and open(port_file).read().strip()):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        why = f"exited with {proc.returncode}" if proc.poll() is not None else "did not start in time"
+                        raise HiCacheError(f"instance {name} ({' '.join(self.specs_of(name))}) {why}; its log:\n"
+                                           f"{_tail(log)}")
+                    time.sleep(0.05)
+                self.urls[name] = f"http://127.0.0.1:{open(port_file).read().strip()}"
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def specs_of(self, name: str) -> list[str]:
+        return dict(self.specs)[name]
+
+    def check_alive(self) -> None:
+        for name, proc, log in self.procs:
+            if proc.poll() is not None:
+                raise HiCacheError(f"instance {name} died (exit {proc.returncode}); its log:\n{_tail(log)}")
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _ in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(path: str, n: int = 3000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except OSError:
+        return "(no log)"
+
+
+# --- the router ---------------------------------------------------------------------------------------------------
+class _PDCall:
+    """One request: prefill (its answer is the first token), then decode (the whole reply)."""
+
+    def __init__(self, prefill: str, decode: str, ids: list[int], output_length: int) -> None:
+        self.prefill, self.decode, self.ids, self.n = prefill, decode, ids, output_length
+        self.ttft = 0.0
+        self.cached = dict.fromkeys(TIERS, 0)
+        self.handed = 0  # prompt tokens decode loaded from storage
+        self.output: list[int] = []
+        self.error: Optional[str] = None
+
+    def _generate(self, url: str, n: int) -> dict:
+        body = {"input_ids": self.ids, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
+        status, text = _post(url + "/generate", body)
+        if status != 200:
+            raise HiCacheError(f"{url} answered {status}: {text[:300]}")
+        return json.loads(text)
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            first = self._generate(self.prefill, 1)
+            self.ttft = time.perf_counter() - t0
+            details = first["meta_info"].get("cached_tokens_details") or {}
+            self.cached = {t: int(details.get(t, 0)) for t in TIERS}
+            out = self._generate(self.decode, self.n)
+            self.output = list(out["output_ids"])
+            self.handed = int((out["meta_info"].get("cached_tokens_details") or {}).get("storage", 0))
+            if first["output_ids"][:1] != self.output[:1]:
+                self.error = (f"decode's first token {self.output[:1]} is not prefill's {first['output_ids'][:1]}: "
+                              "the instances do not run the same model")
+        except (HiCacheError, KeyError, ValueError, TypeError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+
+
+def _run_call(call: _PDCall, progress: Progress, label: str) -> None:
+    call.run()
+    progress.step(label)
+
+
+def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir: str, workdir: str,
+               progress: Progress) -> dict[str, Any]:
+    label, p_role, d_role = CONFIGS[args.mode][name]
+    common = ["--seed", str(args.seed), "--max-total-tokens", str(args.device_tokens),
+              "--max-running-requests", str(args.max_running)]
+    p_flags = common + _hicache_flags(args, storage_dir, store=p_role is not None)
+    d_flags = common + _hicache_flags(args, storage_dir, store=d_role is not None)
+    if p_role:
+        p_flags += ["--disaggregation-mode", "prefill"]
+    if d_role:
+        d_flags += ["--disaggregation-mode", "decode"]
+        if "offload" in d_role:
+            d_flags.append("--disaggregation-decode-enable-offload-kvcache")
+    prefills = ["prefill-1", "prefill-2"] if args.mode == "prefill-share" else ["prefill"]
+    specs = [(p, p_flags) for p in prefills] + [("decode", d_flags)]
+    with Instances(specs, workdir, args.start_timeout) as inst:
+        before = {n: (_get(u + "/get_server_info") or {}).get("cache_stats") or {} for n, u in inst.urls.items()}
+        history = [list(p) for p in work.first]
+        per_round: list[dict[str, Any]] = []
+        outputs: list[list[list[int]]] = []
+        per_instance = {p: dict.fromkeys(TIERS, 0) for p in prefills}
+        handed = in_tokens = out_tokens = 0
+        t_start = time.perf_counter()
+        for rnd in range(args.num_rounds):
+            prefill = prefills[rnd % len(prefills)]
+            calls, threads = [], []
+            at = time.perf_counter()
+            for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
+                time.sleep(max(0.0, at - time.perf_counter()))
+                call = _PDCall(inst.urls[prefill], inst.urls["decode"], list(history[client]), args.output_length)
+                th = threading.Thread(target=_run_call, args=(call, progress, label), daemon=True)
+                th.start()
+                calls.append((client, call))
+                threads.append(th)
+                at += gap
+            for th in threads:
+                th.join()
+            failed = [c.error for _, c in calls if c.error]
+            if failed:
+                inst.check_alive()
+                raise HiCacheError(f"{label}: {len(failed)} requests failed, e.g. {failed[0]}")
+            cached = {t: sum(c.cached[t] for _, c in calls) for t in TIERS}
+            for t in TIERS:
+                per_instance[prefill][t] += cached[t]
+            by_client = dict(calls)
+            for client, c in by_client.items():
+                in_tokens += len(c.ids)
+                out_tokens += len(c.output)
+                handed += c.handed
+                history[client] += c.output + work.questions[rnd][client]
+            ttfts = [c.ttft for _, c in calls]
+            per_round.append({"round": rnd + 1, "prefill": prefill, "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
+                              "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
+                              "cached": cached, "prompt_tokens": sum(len(c.ids) for _, c in calls)})
+            outputs.append([by_client[c].output for c in sorted(by_client)])
+        wall = time.perf_counter() - t_start
+        stats = {n: _delta((_get(u + "/get_server_info") or {}).get("cache_stats") or {}, before[n])
+                 for n, u in inst.urls.items()}
+    totals = {t: sum(h[t] for h in per_instance.values()) for t in TIERS}
+    later = [r["ttft_mean_ms"] for r in per_round[1:]]
+    return {"config": name, "label": label, "rounds": per_round, "instances": {n: f for n, f in specs},
+            "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
+            "hit_tokens": totals, "prompt_tokens": in_tokens,
+            "cache_hit_rate": sum(totals.values()) / in_tokens if in_tokens else 0.0,
+            "per_instance_hit_tokens": per_instance, "decode_storage_tokens": handed,
+            "transfer_bytes": _sum(stats, "transfer_bytes") or {}, "transfer_gbps": {},
+            "prefetched_tokens": _sum(stats, "prefetched_tokens"), "backuped_tokens": _sum(stats, "backuped_tokens"),
+            "backuped_tokens_by_instance": {n: s.get("backuped_tokens", 0) for n, s in stats.items()},
+            "storage_errors": _sum(stats, "storage_errors") or {}, "wall_s": wall,
+            "throughput_req_s": args.num_rounds * args.num_clients / wall, "throughput_in_tok_s": in_tokens / wall,
+            "throughput_out_tok_s": out_tokens / wall, "outputs": outputs}
+
+
+def _sum(stats: dict[str, dict], key: str) -> Any:
+    vals: list[Any] = [s.get(key) for s in stats.values() if s.get(key) is not None]
+    if vals and isinstance(vals[0], dict):
+        out: dict = {}
+        for v in vals:
+            for k, x in v.items():
+                if isinstance(x, (int, float)):
+                    out[k] = out.get(k, 0) + x
+        return out
+    return sum(v for v in vals if isinstance(v, (int, float)))
+
+
+def _longest(args: argparse.Namespace) -> int:
+    return args.request_length + (args.num_rounds - 1) * (args.output_length + args.question_length)
+
+
+def single_process(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
+    """The reference: the same model in this process, no cache, the same conversations."""
+    from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
+
+    pool = args.max_running * (_longest(args) + args.output_length + args.page_size)
+    engine = Engine(TinyLlama(ModelConfig(seed=args.seed)), HiCacheConfig(page_size=args.page_size), "none",
+                    device_tokens=pool, max_running=args.max_running)
+    history = [list(p) for p in work.first]
+    outputs = []
+    for rnd in range(args.num_rounds):
+        reqs = [Request(f"ref-{rnd}-{c}", list(history[c]), args.output_length) for c in range(args.num_clients)]
+        engine.generate(reqs)
+        for c, r in enumerate(reqs):
+            history[c] += r.output + work.questions[rnd][c]
+        outputs.append([r.output for r in reqs])
+    engine.close()
+    return {"config": "single", "label": "single process (reference)", "outputs": outputs}
+
+
+def run(args: argparse.Namespace) -> int:
+    from hicache_core.engine import ModelConfig
+
+    args.vocab_size = ModelConfig(seed=args.seed).vocab_size  # the instances' model (hicache serve's default)
+    HiCacheConfig.from_args(args)  # bad --hicache-* flags fail here, before any process starts
+    longest = _longest(args)
+    if longest + args.output_length > args.device_tokens:
+        raise ConfigError(f"the last round's prompt ({longest} tokens) plus its reply ({args.output_length}) does not "
+                          f"fit an instance's device pool (--device-tokens {args.device_tokens}): raise it or "
+                          "shorten the conversation")
+    work = Workload(args)
+    names = list(CONFIGS[args.mode])
+    if args.configs:
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        bad = [c for c in names if c not in CONFIGS[args.mode]]
+        if bad or not names:
+            raise ConfigError(f"--configs: {', '.join(bad) or 'none given'}; --mode {args.mode} runs "
+                              f"{', '.join(CONFIGS[args.mode])}")
+    tmp = None
+    storage_dir = args.storage_dir
+    if storage_dir is None:
+        tmp = storage_dir = tempfile.mkdtemp(prefix="hicache-bench-pd-")
+    if not args.no_progress:
+        sys.stderr.write("single-process reference run...\n")
+    reference = single_process(args, work)
+    progress = Progress(args.repeat * len(names) * args.num_rounds * args.num_clients, not args.no_progress)
+    reps: list[tuple[list[dict], Optional[dict]]] = []
+    try:
+        for i in range(args.repeat):
+            results = []
+            for name in names:
+                sdir = os.path.join(storage_dir, f"repeat-{i + 1}-{name}")
+                os.makedirs(sdir, exist_ok=True)
+                workdir = tempfile.mkdtemp(prefix="hicache-pd-logs-")
+                try:
+                    results.append(run_config(name, args, work, sdir, workdir, progress))
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            reps.append(([reference] + results, None))
+        progress.close()
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report(args, reps, kind="pd")
