@@ -19,10 +19,10 @@ class TreeNode:
     __slots__ = ("children", "parent", "key", "value", "host_value", "hash_value", "lock_ref", "host_ref",
                  "hit_count", "last_access_time", "creation_time", "id")
 
-    def __init__(self, key: tuple = (), parent: Optional[TreeNode] = None) -> None:
+    def __init__(self, key: Optional[list] = None, parent: Optional[TreeNode] = None) -> None:
         self.children: dict[tuple, TreeNode] = {}
         self.parent = parent
-        self.key = key
+        self.key: list = key if key is not None else []
         self.value: Optional[torch.Tensor] = None
         self.host_value: Optional[torch.Tensor] = None
         self.hash_value: Optional[list[str]] = None

@@ -185,14 +185,14 @@ class StoragePrefetch(RadixTree):
 
     def _insert_host(self, anchor: TreeNode, tokens, host_indices: torch.Tensor, hashes: list[str]) -> int:
         """Attach fetched pages below ``anchor`` as host-only nodes; return how many were already in the tree."""
-        node, key, matched = anchor, tuple(tokens), 0
-        while key:
-            child, n = self._descend(node, key)
+        node, key, matched = anchor, list(tokens), 0
+        while matched < len(key):
+            child, n = self._descend(node, key, matched)
             if child is None:
                 break
-            node, key, matched = child, key[n:], matched + n
-        if key:
-            new = self._attach(node, key)
+            node, matched = child, matched + n
+        if matched < len(key):
+            new = self._attach(node, key[matched:])
             new.host_value = host_indices[matched:].clone()
             new.hash_value = list(hashes[matched // self.page_size :])
         return matched

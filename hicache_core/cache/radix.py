@@ -53,21 +53,36 @@ class RadixTree:
     def _page_align(self, n: int) -> int:
         return n - n % self.page_size
 
-    def _match_len(self, a: tuple, b: tuple) -> int:
-        """Length of the common prefix of two keys, in whole pages."""
-        ps, n, i = self.page_size, min(len(a), len(b)), 0
-        while i + ps <= n and a[i : i + ps] == b[i : i + ps]:
-            i += ps
-        return i
+    def _match_len(self, a: list, b: list) -> int:
+        """Length of the common prefix of two keys, in whole pages. One C-level comparison when they agree (the
+        common case on a hit); else a binary search over pages for the first that differs."""
+        ps = self.page_size
+        n = min(len(a), len(b))
+        n -= n % ps
+        if a[:n] == b[:n]:
+            return n
+        lo, hi = 0, n // ps  # the first lo pages agree; a page before hi differs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[lo * ps : mid * ps] == b[lo * ps : mid * ps]:
+                lo = mid
+            else:
+                hi = mid
+        return lo * ps
 
-    def _descend(self, node: TreeNode, key: tuple) -> tuple[Optional[TreeNode], int]:
-        """The child of ``node`` that shares whole leading pages with ``key`` (split so it ends at the shared
-        part), and how many tokens they share; (None, 0) when no child starts with key's first page."""
-        child = node.children.get(key[: self.page_size])
+    def _descend(self, node: TreeNode, key: list, at: int = 0) -> tuple[Optional[TreeNode], int]:
+        """The child of ``node`` that shares whole leading pages with ``key[at:]`` (split so it ends at the shared
+        part), and how many tokens they share; (None, 0) when no child starts with that page."""
+        ps = self.page_size
+        child = node.children.get(tuple(key[at : at + ps]))
         if child is None:
             return None, 0
-        n = self._match_len(child.key, key)
-        if n < len(child.key):
+        m = len(child.key)
+        part = key[at : at + m] if at or m < len(key) else key
+        if part == child.key:  # the whole node matches: one comparison
+            return child, m
+        n = self._match_len(child.key, part)
+        if n < m:
             child = self._split(child, n)
         return child, n
 
@@ -88,18 +103,18 @@ class RadixTree:
         child.key = child.key[split_len:]
         child.parent = upper
         assert upper.parent is not None
-        upper.children[child.key[:ps]] = child
-        upper.parent.children[upper.key[:ps]] = upper
+        upper.children[tuple(child.key[:ps])] = child
+        upper.parent.children[tuple(upper.key[:ps])] = upper
         return upper
 
-    def _attach(self, parent: TreeNode, key: tuple) -> TreeNode:
+    def _attach(self, parent: TreeNode, key: list) -> TreeNode:
         node = TreeNode(key, parent)
-        parent.children[key[: self.page_size]] = node
+        parent.children[tuple(key[: self.page_size])] = node
         return node
 
     def _delete_leaf(self, node: TreeNode) -> None:
         assert node.parent is not None
-        del node.parent.children[node.key[: self.page_size]]
+        del node.parent.children[tuple(node.key[: self.page_size])]
 
     def nodes(self) -> Iterator[TreeNode]:
         stack = list(self.root.children.values())
@@ -125,44 +140,45 @@ class RadixTree:
     # --- match / insert ----------------------------------------------------------------------------------------------
     def match_prefix(self, tokens) -> MatchResult:
         """The longest cached prefix of ``tokens`` (whole pages): device slots, then the host-only length."""
-        key = tuple(tokens[: self._page_align(len(tokens))])
-        node, values, now = self.root, [], time.monotonic()
-        while key:
-            child, n = self._descend(node, key)
+        n_all = self._page_align(len(tokens))
+        key = tokens if type(tokens) is list else list(tokens)  # compared in slices, never stored
+        node, values, now, at = self.root, [], time.monotonic(), 0
+        while at < n_all:
+            child, n = self._descend(node, key, at)
             if child is None:
                 break
             child.last_access_time = now
             if child.value is not None:
                 values.append(child.value)
-            node, key = child, key[n:]
+            node, at = child, at + n
         last_node, host_hit, x = node, 0, node
         while x.value is None:
             assert x.host_value is not None and x.parent is not None
             host_hit += len(x.host_value)
             x = x.parent
-        device = torch.cat(values) if values else EMPTY
+        device = (values[0] if len(values) == 1 else torch.cat(values)) if values else EMPTY
         return MatchResult(device, x, last_node, host_hit)
 
     def insert(self, tokens, device_indices: torch.Tensor) -> int:
         """Insert a computed sequence; return how many leading tokens were already on device (the caller frees
         its own copies of those beyond what it matched). Demoted nodes on the path take the new device slots."""
         n_all = self._page_align(len(tokens))
-        key, value = tuple(tokens[:n_all]), device_indices[:n_all]
-        node, prefix, now = self.root, 0, time.monotonic()
-        while key:
-            child, n = self._descend(node, key)
+        key = tokens if type(tokens) is list else list(tokens)  # a node keeps a slice (a copy), never this
+        node, prefix, now, at = self.root, 0, time.monotonic(), 0
+        while at < n_all:
+            child, n = self._descend(node, key, at)
             if child is None:
                 break
             child.last_access_time = now
             if child.value is None:
-                child.value = value[:n].clone()
+                child.value = device_indices[at : at + n].clone()
             else:
                 prefix += n
             self._on_hit(child)
-            node, key, value = child, key[n:], value[n:]
-        if key:
-            new = self._attach(node, key)
-            new.value = value.clone()
+            node, at = child, at + n
+        if at < n_all:
+            new = self._attach(node, key[at:n_all])
+            new.value = device_indices[at:n_all].clone()
             self._on_new(new)
             self._on_hit(new)
         return prefix
