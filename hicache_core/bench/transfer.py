@@ -12,6 +12,7 @@ import torch
 from hicache_core.bench.common import dump_json, gbps, print_table, time_best
 from hicache_core.config import MAX_PAGE_SIZE, MEM_LAYOUTS
 from hicache_core.memory import DTYPES, DevicePool, HostPool, KVSpec, default_device
+from hicache_core.memory.buffer import cpu_buffer
 from hicache_core.parse import arg_int
 from hicache_core.transfer import HostDeviceTransfer, effective_io_backend
 
@@ -33,17 +34,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _baseline(nbytes: int, device: torch.device, pinned: bool, repeat: int) -> dict[str, float]:
-    """Seconds for one contiguous copy of nbytes, host->device and device->host (same kinds of memory)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+def _baseline_buffers(nbytes: int, device: torch.device, pinned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two buffers of nbytes of the same kinds of memory as the pools: pinned with CUDA, else CPU memory on huge
+    pages where the pools have them."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) if pinned else cpu_buffer(nbytes)
+    dev = cpu_buffer(nbytes) if device.type == "cpu" else torch.empty(nbytes, dtype=torch.uint8, device=device)
     host.fill_(1)
     dev.fill_(2)
-    out = {
-        "h2d": time_best(lambda: dev.copy_(host, non_blocking=True), repeat, device),
-        "d2h": time_best(lambda: host.copy_(dev, non_blocking=True), repeat, device),
-    }
-    return out
+    return host, dev
+
+
+def _baseline(bufs: tuple[torch.Tensor, torch.Tensor], way: str, repeat: int, device: torch.device) -> float:
+    """Seconds for one contiguous copy of the same bytes, host->device (h2d) or device->host."""
+    host, dev = bufs
+    if way == "h2d":
+        return time_best(lambda: dev.copy_(host, non_blocking=True), repeat, device)
+    return time_best(lambda: host.copy_(dev, non_blocking=True), repeat, device)
 
 
 def _measure_shape(args, spec: KVSpec, shape_name: str, device: torch.device) -> list[dict]:
@@ -56,8 +62,7 @@ def _measure_shape(args, spec: KVSpec, shape_name: str, device: torch.device) ->
     rows = []
     nbytes = n * spec.page_bytes(ps)
     pinned = device.type == "cuda"
-    base = _baseline(nbytes, device, pinned, args.repeat)
-    per_layer_base = base["h2d"]
+    base_bufs = _baseline_buffers(nbytes, device, pinned)
     for layout in args.layouts.split(","):
         host = HostPool(spec, 2 * n * ps, ps, layout, pin_memory=pinned)
         host.raw.fill_(5)
@@ -75,10 +80,12 @@ def _measure_shape(args, spec: KVSpec, shape_name: str, device: torch.device) ->
                     mover.load_layer(host_idx, dev_idx, layer)
 
             cases = [
-                ("h2d per-layer", load_per_layer, per_layer_base),
-                ("d2h all-layer", lambda: mover.backup_all_layers(dev_idx, host_idx), base["d2h"]),
+                ("h2d per-layer", load_per_layer, "h2d"),
+                ("d2h all-layer", lambda: mover.backup_all_layers(dev_idx, host_idx), "d2h"),
             ]
-            for direction, fn, base_s in cases:
+            for direction, fn, way in cases:
+                # the baseline right before each case: this machine's memory bandwidth drifts within a run
+                base_s = _baseline(base_bufs, way, args.repeat, device)
                 s = time_best(fn, args.repeat, device)
                 rows.append({
                     "shape": shape_name, "layout": layout, "io": io, "direction": direction,

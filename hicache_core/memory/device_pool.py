@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from hicache_core.memory.allocator import PageAllocator
+from hicache_core.memory.buffer import cpu_buffer
 from hicache_core.memory.spec import KVSpec, require_host_memory
 
 
@@ -36,7 +37,10 @@ class DevicePool:
             shape = (2, *shape)
         if self.device.type == "cpu":
             require_host_memory(num_tokens * spec.size_per_token, f"the device pool ({num_tokens} tokens, on the CPU)")
-        self.kv_buffer = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        if self.device.type == "cpu":  # huge pages where possible (memory/buffer.py)
+            self.kv_buffer = cpu_buffer(num_tokens * spec.size_per_token, zero=True).view(spec.dtype).view(shape)
+        else:
+            self.kv_buffer = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         self.allocator = PageAllocator(num_tokens, page_size)
         self._layer_waiter: Optional[Callable[[int], None]] = None
 

@@ -25,6 +25,7 @@ import torch
 from hicache_core.config import MEM_LAYOUTS, HiCacheConfig
 from hicache_core.errors import ConfigError
 from hicache_core.memory.allocator import PageAllocator
+from hicache_core.memory.buffer import cpu_buffer
 from hicache_core.memory.spec import KVSpec, require_host_memory
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class HostPool:
         self.pinned = pin_memory
         total = num_tokens * spec.size_per_token
         require_host_memory(total, f"the host pool ({num_tokens} tokens x {spec.size_per_token} bytes)")
-        self.raw = torch.empty(total, dtype=torch.uint8, pin_memory=pin_memory)
+        self.raw = torch.empty(total, dtype=torch.uint8, pin_memory=True) if pin_memory else cpu_buffer(total)
         self.raw_np: np.ndarray = self.raw.numpy()
         L, ps, H, D = spec.layer_num, page_size, spec.head_num, spec.head_dim
         shapes = {

@@ -5,9 +5,10 @@ layout only changes the strides: ``token_strides()``). Page-granular allocation 
 (pages consecutive on both sides); each run is one copy between two such views -- K and V and, for all-layer
 copies, every layer in the same call.
 
-On CPU the copies are numpy ``copyto`` on byte views (one memcpy per contiguous piece, no OpenMP fork per call,
-GIL released) spread over a small thread pool; with a CUDA device pool they are torch ``copy_`` calls on the
-current stream.
+On CPU the runs are spread over a small thread pool (the GIL is released while copying): one layer's pieces are
+numpy ``copyto`` on byte views (one memcpy per contiguous piece, no OpenMP fork per call), whole pages are torch
+``copy_`` (vectorised; 1.3-2x numpy on ``page_first``'s 2 KiB pieces). The pools' CPU memory sits on huge pages
+(``memory/buffer.py``). With a CUDA device pool the copies are torch ``copy_`` calls on the current stream.
 """
 
 from __future__ import annotations
@@ -69,14 +70,44 @@ def byte_view(pool) -> Any:
     return view
 
 
+def _torch_view(pool) -> torch.Tensor:
+    """The CPU byte view as a torch tensor (same memory; cached)."""
+    cached = getattr(pool, "_hicache_byte_view_t", None)
+    if cached is None:
+        cached = pool._hicache_byte_view_t = torch.from_numpy(byte_view(pool))
+    return cached
+
+
+_RUNS: list = [None, None]  # the last (key, runs): a per-layer load asks for the same runs once per layer
+
+
+def _runs(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int) -> np.ndarray:
+    key = (src_indices.data_ptr(), src_indices._version, src_indices.numel(), dst_indices.data_ptr(),
+           dst_indices._version, dst_indices.numel(), page_size, src_indices.device, dst_indices.device)
+    last_key, last_runs = _RUNS
+    if key == last_key and last_runs is not None and last_runs[1] is src_indices and last_runs[2] is dst_indices:
+        return last_runs[0]
+    runs = page_runs(src_indices, dst_indices, page_size)
+    _RUNS[:] = [key, (runs, src_indices, dst_indices)]
+    return runs
+
+
 def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None) -> None:
     dst, src = byte_view(dst_pool), byte_view(src_pool)
     layer_sel = slice(None) if layer is None else layer
     rows = runs.tolist()
     if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
-        def work(part):
-            for s, d, n in part:
-                np.copyto(dst[:, d : d + n, layer_sel], src[:, s : s + n, layer_sel])
+        if layer is None:  # whole pages: torch's copy (vectorised, parallel) beats numpy on the strided layouts
+            dst_t, src_t = _torch_view(dst_pool), _torch_view(src_pool)
+
+            def work(part):
+                for s, d, n in part:
+                    dst_t[:, d : d + n].copy_(src_t[:, s : s + n])
+        else:  # one layer: many small pieces, where numpy's per-call cost is lower
+
+            def work(part):
+                for s, d, n in part:
+                    np.copyto(dst[:, d : d + n, layer], src[:, s : s + n, layer])
 
         if len(rows) < 2 or _THREADS == 1:
             work(rows)
@@ -94,7 +125,7 @@ def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None) -> None:
 
 
 def load_layer(host, device, host_indices, device_indices, layer: int) -> None:
-    _copy(device, host, page_runs(host_indices, device_indices, host.page_size), layer)
+    _copy(device, host, _runs(host_indices, device_indices, host.page_size), layer)
 
 
 def load_all_layers(host, device, host_indices, device_indices) -> None:
