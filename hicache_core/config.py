@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 IO_BACKENDS = ("kernel", "direct")
 WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
 MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
-PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
+PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout", "cost_aware")
 EVICTION_POLICIES = ("lru", "lfu", "fifo")
 MAX_PAGE_SIZE = 1 << 16  # tokens per page; SGLang's pages are 1-256
 

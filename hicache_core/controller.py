@@ -212,7 +212,7 @@ class HiCacheController:
         if op.io_done.is_set() or self.prefetch_policy == "best_effort":
             return True
         now = time.monotonic()
-        if self.prefetch_policy == "wait_complete":
+        if self.prefetch_policy in ("wait_complete", "cost_aware"):  # cost_aware: the cache may cut it sooner
             if now - op.last_progress > self.prefetch_stall_limit:
                 logger.warning("prefetch for %r made no progress for %.0f s: giving up on the rest", op.request_id,
                                now - op.last_progress)

@@ -32,6 +32,8 @@ class CacheMetrics:
             self.prefetched_tokens = 0
             self.prefetch_revoked = 0
             self.prefetch_terminated_early = 0
+            self.prefetch_skipped_cost = 0  # cost_aware: recomputing was expected to be faster than loading
+            self.prefetch_cut_cost = 0  # cost_aware: stopped waiting once recomputing would have been done
             self.backuped_tokens = 0
             self.loaded_back_tokens = 0
             self.storage_errors: dict[str, int] = defaultdict(int)
@@ -88,6 +90,8 @@ class CacheMetrics:
                 "prefetched_tokens": self.prefetched_tokens,
                 "prefetch_revoked": self.prefetch_revoked,
                 "prefetch_terminated_early": self.prefetch_terminated_early,
+                "prefetch_skipped_cost": self.prefetch_skipped_cost,
+                "prefetch_cut_cost": self.prefetch_cut_cost,
                 "backuped_tokens": self.backuped_tokens,
                 "loaded_back_tokens": self.loaded_back_tokens,
                 "storage_errors": dict(self.storage_errors),

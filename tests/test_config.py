@@ -90,7 +90,7 @@ def test_help_lists_choices_and_real_defaults():
     add_hicache_args(p)
     p.set_defaults(page_size=32)
     text = p.format_help()
-    assert "{kernel,direct}" in text and "{best_effort,wait_complete,timeout}" in text
+    assert "{kernel,direct}" in text and "{best_effort,wait_complete,timeout,cost_aware}" in text
     assert "tokens per KV page (default 32)" in text
 
 

@@ -32,7 +32,7 @@ class FrontDoorMachine(RuleBasedStateMachine):
     running = Bundle("running")
 
     @initialize(policy=st.sampled_from(["write_through", "write_through_selective", "write_back"]),
-                prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout"]),
+                prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout", "cost_aware"]),
                 layout=st.sampled_from(["layer_first", "page_first_direct"]))
     def setup(self, policy, prefetch, layout):
         self.cache = make_cache(device_pages=14, host_pages=10, storage="memory", store=uuid.uuid4().hex,

@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--configs", default=",".join(CONFIGS),
                    help="configurations to run, comma separated; 'none' always runs as the reference "
                         "(default %(default)s)")
+    e.add_argument("--prefetch-policies", default=None, metavar="P,P,...",
+                   help="run hicache+storage once per storage prefetch policy (e.g. best_effort,wait_complete,"
+                        "cost_aware), each on a store of its own")
     e.add_argument("--device-tokens", type=arg_int(1, 1 << 30), default=1024,
                    help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)")
     e.add_argument("--max-running", type=arg_int(1, 100000), default=4, help="requests in one batch (default %(default)s)")
@@ -120,6 +123,10 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
                progress: Progress, tp: Any = None) -> dict[str, Any]:
     from hicache_core.engine import Engine, Request
 
+    mode, _, policy = name.partition("@")  # "hicache+storage@cost_aware": one prefetch policy of --prefetch-policies
+    label = LABELS[mode] + (f", {policy}" if policy else "")
+    if policy:
+        base = _policy_config(base, policy)
     if args.tp_size > 1 and tp is None:  # one process per rank; rank 0's figures, every rank's hits
         from hicache_core.engine.tp import run_tp
 
@@ -129,9 +136,9 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
         assert isinstance(result, dict)
         result["cpu"] = meter.result()
         for _ in range(rounds * args.num_clients):
-            progress.step(LABELS[name])
+            progress.step(label)
         return result
-    engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running, tp=tp)
+    engine = Engine(model, base, mode, device_tokens=args.device_tokens, max_running=args.max_running, tp=tp)
     meter = CpuMeter().__enter__()
     history = [list(p) for p in work.first]
     per_round: list[dict[str, Any]] = []
@@ -145,7 +152,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
             for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
                 reqs.append(Request(f"{name}-{rnd}-{client}", list(history[client]), args.output_length, arrival=at))
                 at += gap
-            engine.generate(reqs, on_finish=lambda r: progress.step(LABELS[name]))
+            engine.generate(reqs, on_finish=lambda r: progress.step(label))
             by_client = {int(r.rid.rsplit("-", 1)[1]): r for r in reqs}
             for client, r in by_client.items():
                 history[client] += r.output + work.questions[rnd][client]
@@ -170,7 +177,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
     later: list[float] = [r["ttft_mean_ms"] for r in per_round[1:]]
     return {
         "config": name,
-        "label": LABELS[name],
+        "label": label,
         "rounds": per_round,
         "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
         "hit_tokens": stats["hit_tokens"],
@@ -181,6 +188,8 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
         "prefetched_tokens": stats["prefetched_tokens"],
         "backuped_tokens": stats["backuped_tokens"],
         "storage_errors": stats["storage_errors"],
+        "prefetch_skipped_cost": stats["prefetch_skipped_cost"],
+        "prefetch_cut_cost": stats["prefetch_cut_cost"],
         "wall_s": wall,
         "throughput_req_s": rounds * args.num_clients / wall,
         "throughput_in_tok_s": in_tokens / wall,
@@ -188,6 +197,16 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
         "cpu": meter.result(),
         "outputs": outputs,
     }
+
+
+def _policy_config(base: HiCacheConfig, policy: str) -> HiCacheConfig:
+    """``base`` under another prefetch policy, on a store of its own (a policy must not hit another's pages)."""
+    extra = dict(base.hicache_storage_backend_extra_config)
+    if base.hicache_storage_backend == "memory":
+        extra["store"] = f"{extra.get('store', 'bench')}-{policy}-{os.getpid()}"
+    elif "storage_dir" in extra:
+        extra["storage_dir"] = os.path.join(str(extra["storage_dir"]), policy)
+    return base.replace(hicache_storage_prefetch_policy=policy, hicache_storage_backend_extra_config=extra)
 
 
 def _config_on_rank(ctx: Any, name: str, args: argparse.Namespace, work: Workload, base: HiCacheConfig,
@@ -266,6 +285,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--configs: unknown {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
     if "none" not in configs:
         configs.insert(0, "none")  # the reference every other configuration must match
+    if args.prefetch_policies:
+        from hicache_core.config import PREFETCH_POLICIES
+
+        policies = [x.strip() for x in args.prefetch_policies.split(",") if x.strip()]
+        wrong = [x for x in policies if x not in PREFETCH_POLICIES]
+        if wrong or not policies:
+            raise ConfigError(f"--prefetch-policies: {', '.join(wrong) or 'none given'}; choose from "
+                              f"{', '.join(PREFETCH_POLICIES)}")
+        configs = [c for c in configs if c != "hicache+storage"] + [f"hicache+storage@{x}" for x in policies]
     if args.tp_size > 1:
         from hicache_core.engine.tp import check_divisible
 

@@ -163,6 +163,11 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
         for r in ranks:
             print(f"  {r['label']:<20} " + "  ".join(
                 f"rank {i} {h['device']}/{h['host']}/{h['storage']}" for i, h in enumerate(r["per_rank_hit_tokens"])))
+    for r in results:
+        if "@" in r["config"]:
+            print(f"  {r['label']}: {r.get('prefetch_skipped_cost', 0)} prefetches skipped (recompute expected faster), "
+                  f"{r.get('prefetch_cut_cost', 0)} cut (waited as long as recomputing takes), "
+                  f"{r['hit_tokens']['storage']} tokens from storage")
     inst = [r for r in results if r.get("per_instance_hit_tokens")]
     if inst:
         print("\nprefill hit tokens per instance (device/host/storage); decode loaded from storage:")

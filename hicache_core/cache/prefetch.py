@@ -6,12 +6,14 @@ holds; when the request may stop waiting (the prefetch policy), what landed join
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import attrs
 import torch
 
 from hicache_core.cache.agree import Solo
+from hicache_core.cache.cost import PrefetchCost
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.radix import RadixTree
 from hicache_core.config import HiCacheConfig
@@ -37,6 +39,12 @@ class StoragePrefetch(RadixTree):
     storage_enabled: bool
     ongoing_prefetch: dict[Any, _Prefetch]
     agree: Solo
+    cost: PrefetchCost
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        """The engine computed ``tokens`` prompt tokens in ``seconds`` (one forward pass): what the ``cost_aware``
+        prefetch policy weighs a storage load against."""
+        self.cost.record_prefill(tokens, seconds)
 
     def _host_room(self, want: int) -> int:
         """Free host tokens on every rank after evicting host-only pages toward ``want`` (the same on every rank,
@@ -77,6 +85,9 @@ class StoragePrefetch(RadixTree):
             return False
         n = self._page_align(len(new_tokens))
         if n < ctrl.prefetch_threshold or ctrl.prefetch_rate_limited():
+            return False
+        if self.config.hicache_storage_prefetch_policy == "cost_aware" and self.agree.all(self.cost.skip(n)):
+            self.metrics.add("prefetch_skipped_cost", 1)  # recomputing is expected to be faster
             return False
         self.inc_lock_ref(anchor)  # the anchor's hash chains the keys; it must stay in the tree
         op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash() if anchor is not self.root else None,
@@ -127,7 +138,12 @@ class StoragePrefetch(RadixTree):
             return True
         op, ctrl = pf.op, self.controller
         assert ctrl is not None
-        stop = self.agree.all(ctrl.prefetch_may_stop(op))
+        may_stop = ctrl.prefetch_may_stop(op)
+        cut = False
+        if not may_stop and self.config.hicache_storage_prefetch_policy == "cost_aware":
+            tokens = len(op.hash_value) * self.page_size if pf.queried else len(op.token_ids)
+            cut = self.cost.cut(tokens, time.monotonic() - op.start_time)
+        stop = self.agree.all(may_stop or cut)
         if not stop and not op.granted and not op.revoked:
             self._agree_queried([pf])
             if pf.queried:
@@ -138,6 +154,10 @@ class StoragePrefetch(RadixTree):
             return True
         if not stop:
             return False
+        if cut and not op.io_done.is_set():
+            self.metrics.add("prefetch_cut_cost", 1)
+        if op.io_done.is_set() and op.host_indices is not None and op.completed_tokens == len(op.host_indices):
+            self.cost.record_load(op.completed_tokens, op.last_progress - op.start_time)
         completed, hashes = ctrl.terminate_prefetch(op)
         if self.agree.active:  # every rank keeps what every rank fetched; a rank that fetched more frees the rest
             agreed = self.agree.min([completed])[0]

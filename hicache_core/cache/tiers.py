@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from hicache_core.cache.agree import Solo
+from hicache_core.cache.cost import PrefetchCost
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.prefetch import StoragePrefetch, _Prefetch
 from hicache_core.cache.radix import EMPTY
@@ -61,6 +62,7 @@ class TieredCache(StoragePrefetch):
         self.ongoing_backup: dict[int, TreeNode] = {}
         self._write_locked: set[int] = set()
         self.ongoing_prefetch: dict[Any, _Prefetch] = {}
+        self.cost = PrefetchCost()  # the cost_aware prefetch policy's load and recompute rates (cache/cost.py)
 
     # --- tree hooks --------------------------------------------------------------------------------------------------
     def _on_new(self, node: TreeNode) -> None:

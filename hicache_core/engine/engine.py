@@ -315,8 +315,11 @@ class Engine:
             new = torch.tensor(r.prompt[len(r.admission.prefix) :], dtype=torch.int64)
             r.used = len(new)
             seqs.append((new, r.admission.own[: len(new)], r.slots()))
+        t0 = time.perf_counter()
         logits = self.model.forward(self.pool, seqs)
         now = time.perf_counter()
+        if self.cache is not None:  # what a storage load is weighed against (cost_aware prefetch)
+            self.cache.record_prefill(sum(len(s[0]) for s in seqs), now - t0)
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
             r.first_token_time = now
             r._emit(tok)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Optional
 
@@ -12,7 +13,7 @@ import attrs
 import torch
 
 from hicache_core.storage.base import HiCacheStorage
-from hicache_core.storage.options import option, parse_options, size, text
+from hicache_core.storage.options import number, option, parse_options, size, text
 
 
 class _Store:
@@ -26,6 +27,8 @@ class _Store:
 class MemoryOptions:
     store: str = option("default", text, "instances naming the same store share its pages (within a process)")
     capacity_bytes: int = option(0, size, "bytes the store may hold (0 = unlimited); when full, new pages are refused")
+    read_gbps: float = option(0.0, number(0.0), "simulate a slower store: reads move at most this many GB/s (0 = off)")
+    read_latency_s: float = option(0.0, number(0.0), "simulate a remote store: each read call takes at least this long")
 
 
 _STORES: dict[str, _Store] = {}
@@ -35,12 +38,14 @@ _STORES_LOCK = threading.Lock()
 class MemoryStorage(HiCacheStorage):
     """Pages as immutable ``bytes`` in a dict. Extra config: ``store`` (instances naming the same store share it,
     within one process; default ``"default"``), ``capacity_bytes`` (0 = unlimited; when full, new pages are
-    refused rather than old ones dropped, so a reader never loses a page mid-prefetch)."""
+    refused rather than old ones dropped, so a reader never loses a page mid-prefetch); ``read_gbps`` and
+    ``read_latency_s`` make reads as slow as a remote store would be (benchmarks of the prefetch policies)."""
 
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
         opts = parse_options(MemoryOptions, self.extra_config, "memory backend")
         self.capacity_bytes = opts.capacity_bytes
+        self.read_gbps, self.read_latency_s = opts.read_gbps, opts.read_latency_s
         name = self.store_name = opts.store
         with _STORES_LOCK:
             store = _STORES.setdefault(name, _Store())
@@ -68,9 +73,19 @@ class MemoryStorage(HiCacheStorage):
             self._stats["get_pages" if data is not None else "get_misses"] += 1
             return data
 
+    def _throttle(self, started: float, nbytes: int) -> None:
+        """Make a read call last as long as the simulated store would take (read_latency_s, read_gbps)."""
+        if self.read_gbps or self.read_latency_s:
+            due = self.read_latency_s + (nbytes / (self.read_gbps * 1e9) if self.read_gbps else 0.0)
+            left = due - (time.perf_counter() - started)
+            if left > 0:
+                time.sleep(left)
+
     # v0
     def get(self, key, target_location=None):
+        t0 = time.perf_counter()
         data = self._take(self.namespace.key(key))
+        self._throttle(t0, len(data) if data else 0)
         if data is None:
             return None
         page = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -88,6 +103,7 @@ class MemoryStorage(HiCacheStorage):
 
     # v1
     def batch_get_v1(self, keys, host_indices):
+        t0 = time.perf_counter()
         views = self.mem_pool_host.page_memoryviews(host_indices)
         out = []
         for key, segs in zip(keys, views):
@@ -100,6 +116,7 @@ class MemoryStorage(HiCacheStorage):
                 seg[:] = data[pos : pos + len(seg)]
                 pos += len(seg)
             out.append(True)
+        self._throttle(t0, sum(out) * self.mem_pool_host.page_bytes)
         return out
 
     def batch_set_v1(self, keys, host_indices):
