@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-SMALL = ["--num-clients", "3", "--num-rounds", "3", "--request-length", "160", "--question-length", "32",
+SMALL = ["--num-clients", "3", "--num-rounds", "2", "--request-length", "160", "--question-length", "32",
          "--output-length", "48", "--request-rate", "50", "--device-tokens", "512", "--max-running", "2",
          "--hicache-ratio", "1", "--no-progress"]
 

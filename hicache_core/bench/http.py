@@ -109,6 +109,29 @@ def server_config(url: str) -> tuple[str, dict]:
     return str(info.get("mode") or "server"), info
 
 
+def send_round(work: Any, rnd: int, make_call: Any, progress: Any, label: str) -> list[tuple[int, Any]]:
+    """Round ``rnd``'s requests, each sent on a thread of its own at its arrival time; (client, call) once all
+    have answered. ``make_call(client)`` builds an object with ``run()``."""
+    calls, threads = [], []
+    at = time.perf_counter()
+    for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
+        time.sleep(max(0.0, at - time.perf_counter()))
+        call = make_call(client)
+        t = threading.Thread(target=_run_and_count, args=(call, progress, label), daemon=True)
+        t.start()
+        calls.append((client, call))
+        threads.append(t)
+        at += gap
+    for t in threads:
+        t.join()
+    return calls
+
+
+def _run_and_count(call: Any, progress: Any, label: str) -> None:
+    call.run()
+    progress.step(label)
+
+
 def run_server(label: str, mode: str, url: str, args: argparse.Namespace, work: Any, progress: Any,
                pct: Any) -> dict[str, Any]:
     vocab = (_get(url + "/get_model_info") or {}).get("vocab_size")
@@ -124,21 +147,7 @@ def run_server(label: str, mode: str, url: str, args: argparse.Namespace, work: 
     in_tokens = out_tokens = 0
     t_start = time.perf_counter()
     for rnd in range(args.num_rounds):
-        calls: list[tuple[int, _Call]] = []
-        threads = []
-        at = time.perf_counter()
-        for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
-            delay = at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            call = _Call(url, list(history[client]), args)
-            t = threading.Thread(target=lambda c=call: (c.run(), progress.step(label)), daemon=True)
-            t.start()
-            calls.append((client, call))
-            threads.append(t)
-            at += gap
-        for t in threads:
-            t.join()
+        calls = send_round(work, rnd, lambda client: _Call(url, list(history[client]), args), progress, label)
         failed = [c.error for _, c in calls if c.error]
         if failed:
             raise HiCacheError(f"{label} ({url}): {len(failed)} requests failed, e.g. {failed[0]}")

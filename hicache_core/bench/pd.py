@@ -28,12 +28,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Optional
 
 from hicache_core.bench.common import Progress, pct
-from hicache_core.bench.http import TIERS, _delta, _get, _post
+from hicache_core.bench.http import TIERS, _delta, _get, _post, send_round
 from hicache_core.bench.multiturn import Workload, add_workload_arguments
 from hicache_core.bench.report import report
 from hicache_core.config import HiCacheConfig, add_hicache_args
@@ -201,11 +200,6 @@ class _PDCall:
             self.error = f"{type(e).__name__}: {e}"
 
 
-def _run_call(call: _PDCall, progress: Progress, label: str) -> None:
-    call.run()
-    progress.step(label)
-
-
 def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir: str, workdir: str,
                progress: Progress) -> dict[str, Any]:
     label, p_role, d_role = CONFIGS[args.mode][name]
@@ -231,18 +225,9 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir:
         t_start = time.perf_counter()
         for rnd in range(args.num_rounds):
             prefill = prefills[rnd % len(prefills)]
-            calls, threads = [], []
-            at = time.perf_counter()
-            for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
-                time.sleep(max(0.0, at - time.perf_counter()))
-                call = _PDCall(inst.urls[prefill], inst.urls["decode"], list(history[client]), args.output_length)
-                th = threading.Thread(target=_run_call, args=(call, progress, label), daemon=True)
-                th.start()
-                calls.append((client, call))
-                threads.append(th)
-                at += gap
-            for th in threads:
-                th.join()
+            url = inst.urls[prefill]
+            calls = send_round(work, rnd, lambda c, u=url: _PDCall(u, inst.urls["decode"], list(history[c]),
+                                                                   args.output_length), progress, label)
             failed = [c.error for _, c in calls if c.error]
             if failed:
                 inst.check_alive()
