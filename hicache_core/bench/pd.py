@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each instance's device KV pool in tokens (default %(default)s)")
     s.add_argument("--max-running", type=arg_int(1, 100000), default=4,
                    help="requests in one batch, per instance (default %(default)s)")
+    s.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 64), default=1,
+                   help="tensor-parallel ranks of every instance (default %(default)s)")
     s.add_argument("--start-timeout", type=arg_int(1, 3600), default=180,
                    help="seconds an instance may take to start (default %(default)s)")
     o = p.add_argument_group("output")
@@ -204,7 +206,7 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir:
                progress: Progress) -> dict[str, Any]:
     label, p_role, d_role = CONFIGS[args.mode][name]
     common = ["--seed", str(args.seed), "--max-total-tokens", str(args.device_tokens),
-              "--max-running-requests", str(args.max_running)]
+              "--max-running-requests", str(args.max_running), "--tp-size", str(args.tp_size)]
     p_flags = common + _hicache_flags(args, storage_dir, store=p_role is not None)
     d_flags = common + _hicache_flags(args, storage_dir, store=d_role is not None)
     if p_role:
