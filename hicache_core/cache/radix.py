@@ -22,7 +22,7 @@ EMPTY = torch.empty(0, dtype=torch.int64)
 
 @attrs.frozen
 class MatchResult:
-    device_indices: torch.Tensor  # device slots of the device-resident part of the prefix
+    device_indices: torch.Tensor  # device slots of the device-resident part (may be the tree's own: read only)
     last_device_node: TreeNode  # deepest node whose KV is on device
     last_node: TreeNode  # deepest matched node (device or host-only): the anchor for prefetch and load back
     host_hit_length: int  # tokens past the device part that are on host only
