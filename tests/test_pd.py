@@ -55,6 +55,10 @@ def test_decode_loads_what_prefill_stored_and_generates_the_single_process_token
             assert r.cached["storage"] == 5 * PAGE, r.cached
         assert [r.output for r in out] == reference(ps, 8)
         assert [r.output[0] for r in out] == [r.output[0] for r in first]
+        # prefill generates one token whatever max_new_tokens says: a request whose reply would not fit runs
+        big = Request("p-big", list(ps[0]), 2048)
+        prefill.generate([big])
+        assert big.output == first[0].output and big.finish_reason == "length"
         # decode without offload only reads: the store holds the prompts' pages and nothing decode generated
         assert decode.metrics.stats()["hit_tokens"]["storage"] == 3 * 5 * PAGE
         decode.flush()

@@ -57,3 +57,17 @@ def test_bad_role_flags_fail_before_serving(flags, message):
     out = subprocess.run([sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", *flags],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_prefill_server_answers_with_one_token_whatever_max_new_tokens_says(tmp_path):
+    from conftest import serve
+
+    store = json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 32})
+    with serve(tmp_path, "--disaggregation-mode", "prefill", "--enable-hierarchical-cache", "--page-size", "32",
+               "--max-total-tokens", "256", "--hicache-storage-backend", "file",
+               "--hicache-storage-backend-extra-config", store) as server:
+        assert server.get("/get_server_info")["disaggregation_mode"] == "prefill"
+        out = server.generate({"input_ids": list(range(100)), "sampling_params": {"max_new_tokens": 1000}})
+        assert len(out["output_ids"]) == 1 and out["meta_info"]["finish_reason"]["type"] == "length"
+        # answered only once the prompt's 3 whole pages were in the store
+        assert len(list((tmp_path / "store").rglob("*.page"))) == 3

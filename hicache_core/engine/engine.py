@@ -158,12 +158,12 @@ class Engine:
     # --- admission ---------------------------------------------------------------------------------------------------
     def _admit(self, r: Request) -> str:
         """'ready', 'wait' (prefetch in flight) or 'full' (no device room now)."""
+        if self.role == "prefill":  # a prefill instance answers with the first token; decode generates the rest
+            r.max_new_tokens = min(r.max_new_tokens, 1)
         need = len(r.prompt) + r.max_new_tokens
         need += -need % self.page_size
         if need > self.pool.size:
             raise ConfigError(f"request {r.rid} needs {need} device tokens; the device pool holds {self.pool.size}")
-        if self.role == "prefill":  # a prefill instance answers with the first token; decode generates the rest
-            r.max_new_tokens = min(r.max_new_tokens, 1)
         if self.cache is None:  # no prefix cache: every token is computed
             own = self.pool.alloc(need)
             if own is None:

@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import Any, Optional
 
+import attrs
+
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, Request, TinyLlama
 from hicache_core.engine.engine import warm_up
@@ -79,7 +81,9 @@ class ServerState:
     def new_request(self, ids: list[int], params: Params, rid: Optional[str] = None) -> Request:
         why = ("the device pool" if self.engine.pool.size <= self.model.config.max_position_embeddings
                else "the model's max_position_embeddings")
-        check_fits(ids, params, self.context, why)
+        # a prefill instance generates one token whatever max_new_tokens says (decode generates the rest)
+        check_fits(ids, attrs.evolve(params, max_new_tokens=1) if self.engine.role == "prefill" else params,
+                   self.context, why)
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eos_ids)
         r = Request(rid or uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos, params=params)
         if params.stop:
