@@ -86,8 +86,8 @@ class Request:
 
 
 def role_config(config: HiCacheConfig, mode: str, role: str, offload: bool) -> HiCacheConfig:
-    """The cache config of a prefill or decode instance (ConfigError for flags that do not fit). Checks a prefill/decode role against the cache flags; a decode instance prefetches from the first page and
-    waits for all of it (it must not recompute what prefill handed over)."""
+    """The cache config of a prefill or decode instance (ConfigError for flags that do not fit): a decode instance
+    prefetches from the first page and waits for all of it (it must not recompute what prefill handed over)."""
     if role not in DISAGGREGATION_MODES:
         raise ConfigError(f"--disaggregation-mode {role!r}: choose one of {', '.join(DISAGGREGATION_MODES)}")
     if offload and role != "decode":
@@ -133,7 +133,7 @@ class Engine:
         config = config.replace(model_name=config.model_name or model.config.name)
         self.role = disaggregation_mode
         config = role_config(config, mode, disaggregation_mode, offload_kvcache)
-        self.handing_off: list[tuple[Request, list[int], float]] = []  # prefill: (request, prompt, deadline)
+        self.handing_off: list[tuple[Request, float]] = []  # prefill: (request, deadline)
         self.page_size = config.page_size
         self.metrics = CacheMetrics(enable_prometheus=config.enable_metrics, labels={"mode": mode})
         self.cache: Optional[HiRadixCache] = None
@@ -220,7 +220,7 @@ class Engine:
 
     def in_flight(self) -> list[Request]:
         """Every request not yet reported finished: running, waiting, and (prefill) handing its KV to storage."""
-        return list(self.running) + list(self.waiting) + [r for r, _, _ in self.handing_off]
+        return list(self.running) + list(self.waiting) + [r for r, _ in self.handing_off]
 
     def step(self) -> tuple[list[Request], bool]:
         """One scheduler iteration over ``waiting`` and ``running``: admit, prefill the admitted, decode the rest,
@@ -248,13 +248,13 @@ class Engine:
         """Prefill: hold each finished request until its prompt's pages are in storage (decode reads them next)."""
         assert self.cache is not None
         deadline = time.monotonic() + HANDOFF_TIMEOUT_S
-        self.handing_off += [(r, r.prompt, deadline) for r in finished if r.finish_reason != "abort"]
+        self.handing_off += [(r, deadline) for r in finished if r.finish_reason != "abort"]
         done = [r for r in finished if r.finish_reason == "abort"]
         if not self.handing_off:
             return done
         now = time.monotonic()
-        pending = [self.cache.backup_in_flight(p) for _, p, _ in self.handing_off]
-        late = [now > d for _, _, d in self.handing_off]
+        pending = [self.cache.backup_in_flight(r.prompt) for r, _ in self.handing_off]
+        late = [now > d for _, d in self.handing_off]
         agree = self.cache.agree
         if agree.active:  # tensor parallel: a page is stored once it is stored everywhere; rank 0's clock decides
             n = len(pending)
