@@ -164,4 +164,19 @@ def test_bench_storage_through_sglang(tmp_path, capsys):
                "--hicache-mem-layout", "page_first_direct", "--hicache-io-backend", "direct",
                "--hicache-storage-backend-extra-config", f'{{"storage_dir": "{tmp_path}"}}'])
     out = capsys.readouterr().out
-    assert rc == 0 and "the bare backend" in out and "set ratio" in out
+    assert rc == 0 and "the bare backend" in out and "vs base" in out and "peer" not in out
+
+
+def test_bench_storage_times_sglang_hicache_file_beside_ours(tmp_path, capsys):
+    """Where sglang imports, the file backend's benchmark also times SGLang's own HiCacheFile on the same pages,
+    written from and read into ready flat tensors, and checks what it read back."""
+    import json
+
+    from hicache_core.cli import main
+
+    rc = main(["bench", "storage", "--total-mib", "2", "--page-kib", "256", "--repeat", "2", "--json",
+               "--hicache-storage-backend-extra-config", f'{{"storage_dir": "{tmp_path}"}}'])
+    row = json.loads(capsys.readouterr().out)["results"][0]
+    assert rc == 0 and row["peer"].startswith("SGLang HiCacheFile")
+    assert row["peer_get_gbps"] > 0 and row["peer_set_ratio"] > 0 and row["base_get_ratio"] > 0
+    assert sorted(os.listdir(tmp_path)) == []  # ours, the baseline's and SGLang's files all removed

@@ -1,6 +1,7 @@
 """``hicache bench storage``: set / get / exists throughput of a storage backend through its v1 interface, beside the
-plain baseline its plugin names (``backend.bench_baseline()``: raw file I/O, the raw Mooncake client, ...), on
-the same bytes in the same run."""
+plain baseline its plugin names (``backend.bench_baseline()``: raw file I/O, the raw Mooncake client, ...) and the
+peer it is held to where one is importable (``backend.bench_peer()``: SGLang's HiCacheFile for the file backend),
+on the same bytes in the same run, who goes first alternating by round."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
     pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8))
     src, dst = pool.alloc(n * ps), pool.alloc(n * ps)
     assert src is not None and dst is not None
+    peer = None
     if via_sglang:
         from hicache_core.sglang import through_sglang
 
@@ -84,13 +86,17 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
         backend = through_sglang(config, pool)  # measured: SGLang's view of the same backend
     else:
         baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
+        peer = backend.raw.bench_peer() if hasattr(backend.raw, "bench_peer") else None
+    others = {k: b for k, b in (("base", baseline), ("peer", peer)) if b is not None}
     nbytes = n * pool.page_bytes
-    res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get")}
+    res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get", "peer_set", "peer_get")}
     try:
+        if peer is not None:
+            peer.prepare(src)
         for rep in range(repeat):
             keys = hash_chain(torch.randint(0, 2**31, (n * ps,)).tolist(), ps, os.urandom(32).hex())
-            if baseline is not None and rep % 2 == 0:  # alternate who goes first: neither always gets a cold store
-                _baseline_round(baseline, keys, src, dst, res)
+            if rep % 2 == 0:  # alternate who goes first: neither always gets a cold store
+                _others_round(others, keys, src, dst, res)
             ok: list[bool] = []
             res["set"].append(_time(lambda: _each(backend.batch_set_v1, keys, src, ps, ok)))
             if not all(ok):
@@ -106,21 +112,23 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
             if sum(found) != n:
                 raise RuntimeError(f"exists found {sum(found)} of {n} pages")
             backend.clear()
-            if baseline is not None and rep % 2 == 1:
-                _baseline_round(baseline, keys, src, dst, res)
+            if rep % 2 == 1:
+                _others_round(others, keys, src, dst, res)
     finally:
         backend.close()
-        if baseline is not None:
-            baseline.cleanup()
+        for b in others.values():
+            b.cleanup()
+            if hasattr(b, "close"):
+                b.close()
         if isinstance(baseline, _Bare):
             baseline.backend.close()
     med = {k: statistics.median(v) for k, v in res.items() if v}
     row = {"page_kib": kib, "pages": n, "set_gbps": gbps(nbytes, med["set"]), "get_gbps": gbps(nbytes, med["get"]),
            "exists_kpages_s": n / med["exists"] / 1e3}
-    if baseline is not None:
-        row.update(baseline=baseline.name, base_set_gbps=gbps(nbytes, med["base_set"]),
-                   base_get_gbps=gbps(nbytes, med["base_get"]),
-                   set_ratio=med["base_set"] / med["set"], get_ratio=med["base_get"] / med["get"])
+    for k, b in others.items():
+        row.update({k if k == "peer" else "baseline": b.name, f"{k}_set_gbps": gbps(nbytes, med[f"{k}_set"]),
+                    f"{k}_get_gbps": gbps(nbytes, med[f"{k}_get"]), f"{k}_set_ratio": med[f"{k}_set"] / med["set"],
+                    f"{k}_get_ratio": med[f"{k}_get"] / med["get"]})
     return row
 
 
@@ -130,10 +138,14 @@ def _each(fn, keys, idx, ps, out: list) -> None:
         out.extend(fn(k, i))
 
 
-def _baseline_round(baseline, keys, src, dst, res) -> None:
-    res["base_set"].append(_time(lambda: baseline.set(keys, src)))
-    res["base_get"].append(_time(lambda: baseline.get(keys, dst)))
-    baseline.cleanup()
+def _others_round(others: dict, keys, src, dst, res) -> None:
+    """One round of each baseline: set then get of the same pages, each timed, then its files removed."""
+    for k, b in others.items():
+        res[f"{k}_set"].append(_time(lambda: b.set(keys, src)))
+        res[f"{k}_get"].append(_time(lambda: b.get(keys, dst)))
+        if hasattr(b, "verify"):
+            b.verify()
+        b.cleanup()
 
 
 def _same_pages(pool: HostPool, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -156,10 +168,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"hicache bench storage: backend {config.hicache_storage_backend}, layout {config.hicache_mem_layout}, "
           f"{args.total_mib} MiB per measurement, batches of {BATCH} pages, median of {args.repeat}")
-    print(f"baseline: {rows[0].get('baseline', 'none (the backend offers no bench_baseline)')}, same bytes, same run\n")
-    print_table(rows, [
-        ("page_kib", "page KiB", "d"), ("pages", "pages", "d"), ("set_gbps", "set GB/s", ".2f"),
-        ("base_set_gbps", "base set", ".2f"), ("set_ratio", "set ratio", ".2f"), ("get_gbps", "get GB/s", ".2f"),
-        ("base_get_gbps", "base get", ".2f"), ("get_ratio", "get ratio", ".2f"), ("exists_kpages_s", "exists kpage/s", ".1f"),
-    ])
+    print(f"baseline: {rows[0].get('baseline', 'none (the backend offers no bench_baseline)')}, same bytes, same run")
+    if "peer" in rows[0]:
+        print(f"peer: {rows[0]['peer']}, same bytes, same run")
+    print()
+    cols = [("page_kib", "page KiB", "d"), ("pages", "pages", "d"), ("set_gbps", "set GB/s", ".2f"),
+            ("base_set_gbps", "base set", ".2f"), ("base_set_ratio", "vs base", ".2f")]
+    peer = [("peer_set_gbps", "peer set", ".2f"), ("peer_set_ratio", "vs peer", ".2f")] if "peer" in rows[0] else []
+    cols += peer + [("get_gbps", "get GB/s", ".2f"), ("base_get_gbps", "base get", ".2f"), ("base_get_ratio", "vs base", ".2f")]
+    if peer:
+        cols += [("peer_get_gbps", "peer get", ".2f"), ("peer_get_ratio", "vs peer", ".2f")]
+    print_table(rows, cols + [("exists_kpages_s", "exists kpage/s", ".1f")])
+    who = "the baseline's or the peer's" if peer else "the baseline's"
+    print(f"\n(ratios: {who} time over ours; above 1 = we are faster)")
     return 0

@@ -22,6 +22,7 @@ MAGIC = b"HICPAGE\0"
 VERSION = 2
 HEADER_BYTES = 64
 _HEAD = struct.Struct("<8sIIQQ32s")
+_CRC = struct.Struct("<Q")
 assert _HEAD.size == HEADER_BYTES
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -39,6 +40,8 @@ def checksum(segments: Sequence[Buffer]) -> int:
     """XXH3-64 over the concatenation of ``segments``."""
     import xxhash  # imported here: the core imports without it (a GPU box running only the kernel checks)
 
+    if len(segments) == 1:
+        return xxhash.xxh3_64_intdigest(segments[0])
     h = xxhash.xxh3_64()
     for s in segments:
         h.update(s)
@@ -55,9 +58,13 @@ class PageEnvelope:
     def __init__(self, scope: str, mac_key: Optional[bytes] = None) -> None:
         self.scope = scope
         self.mac_key = mac_key or None
+        self._scoped = hashlib.sha256(f"{scope}/".encode())  # copied per key: the scope is hashed once
 
     def key_digest(self, key: str) -> bytes:
-        return hashlib.sha256(f"{self.scope}/{key}".encode()).digest()
+        """SHA-256 of ``"{scope}/{key}"``."""
+        h = self._scoped.copy()
+        h.update(key.encode())
+        return h.digest()
 
     def _mac(self, key: str, payload_len: int, crc: int, segments: Sequence[Buffer]) -> bytes:
         assert self.mac_key is not None
@@ -74,6 +81,22 @@ class PageEnvelope:
         if self.mac_key:
             return _HEAD.pack(MAGIC, VERSION, FLAG_MAC, payload, crc, self._mac(key, payload, crc, segments))
         return _HEAD.pack(MAGIC, VERSION, 0, payload, crc, self.key_digest(key))
+
+    def check(self, key: str, header: Buffer, segments: Sequence[Buffer], payload_len: int, n_read: int) -> None:
+        """:meth:`open` for a reader that knows the payload's length and read one byte past it (``n_read`` may
+        be ``HEADER_BYTES + payload_len + 1``: a file longer than its header says). The common case -- exactly
+        the page asked for -- costs one comparison of the header's fixed fields and the checksum; anything else
+        goes through :meth:`open` for its precise error."""
+        if n_read == HEADER_BYTES + payload_len and not self.mac_key:
+            want = _HEAD.pack(MAGIC, VERSION, 0, payload_len, 0, self.key_digest(key))
+            if header[:24] == want[:24] and header[32:HEADER_BYTES] == want[32:]:
+                if checksum(segments) == _CRC.unpack_from(header, 24)[0]:
+                    return
+                raise EnvelopeError("corrupt", "checksum mismatch")
+        if n_read > HEADER_BYTES + payload_len:
+            self.open(key, header, segments, HEADER_BYTES + payload_len)  # the header's own faults first
+            raise EnvelopeError("foreign", "file is longer than its header says")
+        self.open(key, header, segments, n_read)
 
     def open(self, key: str, header: Buffer, segments: Sequence[Buffer], n_read: Optional[int] = None) -> None:
         """Check a page read as ``header`` + ``segments`` (``n_read`` bytes in all, when the reader knows it)

@@ -27,7 +27,8 @@ class FileOptions:
                                                     "else $XDG_CACHE_HOME/hicache, else /tmp/hicache-$UID)")
     file_storage_path: Optional[str] = option(None, text, "SGLang HiCacheFile's name for storage_dir")
     capacity_bytes: int = option(0, size, "bytes of pages the whole directory may hold (0 = unlimited; LRU eviction)")
-    io_threads: int = option(4, whole(1, 256), "parallel page I/O within a batch")
+    io_threads: Optional[int] = option(None, whole(1, 256), "parallel page I/O within a batch (default: 4, or the "
+                                                            "CPU cores where fewer: more threads than cores is slower)")
     fsync: bool = option(False, boolean, "flush each page to disk before publishing it")
     layout_compat: str = option("hicache", choice("hicache", "sglang"),
                                 "hicache (checksummed pages) or sglang (SGLang HiCacheFile's files)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ _TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
 class FileStorage(HiCacheStorage):
     """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else /tmp/hicache),
     ``capacity_bytes`` (0 = unlimited; LRU eviction of whole pages), ``io_threads`` (parallel page I/O in a batch,
-    default 4), ``fsync`` (flush each page to disk before publishing it; default off), ``layout_compat``
+    default 4, or the CPU cores where fewer), ``fsync`` (flush each page to disk before publishing it; default off), ``layout_compat``
     (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see :mod:`.sglang_layout`)."""
 
     def __new__(cls, storage_config=None, extra_config=None):
@@ -64,7 +65,8 @@ class FileStorage(HiCacheStorage):
     def __init__(self, storage_config, extra_config=None) -> None:
         super().__init__(storage_config, extra_config)
         opts = self.options = parse_options(FileOptions, self.extra_config, "file backend")
-        self.capacity_bytes, self.io_threads, self.fsync = opts.capacity_bytes, opts.io_threads, opts.fsync
+        self.capacity_bytes, self.fsync = opts.capacity_bytes, opts.fsync
+        self.io_threads = opts.io_threads or min(4, len(os.sched_getaffinity(0)))
         self.root = resolve_root(opts)
         secure_directory(self.root, opts.shared)
         self.tag = self.namespace.tag
@@ -86,12 +88,12 @@ class FileStorage(HiCacheStorage):
         self.usage: Optional[SharedUsage] = SharedUsage(self.root) if self.capacity_bytes else None
         self._scan(startup=True)
         self._pool: Optional[cf.ThreadPoolExecutor] = None
+        self._tmp_token, self._tmp_serial = uuid.uuid4().hex[:8], itertools.count()  # temporary files' names
         self._payload_bytes: Optional[int] = None
 
     # --- layout on disk ----------------------------------------------------------------------------------------------
     def _describe_namespace(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        self._described = True
         meta = os.path.join(self.dir, "namespace.json")
         if not os.path.exists(meta):
             # named like a page's temporary file (pid first), so another process's start-up scan sees a live writer
@@ -102,7 +104,7 @@ class FileStorage(HiCacheStorage):
 
     def _path(self, key: str) -> str:
         name = key if _HEX64.fullmatch(key) else hashlib.sha256(key.encode()).hexdigest()
-        return os.path.join(self.dir, name[:2], name + ".page")
+        return f"{self.dir}/{name[:2]}/{name}.page"
 
     # --- one page ----------------------------------------------------------------------------------------------------
     def _write(self, key: str, segments: list) -> bool:
@@ -112,13 +114,10 @@ class FileStorage(HiCacheStorage):
             self._count("set_skipped")
             self._touch(path)
             return True
-        payload = sum(len(s) for s in segments)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp"
+        payload = sum(map(len, segments))
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.{self._tmp_token}{next(self._tmp_serial):x}.tmp"
         try:
-            if not self._described:  # clear() removed the namespace directory
-                self._describe_namespace()
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self._create(tmp)
             try:
                 data = [self.envelope.seal(key, segments), *segments]
                 written = os.writev(fd, data)
@@ -140,46 +139,62 @@ class FileStorage(HiCacheStorage):
             except OSError:
                 pass
             return False
-        self._count("set_pages")
-        self._count("bytes_written", payload)
+        with self._lock:
+            self._stats["set_pages"] += 1
+            self._stats["bytes_written"] += payload
         self._account(path, HEADER_BYTES + payload)
         return True
 
+    def _create(self, tmp: str) -> int:
+        """Open a new temporary page file; its directories are made only when the first try finds them missing
+        (a fresh store, or one that clear() -- ours or another process's -- emptied)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(tmp, flags, 0o644)
+        except FileNotFoundError:
+            self._describe_namespace()
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            return os.open(tmp, flags, 0o644)
+
     def _read(self, key: str, segments: list) -> bool:
-        """Read one page into ``segments`` (writable buffers); True only if every check passes."""
+        """Read one page into ``segments`` (writable buffers); True only if every check passes. Successes are
+        counted by the caller, a batch at a time (:meth:`_tally`): the per-page path takes no lock."""
         path = self._path(key)
-        expect = sum(len(s) for s in segments)
-        header = bytearray(HEADER_BYTES)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            self._count("get_misses")
-            return False
         except OSError as e:
-            logger.warning("file backend: cannot open %s: %s", path, e)
+            if not isinstance(e, FileNotFoundError):
+                logger.warning("file backend: cannot open %s: %s", path, e)
             self._count("get_misses")
             return False
+        edge = bytearray(HEADER_BYTES + 1)  # the header, then one byte that catches a file longer than it says
+        view = memoryview(edge)
         try:
-            tail = bytearray(1)  # catches a file longer than its header says, in the same call
-            n = os.preadv(fd, [header, *segments, tail], 0)
-            self.envelope.open(key, header, segments, min(n, HEADER_BYTES + expect))
-            if n > HEADER_BYTES + expect:
-                raise EnvelopeError("foreign", "file is longer than its header says")
-        except EnvelopeError as e:
-            logger.warning("file backend: %s is unusable (%s): treated as a miss and removed", path, e)
-            self._count(e.kind)
-            self._remove(path)
-            return False
+            n = os.preadv(fd, [view[:HEADER_BYTES], *segments, view[HEADER_BYTES:]], 0)
         except OSError as e:
             logger.warning("file backend: reading %s failed: %s", path, e)
             self._count("get_misses")
             return False
         finally:
             os.close(fd)
-        self._count("get_pages")
-        self._count("bytes_read", expect)
-        self._touch(path)
+        try:
+            self.envelope.check(key, view[:HEADER_BYTES], segments, sum(map(len, segments)), n)
+        except EnvelopeError as e:
+            logger.warning("file backend: %s is unusable (%s): treated as a miss and removed", path, e)
+            self._count(e.kind)
+            self._remove(path)
+            return False
+        if self.capacity_bytes:
+            self._touch(path)
         return True
+
+    def _tally(self, results: list[bool], page_bytes: int) -> list[bool]:
+        """Count a batch's pages read."""
+        got = sum(results)
+        with self._lock:
+            self._stats["get_pages"] += got
+            self._stats["bytes_read"] += got * page_bytes
+        return results
 
     def _remove(self, path: str) -> None:
         """Remove a page file; the directory's usage drops only if this call removed it."""
@@ -289,7 +304,8 @@ class FileStorage(HiCacheStorage):
         return map_chunked(self._pool, self.io_threads, len(keys), lambda i: fn(keys[i], segments[i]))
 
     def batch_get_v1(self, keys, host_indices) -> list[bool]:
-        return self._map(self._read, keys, self.mem_pool_host.page_memoryviews(host_indices))
+        pool = self.mem_pool_host
+        return self._tally(self._map(self._read, keys, pool.page_memoryviews(host_indices)), pool.page_bytes)
 
     def batch_set_v1(self, keys, host_indices) -> list[bool]:
         return self._map(self._write, keys, self.mem_pool_host.page_memoryviews(host_indices))
@@ -316,7 +332,7 @@ class FileStorage(HiCacheStorage):
         else:
             out = torch.empty(n // self.mem_pool_host.spec.itemsize, dtype=self.mem_pool_host.dtype)
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-        return out if self._read(key, [buf]) else None
+        return out if self._tally([self._read(key, [buf])], n)[0] else None
 
     def set(self, key, value) -> bool:
         data = value.contiguous().view(-1).view(torch.uint8).numpy()
@@ -337,7 +353,6 @@ class FileStorage(HiCacheStorage):
             if os.listdir(self.dir) == ["namespace.json"]:
                 os.unlink(os.path.join(self.dir, "namespace.json"))
                 os.rmdir(self.dir)
-                self._described = False
 
     def get_stats(self):
         with self._lock:
@@ -388,3 +403,9 @@ class FileStorage(HiCacheStorage):
         from hicache_plugin_file.baseline import PlainFileLoop
 
         return PlainFileLoop(os.path.join(self.root, "bench-baseline"), self.mem_pool_host)
+
+    def bench_peer(self):
+        """SGLang's HiCacheFile on the same directory's disk, or None where sglang is not importable."""
+        from hicache_plugin_file.baseline import SGLangHiCacheFile
+
+        return SGLangHiCacheFile.create(os.path.join(self.root, "bench-sglang"), self.mem_pool_host)
