@@ -2,7 +2,9 @@
 mount, else plain ``os.preadv`` / ``os.pwritev`` (a 3FS mount is POSIX, and so is any local directory).
 
 An op is ``(offset, buffers)``: the buffers are read or written back to back starting at ``offset``. Batches are
-split over ``numjobs`` threads; results are bytes moved per op (negative errno on failure).
+split over ``numjobs`` threads; results are bytes moved per op (negative errno on failure). A read may name a
+``check(i, n)`` to run on op ``i`` in the thread that read it, while its bytes are still in that core's cache; its
+result is then op ``i``'s result.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import concurrent.futures as cf
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, Optional
 
 from hicache_core.storage import map_chunked
 
 logger = logging.getLogger(__name__)
 
 Op = tuple[int, list]
+Check = Optional[Callable[[int, int], Any]]
 
 
 class FileClient:
@@ -40,8 +45,10 @@ class FileClient:
     def _run(self, ops: list[Op], write: bool) -> list[int]:
         return map_chunked(self._pool, self.numjobs, len(ops), lambda i: self._one(ops[i], write))
 
-    def batch_read(self, ops: list[Op]) -> list[int]:
-        return self._run(ops, False)
+    def batch_read(self, ops: list[Op], check: Check = None) -> list:
+        if check is None:
+            return self._run(ops, False)
+        return map_chunked(self._pool, self.numjobs, len(ops), lambda i: check(i, self._one(ops[i], False)))
 
     def batch_write(self, ops: list[Op]) -> list[int]:
         return self._run(ops, True)
@@ -104,8 +111,9 @@ class UsrbioClient(FileClient):
                     out.append(r)
         return out
 
-    def batch_read(self, ops: list[Op]) -> list[int]:
-        return self._ring_io(ops, False)
+    def batch_read(self, ops: list[Op], check: Check = None) -> list:
+        out = self._ring_io(ops, False)
+        return out if check is None else [check(i, n) for i, n in enumerate(out)]
 
     def batch_write(self, ops: list[Op]) -> list[int]:
         return self._ring_io(ops, True)

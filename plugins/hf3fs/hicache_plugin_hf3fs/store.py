@@ -128,17 +128,22 @@ class Hf3fsStorage(HiCacheStorage):
         todo = [(i, s) for i, s in enumerate(slots) if s is not None]
         heads = [bytearray(HEADER) for _ in todo]
         ops = [(s * self.slot_bytes, [h, *segments[i]]) for (i, s), h in zip(todo, heads)]
-        results = self.client.batch_read(ops) if ops else []
-        ok = [False] * len(keys)
-        for (i, _), h, r in zip(todo, heads, results):
-            if r != HEADER + self.page_bytes:
-                continue
+        expect = HEADER + self.page_bytes
+
+        def check(j: int, n: int) -> bool:  # in the I/O thread that read op j
+            i = todo[j][0]
+            if n != expect:
+                return False
             try:
-                self.envelope.open(keys[i], h, segments[i], r)
+                self.envelope.check(keys[i], heads[j], segments[i], self.page_bytes, n)
             except EnvelopeError:
                 self._count("corrupt")
-                continue
-            ok[i] = True
+                return False
+            return True
+
+        ok = [False] * len(keys)
+        for (i, _), passed in zip(todo, self.client.batch_read(ops, check) if ops else []):
+            ok[i] = passed
         good = sum(ok)
         self._count("get_pages", good)
         self._count("get_misses", len(keys) - good)
