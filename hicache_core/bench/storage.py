@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(hicache_storage_backend="file")
     p.add_argument("--page-kib", default="256,1024", help="page sizes in KiB (default 256,1024)")
     p.add_argument("--total-mib", type=arg_int(1, 1 << 20), default=256, help="MiB moved per measurement (default 256)")
-    p.add_argument("--repeat", type=arg_int(1, 1000), default=3)
+    p.add_argument("--repeat", type=arg_int(1, 1000), default=5,
+                   help="rounds; the medians leave out the first, cold one (default %(default)s)")
     p.add_argument("--via-sglang", action="store_true",
                    help="measure the backend through HiCacheForSGLang (needs sglang) against the bare backend")
     p.add_argument("--json", action="store_true")
@@ -122,7 +123,7 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
                 b.close()
         if isinstance(baseline, _Bare):
             baseline.backend.close()
-    med = {k: statistics.median(v) for k, v in res.items() if v}
+    med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in res.items() if v}  # the cold round dropped
     row = {"page_kib": kib, "pages": n, "set_gbps": gbps(nbytes, med["set"]), "get_gbps": gbps(nbytes, med["get"]),
            "exists_kpages_s": n / med["exists"] / 1e3}
     for k, b in others.items():
@@ -167,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         dump_json({"backend": config.hicache_storage_backend, "layout": config.hicache_mem_layout, "results": rows})
         return 0
     print(f"hicache bench storage: backend {config.hicache_storage_backend}, layout {config.hicache_mem_layout}, "
-          f"{args.total_mib} MiB per measurement, batches of {BATCH} pages, median of {args.repeat}")
+          f"{args.total_mib} MiB per measurement, batches of {BATCH} pages, median of {args.repeat} rounds"
+          + (" less the first (cold) one" if args.repeat > 1 else ""))
     print(f"baseline: {rows[0].get('baseline', 'none (the backend offers no bench_baseline)')}, same bytes, same run")
     if "peer" in rows[0]:
         print(f"peer: {rows[0]['peer']}, same bytes, same run")
