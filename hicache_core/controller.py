@@ -132,7 +132,7 @@ class HiCacheController:
         return device_indices
 
     def start_loading(self) -> Optional[TransferAck]:
-        """Start every queued load as one op, layer by layer. Readers of layer N wait only for layer N."""
+        """Start every queued load as one op, layer by layer (a few at a time between CPU pools: layer_groups)."""
         if not self._load_queue:
             return None
         ops, self._load_queue = self._load_queue, []
@@ -144,10 +144,10 @@ class HiCacheController:
         def job(sync):
             t0 = time.perf_counter()
             try:
-                for layer in range(self.layer_num):
-                    self.transfer.load_layer(host_idx, dev_idx, layer)
+                for first, end in self.transfer.layer_groups():
+                    self.transfer.load_layers(host_idx, dev_idx, first, end)
                     sync()
-                    ack.layer_events[layer].set()
+                    ack.layers_loaded(first, end)
             except BaseException as e:
                 logger.exception("host->device copy failed")
                 ack._finish(e)

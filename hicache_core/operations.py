@@ -43,6 +43,11 @@ class TransferAck:
         if self.error is not None:
             raise RuntimeError(f"KV transfer failed: {self.error}") from self.error
 
+    def layers_loaded(self, first: int, end: int) -> None:
+        """Layers ``first`` to ``end - 1`` are on the device: their readers may go."""
+        for ev in self.layer_events[first:end]:
+            ev.set()
+
     def _finish(self, error: Optional[BaseException] = None) -> None:
         self.error = error
         for ev in self.layer_events:

@@ -79,12 +79,39 @@ def test_matches_reference(mla, layout, io, case):
         reference.load_layer(host, dev, hi, di, layer)
     mover.load_all_layers(hi, di)
     assert same(dev.kv_buffer, dev2.kv_buffer), "load all layers"
+    # host -> device, in spans of layers as the controller loads (layer_groups), here cut 2 + 1
+    randomize(host.raw, gen)
+    host2.raw.copy_(host.raw)
+    for layer in range(3):
+        reference.load_layer(host, dev, hi, di, layer)
+    for first, end in ((0, 2), (2, 3)):
+        mover.load_layers(hi, di, first, end)
+    assert same(dev.kv_buffer, dev2.kv_buffer), "load layers in spans"
     # device -> host, all layers
     randomize(dev.kv_buffer, gen)
     dev2.kv_buffer.copy_(dev.kv_buffer)
     reference.backup_all_layers(dev, host, di, hi)
     mover.backup_all_layers(di, hi)
     assert same(host.raw, host2.raw), "backup"
+
+
+def test_layer_groups_cover_every_layer_once_in_order(monkeypatch):
+    from hicache_core.transfer import direct
+
+    s = KVSpec(layer_num=11, head_num=2, head_dim=4, dtype=torch.bfloat16)
+    for layout, group in (("layer_first", 4), ("page_first", 8)):
+        host = HostPool(s, 4 * PS, PS, layout, pin_memory=False)
+        mover = HostDeviceTransfer(host, DevicePool(s, 4 * PS, PS, torch.device("cpu")), "direct")
+        spans = mover.layer_groups()
+        assert [layer for a, b in spans for layer in range(a, b)] == list(range(11))
+        assert spans[0] == (0, group)
+    monkeypatch.setattr(direct, "_GROUP_ENV", "1")
+    assert mover.layer_groups() == [(i, i + 1) for i in range(11)]
+    monkeypatch.setattr(direct, "_GROUP_ENV", "many")
+    with pytest.raises(ConfigError, match="HICACHE_DIRECT_LAYER_GROUP='many': give a whole number"):
+        mover.layer_groups()
+    ref = HostDeviceTransfer(host, DevicePool(s, 4 * PS, PS, torch.device("cpu")), "reference")
+    assert ref.layer_groups() == [(i, i + 1) for i in range(11)]  # one layer a call where nothing says otherwise
 
 
 def test_reference_roundtrip_is_identity():

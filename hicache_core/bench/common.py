@@ -31,6 +31,26 @@ def time_best(fn: Callable[[], Any], repeat: int, device: torch.device | None = 
     return statistics.median(times)
 
 
+def time_paired(base: Callable[[], Any], fn: Callable[[], Any], repeat: int, device: torch.device | None = None,
+                warmup: int = 1) -> tuple[float, float, float]:
+    """``base`` and ``fn`` timed in alternation, ``repeat`` pairs after ``warmup``: (median base seconds, median
+    fn seconds, median of the per-pair ratios base/fn). A pair shares the machine's state of the moment, so the
+    ratio holds still where the memory bandwidth of a shared machine drifts."""
+    for _ in range(warmup):
+        base()
+        fn()
+        sync(device)
+    tb: list[float] = []
+    tf: list[float] = []
+    for _ in range(repeat):
+        for f, out in ((base, tb), (fn, tf)):
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(tb), statistics.median(tf), statistics.median(b / f for b, f in zip(tb, tf))
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / max(seconds, 1e-12) / 1e9
 

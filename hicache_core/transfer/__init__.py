@@ -55,6 +55,22 @@ class HostDeviceTransfer:
         """Host -> device for one layer (the engine may use layer N as soon as this returns for N)."""
         self._impl.load_layer(self.host, self.device, host_indices, device_indices, layer)
 
+    def layer_groups(self) -> list[tuple[int, int]]:
+        """How a layer-wise load is cut into calls of :meth:`load_layers`: ``(first, end)`` spans covering every
+        layer in order (one layer each, except where the io backend moves several faster, as direct between CPU
+        pools does)."""
+        group = self._impl.layer_group(self.host, self.device) if hasattr(self._impl, "layer_group") else 1
+        n = self.host.layer_num
+        return [(first, min(first + group, n)) for first in range(0, n, group)]
+
+    def load_layers(self, host_indices: torch.Tensor, device_indices: torch.Tensor, first: int, end: int) -> None:
+        """Host -> device for layers ``first`` to ``end - 1`` (usable as soon as this returns)."""
+        if hasattr(self._impl, "load_layers"):
+            self._impl.load_layers(self.host, self.device, host_indices, device_indices, first, end)
+        else:
+            for layer in range(first, end):
+                self._impl.load_layer(self.host, self.device, host_indices, device_indices, layer)
+
     def load_all_layers(self, host_indices: torch.Tensor, device_indices: torch.Tensor) -> None:
         if hasattr(self._impl, "load_all_layers"):
             self._impl.load_all_layers(self.host, self.device, host_indices, device_indices)

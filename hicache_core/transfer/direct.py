@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
+from hicache_core.errors import ConfigError
+
 _THREADS = max(1, min(int(os.environ.get("HICACHE_DIRECT_THREADS", os.cpu_count() or 1)), 8))
+# layers a layer-wise load moves per call between CPU pools: a few layers at once read a page-first pool's tokens
+# in longer contiguous pieces and cut the calls per run; layer N is usable a few layers later. Measured on 2 cores
+# (bench transfer, 32 layers): layer_first 1 -> 4 layers per call 0.65x -> 0.97x of a contiguous copy (MLA);
+# page_first 1 -> 4 -> 8 layers 0.48x -> 0.60x -> 0.66x (MLA), 0.71x -> 0.79x -> 0.79x (MHA).
+_GROUP_ENV = os.environ.get("HICACHE_DIRECT_LAYER_GROUP")
+CPU_LAYER_GROUP = {"page_first": 8, "default": 4}
 _POOL: cf.ThreadPoolExecutor | None = None
 
 
@@ -92,7 +100,7 @@ def _runs(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int) 
     return runs
 
 
-def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None) -> None:
+def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | slice | None) -> None:
     dst, src = byte_view(dst_pool), byte_view(src_pool)
     layer_sel = slice(None) if layer is None else layer
     rows = runs.tolist()
@@ -103,7 +111,7 @@ def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None) -> None:
             def work(part):
                 for s, d, n in part:
                     dst_t[:, d : d + n].copy_(src_t[:, s : s + n])
-        else:  # one layer: many small pieces, where numpy's per-call cost is lower
+        else:  # some layers: many small pieces, where numpy's per-call cost is lower
 
             def work(part):
                 for s, d, n in part:
@@ -126,6 +134,24 @@ def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | None) -> None:
 
 def load_layer(host, device, host_indices, device_indices, layer: int) -> None:
     _copy(device, host, _runs(host_indices, device_indices, host.page_size), layer)
+
+
+def load_layers(host, device, host_indices, device_indices, first: int, end: int) -> None:
+    """Layers ``first`` to ``end - 1`` in one pass over the runs."""
+    _copy(device, host, _runs(host_indices, device_indices, host.page_size), slice(first, end))
+
+
+def layer_group(host, device) -> int:
+    """Layers a layer-wise load should move per call: several between CPU pools (``$HICACHE_DIRECT_LAYER_GROUP``
+    overrides), one to a GPU (the copies are queued on its stream anyway, and its compute should start on layer 0
+    at once)."""
+    if device.device.type != "cpu":
+        return 1
+    if _GROUP_ENV:
+        if not _GROUP_ENV.strip().isdigit() or int(_GROUP_ENV) < 1:
+            raise ConfigError(f"$HICACHE_DIRECT_LAYER_GROUP={_GROUP_ENV!r}: give a whole number of layers >= 1")
+        return int(_GROUP_ENV)
+    return CPU_LAYER_GROUP.get(host.layout, CPU_LAYER_GROUP["default"])
 
 
 def load_all_layers(host, device, host_indices, device_indices) -> None:

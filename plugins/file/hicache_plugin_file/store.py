@@ -39,6 +39,7 @@ from hicache_core.errors import ConfigError
 from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope, map_chunked
 from hicache_core.storage.options import parse_options
 from hicache_plugin_file.directory import ENV_DIR, FileOptions, SharedUsage, pid_alive, resolve_root, secure_directory
+from hicache_plugin_file.hooks import FileHooks
 from hicache_plugin_file.sglang_layout import SGLangFileLayout
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
 
 
-class FileStorage(HiCacheStorage):
+class FileStorage(FileHooks, HiCacheStorage):
     """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else /tmp/hicache),
     ``capacity_bytes`` (0 = unlimited; LRU eviction of whole pages), ``io_threads`` (parallel page I/O in a batch,
     default 4, or the CPU cores where fewer), ``fsync`` (flush each page to disk before publishing it; default off), ``layout_compat``
@@ -369,43 +370,3 @@ class FileStorage(HiCacheStorage):
             self._pool = None
         if self.usage is not None:
             self.usage.close()
-
-    # --- certification hooks (hicache certify, the conformance kit) ----------------------------------------------------
-    @contextlib.contextmanager
-    def failing_writes(self):
-        """Inside the block a regular file stands where the namespace directory was: every open() under it fails
-        with ENOTDIR, as on a dead disk."""
-        moved = self.dir + ".away"
-        os.rename(self.dir, moved)
-        with open(self.dir, "w") as f:
-            f.write("not a directory")
-        try:
-            yield
-        finally:
-            os.unlink(self.dir)
-            os.rename(moved, self.dir)
-
-    def corrupt_stored_page(self, key: str) -> bool:
-        """Flip one payload byte of the stored page, as a bad disk would."""
-        try:
-            with open(self._path(key), "r+b") as f:
-                f.seek(-1, os.SEEK_END)
-                last = f.read(1)
-                f.seek(-1, os.SEEK_END)
-                f.write(bytes([last[0] ^ 0x40]))
-            return True
-        except OSError:
-            return False
-
-    # --- benchmark baseline ------------------------------------------------------------------------------------------
-    def bench_baseline(self):
-        """The plain loop the benchmark compares with: os.write / readinto of the same bytes, same directory."""
-        from hicache_plugin_file.baseline import PlainFileLoop
-
-        return PlainFileLoop(os.path.join(self.root, "bench-baseline"), self.mem_pool_host)
-
-    def bench_peer(self):
-        """SGLang's HiCacheFile on the same directory's disk, or None where sglang is not importable."""
-        from hicache_plugin_file.baseline import SGLangHiCacheFile
-
-        return SGLangHiCacheFile.create(os.path.join(self.root, "bench-sglang"), self.mem_pool_host)
