@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if peer:
         cols += [("peer_get_gbps", "peer get", ".2f"), ("peer_get_ratio", "vs peer", ".2f")]
     print_table(rows, cols + [("exists_kpages_s", "exists kpage/s", ".1f")])
-    who = "the baseline's or the peer's" if peer else "the baseline's"
-    print(f"\n(ratios: {who} time over ours; above 1 = we are faster)")
+    if "baseline" in rows[0] or peer:
+        who = "the baseline's or the peer's" if peer else "the baseline's"
+        print(f"\n(ratios: {who} time over ours; above 1 = we are faster)")
     return 0
