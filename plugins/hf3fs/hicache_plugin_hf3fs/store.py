@@ -248,3 +248,7 @@ class PlainPositionalIO:
 
     def cleanup(self) -> None:
         os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)

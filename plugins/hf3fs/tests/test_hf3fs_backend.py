@@ -322,6 +322,7 @@ def test_bench_storage_against_plain_positional_io(tmp_path, capsys):
                json.dumps({"file_path_prefix": str(tmp_path / "b"), "file_size": 64 << 20, "numjobs": 4, "entries": 8}),
                "--total-mib", "8", "--page-kib", "256", "--repeat", "1"])
     assert rc == 0 and "os.pwritev/preadv" in capsys.readouterr().out
+    assert not [f for f in os.listdir(tmp_path) if "bench-baseline" in f]  # the baseline's file is removed
 
 
 CLI_CASES = [
