@@ -54,8 +54,9 @@ _TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
 class FileStorage(FileHooks, HiCacheStorage):
     """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else /tmp/hicache),
     ``capacity_bytes`` (0 = unlimited; LRU eviction of whole pages), ``io_threads`` (parallel page I/O in a batch,
-    default 4, or the CPU cores where fewer), ``fsync`` (flush each page to disk before publishing it; default off), ``layout_compat``
-    (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see :mod:`.sglang_layout`)."""
+    default 4, or the CPU cores where fewer), ``fsync`` (flush each page to disk before publishing it; default
+    off), ``layout_compat`` (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see
+    :mod:`.sglang_layout`)."""
 
     def __new__(cls, storage_config=None, extra_config=None):
         opts = parse_options(FileOptions, extra_config or {}, "file backend")
