@@ -52,7 +52,8 @@ _TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
 
 
 class FileStorage(FileHooks, HiCacheStorage):
-    """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else /tmp/hicache),
+    """Extra config: ``storage_dir`` (else ``$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``, else SGLang's
+    ``file_storage_path``, else ``$XDG_CACHE_HOME/hicache``, else ``/tmp/hicache-$UID``),
     ``capacity_bytes`` (0 = unlimited; LRU eviction of whole pages), ``io_threads`` (parallel page I/O in a batch,
     default 4, or the CPU cores where fewer), ``fsync`` (flush each page to disk before publishing it; default
     off), ``layout_compat`` (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see
