@@ -109,7 +109,7 @@ def test_layer_groups_cover_every_layer_once_in_order(monkeypatch):
     assert mover.layer_groups() == [(i, i + 1) for i in range(11)]
     monkeypatch.setattr(direct, "_GROUP_ENV", "many")
     with pytest.raises(ConfigError, match="HICACHE_DIRECT_LAYER_GROUP='many': give a whole number"):
-        mover.layer_groups()
+        HostDeviceTransfer(host, DevicePool(s, 4 * PS, PS, torch.device("cpu")), "direct")
     ref = HostDeviceTransfer(host, DevicePool(s, 4 * PS, PS, torch.device("cpu")), "reference")
     assert ref.layer_groups() == [(i, i + 1) for i in range(11)]  # one layer a call where nothing says otherwise
 

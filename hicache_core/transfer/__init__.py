@@ -50,6 +50,7 @@ class HostDeviceTransfer:
         if self.io_backend == "kernel" and device_pool.device.type == "cuda" and not host_pool.pinned:
             raise ConfigError("--hicache-io-backend kernel reads host memory from the GPU: the host pool must be pinned")
         self._impl = IMPLEMENTATIONS[self.io_backend]
+        self.layer_groups()  # a bad $HICACHE_DIRECT_LAYER_GROUP fails here, not in the first load
 
     def load_layer(self, host_indices: torch.Tensor, device_indices: torch.Tensor, layer: int) -> None:
         """Host -> device for one layer (the engine may use layer N as soon as this returns for N)."""
