@@ -40,25 +40,63 @@ except Exception as e:  # any import failure means "not usable here"
 class SGLangHostPool:
     """An SGLang host pool seen through the interface hicache backends use, built from SGLang's own host-pool API
     only (``get_page_buffer_meta``, ``get_data_page``, ``set_from_flat_data_page``, ``get_dummy_flat_data_page``,
-    ``layout``, ``page_size``, ``dtype``, ``kv_buffer``)."""
+    ``layout``, ``page_size``, ``dtype``, ``kv_buffer``).
+
+    A page's segments are handed out in the page byte order hicache stores (the order of SGLang's own flat page,
+    ``get_data_page(i, flat=True)``), not in the order SGLang's ``get_page_buffer_meta`` lists them: for an MHA
+    layer_first pool SGLang lists ``[k_l0, v_l0, k_l1, v_l1, ...]`` while its flat page is all K layers, then all
+    V. Stored in SGLang's listing order, such a page reads back right only through the same pool and layout, and
+    is wrong KV for a v0 read, a page_first_direct pool or hicache's own engine sharing the store. A flat page is
+    a slice of one C-contiguous buffer, so its byte order is address order: the segments of a page, sorted by
+    address. The order is found once (it is the same for every page) and checked at registration."""
 
     def __init__(self, pool: Any, spec: KVSpec) -> None:
         self.pool, self.spec = pool, spec
         self.layout, self.page_size, self.dtype = pool.layout, pool.page_size, pool.dtype
         self.size = pool.size
-        _, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size))
+        ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size))
+        self._order = sorted(range(len(ptrs)), key=lambda i: ptrs[i])
+        self.segments_per_page = len(ptrs)
         self.page_bytes = sum(sizes)
         self.raw = pool.kv_buffer.view(-1).view(torch.uint8)  # one contiguous buffer (zero-copy registration)
+        self._check_page_byte_order()
 
     def get_page_buffer_meta(self, host_indices) -> tuple[list[int], list[int]]:
-        return self.pool.get_page_buffer_meta(host_indices)
+        """SGLang's pointers and sizes, each page's segments in the page byte order (see the class docstring)."""
+        ptrs, sizes = self.pool.get_page_buffer_meta(host_indices)
+        n, order = self.segments_per_page, self._order
+        if len(ptrs) % n:
+            raise ValueError(f"SGLang's host pool gave {len(ptrs)} segments, not a multiple of {n} per page")
+        out_p = [ptrs[base + i] for base in range(0, len(ptrs), n) for i in order]
+        out_s = [sizes[base + i] for base in range(0, len(sizes), n) for i in order]
+        return out_p, out_s
 
     def page_memoryviews(self, host_indices) -> list[list[memoryview]]:
-        """Writable views of each page's segments, from the pointers SGLang's pool hands out (host memory)."""
-        ptrs, sizes = self.pool.get_page_buffer_meta(host_indices)
-        per_page = len(ptrs) // max(1, len(host_indices) // self.page_size)
-        views = [memoryview((ctypes.c_char * n).from_address(p)).cast("B") for p, n in zip(ptrs, sizes)]
-        return [views[i : i + per_page] for i in range(0, len(views), per_page)]
+        """Writable views of each page's segments, in the page byte order, from SGLang's pointers (host memory)."""
+        ptrs, sizes = self.get_page_buffer_meta(host_indices)
+        n = self.segments_per_page
+        views = [memoryview((ctypes.c_char * s).from_address(p)).cast("B") for p, s in zip(ptrs, sizes)]
+        return [views[i : i + n] for i in range(0, len(views), n)]
+
+    def _check_page_byte_order(self) -> None:
+        """Prove on page 0 (its bytes saved and put back) that the segments read in order are SGLang's flat page;
+        a pool whose flat page is not in address order is refused rather than stored in a byte order nobody else
+        reads the same way."""
+        saved = self.pool.get_data_page(0, flat=True).clone()
+        nbytes = saved.numel() * saved.element_size()
+        if nbytes != self.page_bytes:
+            raise BackendLoadError(f"SGLang's host pool {type(self.pool).__name__}: its flat page has {nbytes} bytes "
+                                   f"but get_page_buffer_meta describes {self.page_bytes}; hicache cannot serve it")
+        pattern = torch.arange(nbytes, dtype=torch.int64).remainder(251).to(torch.uint8).view(saved.dtype)
+        try:
+            self.pool.set_from_flat_data_page(0, pattern)
+            got = b"".join(bytes(s) for s in self.page_memoryviews(torch.arange(self.page_size))[0])
+        finally:
+            self.pool.set_from_flat_data_page(0, saved)
+        if got != pattern.view(torch.uint8).numpy().tobytes():
+            raise BackendLoadError(f"SGLang's host pool {type(self.pool).__name__} ({self.layout}): its page "
+                                   "segments in address order are not its flat page; hicache cannot store its "
+                                   "pages in one byte order")
 
     def get_flat_page(self, index: int) -> torch.Tensor:
         return self.pool.get_data_page(index, flat=True).clone()

@@ -6,8 +6,8 @@
 - With ``"layout_compat": "sglang"``, hicache's ``file`` backend reads the pages SGLang's ``HiCacheFile`` wrote,
   and SGLang's ``HiCacheFile`` reads hicache's.
 
-SGLang's host pool cannot be imported here (its import chain needs torchvision, whose only wheel for the CPU
-torch pin is the CUDA build): hicache's ``HostPool`` stands in, speaking SGLang's host-pool API.
+SGLang's own backends here run on hicache's ``HostPool`` (they are hicache's backends in these tests, so hicache's
+pool is the real part); SGLang's real host pools are tested in ``test_sglang_real_pools.py``.
 """
 
 import json
@@ -133,8 +133,8 @@ def test_sglang_hicache_file_runs_the_multiturn_benchmark(tmp_path):
 def test_an_sglang_v1_class_is_built_as_sglang_builds_it_and_checked(tmp_path, capsys):
     """SimHiCacheStorage is SGLang's v1 benchmark store: built as SGLang's factory builds it (cls(config)), it takes
     the v1 path; it keeps keys only and serves no bytes by design, and hicache check says so (exit 1) --
-    nothing it returns would be served as KV. (SGLang's other v1 classes need services or SGLang's host-pool
-    package, which does not import on this CPU machine.)"""
+    nothing it returns would be served as KV. (SGLang's own MooncakeStore and HiCacheHF3FS through hicache's
+    controller are not tested yet.)"""
     extra = {"backend_name": "sim", "module_path": "sglang.srt.mem_cache.storage.sim_storage",
              "class_name": "SimHiCacheStorage", "interface_v1": 1, "sim_write_gbps": 0, "sim_op_latency_us": 0}
     rc = main(["check", "--hicache-io-backend", "direct", "--hicache-storage-backend", "dynamic",

@@ -3,11 +3,9 @@
 SGLang's ``StorageBackendFactory`` loads ``hicache_core.sglang.HiCacheForSGLang`` unchanged and pages round-trip
 through SGLang's host-pool API (``set_from_flat_data_page`` / ``get_data_page``) in every layout.
 
-Stand-in, and why: SGLang's own host pool (``sglang.srt.mem_cache.memory_pool_host``) cannot be imported on this
-CPU-only machine -- it imports ``sglang.srt.configs``, which imports ``torchvision``, and the only torchvision
-wheel for torch 2.13 here is the CUDA build (``libc10_cuda.so`` missing). So the host pool is hicache's
-``HostPool``, which speaks SGLang's host-pool API; and to prove the bridge works on a pool that offers *only*
-SGLang's API, every case runs again through ``SGLangOnly``, a view that exposes nothing but SGLang's names.
+Here the host pool is hicache's ``HostPool`` (which speaks SGLang's host-pool API), and every case runs again
+through ``SGLangOnly``, a view that exposes nothing but SGLang's names. SGLang's REAL host pools are tested in
+``test_sglang_real_pools.py``.
 """
 
 import os
