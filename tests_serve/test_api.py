@@ -55,6 +55,11 @@ def test_openai_client_completions_and_chat_with_cache_report(server):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == client.completions.create(
         model=model, prompt=PROMPT, max_tokens=6).choices[0].text
     assert streamed[-1].usage.completion_tokens == 6
+    # SGLang's client examples send SGLang's protocol default, "default": served, same tokens
+    assert client.completions.create(model="default", prompt=PROMPT, max_tokens=8,
+                                     temperature=0).choices[0].text == first.choices[0].text
+    assert client.chat.completions.create(model="default", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=5).choices[0].message.content == chat.choices[0].message.content
 
 
 def test_generate_streams_sglang_chunks_over_raw_http(server):
@@ -145,6 +150,8 @@ def test_client_that_leaves_mid_stream_frees_its_request(server):
     ("/generate", {"text": "x", "stream": "yes"}, 400, "stream must be"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n=1"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-9"}, 404, "not served here"),
+    ("/v1/completions", {"prompt": "x", "model": "default:my-lora"}, 400, "LoRA adapter 'my-lora'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": 7}, 400, "model must be"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": {"x": 1}}]}, 400, "content"),
     ("/hicache/storage-backend", {"hicache_storage_backend": "nope"}, 400, "unknown storage backend"),

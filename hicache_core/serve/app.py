@@ -207,9 +207,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
                                             "owned_by": "hicache", "max_model_len": state.context}]}
 
     async def openai(body: dict, chat: bool) -> Any:
-        model = body.get("model")
-        if model is not None and model != state.model_name:
-            raise BadRequest(f"model {model!r} is not served here; this server serves {state.model_name!r}", 404)
+        served_model(body.get("model"), state.model_name)
         if chat:
             try:
                 ids = state.tokenizer.apply_chat_template(chat_messages(body))
@@ -301,3 +299,18 @@ def _version() -> str:
         return version("hicache-core")
     except PackageNotFoundError:
         return "unknown"
+
+
+def served_model(model: Any, served: str) -> None:
+    """Accept what SGLang accepts for ``model``: absent, ``"default"`` (its protocol default, what its client examples
+    send) or the served name. ``name:adapter`` names a LoRA adapter, which this server does not have: refused with
+    what to send instead; any other name is not served here (404)."""
+    if model is None or model in ("", "default", served):
+        return
+    if not isinstance(model, str):
+        raise BadRequest(f"model must be a string; got {type(model).__name__}")
+    base, sep, adapter = model.partition(":")
+    if sep and base in ("default", served):
+        raise BadRequest(f"model {model!r} names the LoRA adapter {adapter!r}, and hicache serve has no adapters; "
+                         f"send model {served!r} (or \"default\")")
+    raise BadRequest(f"model {model!r} is not served here; this server serves {served!r} (or send \"default\")", 404)
