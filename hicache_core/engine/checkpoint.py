@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -32,15 +32,55 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"--model-path: cannot read {path}: {e}") from None
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+# config.json keys whose value changes the math; each must have the value the reference model computes with
+REQUIRED_VALUES = {"hidden_act": ("silu",), "pretraining_tp": (1,)}
+
+
+def _rope(cfg: dict, where: Path) -> tuple[float, Optional[dict]]:
+    """rope_theta and the scaling dict, from wherever transformers wrote them: ``rope_parameters`` (transformers 5:
+    ``{"rope_theta": ..., "rope_type": ..., scaling keys}``) or top-level ``rope_theta`` + ``rope_scaling``
+    (transformers 4). Missing theta or an unknown rope type is refused, naming the key: a silent default rotates
+    every query and key wrongly and serves plausible nonsense."""
+    params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"--model-path: {where}: rope_parameters={params!r} is not an object")
+    params = dict(params or {})
+    theta = params.pop("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"--model-path: {where} gives no rope_theta (neither top level nor in rope_parameters); "
+                          "add the model's rope_theta to config.json")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"--model-path: {where}: rope_scaling={scaling!r} is not an object")
+    scaling = {**(scaling or {}), **params}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        key = "rope_parameters.rope_type" if "rope_type" in params else "rope_scaling"
+        raise ConfigError(f"--model-path: {where}: {key} {kind!r} is not supported ({', '.join(ROPE_TYPES)} are)")
+    return float(theta), (scaling if kind != "default" else None)
+
+
 def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
     """Our :class:`ModelConfig` from ``config.json`` (KV dtype: the checkpoint's unless ``dtype`` says)."""
-    cfg = _read_json(path / "config.json")
+    where = path / "config.json"
+    cfg = _read_json(where)
     if not isinstance(cfg, dict):
-        raise ConfigError(f"--model-path: {path / 'config.json'} is not a JSON object")
+        raise ConfigError(f"--model-path: {where} is not a JSON object")
+    return config_from_dict(cfg, where, dtype, name=path.name)
+
+
+def config_from_dict(cfg: dict, where: Path, dtype: str = "auto", *, name: str) -> ModelConfig:
+    """A llama config (transformers 4 or 5 keys) as our :class:`ModelConfig`; anything that changes the math and
+    is not understood is refused, naming the key."""
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" and not set(archs) & set(ARCHITECTURES):
-        raise ConfigError(f"--model-path: {path} holds a {cfg.get('model_type') or archs or 'unknown'} model; "
+        raise ConfigError(f"--model-path: {where} holds a {cfg.get('model_type') or archs or 'unknown'} model; "
                           f"only the llama architecture ({', '.join(ARCHITECTURES)}) is supported")
+    for key, allowed in REQUIRED_VALUES.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ConfigError(f"--model-path: {where}: {key}={cfg[key]!r} is not supported (only "
+                              f"{', '.join(map(repr, allowed))})")
     if dtype == "auto":
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     if dtype not in DTYPES:
@@ -48,22 +88,19 @@ def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        rs = cfg.get("rope_scaling")
-        if rs is not None and rs.get("rope_type", rs.get("type")) not in ("default", "linear", "llama3"):
-            raise ConfigError(f"--model-path: rope_scaling {rs.get('rope_type', rs.get('type'))!r} is not supported "
-                              "(plain, linear and llama3 are)")
+        theta, scaling = _rope(cfg, where)
         return ModelConfig(
             vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             kv_dtype=DTYPES[dtype], max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rope_scaling=rs, checkpoint=path.name,
+            rope_scaling=scaling, checkpoint=name,
         )
     except KeyError as e:
-        raise ConfigError(f"--model-path: {path / 'config.json'} lacks {e.args[0]!r}") from None
+        raise ConfigError(f"--model-path: {where} lacks {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"--model-path: {path / 'config.json'} has a bad value: {e}") from None
+        raise ConfigError(f"--model-path: {where} has a bad value: {e}") from None
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -123,7 +160,7 @@ def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype
                 p[ours + "_b"] = bias
         layers.append(p)
     embed = take("model.embed_tokens.weight", (c.vocab_size, h))
-    head = t.get("lm_head.weight")
-    lm_head = take("lm_head.weight", (c.vocab_size, h), transpose=True) if head is not None else embed.t().contiguous()
+    tied = _read_json(path / "config.json").get("tie_word_embeddings", False)  # the head is the embedding
+    lm_head = embed.t().contiguous() if tied else take("lm_head.weight", (c.vocab_size, h), transpose=True)
     weights = {"embed": embed, "layers": layers, "final_norm": take("model.norm.weight", (h,)), "lm_head": lm_head}
     return TinyLlama(c, device, weights=weights)
