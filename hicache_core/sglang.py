@@ -57,6 +57,7 @@ class SGLangHostPool:
         ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size))
         self._order = sorted(range(len(ptrs)), key=lambda i: ptrs[i])
         self.segments_per_page = len(ptrs)
+        self._reordered = self._order != list(range(len(ptrs)))  # only MHA layer_first today
         self.page_bytes = sum(sizes)
         self.raw = pool.kv_buffer.view(-1).view(torch.uint8)  # one contiguous buffer (zero-copy registration)
         self._check_page_byte_order()
@@ -64,6 +65,8 @@ class SGLangHostPool:
     def get_page_buffer_meta(self, host_indices) -> tuple[list[int], list[int]]:
         """SGLang's pointers and sizes, each page's segments in the page byte order (see the class docstring)."""
         ptrs, sizes = self.pool.get_page_buffer_meta(host_indices)
+        if not self._reordered:
+            return ptrs, sizes
         n, order = self.segments_per_page, self._order
         if len(ptrs) % n:
             raise ValueError(f"SGLang's host pool gave {len(ptrs)} segments, not a multiple of {n} per page")

@@ -61,13 +61,17 @@ def _rope(cfg: dict, where: Path) -> tuple[float, Optional[dict]]:
     return float(theta), (scaling if kind != "default" else None)
 
 
-def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
-    """Our :class:`ModelConfig` from ``config.json`` (KV dtype: the checkpoint's unless ``dtype`` says)."""
+def _read_config(path: Path) -> dict:
     where = path / "config.json"
     cfg = _read_json(where)
     if not isinstance(cfg, dict):
         raise ConfigError(f"--model-path: {where} is not a JSON object")
-    return config_from_dict(cfg, where, dtype, name=path.name)
+    return cfg
+
+
+def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
+    """Our :class:`ModelConfig` from ``config.json`` (KV dtype: the checkpoint's unless ``dtype`` says)."""
+    return config_from_dict(_read_config(path), path / "config.json", dtype, name=path.name)
 
 
 def config_from_dict(cfg: dict, where: Path, dtype: str = "auto", *, name: str) -> ModelConfig:
@@ -130,7 +134,8 @@ def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype
     path = Path(model_path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model directory)")
-    c = model_config(path, dtype)
+    cfg = _read_config(path)
+    c = config_from_dict(cfg, path / "config.json", dtype, name=path.name)
     t = _tensors(path)
 
     def take(name: str, shape: tuple[int, ...], transpose: bool = False, optional: bool = False) -> Any:
@@ -160,7 +165,7 @@ def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype
                 p[ours + "_b"] = bias
         layers.append(p)
     embed = take("model.embed_tokens.weight", (c.vocab_size, h))
-    tied = _read_json(path / "config.json").get("tie_word_embeddings", False)  # the head is the embedding
+    tied = cfg.get("tie_word_embeddings", False)  # the head is the embedding
     lm_head = embed.t().contiguous() if tied else take("lm_head.weight", (c.vocab_size, h), transpose=True)
     weights = {"embed": embed, "layers": layers, "final_norm": take("model.norm.weight", (h,)), "lm_head": lm_head}
     return TinyLlama(c, device, weights=weights)
