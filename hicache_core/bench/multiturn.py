@@ -57,7 +57,13 @@ def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
-    e = p.add_argument_group("engine (the reference engine and its tiny random llama)")
+    e = p.add_argument_group("engine (the reference engine and its tiny random llama, or --model-path)")
+    e.add_argument("--model-path", default=None, metavar="DIR|FILE.gguf",
+                   help="a real llama checkpoint (Hugging Face directory or GGUF file) instead of the random model: "
+                        "prompts are English text cut by its tokenizer, the report shows its replies; the random "
+                        "model's shape flags are then ignored")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="KV dtype with --model-path (default: the checkpoint's)")
     e.add_argument("--configs", default=",".join(CONFIGS),
                    help="configurations to run, comma separated; 'none' always runs as the reference "
                         "(default %(default)s)")
@@ -99,13 +105,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # --- workload -----------------------------------------------------------------------------------------------------
 class Workload:
-    """Deterministic conversations: prompts and questions come from the seed; replies from the model."""
+    """Deterministic conversations: prompts and questions come from the seed (random token ids, or English text
+    cut by ``tokenizer`` to the same lengths); replies from the model."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, tokenizer: Any = None) -> None:
         rng = random.Random(args.seed)
-        vocab = args.vocab_size
-        self.first = [[rng.randrange(vocab) for _ in range(args.request_length)] for _ in range(args.num_clients)]
-        self.questions = [[[rng.randrange(vocab) for _ in range(args.question_length)] for _ in range(args.num_clients)]
+        if tokenizer is None:
+            first = lambda n: [rng.randrange(args.vocab_size) for _ in range(n)]  # noqa: E731
+            ask = first
+        else:
+            from hicache_core.bench import prompts
+
+            first = lambda n: prompts.first_prompt(tokenizer, rng, n)  # noqa: E731
+            ask = lambda n: prompts.question(tokenizer, rng, n)  # noqa: E731
+        self.first = [first(args.request_length) for _ in range(args.num_clients)]
+        self.questions = [[ask(args.question_length) for _ in range(args.num_clients)]
                           for _ in range(args.num_rounds)]
         self.orders, self.gaps = [], []
         for _ in range(args.num_rounds):
@@ -223,9 +237,23 @@ def _config_on_rank(ctx: Any, name: str, args: argparse.Namespace, work: Workloa
 def _model(args: argparse.Namespace):
     from hicache_core.engine import ModelConfig, TinyLlama
 
+    if args.model_path:
+        from hicache_core.engine.checkpoint import load_model
+
+        return load_model(args.model_path, dtype=args.dtype)
     return TinyLlama(ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                  num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                                  intermediate_size=args.intermediate_size, seed=args.seed))
+
+
+def _model_config(args: argparse.Namespace):
+    if args.model_path:
+        from pathlib import Path
+
+        from hicache_core.engine.checkpoint import model_config
+
+        return model_config(Path(args.model_path).expanduser(), args.dtype)
+    return _model(args).config
 
 
 def _base_config(args: argparse.Namespace, storage_dir: str) -> HiCacheConfig:
@@ -237,9 +265,22 @@ def _base_config(args: argparse.Namespace, storage_dir: str) -> HiCacheConfig:
     return cfg.replace(hicache_storage_backend_extra_config=extra, enable_hierarchical_cache=True)
 
 
+def _tokenizer(args: argparse.Namespace) -> Any:
+    if not args.model_path:
+        return None
+    from hicache_core.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(args.model_path)
+
+
+def _replies(tokenizer: Any, reference: dict) -> list[str]:
+    """Client 0's reply in each round of the reference run, as text (every configuration must give the same)."""
+    return [tokenizer.decode(r[0]) for r in reference["outputs"]]
+
+
 def _warm_child(args: argparse.Namespace) -> int:
     """Round 1 only, hicache+storage, on storage someone else filled: a restarted server."""
-    work = Workload(args)
+    work = Workload(args, _tokenizer(args))
     base = _base_config(args, args.storage_dir)
     model = _model(args)
     warm_up(model, args.page_size)  # a restarted server has warmed up before its first request is timed
@@ -297,14 +338,15 @@ def run(args: argparse.Namespace) -> int:
     if args.tp_size > 1:
         from hicache_core.engine.tp import check_divisible
 
-        check_divisible(_model(args).config, args.tp_size)
+        check_divisible(_model_config(args), args.tp_size)
     tmp = None
     storage_dir = args.storage_dir
     if storage_dir is None:
         tmp = storage_dir = tempfile.mkdtemp(prefix="hicache-bench-")
     reps: list[tuple[list[dict], dict | None]] = []
     try:
-        work = Workload(args)
+        tokenizer = _tokenizer(args)
+        work = Workload(args, tokenizer)
         model = _model(args)
         warm_up(model, args.page_size)
         progress = Progress(args.repeat * len(configs) * args.num_rounds * args.num_clients, not args.no_progress)
@@ -317,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
                 if not args.no_progress:
                     sys.stderr.write("warm restart: a second engine process on the same storage...\n")
                 warm = _run_warm(args, sdir)
+            if tokenizer is not None:
+                results[0]["replies_text"] = _replies(tokenizer, results[0])
             reps.append((results, warm))
         progress.close()
     finally:
@@ -332,11 +376,15 @@ def _run_servers(args: argparse.Namespace) -> int:
     for label, url in parse_base_urls(args.base_url):
         mode, _ = server_config(url)
         servers.append((label or LABELS.get(mode, mode), mode, url))
-    work = Workload(args)
+    tokenizer = _tokenizer(args)  # prompts as text the servers' model reads, when they serve --model-path's
+    work = Workload(args, tokenizer)
     progress = Progress(args.repeat * len(servers) * args.num_rounds * args.num_clients, not args.no_progress)
     reps: list[tuple[list[dict], dict | None]] = []
     for _ in range(args.repeat):
-        reps.append(([run_server(label, mode, url, args, work, progress, _pct) for label, mode, url in servers], None))
+        results = [run_server(label, mode, url, args, work, progress, _pct) for label, mode, url in servers]
+        if tokenizer is not None:
+            results[0]["replies_text"] = _replies(tokenizer, results[0])
+        reps.append((results, None))
     progress.close()
     return report(args, reps)
 

@@ -55,6 +55,8 @@ def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
     by = {r["config"]: r for r in results}
     s: dict[str, Any] = {"outputs_identical": {r["config"]: r["outputs"] == reference for r in results},
                          "warnings": []}
+    if results[0].get("replies_text"):  # --model-path: what the real model answered (client 0, each round)
+        s["replies_text"] = results[0]["replies_text"]
     if "radix" in by and "hicache+storage" in by and by["hicache+storage"]["ttft_mean_rounds2plus_ms"]:
         s["ttft_rounds2plus_speedup_storage_vs_radix"] = (
             by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"])
@@ -178,6 +180,10 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
     for c, x in (summary.get("ttft_rounds2plus_speedup_vs_pd_local") or {}).items():
         label = next(r["label"] for r in results if r["config"] == c)
         print(f"rounds 2+: {label} has {x:.1f}x lower mean TTFT than PD without a shared store")
+    if summary.get("replies_text"):
+        print(f"\nclient 0's replies ({results[0]['label']}; every configuration with 'same tokens' gave these):")
+        for i, text in enumerate(summary["replies_text"]):
+            print(f"  r{i + 1}: {text.strip()[:160]!r}")
     if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
         print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
               "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
