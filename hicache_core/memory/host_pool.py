@@ -207,6 +207,14 @@ class HostPool:
     def size_per_token(self) -> int:
         return self.spec.size_per_token
 
+    def get_size_per_token(self) -> int:
+        return self.spec.size_per_token
+
+    def get_ksize_per_token(self) -> int:
+        """Bytes of one token's K over every layer (MLA: its whole latent): what SGLang's backends size a page's
+        K object by."""
+        return self.spec.size_per_token // self.spec.num_kv
+
     def get_data_page(self, index: int, flat: bool = True) -> torch.Tensor:
         """SGLang's accessor: the page at ``index``, flat (a copy) or as the layout's page view."""
         return self.get_flat_page(index) if flat else self._page_view(index)

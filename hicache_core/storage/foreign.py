@@ -10,6 +10,8 @@ import importlib
 import inspect
 from typing import Any
 
+from hicache_core.storage.adapter import _Delegate
+
 SGLANG_STORAGE = ("sglang.srt.mem_cache.hicache_storage", "HiCacheStorage")
 
 
@@ -28,11 +30,43 @@ def sglang_storage_config(storage_config: Any, extra: dict) -> Any:
                model_name=storage_config.model_name, extra_config=dict(extra))
 
 
+class PairedSetResults(_Delegate):
+    """SGLang 0.5.23's HiCacheHF3FS answers ``batch_set_v1`` on an MHA zero-copy pool with one bool per K and per
+    V object (two per page), where its own ``batch_get_v1`` folds the same pairs into one per page; the set answer
+    is folded the same way here (a page is stored when both halves are). Any other answer passes untouched, so
+    the guard still refuses a result of the wrong length."""
+
+    def batch_set_v1(self, keys, host_indices, extra_info: Any = None) -> Any:
+        result = self.inner.batch_set_v1(keys, host_indices, extra_info)
+        if getattr(self.inner, "mha_zero_copy", False) and isinstance(result, list) and len(result) == 2 * len(keys):
+            return [bool(result[2 * i]) and bool(result[2 * i + 1]) for i in range(len(keys))]
+        return result
+
+    def batch_get_v1(self, keys, host_indices, extra_info: Any = None) -> Any:
+        return self.inner.batch_get_v1(keys, host_indices, extra_info)
+
+    def describe(self) -> str:
+        return type(self.inner).__qualname__
+
+
+def sglang_page_bytes(host_pool: Any) -> int:
+    """The page size SGLang's factory gives ``from_env_config`` backends: one K (or V) object per page in the
+    page-first layouts, the whole page in layer_first."""
+    per_token = host_pool.get_size_per_token() if host_pool.layout == "layer_first" else host_pool.get_ksize_per_token()
+    return per_token * host_pool.page_size
+
+
 def construct_sglang(cls: type, storage_config: Any, extra: dict, host_pool: Any) -> Any:
-    """Build an SGLang backend class with the shape SGLang's factory uses for it: ``cls(config)`` when the second
-    parameter has a default (HiCacheFile's ``file_path``), ``cls(config, mem_pool_host)`` when the constructor
-    takes the host pool (Mooncake, EIC...), else ``cls(config, kwargs)`` (SGLang's dynamic shape)."""
+    """Build an SGLang backend class with the shape SGLang's factory uses for it: ``from_env_config(bytes_per_page,
+    dtype, config)`` where the class has it (HiCacheHF3FS, configured by ``SGLANG_HICACHE_HF3FS_CONFIG_PATH`` as in
+    SGLang), ``cls(config)`` when the second parameter has a default (HiCacheFile's ``file_path``),
+    ``cls(config, mem_pool_host)`` when the constructor takes the host pool (MooncakeStore, EIC...), else
+    ``cls(config, kwargs)`` (SGLang's dynamic shape). ``host_pool`` is hicache's :class:`HostPool`, which answers
+    to the names SGLang's backends call on SGLang's host pools."""
     sconfig = sglang_storage_config(storage_config, extra)
+    from_env = getattr(cls, "from_env_config", None)
+    if callable(from_env):  # HiCacheHF3FS: SGLang's factory sizes its pages
+        return PairedSetResults(from_env(sglang_page_bytes(host_pool), host_pool.dtype, sconfig))
     params = list(inspect.signature(cls).parameters.values())  # the constructor's, without self
     if len(params) < 2 or params[1].default is not inspect.Parameter.empty:
         return cls(sconfig)
