@@ -136,6 +136,16 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     return out
 
 
+def _fingerprint(_inst: Any, _attr: Any, value: Optional[str]) -> None:
+    """A model fingerprint names weights: 1-256 printable characters, no whitespace (a revision, a digest)."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not 0 < len(value) <= 256 or any(c.isspace() or not c.isprintable()
+                                                                      for c in value):
+        raise ConfigError(f"--hicache-model-fingerprint {value!r}: give 1-256 printable characters without spaces "
+                          "(a revision or a digest of the weights)")
+
+
 @attrs.frozen(kw_only=True)
 class HiCacheConfig:
     """Every HiCache flag. Defaults are SGLang's, except ``page_size`` (the seed recommends 64; SGLang's is 1)."""
@@ -156,6 +166,7 @@ class HiCacheConfig:
     enable_metrics: bool = False
     enable_cache_report: bool = False
     model_name: Optional[str] = None
+    hicache_model_fingerprint: Optional[str] = attrs.field(default=None, validator=_fingerprint)
 
     def __attrs_post_init__(self) -> None:
         if self.hicache_storage_backend == "":
@@ -257,6 +268,10 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--enable-metrics", action="store_true", help="export Prometheus metrics")
     g.add_argument("--enable-cache-report", action="store_true", help="report cached tokens per request")
     g.add_argument("--model-name", default=None, help="model name, part of the storage namespace")
+    g.add_argument("--hicache-model-fingerprint", default=None, metavar="ID",
+                   help="the weights' identity in the storage namespace (default: a digest of the checkpoint's "
+                        "config, tokenizer and weights; the random model's seed and shape); give a revision "
+                        "when the engine knows one")
     return parser
 
 

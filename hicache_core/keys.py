@@ -1,7 +1,8 @@
 """Page-hash chain and the storage namespace.
 
 The chain is SGLang's: ``H0 = sha256(tokens(P0))``, ``Hi = sha256(bytes(H(i-1)) || tokens(Pi))`` with every token
-as a 4-byte little-endian unsigned int, hex digests. A key therefore names a whole prefix, so equal keys mean
+as a 4-byte little-endian unsigned int, hex digests; a request with a ``cache_salt`` seeds it with
+:func:`salt_hash` (``H0 = sha256(bytes(salt_hash) || tokens(P0))``). A key therefore names a whole prefix, so equal keys mean
 equal prefixes. Bytes only; never Python's ``hash()`` (it changes between processes).
 """
 
@@ -36,6 +37,13 @@ def page_hash(tokens: Sequence[int], prior_hash: Optional[str] = None) -> str:
     return h.hexdigest()
 
 
+def salt_hash(salt: str) -> str:
+    """The chain's seed for requests carrying ``cache_salt``: the first page of such a request is hashed on this
+    instead of on nothing, so every key of a salted prefix differs from the same tokens' unsalted key (and from
+    any other salt's), in every tier. Requests without a salt keep SGLang's keys."""
+    return hashlib.sha256(b"hicache-cache-salt\x00" + salt.encode("utf-8")).hexdigest()
+
+
 def hash_chain(tokens: Sequence[int], page_size: int, prior_hash: Optional[str] = None) -> list[str]:
     """One chained hash per whole page of ``tokens``; a trailing partial page is ignored."""
     out = []
@@ -50,6 +58,7 @@ class StorageNamespace:
     """Everything that changes a page's bytes. Configurations that differ here never read each other's pages."""
 
     model: str = ""
+    fingerprint: str = ""  # the weights' identity (hicache_core/identity.py): a model updated in place gets a new one
     dtype: str = "bfloat16"
     page_size: int = 64
     layout: str = "layer_first"
@@ -73,6 +82,8 @@ class StorageNamespace:
         }
         if not self.is_mla:  # MLA's latent KV is the same on every rank: ranks share pages
             d["tp"] = f"{self.tp_rank}of{self.tp_size}"
+        if self.fingerprint:
+            d["fingerprint"] = self.fingerprint
         return d
 
     @property

@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any, Optional
 
 TIERS = ("device", "host", "storage")
+MAX_SALTS = 1024  # salts counted apart; the rest count as "other"
 DIRECTIONS = ("h2d", "d2h", "storage_get", "storage_set")
 
 
@@ -39,16 +40,26 @@ class CacheMetrics:
             self.storage_errors: dict[str, int] = defaultdict(int)
             self.transfer_bytes = dict.fromkeys(DIRECTIONS, 0)
             self.transfer_seconds = dict.fromkeys(DIRECTIONS, 0.0)
+            self.per_salt: dict[str, dict[str, Any]] = {}
 
     # --- updates ---------------------------------------------------------------------------------------------------
-    def record_request(self, prompt_tokens: int, device: int, host: int, storage: int) -> None:
+    def record_request(self, prompt_tokens: int, device: int, host: int, storage: int,
+                       salt: Optional[str] = None) -> None:
+        label = None if salt is None else salt_label(salt, self.per_salt)
         with self._lock:
             self.requests += 1
             self.prompt_tokens += prompt_tokens
             for tier, n in zip(TIERS, (device, host, storage)):
                 self.hit_tokens[tier] += n
+            if label is not None:
+                s = self.per_salt.setdefault(label, {"requests": 0, "prompt_tokens": 0,
+                                                     "hit_tokens": dict.fromkeys(TIERS, 0)})
+                s["requests"] += 1
+                s["prompt_tokens"] += prompt_tokens
+                for tier, n in zip(TIERS, (device, host, storage)):
+                    s["hit_tokens"][tier] += n
         if self._prom:
-            self._prom.request(prompt_tokens, device, host, storage)
+            self._prom.request(prompt_tokens, device, host, storage, label)
 
     def record_transfer(self, direction: str, nbytes: int, seconds: float) -> None:
         with self._lock:
@@ -95,6 +106,7 @@ class CacheMetrics:
                 "backuped_tokens": self.backuped_tokens,
                 "loaded_back_tokens": self.loaded_back_tokens,
                 "storage_errors": dict(self.storage_errors),
+                "per_salt": {k: {**v, "hit_tokens": dict(v["hit_tokens"])} for k, v in self.per_salt.items()},
                 "transfer_bytes": dict(self.transfer_bytes),
                 "transfer_seconds": dict(self.transfer_seconds),
                 "transfer_gbps": {
@@ -107,6 +119,12 @@ class CacheMetrics:
         if self._prom is None:
             raise RuntimeError("Prometheus metrics are off; construct with enable_prometheus=True (--enable-metrics)")
         return self._prom.text()
+
+
+def salt_label(label: str, known: dict) -> str:
+    """A salt's label (the cache passes a digest, never the salt: it may be a secret), or ``other`` past
+    :data:`MAX_SALTS` distinct salts."""
+    return label if label in known or len(known) < MAX_SALTS else "other"
 
 
 class _Prometheus:
@@ -137,10 +155,14 @@ class _Prometheus:
             self.counters[name] = c
         return c
 
-    def request(self, prompt: int, device: int, host: int, storage: int) -> None:
+    def request(self, prompt: int, device: int, host: int, storage: int, salt: Optional[str] = None) -> None:
         self.prompt.labels(**self.base).inc(prompt)
         for tier, n in zip(TIERS, (device, host, storage)):
             self.cached.labels(**self.base, cache_source=tier).inc(n)
+        if salt is not None:
+            self.count("salt_prompt_tokens", prompt, salt=salt)
+            for tier, n in zip(TIERS, (device, host, storage)):
+                self.count("salt_cached_tokens", n, salt=salt, cache_source=tier)
 
     def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
         self.bytes.labels(**self.base, direction=direction).inc(nbytes)

@@ -191,6 +191,7 @@ def make_storage_config(
     layout = layout or config.hicache_mem_layout
     ns = StorageNamespace(
         model=config.model_name or "",
+        fingerprint=config.hicache_model_fingerprint or "",
         dtype=spec.dtype_name,
         page_size=config.page_size,
         layout=layout,

@@ -132,6 +132,7 @@ class HiCacheForSGLang(_SGLangStorage):
                 "engine (hicache_core.cache.build_cache)") from _SGLANG_ERROR
         extra = {k: v for k, v in dict(storage_config.extra_config or {}).items() if k not in DYNAMIC_KEYS}
         self.backend_name = str(extra.pop("hicache_backend", "file"))
+        self.fingerprint = sglang_fingerprint(extra.pop("hicache_model_fingerprint", None))
         self.backend_extra = {**extra, **(kwargs or {})}
         self.sglang_config = storage_config
         self.handle: Optional[StorageBackendHandle] = None
@@ -148,7 +149,7 @@ class HiCacheForSGLang(_SGLangStorage):
         spec = _spec_of(mem_pool_host, bool(sc.is_mla_model))
         pool = mem_pool_host if hasattr(mem_pool_host, "page_memoryviews") else SGLangHostPool(mem_pool_host, spec)
         config = HiCacheConfig(page_size=pool.page_size, hicache_mem_layout=pool.layout, model_name=sc.model_name,
-                               hicache_storage_backend=self.backend_name,
+                               hicache_model_fingerprint=self.fingerprint, hicache_storage_backend=self.backend_name,
                                hicache_storage_backend_extra_config=self.backend_extra)
         storage_config = make_storage_config(config, spec, tp_rank=sc.tp_rank, tp_size=sc.tp_size)
         self.handle = create_backend(self.backend_name, storage_config, pool)
@@ -207,6 +208,36 @@ class HiCacheForSGLang(_SGLangStorage):
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
+
+
+def sglang_fingerprint(given: Any = None) -> Optional[str]:
+    """The weights' identity inside an SGLang server: ``hicache_model_fingerprint`` from the extra config when
+    given, else a digest of what SGLang's server args say about the weights -- model path, revision, dtype,
+    quantization, KV cache dtype -- plus the checkpoint's content digest when the model path is local (so a
+    model updated in place under the same path gets new keys). None outside a server (nothing published)."""
+    if given is not None:
+        return HiCacheConfig(hicache_model_fingerprint=str(given)).hicache_model_fingerprint
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        args = get_server_args()
+    except Exception:  # not inside an SGLang server process, or an SGLang without the runtime context
+        args = None
+    if args is None or not getattr(args, "model_path", None):
+        logger.info("HiCacheForSGLang: no SGLang server args published; pages are keyed by the model name only "
+                    "(pass hicache_model_fingerprint in the extra config to key them by the weights)")
+        return None
+    import hashlib
+    from pathlib import Path
+
+    from hicache_core.identity import checkpoint_fingerprint
+
+    parts = [f"{k}={getattr(args, k, None)}" for k in ("model_path", "revision", "dtype", "quantization",
+                                                       "kv_cache_dtype")]
+    local = Path(str(args.model_path)).expanduser()
+    if local.exists():
+        parts.append("content=" + checkpoint_fingerprint(local))
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:32]
 
 
 def through_sglang(config: HiCacheConfig, host_pool: Any) -> HiCacheForSGLang:

@@ -9,7 +9,7 @@ from core_helpers import REPO
 LAYERS = [
     ["errors"],
     ["parse", "hookspecs"],
-    ["config", "metrics", "keys"],
+    ["config", "metrics", "keys", "identity"],
     ["plugins", "storage", "memory", "transfer"],
     ["registry", "operations"],
     ["controller", "sglang"],

@@ -20,7 +20,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_checkpoint(path: Path, dtype: str = "float32") -> Path:
+def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0) -> Path:
     """A random-init LlamaForCausalLM (2 layers, GQA) with a trained byte-level BPE tokenizer, saved as a Hugging
     Face model directory (safetensors)."""
     import torch
@@ -38,7 +38,7 @@ def make_checkpoint(path: Path, dtype: str = "float32") -> Path:
     cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       bos_token_id=1, eos_token_id=2, initializer_range=0.1, tie_word_embeddings=False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(path, safe_serialization=True)
     hf_tok.save_pretrained(path)

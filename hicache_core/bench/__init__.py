@@ -24,5 +24,6 @@ BENCHMARKS: dict = {
     "multiturn": _lazy("multiturn", "multi-turn chat on the reference engine under every cache configuration"),
     "storage": _lazy("storage", "storage backend set/get/exists beside its plugin's raw baseline"),
     "tree": _lazy("tree", "radix tree cost per request (match_prefix, insert) beside the KV load time"),
+    "fingerprint": _lazy("fingerprint", "the model fingerprint's cost at start per GB, beside reading the weights"),
     "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
 }

@@ -90,8 +90,7 @@ class StoragePrefetch(RadixTree):
             self.metrics.add("prefetch_skipped_cost", 1)  # recomputing is expected to be faster
             return False
         self.inc_lock_ref(anchor)  # the anchor's hash chains the keys; it must stay in the tree
-        op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash() if anchor is not self.root else None,
-                           self._prefix_keys(anchor))
+        op = ctrl.prefetch(request_id, list(new_tokens[:n]), anchor.last_hash(), self._prefix_keys(anchor))
         self.ongoing_prefetch[request_id] = _Prefetch(anchor, op)
         return True
 
@@ -222,7 +221,7 @@ class StoragePrefetch(RadixTree):
         if not self.config.pass_prefix_keys:
             return None
         chain: list[list[str]] = []
-        while node is not None and node is not self.root:
+        while node is not None and node is not self.root and node.salt is None:  # a salt's seed is no page
             chain.append(node.hash_value or [])
             node = node.parent
         return [k for keys in reversed(chain) for k in keys]

@@ -16,6 +16,7 @@ import torch
 
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.policies import EVICTION_KEYS
+from hicache_core.keys import salt_hash
 
 EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -48,6 +49,27 @@ class RadixTree:
         self.root.host_value = EMPTY
         self.root.hash_value = []
         self.root.lock_ref = 1
+
+    # --- salts: one subtree per cache_salt, so requests of different salts share no node ------------------------
+    def salt_root(self, salt: Optional[str]) -> TreeNode:
+        """Where ``salt``'s prefixes start: the root for no salt, else an empty node under the root (created on
+        first use) whose hash is :func:`~hicache_core.keys.salt_hash`, so its pages' storage keys are salted too.
+        It holds a lock of its own and goes when its last child does."""
+        if salt is None:
+            return self.root
+        node = self.root.children.get(("salt", salt))
+        if node is None:
+            node = TreeNode([], self.root)
+            node.salt, node.value, node.host_value = salt, EMPTY, EMPTY
+            node.hash_value, node.lock_ref = [salt_hash(salt)], 1
+            self.root.children[("salt", salt)] = node
+        return node
+
+    def salt_of(self, node: TreeNode) -> Optional[str]:
+        """The salt whose subtree ``node`` is in (None: the unsalted tree)."""
+        while node.parent is not None and node.parent is not self.root:
+            node = node.parent
+        return node.salt
 
     # --- walking -----------------------------------------------------------------------------------------------------
     def _page_align(self, n: int) -> int:
@@ -113,8 +135,11 @@ class RadixTree:
         return node
 
     def _delete_leaf(self, node: TreeNode) -> None:
-        assert node.parent is not None
-        del node.parent.children[tuple(node.key[: self.page_size])]
+        parent = node.parent
+        assert parent is not None
+        del parent.children[tuple(node.key[: self.page_size])]
+        if parent.salt is not None and not parent.children and parent.lock_ref == 1:  # nobody anchors on it
+            del self.root.children[("salt", parent.salt)]
 
     def nodes(self) -> Iterator[TreeNode]:
         stack = list(self.root.children.values())
@@ -138,11 +163,12 @@ class RadixTree:
             node = node.parent  # type: ignore[assignment]
 
     # --- match / insert ----------------------------------------------------------------------------------------------
-    def match_prefix(self, tokens) -> MatchResult:
-        """The longest cached prefix of ``tokens`` (whole pages): device slots, then the host-only length."""
+    def match_prefix(self, tokens, salt: Optional[str] = None) -> MatchResult:
+        """The longest cached prefix of ``tokens`` (whole pages) among ``salt``'s: device slots, then the
+        host-only length."""
         n_all = self._page_align(len(tokens))
         key = tokens if type(tokens) is list else list(tokens)  # compared in slices, never stored
-        node, values, now, at = self.root, [], time.monotonic(), 0
+        node, values, now, at = self.salt_root(salt), [], time.monotonic(), 0
         while at < n_all:
             child, n = self._descend(node, key, at)
             if child is None:
@@ -159,12 +185,13 @@ class RadixTree:
         device = (values[0] if len(values) == 1 else torch.cat(values)) if values else EMPTY
         return MatchResult(device, x, last_node, host_hit)
 
-    def insert(self, tokens, device_indices: torch.Tensor) -> int:
-        """Insert a computed sequence; return how many leading tokens were already on device (the caller frees
-        its own copies of those beyond what it matched). Demoted nodes on the path take the new device slots."""
+    def insert(self, tokens, device_indices: torch.Tensor, salt: Optional[str] = None) -> int:
+        """Insert a computed sequence (under ``salt``'s root); return how many leading tokens were already on
+        device (the caller frees its own copies of those beyond what it matched). Demoted nodes on the path take
+        the new device slots."""
         n_all = self._page_align(len(tokens))
         key = tokens if type(tokens) is list else list(tokens)  # a node keeps a slice (a copy), never this
-        node, prefix, now, at = self.root, 0, time.monotonic(), 0
+        node, prefix, now, at = self.salt_root(salt), 0, time.monotonic(), 0
         while at < n_all:
             child, n = self._descend(node, key, at)
             if child is None:

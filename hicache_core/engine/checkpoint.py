@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
 import torch
 
 from hicache_core.engine import gguf
 from hicache_core.engine.model import COMPUTE, ModelConfig, TinyLlama
 from hicache_core.errors import ConfigError
+from hicache_core.identity import checkpoint_fingerprint
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -139,12 +141,15 @@ def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype
     path = Path(model_path).expanduser()
     if gguf.is_gguf(path):
         cfg, t = gguf.read(path)
-        return _assemble(config_from_dict(cfg, path, dtype, name=path.stem), t, cfg, device)
-    if not path.is_dir():
-        raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model directory "
-                          "or a .gguf file)")
-    cfg = _read_config(path)
-    return _assemble(config_from_dict(cfg, path / "config.json", dtype, name=path.name), _tensors(path), cfg, device)
+        c = config_from_dict(cfg, path, dtype, name=path.stem)
+    else:
+        if not path.is_dir():
+            raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model "
+                              "directory or a .gguf file)")
+        cfg = _read_config(path)
+        c, t = config_from_dict(cfg, path / "config.json", dtype, name=path.name), _tensors(path)
+    c = attrs.evolve(c, content_digest=checkpoint_fingerprint(path))  # after the reads: a bad file fails first
+    return _assemble(c, t, cfg, device)
 
 
 def _assemble(c: ModelConfig, t: dict[str, torch.Tensor], cfg: dict, device: torch.device | str) -> TinyLlama:

@@ -62,6 +62,7 @@ class Request:
     on_token: Optional[Callable[[Request], Optional[bool]]] = None
     finish_reason: Optional[str] = None  # "length", "stop" (eos or a stop condition), "abort"
     params: Any = None  # what the server built it from (tensor-parallel followers rebuild it from these)
+    salt: Optional[str] = None  # cache_salt: prefixes are shared only among requests with the same salt
 
     @property
     def ttft(self) -> float:
@@ -130,7 +131,8 @@ class Engine:
         if mode not in MODES:
             raise ConfigError(f"engine mode {mode!r}: choose one of {', '.join(MODES)}")
         self.model, self.mode, self.max_running, self.tp = model, mode, max_running, tp
-        config = config.replace(model_name=config.model_name or model.config.name)
+        config = config.replace(model_name=config.model_name or model.config.name,
+                                hicache_model_fingerprint=config.hicache_model_fingerprint or model.config.fingerprint)
         self.role = disaggregation_mode
         config = role_config(config, mode, disaggregation_mode, offload_kvcache)
         self.handing_off: list[tuple[Request, float]] = []  # prefill: (request, deadline)
@@ -171,7 +173,7 @@ class Engine:
             r.admission = Admission(r.rid, "ready", own=own)
             self.metrics.record_request(len(r.prompt), 0, 0, 0)
             return "ready"
-        adm = self.cache.admit(r.rid, r.prompt, r.max_new_tokens)
+        adm = self.cache.admit(r.rid, r.prompt, r.max_new_tokens, salt=r.salt)
         if adm.ready:
             r.admission, r.cached = adm, adm.cached
         return adm.status
@@ -253,7 +255,7 @@ class Engine:
         if not self.handing_off:
             return done
         now = time.monotonic()
-        pending = [self.cache.backup_in_flight(r.prompt) for r, _ in self.handing_off]
+        pending = [self.cache.backup_in_flight(r.prompt, r.salt) for r, _ in self.handing_off]
         late = [now > d for _, d in self.handing_off]
         agree = self.cache.agree
         if agree.active:  # tensor parallel: a page is stored once it is stored everywhere; rank 0's clock decides

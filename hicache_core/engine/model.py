@@ -35,9 +35,23 @@ class ModelConfig:
     # llama3 / linear rope scaling from a checkpoint's config.json (None: plain rotary)
     rope_scaling: Optional[dict] = attrs.field(default=None, eq=False, hash=False)
     checkpoint: Optional[str] = None  # the model directory it was loaded from (its name is then the model's)
+    # the checkpoint's content digest (hicache_core/identity.py); None for the random model
+    content_digest: Optional[str] = attrs.field(default=None, eq=False, hash=False)
 
     def kv_spec(self) -> KVSpec:
         return KVSpec(layer_num=self.num_layers, head_num=self.num_kv_heads, head_dim=self.head_dim, dtype=self.kv_dtype)
+
+    @property
+    def fingerprint(self) -> str:
+        """The weights' identity for the storage namespace: the checkpoint's content digest, or the random
+        model's seed and shape."""
+        if self.content_digest:
+            return self.content_digest
+        from hicache_core.identity import random_fingerprint
+
+        return random_fingerprint({f.name: getattr(self, f.name) for f in attrs.fields(ModelConfig)
+                                   if f.name not in ("kv_dtype", "content_digest", "checkpoint", "rope_scaling")}
+                                  | {"rope_scaling": self.rope_scaling})
 
     @property
     def name(self) -> str:

@@ -24,10 +24,10 @@ from hicache_core.serve.protocol import (
     BadRequest,
     Params,
     chat_messages,
+    generate_params,
     openai_params,
     openai_prompt,
     prompt_ids,
-    sampling_params,
 )
 from hicache_core.serve.scheduler import Busy, Stream
 from hicache_core.serve.state import ServerState
@@ -177,7 +177,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     async def generate(req: HTTPRequest) -> Any:
         body = await body_of(req)
         prompts, batch = prompt_ids(body, state.tokenizer, state.model.config.vocab_size)
-        params = sampling_params(body.get("sampling_params"))
+        params = generate_params(body)
         if stream_flag(body):
             if batch:
                 raise BadRequest("stream takes one prompt, not a batch")

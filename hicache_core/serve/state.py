@@ -85,7 +85,8 @@ class ServerState:
         check_fits(ids, attrs.evolve(params, max_new_tokens=1) if self.engine.role == "prefill" else params,
                    self.context, why)
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eos_ids)
-        r = Request(rid or uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos, params=params)
+        r = Request(rid or uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos, params=params,
+                    salt=params.cache_salt)
         if params.stop:
             stops, tok = params.stop, self.tokenizer
 

@@ -1,0 +1,78 @@
+"""Inside SGLang, HiCacheForSGLang keys pages by the weights, not the model's name: its fingerprint comes from what
+SGLang's server args say (model path, revision, dtype, quantization, KV dtype) plus the content digest of a local
+checkpoint, so a model rewritten in place under the same path reads none of its old pages. The server args are the
+real ``sglang.srt.runtime_context.get_server_args`` answer's fields, set here on a stand-in object (a real
+``ServerArgs`` needs a launched server)."""
+
+import types
+
+import pytest
+from real_pools import real_host_pool
+from test_sglang_real_pools import bridge, indices, keys, store
+
+
+def server_args(monkeypatch, model_path, **more):
+    import sglang.srt.runtime_context as rc
+
+    args = types.SimpleNamespace(model_path=str(model_path), revision=None, dtype="bfloat16", quantization=None,
+                                 kv_cache_dtype="auto", **more)
+    monkeypatch.setattr(rc, "get_server_args", lambda: args)
+    return args
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    d = tmp_path / "my-llama"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(b"\x01" * 1024)
+    return d
+
+
+def written(tmp_path, ks, **extra):
+    pool = real_host_pool("page_first")
+    b = bridge(pool, {**store("file", tmp_path), **extra}, mla=False)
+    return b, pool
+
+
+def test_a_checkpoint_rewritten_in_place_reads_none_of_its_old_pages(tmp_path, monkeypatch, checkpoint):
+    server_args(monkeypatch, checkpoint)
+    ks = keys(4)
+    b, _ = written(tmp_path, ks)
+    assert b.batch_set_v1(ks, indices([0, 1, 2, 3])) == [True] * 4
+    b.close()
+    again, _ = written(tmp_path, ks)
+    assert again.batch_exists(ks) == 4  # same weights: the pages are there
+    again.close()
+    (checkpoint / "model.safetensors").write_bytes(b"\x02" * 1024)  # same path, same size, new weights
+    after, _ = written(tmp_path, ks)
+    assert after.batch_exists(ks) == 0
+    after.close()
+
+
+def test_revision_dtype_and_kv_dtype_are_part_of_it(tmp_path, monkeypatch, checkpoint):
+    args = server_args(monkeypatch, checkpoint)
+    ks = keys(2)
+    b, _ = written(tmp_path, ks)
+    assert b.batch_set_v1(ks, indices([0, 1])) == [True] * 2
+    b.close()
+    for field, value in (("revision", "v2"), ("quantization", "fp8"), ("kv_cache_dtype", "fp8_e4m3")):
+        old = getattr(args, field)
+        setattr(args, field, value)
+        other, _ = written(tmp_path, ks)
+        assert other.batch_exists(ks) == 0, field
+        other.close()
+        setattr(args, field, old)
+
+
+def test_an_explicit_fingerprint_wins_and_no_server_args_keeps_the_name_only_keys(tmp_path, monkeypatch, checkpoint):
+    ks = keys(2)
+    b, _ = written(tmp_path, ks, hicache_model_fingerprint="rev-abc")
+    assert b.fingerprint == "rev-abc" and b.batch_set_v1(ks, indices([0, 1])) == [True] * 2
+    b.close()
+    same, _ = written(tmp_path, ks, hicache_model_fingerprint="rev-abc")
+    assert same.batch_exists(ks) == 2
+    same.close()
+    plain, _ = written(tmp_path, ks)  # no server published its args here: by name, as before
+    assert plain.fingerprint is None and plain.batch_exists(ks) == 0
+    plain.close()
