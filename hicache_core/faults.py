@@ -47,16 +47,23 @@ def _fill(pool: DevicePool, idx: torch.Tensor, codes: torch.Tensor) -> None:
             flat[idx] = (codes + layer * 7 + kv * 3)[:, None].expand(-1, flat.shape[1])
 
 
-def write_kv(pool: DevicePool, idx: torch.Tensor, tokens) -> None:
-    """The KV of the first ``len(idx)`` tokens of ``tokens`` into device slots ``idx``."""
-    _fill(pool, idx, prefix_codes(tokens)[: len(idx)])
+def _codes(tokens, salt: Optional[str]) -> torch.Tensor:
+    """The prefix codes of ``tokens``; under a salt, chained on a code of the salt (a salt's KV differs)."""
+    if salt is None:
+        return prefix_codes(tokens)
+    return prefix_codes([zlib.crc32(salt.encode()) & 0x7FFFFFFF, *tokens])[1:]
 
 
-def kv_matches(pool: DevicePool, idx: torch.Tensor, tokens) -> bool:
-    """Whether slots ``idx`` hold exactly the KV of the first ``len(idx)`` tokens."""
+def write_kv(pool: DevicePool, idx: torch.Tensor, tokens, salt: Optional[str] = None) -> None:
+    """The KV of the first ``len(idx)`` tokens of ``tokens`` (under ``salt``) into device slots ``idx``."""
+    _fill(pool, idx, _codes(tokens, salt)[: len(idx)])
+
+
+def kv_matches(pool: DevicePool, idx: torch.Tensor, tokens, salt: Optional[str] = None) -> bool:
+    """Whether slots ``idx`` hold exactly the KV of the first ``len(idx)`` tokens (written under ``salt``)."""
     if len(idx) == 0:
         return True
-    codes = prefix_codes(tokens)[: len(idx)]
+    codes = _codes(tokens, salt)[: len(idx)]
     for layer in range(pool.layer_num):
         pool.wait_layer(layer)
         bufs = [pool.k_buffer(layer)] + ([] if pool.is_mla else [pool.v_buffer(layer)])

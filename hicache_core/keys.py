@@ -2,7 +2,7 @@
 
 The chain is SGLang's: ``H0 = sha256(tokens(P0))``, ``Hi = sha256(bytes(H(i-1)) || tokens(Pi))`` with every token
 as a 4-byte little-endian unsigned int, hex digests; a request with a ``cache_salt`` seeds it with
-:func:`salt_hash` (``H0 = sha256(bytes(salt_hash) || tokens(P0))``). A key therefore names a whole prefix, so equal keys mean
+:func:`namespace_seed` of its ``extra_key`` and ``cache_salt``, as SGLang does. A key therefore names a whole prefix, so equal keys mean
 equal prefixes. Bytes only; never Python's ``hash()`` (it changes between processes).
 """
 
@@ -37,11 +37,22 @@ def page_hash(tokens: Sequence[int], prior_hash: Optional[str] = None) -> str:
     return h.hexdigest()
 
 
-def salt_hash(salt: str) -> str:
-    """The chain's seed for requests carrying ``cache_salt``: the first page of such a request is hashed on this
-    instead of on nothing, so every key of a salted prefix differs from the same tokens' unsalted key (and from
-    any other salt's), in every tier. Requests without a salt keep SGLang's keys."""
-    return hashlib.sha256(b"hicache-cache-salt\x00" + salt.encode("utf-8")).hexdigest()
+def namespace_seed(extra_key: Optional[str] = None, cache_salt: Optional[str] = None) -> Optional[str]:
+    """The chain's seed for a request's namespace -- its ``extra_key`` (an adapter, a tenant) and ``cache_salt``
+    -- exactly as SGLang 0.5.23 seeds its storage chains (``storage_namespace_seed``), so a salted page has the
+    same key in hicache and in SGLang: SHA-256 of ``b"sglang-cache-namespace-v1"`` then, for each of the two,
+    ``b"\\x00"`` when absent or ``b"\\x01"`` + its UTF-8 length (8 bytes, little endian) + its UTF-8 bytes.
+    None when both are absent: SGLang's unseeded keys."""
+    if extra_key is None and cache_salt is None:
+        return None
+    h = hashlib.sha256(b"sglang-cache-namespace-v1")
+    for part in (extra_key, cache_salt):
+        if part is None:
+            h.update(b"\x00")
+        else:
+            raw = part.encode("utf-8")
+            h.update(b"\x01" + len(raw).to_bytes(8, "little") + raw)
+    return h.hexdigest()
 
 
 def hash_chain(tokens: Sequence[int], page_size: int, prior_hash: Optional[str] = None) -> list[str]:

@@ -32,25 +32,27 @@ def make_cache(*, device_pages=8, host_pages=16, storage=None, store="default", 
 
 
 
-def admit_ready(cache: HiRadixCache, rid, prompt, extra_tokens: int = 0, timeout: float = 30.0) -> Admission:
+def admit_ready(cache: HiRadixCache, rid, prompt, extra_tokens: int = 0, timeout: float = 30.0,
+                salt=None) -> Admission:
     """Admit as an engine does: poll and ask again while a prefetch is in flight."""
     deadline = time.monotonic() + timeout
-    while (adm := cache.admit(rid, prompt, extra_tokens)).status == "wait":
+    while (adm := cache.admit(rid, prompt, extra_tokens, salt=salt)).status == "wait":
         assert time.monotonic() < deadline, "prefetch never ended"
         time.sleep(0.002)
         cache.poll()
     return adm
 
 
-def run_request(cache: HiRadixCache, tokens, rid="r") -> dict:
-    """One request through the front door: admit, check every served byte, compute the rest, release."""
+def run_request(cache: HiRadixCache, tokens, rid="r", salt=None) -> dict:
+    """One request through the front door: admit, check every served byte, compute the rest, release. Under a
+    salt the KV encodes the salt too, so a page of another salt is caught as wrong KV."""
     prompt = list(tokens) + [SENTINEL]
-    adm = admit_ready(cache, rid, prompt)
+    adm = admit_ready(cache, rid, prompt, salt=salt)
     assert adm.ready, "device pool exhausted"
     cache.ready_to_load_host_cache()
-    assert kv_matches(cache.device_pool, adm.prefix, prompt), "served KV differs from what was inserted"
+    assert kv_matches(cache.device_pool, adm.prefix, prompt, salt), "served KV differs from what was inserted"
     computed = len(prompt) - len(adm.prefix)
-    write_kv(cache.device_pool, adm.slots(computed), prompt)
+    write_kv(cache.device_pool, adm.slots(computed), prompt, salt)
     cache.release(adm, prompt, computed)
     cache.poll()
     c = adm.cached
@@ -92,8 +94,8 @@ def empty_and_check(cache: HiRadixCache, device_free: int, host_free: int) -> No
 
 
 def locks_balanced(cache: HiRadixCache) -> None:
-    for n in cache.nodes():
-        assert n.lock_ref == 0 and n.host_ref == 0, f"lock left on {n}"
+    for n in cache.nodes():  # a salt's root holds a lock of its own
+        assert n.lock_ref == (1 if n.seed is not None else 0) and n.host_ref == 0, f"lock left on {n}"
 
 
 def seq(base: int, n_pages: int) -> list[int]:

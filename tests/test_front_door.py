@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
 PAGES = st.lists(st.integers(0, 4), min_size=1, max_size=4)
+SALTS = st.sampled_from([None, None, "tenant-a", "tenant-b"])  # the KV of a salted prompt encodes its salt
 
 
 def prompt_of(pages: list[int]) -> list[int]:
@@ -42,32 +43,32 @@ class FrontDoorMachine(RuleBasedStateMachine):
         self.n = 0
         self.live: dict = {}  # rid -> (prompt, admission) of running requests
 
-    def _admit(self, rid, prompt, extra):
-        adm = self.cache.admit(rid, prompt, extra)
-        event(f"admit: {adm.status}")
+    def _admit(self, rid, prompt, extra, salt):
+        adm = self.cache.admit(rid, prompt, extra, salt=salt)
+        event(f"admit: {adm.status}" + (" (salted)" if salt else ""))
         if adm.ready:
             self.cache.ready_to_load_host_cache()
             for layer in range(self.cache.device_pool.layer_num):
                 self.cache.device_pool.wait_layer(layer)
-            assert kv_matches(self.cache.device_pool, adm.prefix, prompt), "admitted with wrong KV"
+            assert kv_matches(self.cache.device_pool, adm.prefix, prompt, salt), "admitted with wrong KV (or salt's)"
             assert len(adm.prefix) < len(prompt) and len(adm.own) >= len(prompt) - len(adm.prefix) + extra
             self.live[rid] = (prompt, adm)
         return adm
 
-    @rule(target=waiting, pages=PAGES, extra=st.integers(0, 5))
-    def arrive(self, pages, extra):
+    @rule(target=waiting, pages=PAGES, extra=st.integers(0, 5), salt=SALTS)
+    def arrive(self, pages, extra, salt):
         self.n += 1
         rid = f"r{self.n}"
-        self._admit(rid, prompt_of(pages), extra)
-        return rid, prompt_of(pages), extra  # admitted or not: retry() moves it along
+        self._admit(rid, prompt_of(pages), extra, salt)
+        return rid, prompt_of(pages), extra, salt  # admitted or not: retry() moves it along
 
     @rule(target=running, item=consumes(waiting))
     def retry(self, item):
-        rid, prompt, extra = item
+        rid, prompt, extra, salt = item
         if rid in self.live:
             return rid
         self.cache.poll()
-        adm = self._admit(rid, prompt, extra)
+        adm = self._admit(rid, prompt, extra, salt)
         if not adm.ready:
             self.cache.abort(rid)  # an engine would ask again; this client gives up
             return None
@@ -88,7 +89,7 @@ class FrontDoorMachine(RuleBasedStateMachine):
             return
         prompt, adm = self.live.pop(rid)
         computed = int(round((len(prompt) - len(adm.prefix)) * computed_part))
-        write_kv(self.cache.device_pool, adm.slots(computed), prompt)
+        write_kv(self.cache.device_pool, adm.slots(computed), prompt, adm.salt)
         self.cache.release(adm, prompt, computed)
 
     @rule()
@@ -112,7 +113,7 @@ class FrontDoorMachine(RuleBasedStateMachine):
             if n.value is not None:
                 tree += n.value[::PS].tolist()
         for prompt, adm in self.live.values():
-            assert kv_matches(c.device_pool, adm.prefix, prompt), "a pinned prefix lost its KV"
+            assert kv_matches(c.device_pool, adm.prefix, prompt, adm.salt), "a pinned prefix lost its KV"
             request += adm.own[::PS].tolist()
         owners = tree + request
         assert len(owners) == len(set(owners)), "a device page has two owners"

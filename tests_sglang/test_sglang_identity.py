@@ -76,3 +76,23 @@ def test_an_explicit_fingerprint_wins_and_no_server_args_keeps_the_name_only_key
     plain, _ = written(tmp_path, ks)  # no server published its args here: by name, as before
     assert plain.fingerprint is None and plain.batch_exists(ks) == 0
     plain.close()
+
+
+@pytest.mark.parametrize("extra_key,cache_salt", [(None, "tenant-a"), ("lora-7", None), ("lora-7", "tenant-a"),
+                                                  ("", "x"), ("é", "日本")])
+def test_namespaced_keys_are_sglangs(extra_key, cache_salt):
+    """A salted or extra-keyed page has the key SGLang 0.5.23 gives it (its storage_namespace_seed chained into
+    get_hash_str), so a store shared with SGLang servers keeps tenants apart the same way on both."""
+    from sglang.srt.mem_cache.utils import get_hash_str, storage_namespace_seed
+
+    from hicache_core.keys import hash_chain, namespace_seed
+
+    seed = namespace_seed(extra_key, cache_salt)
+    assert seed == storage_namespace_seed(extra_key, cache_salt)
+    tokens = list(range(1000, 1000 + 4 * 16))
+    want, prior = [], seed
+    for i in range(0, len(tokens), 16):
+        prior = get_hash_str(tokens[i:i + 16], prior)
+        want.append(prior)
+    assert hash_chain(tokens, 16, seed) == want
+    assert namespace_seed(None, None) is None and storage_namespace_seed(None, None) is None

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from hicache_core.bench.common import dump_json, print_table
 from hicache_core.parse import arg_float, arg_int
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         nbytes = sum(f.stat().st_size for f in files)
         gb = nbytes / 1e9
         cold = lambda: _drop_cache(files)  # noqa: E731
-        rows = []
+        rows: list[dict[str, Any]] = []
         for label, fn, before in (
             ("read, cold (baseline)", lambda: _read_all(files), cold),
             ("fingerprint, cold", lambda: identity.checkpoint_fingerprint(path, memo=False), cold),

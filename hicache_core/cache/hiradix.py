@@ -23,7 +23,7 @@ from hicache_core.cache.node import TreeNode
 from hicache_core.cache.radix import EMPTY
 from hicache_core.cache.tiers import LOAD_BACK_THRESHOLD, TieredCache
 from hicache_core.errors import ConfigError
-from hicache_core.keys import hash_chain, salt_hash
+from hicache_core.keys import hash_chain, namespace_seed
 
 __all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache"]
 
@@ -44,7 +44,9 @@ class Admission:
     own: torch.Tensor = EMPTY
     cached: dict[str, int] = attrs.field(factory=lambda: {"device": 0, "host": 0, "storage": 0})
     node: Optional[TreeNode] = None
-    salt: Optional[str] = None  # the request's cache_salt: its prefixes are shared only with the same salt
+    salt: Optional[str] = None  # the request's cache_salt
+    extra_key: Optional[str] = None  # and extra_key: prefixes are shared only among requests with both the same
+    seed: Optional[str] = None  # their namespace_seed (None: the shared, unseeded namespace)
 
     @property
     def ready(self) -> bool:
@@ -70,22 +72,26 @@ class HiRadixCache(TieredCache):
         super().__init__(*args, **kwargs)
         self._admitting: dict[Any, int] = {}  # request id -> matched length before its storage prefetch
 
-    def admit(self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None) -> Admission:
+    def admit(self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None,
+              extra_key: Optional[str] = None) -> Admission:
         """Admit a request whose prompt is ``tokens``; ``extra_tokens`` more slots are reserved (for decoding).
         At least one prompt token is always left to compute, so the engine gets logits for it. ``salt`` (vLLM's
-        ``cache_salt``: a tenant, a user, an adapter) confines the request to prefixes written with the same
-        salt, in every tier; None shares the unsalted prefixes, keyed as SGLang keys them."""
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise ValueError(f"cache_salt must be a non-empty string, not {salt!r}")
-        m = self.match_prefix(tokens, salt)
+        and SGLang's ``cache_salt``: a tenant, a user) and ``extra_key`` (SGLang's: an adapter, a tenant) confine
+        the request to prefixes written with the same two, in every tier, their storage keys seeded as SGLang
+        seeds them; with neither the request shares the unseeded prefixes, keyed as SGLang keys them."""
+        for name, v in (("cache_salt", salt), ("extra_key", extra_key)):
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name} must be a non-empty string, not {v!r}")
+        seed = namespace_seed(extra_key, salt)
+        m = self.match_prefix(tokens, seed)
         storage_hit = 0
         if self.storage_enabled:
             if rid not in self._admitting:
                 self._admitting[rid] = m.matched_length
                 self.prefetch_from_storage(rid, m.last_node, tokens[m.matched_length :])
             if not self.check_prefetch_progress(rid):
-                return Admission(rid, WAIT, salt=salt)
-            m = self.match_prefix(tokens, salt)
+                return Admission(rid, WAIT, salt=salt, extra_key=extra_key, seed=seed)
+            m = self.match_prefix(tokens, seed)
             storage_hit = max(0, m.matched_length - self._admitting[rid])
         node = m.last_device_node
         self.inc_lock_ref(node)
@@ -108,11 +114,11 @@ class HiRadixCache(TieredCache):
         if own is None:
             self.dec_lock_ref(node)
             self.ready_to_load_host_cache()  # the loads queued above pin device pages until they run
-            return Admission(rid, FULL, salt=salt)
+            return Admission(rid, FULL, salt=salt, extra_key=extra_key, seed=seed)
         self._admitting.pop(rid, None)
         self.metrics.record_request(len(tokens), cached["device"], cached["host"], cached["storage"],
-                                    salt=None if salt is None else salt_hash(salt)[:12])
-        return Admission(rid, READY, prefix, own, cached, node, salt)
+                                    salt=None if seed is None else seed[:12])
+        return Admission(rid, READY, prefix, own, cached, node, salt=salt, extra_key=extra_key, seed=seed)
 
     def release(self, admission: Admission, tokens, computed: int) -> None:
         """The request is done (or cancelled): ``tokens`` is the sequence whose KV it wrote, ``computed`` how many
@@ -122,7 +128,7 @@ class HiRadixCache(TieredCache):
         p = len(admission.prefix)
         slots = admission.slots(computed)
         aligned = self._page_align(min(len(tokens), len(slots)))
-        already = self.insert(tokens[:aligned], slots[:aligned], admission.salt)
+        already = self.insert(tokens[:aligned], slots[:aligned], admission.seed)
         own = admission.own
         if already > p:
             self.device_pool.free(own[: already - p])  # the tree had these already: our copies go
@@ -149,7 +155,7 @@ class HiRadixCache(TieredCache):
         self.flush()
         for node in self.nodes():  # parents first: nodes made before storage get their keys, chained from the root
             assert node.parent is not None
-            if node.salt is None:  # a salt's root keeps its seed
+            if node.seed is None:  # a namespace's root keeps its seed
                 node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
         self.controller.attach_storage(backend, config)
         self.config, self.storage, self.storage_enabled = config, backend, True

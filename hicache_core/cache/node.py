@@ -17,7 +17,7 @@ class TreeNode:
     ancestors in the tree and on device; ``host_ref`` keeps the host copy while a storage backup reads it."""
 
     __slots__ = ("children", "parent", "key", "value", "host_value", "hash_value", "lock_ref", "host_ref",
-                 "hit_count", "last_access_time", "creation_time", "id", "salt")
+                 "hit_count", "last_access_time", "creation_time", "id", "seed")
 
     def __init__(self, key: Optional[list] = None, parent: Optional[TreeNode] = None) -> None:
         self.children: dict[tuple, TreeNode] = {}
@@ -31,7 +31,9 @@ class TreeNode:
         self.hit_count = 0
         self.last_access_time = self.creation_time = time.monotonic()
         self.id = next(_ids)
-        self.salt: Optional[str] = None  # set on a salt's root: the empty node every prefix of that salt hangs from
+        # set on a namespace's root (keys.namespace_seed of a cache_salt / extra_key): the empty node every prefix
+        # of that namespace hangs from
+        self.seed: Optional[str] = None
 
     @property
     def backuped(self) -> bool:

@@ -221,7 +221,7 @@ class StoragePrefetch(RadixTree):
         if not self.config.pass_prefix_keys:
             return None
         chain: list[list[str]] = []
-        while node is not None and node is not self.root and node.salt is None:  # a salt's seed is no page
+        while node is not None and node is not self.root and node.seed is None:  # a namespace's seed is no page
             chain.append(node.hash_value or [])
             node = node.parent
         return [k for keys in reversed(chain) for k in keys]

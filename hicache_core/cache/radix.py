@@ -16,7 +16,6 @@ import torch
 
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.policies import EVICTION_KEYS
-from hicache_core.keys import salt_hash
 
 EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -50,26 +49,20 @@ class RadixTree:
         self.root.hash_value = []
         self.root.lock_ref = 1
 
-    # --- salts: one subtree per cache_salt, so requests of different salts share no node ------------------------
-    def salt_root(self, salt: Optional[str]) -> TreeNode:
-        """Where ``salt``'s prefixes start: the root for no salt, else an empty node under the root (created on
-        first use) whose hash is :func:`~hicache_core.keys.salt_hash`, so its pages' storage keys are salted too.
-        It holds a lock of its own and goes when its last child does."""
-        if salt is None:
+    # --- namespaces: one subtree per cache_salt / extra_key, so requests of different ones share no node --------
+    def namespace_root(self, seed: Optional[str]) -> TreeNode:
+        """Where the prefixes of the namespace ``seed`` (:func:`~hicache_core.keys.namespace_seed`) start: the
+        root for none, else an empty node under the root (made on first use) whose hash is the seed, so the
+        namespace's storage keys chain on it. It holds a lock of its own and goes when its last child does."""
+        if seed is None:
             return self.root
-        node = self.root.children.get(("salt", salt))
+        node = self.root.children.get(("ns", seed))
         if node is None:
             node = TreeNode([], self.root)
-            node.salt, node.value, node.host_value = salt, EMPTY, EMPTY
-            node.hash_value, node.lock_ref = [salt_hash(salt)], 1
-            self.root.children[("salt", salt)] = node
+            node.seed, node.value, node.host_value = seed, EMPTY, EMPTY
+            node.hash_value, node.lock_ref = [seed], 1
+            self.root.children[("ns", seed)] = node
         return node
-
-    def salt_of(self, node: TreeNode) -> Optional[str]:
-        """The salt whose subtree ``node`` is in (None: the unsalted tree)."""
-        while node.parent is not None and node.parent is not self.root:
-            node = node.parent
-        return node.salt
 
     # --- walking -----------------------------------------------------------------------------------------------------
     def _page_align(self, n: int) -> int:
@@ -138,8 +131,18 @@ class RadixTree:
         parent = node.parent
         assert parent is not None
         del parent.children[tuple(node.key[: self.page_size])]
-        if parent.salt is not None and not parent.children and parent.lock_ref == 1:  # nobody anchors on it
-            del self.root.children[("salt", parent.salt)]
+        if parent.seed is not None:
+            self._drop_idle_namespace(parent)
+
+    def _drop_idle_namespace(self, node: TreeNode) -> None:
+        """A namespace root with no prefix left and nobody anchored on it (its own lock only) leaves the tree."""
+        if not node.children and node.lock_ref == 1 and self.root.children.get(("ns", node.seed)) is node:
+            del self.root.children[("ns", node.seed)]
+
+    def drop_idle_namespaces(self) -> None:
+        """Sweep namespace roots a request matched under but never filled (it was aborted or found no room)."""
+        for node in [n for n in self.root.children.values() if n.seed is not None]:
+            self._drop_idle_namespace(node)
 
     def nodes(self) -> Iterator[TreeNode]:
         stack = list(self.root.children.values())
@@ -163,12 +166,12 @@ class RadixTree:
             node = node.parent  # type: ignore[assignment]
 
     # --- match / insert ----------------------------------------------------------------------------------------------
-    def match_prefix(self, tokens, salt: Optional[str] = None) -> MatchResult:
-        """The longest cached prefix of ``tokens`` (whole pages) among ``salt``'s: device slots, then the
-        host-only length."""
+    def match_prefix(self, tokens, seed: Optional[str] = None) -> MatchResult:
+        """The longest cached prefix of ``tokens`` (whole pages) in the namespace ``seed``: device slots, then
+        the host-only length."""
         n_all = self._page_align(len(tokens))
         key = tokens if type(tokens) is list else list(tokens)  # compared in slices, never stored
-        node, values, now, at = self.salt_root(salt), [], time.monotonic(), 0
+        node, values, now, at = self.namespace_root(seed), [], time.monotonic(), 0
         while at < n_all:
             child, n = self._descend(node, key, at)
             if child is None:
@@ -185,13 +188,13 @@ class RadixTree:
         device = (values[0] if len(values) == 1 else torch.cat(values)) if values else EMPTY
         return MatchResult(device, x, last_node, host_hit)
 
-    def insert(self, tokens, device_indices: torch.Tensor, salt: Optional[str] = None) -> int:
-        """Insert a computed sequence (under ``salt``'s root); return how many leading tokens were already on
+    def insert(self, tokens, device_indices: torch.Tensor, seed: Optional[str] = None) -> int:
+        """Insert a computed sequence (in the namespace ``seed``); return how many leading tokens were already on
         device (the caller frees its own copies of those beyond what it matched). Demoted nodes on the path take
         the new device slots."""
         n_all = self._page_align(len(tokens))
         key = tokens if type(tokens) is list else list(tokens)  # a node keeps a slice (a copy), never this
-        node, prefix, now, at = self.salt_root(salt), 0, time.monotonic(), 0
+        node, prefix, now, at = self.namespace_root(seed), 0, time.monotonic(), 0
         while at < n_all:
             child, n = self._descend(node, key, at)
             if child is None:
@@ -234,6 +237,7 @@ class RadixTree:
             p = x.parent
             if p is not None and p is not self.root and candidate(p):
                 heapq.heappush(heap, (self._evict_key(p), p.id, p))
+        self.drop_idle_namespaces()
         return freed
 
     def evict(self, num_tokens: int) -> int:

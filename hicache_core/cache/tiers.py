@@ -114,14 +114,14 @@ class TieredCache(StoragePrefetch):
                 node.protect_host()  # the backup worker reads these host pages
                 self.ongoing_backup[node.id] = node
 
-    def backup_in_flight(self, tokens, salt: Optional[str] = None) -> bool:
+    def backup_in_flight(self, tokens, seed: Optional[str] = None) -> bool:
         """Whether a page of ``tokens``' cached path is still on its way to storage (its device->host copy or its
         storage backup has not finished). False once every page that will be backed up is in storage: a page whose
         copy never started (host full) or whose backup failed is not waited for; a reader recomputes it."""
         busy = self.ongoing_write_through.keys() | self.ongoing_backup.keys()
         if not busy:
             return False
-        node = self.match_prefix(tokens, salt).last_node
+        node = self.match_prefix(tokens, seed).last_node
         while node is not self.root:
             if node.id in busy:
                 return True

@@ -36,6 +36,7 @@ from hicache_core.cache import Admission, HiRadixCache, build_cache
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine.model import TinyLlama
 from hicache_core.errors import ConfigError
+from hicache_core.keys import namespace_seed
 from hicache_core.memory import DevicePool
 from hicache_core.metrics import CacheMetrics
 
@@ -62,7 +63,8 @@ class Request:
     on_token: Optional[Callable[[Request], Optional[bool]]] = None
     finish_reason: Optional[str] = None  # "length", "stop" (eos or a stop condition), "abort"
     params: Any = None  # what the server built it from (tensor-parallel followers rebuild it from these)
-    salt: Optional[str] = None  # cache_salt: prefixes are shared only among requests with the same salt
+    salt: Optional[str] = None  # cache_salt and extra_key: prefixes are shared only among requests with the same
+    extra_key: Optional[str] = None
 
     @property
     def ttft(self) -> float:
@@ -173,7 +175,7 @@ class Engine:
             r.admission = Admission(r.rid, "ready", own=own)
             self.metrics.record_request(len(r.prompt), 0, 0, 0)
             return "ready"
-        adm = self.cache.admit(r.rid, r.prompt, r.max_new_tokens, salt=r.salt)
+        adm = self.cache.admit(r.rid, r.prompt, r.max_new_tokens, salt=r.salt, extra_key=r.extra_key)
         if adm.ready:
             r.admission, r.cached = adm, adm.cached
         return adm.status
@@ -255,7 +257,8 @@ class Engine:
         if not self.handing_off:
             return done
         now = time.monotonic()
-        pending = [self.cache.backup_in_flight(r.prompt, r.salt) for r, _ in self.handing_off]
+        pending = [self.cache.backup_in_flight(r.prompt, namespace_seed(r.extra_key, r.salt))
+                   for r, _ in self.handing_off]
         late = [now > d for _, d in self.handing_off]
         agree = self.cache.agree
         if agree.active:  # tensor parallel: a page is stored once it is stored everywhere; rank 0's clock decides

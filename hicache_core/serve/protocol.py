@@ -28,7 +28,10 @@ class Params:
     stop: list[str] = attrs.field(factory=list)
     stop_token_ids: list[int] = attrs.field(factory=list)
     ignore_eos: bool = False
-    cache_salt: Optional[str] = None  # the request shares cached prefixes only with requests of the same salt
+    # the request shares cached prefixes only with requests of the same cache_salt and extra_key (SGLang's and
+    # vLLM's cache_salt; SGLang's extra_key)
+    cache_salt: Optional[str] = None
+    extra_key: Optional[str] = None
 
 
 def _obj(body: Any, what: str) -> dict:
@@ -152,28 +155,23 @@ def chat_messages(body: dict) -> list[dict]:
 
 def generate_params(body: dict) -> Params:
     """/generate: its ``sampling_params`` and the request's cache salt."""
-    return attrs.evolve(sampling_params(body.get("sampling_params")), cache_salt=cache_salt(body))
+    return with_namespace(sampling_params(body.get("sampling_params")), body)
 
 
 def openai_params(body: dict, chat: bool) -> Params:
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     default = DEFAULT_MAX_NEW_TOKENS if chat else OPENAI_DEFAULT_MAX_TOKENS
-    return attrs.evolve(sampling_params(body, default, key), cache_salt=cache_salt(body))
+    return with_namespace(sampling_params(body, default, key), body)
 
 
-SALT_FIELDS = ("cache_salt", "extra_key")  # vLLM's name; SGLang's field for the same isolation
-
-
-def cache_salt(body: dict) -> Optional[str]:
-    """The request's ``cache_salt`` (vLLM's field) or ``extra_key`` (SGLang's): a non-empty string of at most
-    1024 characters, or absent. Both given must agree."""
-    given = {k: body[k] for k in SALT_FIELDS if body.get(k) is not None}
-    for k, v in given.items():
-        if not isinstance(v, str) or not 0 < len(v) <= 1024:
+def with_namespace(params: Params, body: dict) -> Params:
+    """``params`` with the request's ``cache_salt`` and ``extra_key`` (SGLang's fields; vLLM's ``cache_salt``):
+    each a non-empty string of at most 1024 characters, or absent."""
+    for k in ("cache_salt", "extra_key"):
+        v = body.get(k)
+        if v is not None and (not isinstance(v, str) or not 0 < len(v) <= 1024):
             raise BadRequest(f"{k} must be a non-empty string of at most 1024 characters, not {v!r}")
-    if len(set(given.values())) > 1:
-        raise BadRequest("cache_salt and extra_key differ; give one (they name the same thing)")
-    return next(iter(given.values()), None)
+    return attrs.evolve(params, cache_salt=body.get("cache_salt"), extra_key=body.get("extra_key"))
 
 
 def check_fits(ids: list[int], params: Params, limit: int, why: str) -> None:

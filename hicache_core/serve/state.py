@@ -86,7 +86,7 @@ class ServerState:
                    self.context, why)
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eos_ids)
         r = Request(rid or uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos, params=params,
-                    salt=params.cache_salt)
+                    salt=params.cache_salt, extra_key=params.extra_key)
         if params.stop:
             stops, tok = params.stop, self.tokenizer
 

@@ -1,0 +1,73 @@
+"""cache_salt: requests with different salts share no cached prefix in any tier -- device radix, host, storage --
+requests with the same salt do, and requests without one keep SGLang's keys. The KV of a salted request encodes
+its salt (cache_helpers), so a page served across salts would also fail as wrong KV."""
+
+import uuid
+
+import pytest
+from cache_helpers import PS, make_cache, run_request, seq
+
+from hicache_core.keys import hash_chain, namespace_seed
+
+TOKENS = seq(1, 6)
+
+
+def test_the_device_tier_is_shared_within_a_salt_only():
+    c = make_cache(device_pages=32, host_pages=0)
+    assert run_request(c, TOKENS, "a1", salt="a")["computed"] == len(TOKENS)
+    assert run_request(c, TOKENS, "b1", salt="b")["device"] == 0
+    assert run_request(c, TOKENS, "n1")["device"] == 0  # no salt: the unsalted tree
+    assert run_request(c, TOKENS, "a2", salt="a")["device"] == len(TOKENS)
+    assert run_request(c, TOKENS, "n2")["device"] == len(TOKENS)
+
+
+def test_the_host_tier_is_shared_within_a_salt_only():
+    c = make_cache(device_pages=32, host_pages=32)
+    run_request(c, TOKENS, "a1", salt="a")
+    c.flush()
+    c.evict(10**6)  # device copies go, host copies stay
+    assert run_request(c, TOKENS, "b1", salt="b")["host"] == 0
+    assert run_request(c, TOKENS, "a2", salt="a")["host"] == len(TOKENS)
+
+
+def test_storage_is_shared_within_a_salt_only_across_instances():
+    store = uuid.uuid4().hex
+    w = make_cache(storage="memory", store=store)
+    run_request(w, TOKENS, "w", salt="a")
+    w.flush()
+    w.close()
+    for salt, want in (("b", 0), (None, 0), ("a", len(TOKENS))):
+        r = make_cache(storage="memory", store=store, prefetch="wait_complete")
+        assert run_request(r, TOKENS, "r", salt=salt)["storage"] == want, salt
+        r.close()
+
+
+def test_storage_keys_no_salt_is_sglangs_chain_and_a_salt_seeds_it():
+    c = make_cache(storage="memory", store=uuid.uuid4().hex)
+    run_request(c, TOKENS, "n")
+    run_request(c, TOKENS, "s", salt="tenant")
+    plain = c.match_prefix(TOKENS).last_node
+    salted = c.match_prefix(TOKENS, namespace_seed(None, "tenant")).last_node
+    assert plain.hash_value == hash_chain(TOKENS, PS)  # SGLang's keys, unchanged
+    assert salted.hash_value == hash_chain(TOKENS, PS, namespace_seed(None, "tenant"))
+    assert not set(plain.hash_value) & set(salted.hash_value)
+    c.close()
+
+
+def test_salt_roots_go_when_their_prefixes_do_and_hits_are_counted_per_salt():
+    c = make_cache(device_pages=32, host_pages=0)
+    run_request(c, TOKENS, "a1", salt="secret-a")
+    run_request(c, TOKENS, "a2", salt="secret-a")
+    per = c.metrics.stats()["per_salt"]
+    label = namespace_seed(None, "secret-a")[:12]
+    assert list(per) == [label] and per[label]["requests"] == 2 and per[label]["hit_tokens"]["device"] == len(TOKENS)
+    assert "secret-a" not in str(c.metrics.stats())  # metrics name a digest, never the salt
+    c.evict(10**6)
+    assert not c.root.children
+
+
+@pytest.mark.parametrize("bad", ["", 7])
+def test_a_bad_salt_is_refused(bad):
+    c = make_cache(device_pages=8, host_pages=0)
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        c.admit("r", TOKENS, salt=bad)
