@@ -167,6 +167,7 @@ class HiCacheConfig:
     enable_cache_report: bool = False
     model_name: Optional[str] = None
     hicache_model_fingerprint: Optional[str] = attrs.field(default=None, validator=_fingerprint)
+    hicache_salt_host_pages: int = attrs.field(default=0, validator=_non_negative)  # per namespace; 0: no cap
 
     def __attrs_post_init__(self) -> None:
         if self.hicache_storage_backend == "":
@@ -268,6 +269,9 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--enable-metrics", action="store_true", help="export Prometheus metrics")
     g.add_argument("--enable-cache-report", action="store_true", help="report cached tokens per request")
     g.add_argument("--model-name", default=None, help="model name, part of the storage namespace")
+    g.add_argument("--hicache-salt-host-pages", type=arg_int(0), default=d.hicache_salt_host_pages, metavar="N",
+                   help="host pages one cache_salt / extra_key namespace may hold; past it, its own pages go first "
+                        "(default %(default)s: no cap)")
     g.add_argument("--hicache-model-fingerprint", default=None, metavar="ID",
                    help="the weights' identity in the storage namespace (default: a digest of the checkpoint's "
                         "config, tokenizer and weights; the random model's seed and shape); give a revision "

@@ -34,10 +34,10 @@ class FrontDoorMachine(RuleBasedStateMachine):
 
     @initialize(policy=st.sampled_from(["write_through", "write_through_selective", "write_back"]),
                 prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout", "cost_aware"]),
-                layout=st.sampled_from(["layer_first", "page_first_direct"]))
-    def setup(self, policy, prefetch, layout):
+                layout=st.sampled_from(["layer_first", "page_first_direct"]), quota=st.sampled_from([0, 3]))
+    def setup(self, policy, prefetch, layout, quota):
         self.cache = make_cache(device_pages=14, host_pages=10, storage="memory", store=uuid.uuid4().hex,
-                                write_policy=policy, prefetch=prefetch, layout=layout)
+                                write_policy=policy, prefetch=prefetch, layout=layout, salt_host_pages=quota)
         self.dev_total = self.cache.device_pool.available_size()
         self.host_total = self.cache.host_pool.available_size()
         self.n = 0

@@ -71,3 +71,34 @@ def test_a_bad_salt_is_refused(bad):
     c = make_cache(device_pages=8, host_pages=0)
     with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
         c.admit("r", TOKENS, salt=bad)
+
+
+def test_a_namespace_past_its_host_quota_loses_its_own_pages_first():
+    c = make_cache(device_pages=40, host_pages=40, salt_host_pages=6)
+    run_request(c, seq(9, 3), "b", salt="b")  # tenant b: 3 host pages
+    for i in range(4):  # tenant a: four 3-page prefixes, each pushed to host, under a 6-page cap
+        run_request(c, seq(i, 3), f"a{i}", salt="a")
+        c.flush()
+        c.evict(10**6)
+        assert c.quota.used(c.namespace_root(namespace_seed(None, "a"))) <= 6 * PS
+    assert run_request(c, seq(9, 3), "b2", salt="b")["host"] == 3 * PS  # nothing of b's went for a
+    assert run_request(c, seq(3, 3), "a9", salt="a")["host"] == 3 * PS  # a's newest is there
+    assert run_request(c, seq(0, 3), "a8", salt="a")["host"] == 0  # a's oldest went first
+    for i in range(6):  # the shared namespace has no cap
+        run_request(c, seq(20 + i, 2), f"n{i}")
+    c.flush()
+    c.evict(10**6)
+    assert sum(len(n.host_value) for n in c.nodes() if n.host_value is not None and c.quota.namespace_of(n) is None) \
+        >= 12 * PS
+
+
+def test_a_namespace_at_its_quota_fetches_from_storage_only_what_fits():
+    store = uuid.uuid4().hex
+    w = make_cache(storage="memory", store=store)
+    run_request(w, seq(1, 6), "w", salt="a")
+    w.flush()
+    w.close()
+    r = make_cache(storage="memory", store=store, prefetch="wait_complete", salt_host_pages=4)
+    got = run_request(r, seq(1, 6), "r", salt="a")
+    assert got["storage"] == 4 * PS  # six pages stored, four fetched: the rest recomputed
+    r.close()

@@ -15,6 +15,7 @@ import torch
 from hicache_core.cache.agree import Solo
 from hicache_core.cache.cost import PrefetchCost
 from hicache_core.cache.node import TreeNode
+from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import RadixTree
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
@@ -40,6 +41,7 @@ class StoragePrefetch(RadixTree):
     ongoing_prefetch: dict[Any, _Prefetch]
     agree: Solo
     cost: PrefetchCost
+    quota: HostQuota
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
         """The engine computed ``tokens`` prompt tokens in ``seconds`` (one forward pass): what the ``cost_aware``
@@ -94,12 +96,14 @@ class StoragePrefetch(RadixTree):
         self.ongoing_prefetch[request_id] = _Prefetch(anchor, op)
         return True
 
-    def _grant(self, op: PrefetchOperation) -> None:
+    def _grant(self, pf: _Prefetch) -> None:
         """Host pages for a queried prefetch's hits. Host pages are evicted only for pages storage has, and only
-        when that makes room; otherwise the prefetch takes what fits, or is revoked."""
+        when that makes room; otherwise the prefetch takes what fits, or is revoked. A namespace past its host
+        quota takes only what the quota leaves (cache/quota.py)."""
         assert self.controller is not None and self.host_pool is not None
+        op = pf.op
         threshold = self.controller.prefetch_threshold
-        want = len(op.hash_value) * self.page_size
+        want = self.quota.room(pf.anchor, len(op.hash_value) * self.page_size)
         if self.agree.active:  # decided on what every rank has room for: the same grant everywhere
             avail = self._host_room(want) if want >= threshold else 0
             take = want if avail >= want else self._page_align(avail)
@@ -146,7 +150,7 @@ class StoragePrefetch(RadixTree):
         if not stop and not op.granted and not op.revoked:
             self._agree_queried([pf])
             if pf.queried:
-                self._grant(op)
+                self._grant(pf)
         if op.revoked:
             self._end_prefetch(request_id, pf)
             self.metrics.add("prefetch_revoked", 1)
@@ -180,7 +184,7 @@ class StoragePrefetch(RadixTree):
         self._agree_queried(list(self.ongoing_prefetch.values()))
         for rid, pf in list(self.ongoing_prefetch.items()):
             if not pf.op.granted and not pf.op.revoked and pf.queried:
-                self._grant(pf.op)
+                self._grant(pf)
             if pf.op.revoked:
                 self._end_prefetch(rid, pf)
                 self.metrics.add("prefetch_revoked", 1)

@@ -222,11 +222,11 @@ class RadixTree:
 
     # --- eviction ----------------------------------------------------------------------------------------------------
     def evict_leaves(self, num_tokens: int, candidate: Callable[[TreeNode], bool],
-                     evict_one: Callable[[TreeNode], int]) -> int:
+                     evict_one: Callable[[TreeNode], int], nodes: Optional[Iterator[TreeNode]] = None) -> int:
         """The one eviction loop: pop ``candidate`` nodes (checked again when popped) in eviction-policy order and
         ``evict_one`` each (returns tokens freed) until ``num_tokens`` are freed; a parent that becomes a
-        candidate joins the heap."""
-        heap = [(self._evict_key(n), n.id, n) for n in self.nodes() if candidate(n)]
+        candidate joins the heap. ``nodes``: where to look (default: the whole tree)."""
+        heap = [(self._evict_key(n), n.id, n) for n in (self.nodes() if nodes is None else nodes) if candidate(n)]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:

@@ -21,6 +21,7 @@ from hicache_core.cache.agree import Solo
 from hicache_core.cache.cost import PrefetchCost
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.prefetch import StoragePrefetch, _Prefetch
+from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import EMPTY
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
@@ -58,6 +59,7 @@ class TieredCache(StoragePrefetch):
         self.write_policy = config.hicache_write_policy
         self.write_through_threshold = config.write_through_threshold
         self.ongoing_write_through: dict[int, TreeNode] = {}
+        self.quota = HostQuota(self, config.hicache_salt_host_pages, config.page_size)
         self.ongoing_load_back: dict[int, TreeNode] = {}
         self.ongoing_backup: dict[int, TreeNode] = {}
         self._write_locked: set[int] = set()
@@ -84,6 +86,8 @@ class TieredCache(StoragePrefetch):
     def write_backup(self, node: TreeNode, write_back: bool = False) -> int:
         """Start copying a node's device pages to host; returns tokens written (0 if the host is full)."""
         assert self.controller is not None and node.value is not None
+        if self.quota.room(node, len(node.value)) < len(node.value):
+            return 0  # its namespace is at its host quota (cache/quota.py)
         if self.agree.active and self._host_room(len(node.value)) < len(node.value):
             return 0
         host = self.controller.write(node.value, node.id)
