@@ -168,6 +168,7 @@ class HiCacheConfig:
     model_name: Optional[str] = None
     hicache_model_fingerprint: Optional[str] = attrs.field(default=None, validator=_fingerprint)
     hicache_salt_host_pages: int = attrs.field(default=0, validator=_non_negative)  # per namespace; 0: no cap
+    hicache_salt_storage_pages: int = attrs.field(default=0, validator=_non_negative)  # likewise, in storage
 
     def __attrs_post_init__(self) -> None:
         if self.hicache_storage_backend == "":
@@ -272,6 +273,10 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--hicache-salt-host-pages", type=arg_int(0), default=d.hicache_salt_host_pages, metavar="N",
                    help="host pages one cache_salt / extra_key namespace may hold; past it, its own pages go first "
                         "(default %(default)s: no cap)")
+    g.add_argument("--hicache-salt-storage-pages", type=arg_int(0), default=d.hicache_salt_storage_pages,
+                   metavar="N", help="storage pages one cache_salt / extra_key namespace may hold, across every "
+                                     "process on the store; past it, its own oldest go (a backend that can count "
+                                     "them: file) (default %(default)s: no cap)")
     g.add_argument("--hicache-model-fingerprint", default=None, metavar="ID",
                    help="the weights' identity in the storage namespace (default: a digest of the checkpoint's "
                         "config, tokenizer and weights; the random model's seed and shape); give a revision "

@@ -201,8 +201,7 @@ class HiCacheController:
         return op
 
     def grant_prefetch(self, op: PrefetchOperation, host_indices: torch.Tensor) -> None:
-        """Give a queried prefetch host pages for its first ``len(host_indices)`` tokens of hits; the worker
-        fills them."""
+        """Give a queried prefetch host pages for its first ``len(host_indices)`` hit tokens; the worker fills them."""
         op.host_indices = host_indices
         op.hash_value = op.hash_value[: len(host_indices) // self.page_size]
         self._prefetch_worker.submit(lambda _: self._fetch(op))
@@ -235,9 +234,10 @@ class HiCacheController:
             self._detached.append(op)
 
     # --- storage: backup ---------------------------------------------------------------------------------------------
-    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int, prefix_keys=None) -> None:
+    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int, prefix_keys=None,
+                      extra: Optional[dict] = None) -> None:
         """Back host pages up to storage; the node is reported by :meth:`finished_backups` when done."""
-        op = BackupOperation(host_indices, hash_value, node_id, prefix_keys)
+        op = BackupOperation(host_indices, hash_value, node_id, prefix_keys, extra)
         self._backups_in_flight += 1
         self._backup_worker.submit(lambda _: self._backup(op))
 
@@ -372,8 +372,8 @@ class HiCacheController:
             for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                extra = extra_for(op.prefix_keys, op.hash_value, start)
-                out = self._storage_batch("set", self._guard.batch_set_v1, keys, idx, extra)
+                out = self._storage_batch("set", self._guard.batch_set_v1, keys, idx,
+                                          extra_for(op.prefix_keys, op.hash_value, start, op.extra))
                 op.completed_tokens += out.ok * ps
                 abandoned = out.abandoned
                 if out.ok < len(keys):

@@ -138,9 +138,10 @@ class PrefetchOperation:
 
 class BackupOperation:
     def __init__(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int,
-                 prefix_keys: Optional[list[str]] = None) -> None:
+                 prefix_keys: Optional[list[str]] = None, extra: Optional[dict] = None) -> None:
         self.id = next(_op_ids)
         self.prefix_keys = prefix_keys
+        self.extra = extra  # the extra_info dict every batch of the backup carries (a namespace's quota)
         self.host_indices = host_indices
         self.hash_value = hash_value
         self.node_id = node_id
@@ -148,9 +149,10 @@ class BackupOperation:
         self.held = False  # a call past its deadline may still read the pages: acked when it returns
 
 
-def extra_for(prefix_keys: Optional[list[str]], hashes: list[str], start: int) -> Optional[ExtraInfo]:
+def extra_for(prefix_keys: Optional[list[str]], hashes: list[str], start: int,
+              extra: Optional[dict] = None) -> Optional[ExtraInfo]:
     """The extra info of a batch starting at page ``start`` of ``hashes``: the prefix keys plus the pages before
-    it; None when prefix keys are not passed."""
-    if prefix_keys is None:
+    it (when prefix keys are passed) and ``extra`` as its extra_info; None when neither is there."""
+    if prefix_keys is None and extra is None:
         return None
-    return ExtraInfo(prefix_keys=prefix_keys + hashes[:start])
+    return ExtraInfo(prefix_keys=None if prefix_keys is None else prefix_keys + hashes[:start], extra_info=extra)

@@ -18,7 +18,7 @@ SPEC = KVSpec(layer_num=2, head_num=1, head_dim=2, dtype=torch.float32)
 
 def make_cache(*, device_pages=8, host_pages=16, storage=None, store="default", layout="layer_first",
                write_policy="write_through", prefetch="best_effort", extra=None, eviction="lru", model="t",
-               salt_host_pages=0) -> HiRadixCache:
+               salt_host_pages=0, salt_storage_pages=0) -> HiRadixCache:
     extra = {"prefetch_threshold": PS, **(extra or {})}
     if storage == "memory":
         extra = {"store": store, **extra}
@@ -26,7 +26,7 @@ def make_cache(*, device_pages=8, host_pages=16, storage=None, store="default", 
                         hicache_write_policy=write_policy, hicache_storage_prefetch_policy=prefetch,
                         hicache_storage_backend=storage, radix_eviction_policy=eviction,
                         hicache_storage_backend_extra_config=extra, model_name=model,
-                        hicache_salt_host_pages=salt_host_pages)
+                        hicache_salt_host_pages=salt_host_pages, hicache_salt_storage_pages=salt_storage_pages)
     tiers = "hicache+storage" if storage else "hicache" if host_pages else "radix"
     return build_cache(cfg, SPEC, device_pages * PS, tiers=tiers, device="cpu", host_tokens=host_pages * PS,
                        pin_memory=False)

@@ -102,3 +102,59 @@ def test_a_namespace_at_its_quota_fetches_from_storage_only_what_fits():
     got = run_request(r, seq(1, 6), "r", salt="a")
     assert got["storage"] == 4 * PS  # six pages stored, four fetched: the rest recomputed
     r.close()
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {tests!r})
+from cache_helpers import make_cache, run_request, seq
+c = make_cache(device_pages=16, host_pages=16, storage="file", extra={{"storage_dir": {store!r}}},
+               salt_storage_pages={cap})
+for i in {prompts!r}:
+    run_request(c, seq(i, 1), "r%d" % i, salt={salt!r})
+    c.flush()
+c.close()
+"""
+
+
+def _write_in_process(store, prompts, salt, cap=0):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = WRITER.format(tests=str(Path(__file__).parent), store=str(store), cap=cap, prompts=list(prompts), salt=salt)
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+
+def _stored(store, prompts, salt) -> int:
+    """How many of these one-page prompts' pages the file store holds (under the test model's namespace)."""
+    from hicache_plugin_file.store import FileStorage
+
+    from hicache_core.memory import HostPool
+    from hicache_core.registry import make_storage_config
+
+    c = make_cache(storage="file", extra={"storage_dir": str(store)})
+    sc = make_storage_config(c.config, c.host_pool.spec)
+    fs = FileStorage(sc, {"storage_dir": str(store)})
+    fs.register_mem_pool_host(HostPool(c.host_pool.spec, 4 * PS, PS, pin_memory=False))
+    keys = [hash_chain(seq(i, 1), PS, namespace_seed(None, salt))[0] for i in prompts]
+    c.close()
+    return sum(fs.exists(k) for k in keys)
+
+
+def test_a_storage_quota_holds_across_processes_and_takes_only_the_namespaces_own_pages(tmp_path):
+    store = tmp_path / "store"
+    b = _write_in_process(store, range(100, 104), "tenant-b")  # 4 pages of tenant b, no cap
+    assert b.wait(120) == 0, b.stderr.read()
+    writers = [_write_in_process(store, range(k * 10, k * 10 + 6), "tenant-a", cap=5) for k in (1, 2)]
+    for w in writers:  # two processes write 12 pages of tenant a at once, under a 5-page cap
+        assert w.wait(120) == 0, w.stderr.read()
+    assert _stored(store, [*range(10, 16), *range(20, 26)], "tenant-a") == 5
+    assert _stored(store, range(100, 104), "tenant-b") == 4  # nothing of b's went for a
+
+
+def test_a_storage_quota_on_a_backend_that_cannot_hold_one_is_refused():
+    from hicache_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--hicache-salt-storage-pages: storage backend 'memory' cannot hold"):
+        make_cache(storage="memory", store=uuid.uuid4().hex, salt_storage_pages=4)

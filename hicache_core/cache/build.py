@@ -78,11 +78,22 @@ def build_cache(
         host_pool = HostPool(spec, n, ps, config.hicache_mem_layout, pin_memory=pin_memory)
     if resolved is not None:
         sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
-        backend = create_backend(resolved, sc, host_pool, pm=pm)
+        backend = _quota_checked(config, create_backend(resolved, sc, host_pool, pm=pm))
         if spec.is_mla and tp_rank != 0:
             backend = ReadOnlyRank(backend)
     return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree,
                         storage_writes=storage_writes)
+
+
+def _quota_checked(config: HiCacheConfig, backend: Any) -> Any:
+    """``--hicache-salt-storage-pages`` needs a backend that can count and drop a namespace's pages across
+    processes (``supports_namespace_quota``); refused, with the backend closed, otherwise."""
+    if config.hicache_salt_storage_pages and not getattr(backend.raw, "supports_namespace_quota", False):
+        backend.close()
+        raise ConfigError(f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
+                          "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
+                          "the file backend, or leave the flag at 0")
+    return backend
 
 
 def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,
@@ -99,8 +110,8 @@ def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int =
                           f"{config.hicache_mem_layout}; this server's host pool is {cache.host_pool.layout} "
                           f"(restart with --hicache-mem-layout {config.hicache_mem_layout})")
     assert resolved is not None
-    backend = create_backend(resolved, make_storage_config(config, cache.host_pool.spec, tp_rank=tp_rank,
-                                                           tp_size=tp_size), cache.host_pool, pm=pm)
+    backend = _quota_checked(config, create_backend(resolved, make_storage_config(
+        config, cache.host_pool.spec, tp_rank=tp_rank, tp_size=tp_size), cache.host_pool, pm=pm))
     try:
         cache.attach_storage(backend, config)
     except BaseException:

@@ -114,9 +114,17 @@ class TieredCache(StoragePrefetch):
                 self._write_locked.discard(node_id)
                 self.dec_lock_ref(node)
             if self.storage_enabled and self.storage_writes and node.hash_value and node.host_value is not None:
-                self.controller.write_storage(node.host_value, node.hash_value, node.id, self._prefix_keys(node.parent))
+                self.controller.write_storage(node.host_value, node.hash_value, node.id, self._prefix_keys(node.parent),
+                                              self._storage_extra(node))
                 node.protect_host()  # the backup worker reads these host pages
                 self.ongoing_backup[node.id] = node
+
+    def _storage_extra(self, node: TreeNode) -> Optional[dict]:
+        """What a backup of ``node`` tells the backend besides its keys: its namespace's seed and storage quota
+        when ``--hicache-salt-storage-pages`` caps it."""
+        cap = self.config.hicache_salt_storage_pages
+        ns = self.quota.namespace_of(node) if cap else None
+        return None if ns is None else {"namespace_seed": ns.seed, "namespace_storage_pages": cap}
 
     def backup_in_flight(self, tokens, seed: Optional[str] = None) -> bool:
         """Whether a page of ``tokens``' cached path is still on its way to storage (its device->host copy or its

@@ -40,6 +40,7 @@ from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, Pa
 from hicache_core.storage.options import parse_options
 from hicache_plugin_file.directory import ENV_DIR, FileOptions, SharedUsage, pid_alive, resolve_root, secure_directory
 from hicache_plugin_file.hooks import FileHooks
+from hicache_plugin_file.quota import NamespaceQuota
 from hicache_plugin_file.sglang_layout import SGLangFileLayout
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class FileStorage(FileHooks, HiCacheStorage):
     default 4, or the CPU cores where fewer), ``fsync`` (flush each page to disk before publishing it; default
     off), ``layout_compat`` (``"hicache"``, the default, or ``"sglang"``: SGLang HiCacheFile's files, see
     :mod:`.sglang_layout`)."""
+
+    supports_namespace_quota = True  # --hicache-salt-storage-pages holds here, across processes (quota.py)
 
     def __new__(cls, storage_config=None, extra_config=None):
         opts = parse_options(FileOptions, extra_config or {}, "file backend")
@@ -93,6 +96,7 @@ class FileStorage(FileHooks, HiCacheStorage):
         self._pool: Optional[cf.ThreadPoolExecutor] = None
         self._tmp_token, self._tmp_serial = uuid.uuid4().hex[:8], itertools.count()  # temporary files' names
         self._payload_bytes: Optional[int] = None
+        self.quota = NamespaceQuota(self.dir, self._path, self._remove)
 
     # --- layout on disk ----------------------------------------------------------------------------------------------
     def _describe_namespace(self) -> None:
@@ -310,8 +314,12 @@ class FileStorage(FileHooks, HiCacheStorage):
         pool = self.mem_pool_host
         return self._tally(self._map(self._read, keys, pool.page_memoryviews(host_indices)), pool.page_bytes)
 
-    def batch_set_v1(self, keys, host_indices) -> list[bool]:
-        return self._map(self._write, keys, self.mem_pool_host.page_memoryviews(host_indices))
+    def batch_set_v1(self, keys, host_indices, extra_info=None) -> list[bool]:
+        results = self._map(self._write, keys, self.mem_pool_host.page_memoryviews(host_indices))
+        ns = getattr(extra_info, "extra_info", None) or {}
+        if "namespace_seed" in ns:  # a cache_salt / extra_key namespace with a storage quota (quota.py)
+            results = self.quota.enforce(ns["namespace_seed"], ns.get("namespace_storage_pages"), keys, results)
+        return results
 
     def batch_exists(self, keys) -> int:
         for i, k in enumerate(keys):
