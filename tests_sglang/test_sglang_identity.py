@@ -96,3 +96,21 @@ def test_namespaced_keys_are_sglangs(extra_key, cache_salt):
         want.append(prior)
     assert hash_chain(tokens, 16, seed) == want
     assert namespace_seed(None, None) is None and storage_namespace_seed(None, None) is None
+
+
+def test_inside_sglang_a_namespace_quota_travels_in_extra_info(tmp_path):
+    """SGLang seeds a salted request's keys itself (above), so HiCacheForSGLang stores them apart unasked; an
+    SGLang embedder that wants hicache's storage quota passes the namespace in SGLang's own extra_info, which the
+    bridge forwards to the backend: the file backend keeps that namespace to its cap."""
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
+    from sglang.srt.mem_cache.utils import storage_namespace_seed
+
+    pool = real_host_pool("page_first")
+    b = bridge(pool, store("file", tmp_path), mla=False)
+    seed = storage_namespace_seed(None, "tenant-a")
+    ks = keys(4)
+    info = HiCacheStorageExtraInfo(extra_info={"namespace_seed": seed, "namespace_storage_pages": 2})
+    for i, k in enumerate(ks):  # one page per call, oldest first
+        assert b.batch_set_v1([k], indices([i]), info) == [True]
+    assert [b.batch_exists([k]) for k in ks] == [0, 0, 1, 1]  # the namespace kept its newest two
+    b.close()
