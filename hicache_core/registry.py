@@ -285,6 +285,17 @@ def create_backend(
     return handle
 
 
+def quota_checked(config: HiCacheConfig, backend: Any) -> Any:
+    """``--hicache-salt-storage-pages`` needs a backend that can count and drop a namespace's pages across
+    processes (``supports_namespace_quota``); refused, with the backend closed, otherwise."""
+    if config.hicache_salt_storage_pages and not getattr(backend.raw, "supports_namespace_quota", False):
+        backend.close()
+        raise ConfigError(f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
+                          "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
+                          "the file backend, or leave the flag at 0")
+    return backend
+
+
 def open_backend(config: HiCacheConfig, spec: KVSpec, host_tokens: int, *,
                  resolved: Optional[ResolvedBackend] = None, tp_rank: int = 0, tp_size: int = 1,
                  pm: Optional[HiCachePluginManager] = None) -> tuple[StorageBackendHandle, HostPool]:
@@ -294,5 +305,5 @@ def open_backend(config: HiCacheConfig, spec: KVSpec, host_tokens: int, *,
         raise ConfigError("--hicache-storage-backend: name a backend (see `hicache backends`)")
     pool = HostPool(spec, host_tokens, config.page_size, config.hicache_mem_layout, pin_memory=False)
     sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
-    handle = create_backend(resolved or config.hicache_storage_backend, sc, pool, pm=pm)
+    handle = quota_checked(config, create_backend(resolved or config.hicache_storage_backend, sc, pool, pm=pm))
     return handle, pool

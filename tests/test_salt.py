@@ -128,10 +128,9 @@ def _write_in_process(store, prompts, salt, cap=0):
 
 def _stored(store, prompts, salt) -> int:
     """How many of these one-page prompts' pages the file store holds (under the test model's namespace)."""
-    from hicache_plugin_file.store import FileStorage
-
     from hicache_core.memory import HostPool
     from hicache_core.registry import make_storage_config
+    from hicache_plugin_file.store import FileStorage
 
     c = make_cache(storage="file", extra={"storage_dir": str(store)})
     sc = make_storage_config(c.config, c.host_pool.spec)

@@ -17,7 +17,7 @@ from hicache_core.errors import ConfigError
 from hicache_core.memory import DevicePool, HostPool, KVSpec, host_pool_tokens
 from hicache_core.metrics import CacheMetrics
 from hicache_core.plugins import HiCachePluginManager
-from hicache_core.registry import create_backend, make_storage_config, resolve_config
+from hicache_core.registry import create_backend, make_storage_config, quota_checked, resolve_config
 from hicache_core.storage.adapter import ReadOnlyRank
 
 TIERS = ("radix", "hicache", "hicache+storage")
@@ -78,22 +78,11 @@ def build_cache(
         host_pool = HostPool(spec, n, ps, config.hicache_mem_layout, pin_memory=pin_memory)
     if resolved is not None:
         sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
-        backend = _quota_checked(config, create_backend(resolved, sc, host_pool, pm=pm))
+        backend = quota_checked(config, create_backend(resolved, sc, host_pool, pm=pm))
         if spec.is_mla and tp_rank != 0:
             backend = ReadOnlyRank(backend)
     return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree,
                         storage_writes=storage_writes)
-
-
-def _quota_checked(config: HiCacheConfig, backend: Any) -> Any:
-    """``--hicache-salt-storage-pages`` needs a backend that can count and drop a namespace's pages across
-    processes (``supports_namespace_quota``); refused, with the backend closed, otherwise."""
-    if config.hicache_salt_storage_pages and not getattr(backend.raw, "supports_namespace_quota", False):
-        backend.close()
-        raise ConfigError(f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
-                          "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
-                          "the file backend, or leave the flag at 0")
-    return backend
 
 
 def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,
@@ -110,7 +99,7 @@ def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int =
                           f"{config.hicache_mem_layout}; this server's host pool is {cache.host_pool.layout} "
                           f"(restart with --hicache-mem-layout {config.hicache_mem_layout})")
     assert resolved is not None
-    backend = _quota_checked(config, create_backend(resolved, make_storage_config(
+    backend = quota_checked(config, create_backend(resolved, make_storage_config(
         config, cache.host_pool.spec, tp_rank=tp_rank, tp_size=tp_size), cache.host_pool, pm=pm))
     try:
         cache.attach_storage(backend, config)
