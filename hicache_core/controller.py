@@ -55,11 +55,6 @@ class HiCacheController:
 
         self.storage: Optional[StorageV1] = None
         self.guard: Optional[GuardedStorage] = None
-        self.prefetch_policy = config.hicache_storage_prefetch_policy
-        self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
-        self.prefetch_timeout_base = config.prefetch_timeout_base
-        self.prefetch_timeout_per_page = self.page_size / 1024 * config.prefetch_timeout_per_ki_token
-        self.prefetch_stall_limit = max(10.0, 4 * config.prefetch_timeout_base)
         self.prefetch_capacity_limit = int(0.8 * max(host_pool.size - device_pool.size, host_pool.size // 2))
         self.prefetch_tokens_occupied = 0
         self._detached: list[PrefetchOperation] = []  # ended prefetches whose worker still holds granted pages
@@ -74,13 +69,18 @@ class HiCacheController:
             self.attach_storage(storage, config)
 
     def attach_storage(self, storage: StorageV1, config: HiCacheConfig) -> None:
-        """Start the storage tier: the guarded backend and its prefetch and backup workers."""
+        """Start the storage tier: the guarded backend, its prefetch and backup workers, and the prefetch policy's
+        knobs from ``config`` (a runtime attach brings its own)."""
         if self.guard is not None:
             raise RuntimeError("a storage backend is attached already; detach it first")
         self.config = config
         self.storage = storage
         self.guard = GuardedStorage(storage, self.metrics, timeout_s=config.io_timeout_s)
         self.prefetch_policy = config.hicache_storage_prefetch_policy
+        self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
+        self.prefetch_timeout_base = config.prefetch_timeout_base
+        self.prefetch_timeout_per_page = self.page_size / 1024 * config.prefetch_timeout_per_ki_token
+        self.prefetch_stall_limit = max(10.0, 4 * config.prefetch_timeout_base)
         self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
         self._backup_worker = Worker("hicache-backup", torch.device("cpu"))
         self._workers += [self._prefetch_worker, self._backup_worker]

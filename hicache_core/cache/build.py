@@ -101,6 +101,8 @@ def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int =
     assert resolved is not None
     backend = quota_checked(config, create_backend(resolved, make_storage_config(
         config, cache.host_pool.spec, tp_rank=tp_rank, tp_size=tp_size), cache.host_pool, pm=pm))
+    if cache.host_pool.spec.is_mla and tp_rank != 0:
+        backend = ReadOnlyRank(backend)  # as build_cache: MLA pages are shared, rank 0 writes them
     try:
         cache.attach_storage(backend, config)
     except BaseException:
