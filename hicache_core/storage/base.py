@@ -113,7 +113,7 @@ class HiCacheStorage:
         self.storage_config = storage_config
         self.extra_config = dict(extra_config or {})
         self.namespace = storage_config.namespace
-        self.mem_pool_host = None
+        self.mem_pool_host: Any = None  # the host pool (a HostPool, or an SGLang-shaped one), once registered
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
         """Called once, before any I/O, with the :class:`~hicache_core.memory.HostPool` pages move through."""

@@ -10,6 +10,11 @@ import os
 class FileHooks:
     """Mixed into :class:`~hicache_plugin_file.store.FileStorage` (``dir``, ``root``, ``_path``, the host pool)."""
 
+    dir: str
+
+    def _path(self, key: str) -> str:  # the store's
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def failing_writes(self):
         """Inside the block a regular file stands where the namespace directory was: every open() under it fails

@@ -91,7 +91,7 @@ class SGLangFileLayout(HiCacheStorage):
                 if os.fstat(f.fileno()).st_size != want:
                     self._count("wrong_size")
                     return False
-                ok = f.readinto(memoryview(out.view(torch.uint8).numpy())) == want
+                ok = f.readinto(memoryview(out.view(torch.uint8).numpy())) == want  # type: ignore[arg-type]
         except FileNotFoundError:
             ok = False
         except OSError as e:

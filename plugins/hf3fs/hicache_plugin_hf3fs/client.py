@@ -86,6 +86,8 @@ class UsrbioClient(FileClient):
 
     def _ring_io(self, ops: list[Op], write: bool) -> list[int]:
         shm, iov, ior, lock = self._rings[1 if write else 0]
+        buf = shm.buf
+        assert buf is not None  # open until close()
         out: list[int] = []
         with lock:
             for start in range(0, len(ops), self.entries):
@@ -96,7 +98,7 @@ class UsrbioClient(FileClient):
                     if write:
                         pos = base
                         for b in bufs:
-                            shm.buf[pos : pos + len(b)] = b
+                            buf[pos : pos + len(b)] = b
                             pos += len(b)
                     ior.prepare(iov[base : base + n], not write, self.fd, offset, userdata=j)
                     lens.append(n)
@@ -106,7 +108,7 @@ class UsrbioClient(FileClient):
                     if not write and r == lens[j]:
                         pos = j * self.slot_bytes
                         for b in bufs:
-                            b[:] = shm.buf[pos : pos + len(b)]
+                            b[:] = buf[pos : pos + len(b)]
                             pos += len(b)
                     out.append(r)
         return out

@@ -96,6 +96,7 @@ class Hf3fsStorage(HiCacheStorage):
             return [False] * len(keys)
         todo = [(i, slot) for i, (exists, slot) in enumerate(res) if not exists and slot >= 0]
         ops = [(slot * self.slot_bytes, [self.envelope.seal(keys[i], segments[i]), *segments[i]]) for i, slot in todo]
+        assert self.client is not None  # registered
         results = self.client.batch_write(ops) if ops else []
         written, release, ok = [], [], [bool(e) for e, _ in res]
         for (i, slot), r in zip(todo, results):
@@ -142,6 +143,7 @@ class Hf3fsStorage(HiCacheStorage):
             return True
 
         ok = [False] * len(keys)
+        assert self.client is not None  # registered
         for (i, _), passed in zip(todo, self.client.batch_read(ops, check) if ops else []):
             ok[i] = passed
         good = sum(ok)

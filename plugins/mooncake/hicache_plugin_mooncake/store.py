@@ -69,7 +69,7 @@ class MooncakeStore(HiCacheStorage):
         c = self.cfg
         wait = min(5.0, self.connect_timeout_s)
         host, _, port = c.master_server_address.rpartition(":")
-        probes = [("mooncake_master", (host, int(port)), None)]
+        probes: list[tuple[str, tuple[str, int], Optional[str]]] = [("mooncake_master", (host, int(port)), None)]
         meta = urllib.parse.urlparse(c.metadata_server)
         if meta.scheme in ("http", "https") and meta.hostname:
             meta_port = meta.port or (443 if meta.scheme == "https" else 80)
@@ -89,14 +89,13 @@ class MooncakeStore(HiCacheStorage):
                     continue
                 path = urllib.parse.urlparse(http_path)
                 target = (path.path or "/") + (f"?{path.query}" if path.query else "")
+                err: Optional[OSError] = None
                 try:
                     sock.settimeout(wait)
                     sock.sendall(f"GET {target} HTTP/1.0\r\nHost: {h}:{p}\r\n\r\n".encode())
                     answer = sock.recv(16)
                 except OSError as e:
                     answer, err = b"", e
-                else:
-                    err = None
                 if not answer.startswith(b"HTTP/"):
                     raise BackendLoadError(
                         f"mooncake backend: the {what} at {h}:{p} accepts connections but does not answer "
