@@ -293,13 +293,17 @@ class BackendConformance:
 
         def work(keys, src, dst, sdst):
             try:
-                for _ in range(3):
-                    assert list(backend.batch_set_v1(keys, src)) == [True] * 3
-                    assert list(backend.batch_set_v1(shared_keys, shared_src)) == [True, True]
-                    assert list(backend.batch_get_v1(keys, dst)) == [True] * 3
-                    assert page_bytes(pool, dst) == page_bytes(pool, src)
-                    assert list(backend.batch_get_v1(shared_keys, sdst)) == [True, True]
-                    assert page_bytes(pool, sdst) == expected_shared
+                for i in range(3):
+                    r = list(backend.batch_set_v1(keys, src))
+                    assert r == [True] * 3, f"round {i}: set of own pages answered {r}"
+                    r = list(backend.batch_set_v1(shared_keys, shared_src))
+                    assert r == [True, True], f"round {i}: set of the shared pages answered {r}"
+                    r = list(backend.batch_get_v1(keys, dst))
+                    assert r == [True] * 3, f"round {i}: get of own pages answered {r}"
+                    assert page_bytes(pool, dst) == page_bytes(pool, src), f"round {i}: own pages read WRONG BYTES"
+                    r = list(backend.batch_get_v1(shared_keys, sdst))
+                    assert r == [True, True], f"round {i}: get of the shared pages answered {r}"
+                    assert page_bytes(pool, sdst) == expected_shared, f"round {i}: shared pages read WRONG BYTES"
             except Exception as e:  # pragma: no cover - reported below
                 errors.append(f"{type(e).__name__}: {e}")
 
