@@ -248,11 +248,9 @@ def _model(args: argparse.Namespace):
 
 def _model_config(args: argparse.Namespace):
     if args.model_path:
-        from pathlib import Path
-
         from hicache_core.engine.checkpoint import model_config
 
-        return model_config(Path(args.model_path).expanduser(), args.dtype)
+        return model_config(args.model_path, args.dtype)
     return _model(args).config
 
 

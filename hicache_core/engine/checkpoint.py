@@ -73,9 +73,10 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def model_config(path: Path, dtype: str = "auto") -> ModelConfig:
+def model_config(path: str | Path, dtype: str = "auto") -> ModelConfig:
     """Our :class:`ModelConfig` from ``config.json`` or a GGUF file's metadata (KV dtype: the checkpoint's unless
     ``dtype`` says)."""
+    path = Path(path).expanduser()
     if gguf.is_gguf(path):
         return config_from_dict(gguf.read_config(path), path, dtype, name=path.stem)
     return config_from_dict(_read_config(path), path / "config.json", dtype, name=path.name)

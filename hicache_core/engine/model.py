@@ -50,8 +50,7 @@ class ModelConfig:
         from hicache_core.identity import random_fingerprint
 
         return random_fingerprint({f.name: getattr(self, f.name) for f in attrs.fields(ModelConfig)
-                                   if f.name not in ("kv_dtype", "content_digest", "checkpoint", "rope_scaling")}
-                                  | {"rope_scaling": self.rope_scaling})
+                                   if f.name not in ("kv_dtype", "content_digest", "checkpoint")})
 
     @property
     def name(self) -> str:

@@ -96,11 +96,9 @@ def check_roles(args: argparse.Namespace, config) -> None:
 
 def _model_config(args: argparse.Namespace):
     if args.model_path:
-        from pathlib import Path
-
         from hicache_core.engine.checkpoint import model_config
 
-        return model_config(Path(args.model_path).expanduser(), args.dtype)
+        return model_config(args.model_path, args.dtype)
     from hicache_core.engine import ModelConfig
 
     return ModelConfig(seed=args.seed)

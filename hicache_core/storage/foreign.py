@@ -42,9 +42,6 @@ class PairedSetResults(_Delegate):
             return [bool(result[2 * i]) and bool(result[2 * i + 1]) for i in range(len(keys))]
         return result
 
-    def batch_get_v1(self, keys, host_indices, extra_info: Any = None) -> Any:
-        return self.inner.batch_get_v1(keys, host_indices, extra_info)
-
     def describe(self) -> str:
         return type(self.inner).__qualname__
 
