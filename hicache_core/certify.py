@@ -152,14 +152,10 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
         for result in (writer, reader):
             cache = small_cache(cfg, SPEC)
             caches.append((cache, result))
-            assert cache.controller is not None and cache.controller.guard is not None
-            guard = cache.controller.guard
-            handle = guard.backend
-            if mode == "corrupt" and not callable(getattr(handle.raw, "corrupt_stored_page", None)):
+            if mode == "corrupt" and not callable(getattr(cache.storage.raw, "corrupt_stored_page", None)):
                 return Row("faults", mode, "n/a", "the backend offers no corrupt_stored_page(key) to damage a stored "
                                                    "page with (see docs/writing-a-backend.md)")
-            faulty = FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S)
-            guard.backend = faulty
+            faulty = cache.wrap_storage(lambda handle: FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S))
 
             def between(i: int, cache=cache, faulty=faulty) -> None:
                 if mode == "restart" and i == requests // 2:

@@ -185,22 +185,10 @@ def run_requests(cache: HiRadixCache, prompts: list[list[int]], n: int, rng: ran
 
 
 def drain(cache: HiRadixCache, result: RunResult, timeout: float = 30.0) -> None:
-    """Flush, evict everything, close; count pages that did not come back."""
+    """Close with a drain (every copy, backup and late call back, every unpinned page freed); count pages that did
+    not come back."""
     dev_total, host_total = cache.device_pool.size, cache.host_pool.size if cache.host_pool is not None else 0
-    cache.flush(timeout)
-    cache.evict(10**9)
-    cache.flush(timeout)
-    if cache.host_pool is not None:
-        guard = cache.controller.guard if cache.controller is not None else None
-        deadline = time.monotonic() + timeout
-        while guard is not None and guard.abandoned_calls() and time.monotonic() < deadline:
-            time.sleep(0.01)  # calls past their deadline return late: then their pages come back
-        cache.poll()
-        cache.flush(timeout)
-        cache.evict_host(10**9)
-    cache.close()
-    if cache.controller is not None:
-        cache.controller.poll()
+    cache.close(drain_timeout=timeout)
     ps = cache.page_size
     result.leaked_pages = (dev_total - cache.device_pool.available_size()) // ps
     if cache.host_pool is not None:

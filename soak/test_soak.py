@@ -40,8 +40,7 @@ def test_soak(backend, extra, tmp_path):
     rng = random.Random(1)
     prompts = make_prompts(rng, families=12, pages=5, page_size=PS)
     cache = small_cache(config, SPEC, device_pages=10, host_pages=20)
-    guard = cache.controller.guard
-    handle = guard.backend
+    handle = cache.storage
     modes = [m for m in FAULTS if m not in ("restart", "corrupt")] + ["none"]
     if callable(getattr(handle.raw, "corrupt_stored_page", None)):
         modes.append("corrupt")
@@ -49,13 +48,13 @@ def test_soak(backend, extra, tmp_path):
     threads_at_start = threading.active_count()
     for chunk in range(REQUESTS // CHUNK):
         mode = modes[chunk % len(modes)]
-        faulty = FaultyBackend(handle, mode, 0.0 if mode == "none" else 0.1, rng, hang_s=0.4)
-        guard.backend = faulty
+        faulty = cache.wrap_storage(lambda _: FaultyBackend(handle, mode, 0.0 if mode == "none" else 0.1, rng,
+                                                            hang_s=0.4))
         run_requests(cache, prompts, CHUNK, rng, result)
         injected += faulty.injected
         gc.collect()
         samples.append(rss_mib())
-    guard.backend = handle
+    cache.wrap_storage(lambda _: handle)
     assert result.wrong_kv == 0, f"{result.wrong_kv} requests were served wrong KV"
     assert result.requests >= REQUESTS * 0.9 and injected > REQUESTS // 50
     assert result.storage_tokens > 0

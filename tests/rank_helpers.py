@@ -45,8 +45,7 @@ def rank_main(rank: int, size: int, init_file: str, out_dir: str, store_dir: str
     cache = build_cache(cfg, spec, 12 * PS, tiers="hicache+storage", device="cpu", host_tokens=24 * PS,
                         pin_memory=False, tp_rank=rank, tp_size=size, agree=agree)
     if fault != "none" and rank == 1:  # one rank's backend fails or stalls for some pages; the other's does not
-        guard = cache.controller.guard
-        guard.backend = FaultyBackend(guard.backend, fault, 0.3, random.Random(7), hang_s=0.6)
+        cache.wrap_storage(lambda backend: FaultyBackend(backend, fault, 0.3, random.Random(7), hang_s=0.6))
     rng = random.Random(42)  # the same requests on every rank
     prompts = make_prompts(rng, families=12, pages=3, page_size=PS)
     result = RunResult()
@@ -55,7 +54,7 @@ def rank_main(rank: int, size: int, init_file: str, out_dir: str, store_dir: str
     fingerprint = tree_fingerprint(cache)
     every = [None] * size
     dist.all_gather_object(every, fingerprint)
-    stats = cache.controller.guard.call_bounded("get_stats", cache.controller.guard.backend.get_stats) or {}
+    stats = cache.storage_stats() or {}
     drain(cache, result)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "same_tree": all(f == every[0] for f in every), "nodes": len(fingerprint), "wrong_kv": result.wrong_kv,

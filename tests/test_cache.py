@@ -211,16 +211,16 @@ def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, po
     s = seq(3, 6)
     store = stored_elsewhere(s)
     c = make_cache(storage="memory", store=store, prefetch=policy, extra={"prefetch_timeout_base": 0.2})
-    c.controller.prefetch_stall_limit = 0.5
-    faulty = FaultyStorage(c.controller.guard.backend, mode)
-    c.controller.guard.backend = faulty
+    c.controller.io.policy.stall_limit = 0.5
+    faulty = FaultyStorage(c.controller.io.guard.backend, mode)
+    c.controller.io.guard.backend = faulty
     free_before = c.host_pool.available_size()
     r = run_request(c, s)  # asserts every served byte is right
     expected_storage = {"raise": 0, "corrupt_then_fail": 12, "hang": 0}[mode]
     assert r["storage"] == expected_storage and r["computed"] == 24 - expected_storage
     if mode == "hang":
         assert faulty.released.wait(5)
-        c.controller.guard.backend = faulty.inner
+        c.controller.io.guard.backend = faulty.inner
     time.sleep(0.1)
     c.flush()
     c.poll()
@@ -235,8 +235,8 @@ def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, po
 def test_aborted_request_returns_prefetch_pages():
     store = stored_elsewhere(seq(4, 6))
     c = make_cache(storage="memory", store=store, prefetch="wait_complete")
-    faulty = FaultyStorage(c.controller.guard.backend, "hang", hang_s=0.5)
-    c.controller.guard.backend = faulty
+    faulty = FaultyStorage(c.controller.io.guard.backend, "hang", hang_s=0.5)
+    c.controller.io.guard.backend = faulty
     m = c.match_prefix(seq(4, 6))
     assert c.prefetch_from_storage("r", m.last_node, seq(4, 6))
     c.release_aborted_request("r")

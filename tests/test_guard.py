@@ -45,8 +45,8 @@ class Evil:
 
 
 def swap(cache, **methods) -> Evil:
-    evil = Evil(cache.controller.guard.backend, **methods)
-    cache.controller.guard.backend = evil
+    evil = Evil(cache.controller.io.guard.backend, **methods)
+    cache.controller.io.guard.backend = evil
     return evil
 
 
@@ -65,7 +65,7 @@ def check_clean(cache) -> None:
                          ids=["bool", "none", "int", "str", "short", "long", "floats", "none-inside"])
 def test_bad_set_results_fail_the_batch_and_writes_go_on(bad):
     c = make_cache(storage="memory", host_pages=32)
-    real = c.controller.guard.backend.batch_set_v1
+    real = c.controller.io.guard.backend.batch_set_v1
     state = {"bad": True}
 
     def batch_set_v1(keys, idx):
@@ -91,7 +91,7 @@ def test_bad_prefetch_results_leak_nothing_and_serve_nothing_wrong(kind):
     s = seq(3, 6)
     c = make_cache(storage="memory", store=stored_elsewhere(s), prefetch="wait_complete")
     free = c.host_pool.available_size()
-    real_get = c.controller.guard.backend.batch_get_v1
+    real_get = c.controller.io.guard.backend.batch_get_v1
     if kind.startswith("get"):
         def batch_get_v1(keys, idx):
             res = real_get(keys, idx)
@@ -117,9 +117,9 @@ def test_hung_get_is_abandoned_quarantined_then_released():
     writer.flush()
     writer.close()
     c = make_cache(storage="memory", store=store, prefetch="wait_complete", extra={"io_timeout_s": 0.3})
-    c.controller.prefetch_stall_limit = 30  # only the deadline may end the wait
+    c.controller.io.policy.stall_limit = 30  # only the deadline may end the wait
     release = threading.Event()
-    real_get = c.controller.guard.backend.batch_get_v1
+    real_get = c.controller.io.guard.backend.batch_get_v1
     late = {}
 
     def batch_get_v1(keys, idx):
@@ -133,7 +133,7 @@ def test_hung_get_is_abandoned_quarantined_then_released():
     first = time.monotonic() - t0
     assert r["storage"] == 0 and r["computed"] == 24
     assert first < 3, f"the request waited {first:.1f} s for a hung backend (deadline 0.3 s)"
-    assert c.controller.quarantined_tokens() == 24  # the hung call's target pages are out of reuse
+    assert c.controller.io.quarantined_tokens() == 24  # the hung call's target pages are out of reuse
     # a second hung call: with two calls out the backend counts as hung and calls fail at once
     r = run_request(c, s2, rid="r2")
     assert r["storage"] == 0
@@ -142,18 +142,18 @@ def test_hung_get_is_abandoned_quarantined_then_released():
     assert time.monotonic() - t0 < 1.0 and r["storage"] == 0
     assert errors(c).get("backend_hung", 0) >= 1
     assert errors(c).get("get_deadline", 0) == 2
-    assert c.controller.guard.abandoned_calls() == 2
+    assert c.controller.io.guard.abandoned_calls() == 2
     # every page owned by a node or free, except the quarantined ones
     c.poll()
-    assert 24 < c.controller.quarantined_tokens() <= 48  # the second hung call holds what it was granted
+    assert 24 < c.controller.io.quarantined_tokens() <= 48  # the second hung call holds what it was granted
     release.set()  # the backend finally returns: its pages come back, nothing was served from them
     deadline = time.monotonic() + 10
-    while c.controller.quarantined_tokens() and time.monotonic() < deadline:
+    while c.controller.io.quarantined_tokens() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert late.get("result") is not None
-    c.controller.guard.backend = evil.inner
+    c.controller.io.guard.backend = evil.inner
     check_clean(c)
-    assert c.controller.guard.abandoned_calls() == 0
+    assert c.controller.io.guard.abandoned_calls() == 0
     r = run_request(c, s1, rid="r4")  # and the backend serves again
     assert r["device"] + r["host"] == 24
     c.close()
@@ -162,7 +162,7 @@ def test_hung_get_is_abandoned_quarantined_then_released():
 def test_hung_backup_keeps_its_host_pages_until_the_call_returns():
     c = make_cache(storage="memory", host_pages=16, extra={"io_timeout_s": 0.2})
     release = threading.Event()
-    real_set = c.controller.guard.backend.batch_set_v1
+    real_set = c.controller.io.guard.backend.batch_set_v1
     seen = {}
 
     def batch_set_v1(keys, idx):

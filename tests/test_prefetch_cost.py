@@ -4,7 +4,7 @@ import time
 
 from cache_helpers import PS, make_cache, run_request, seq, stored_elsewhere
 
-from hicache_core.cache.cost import EXPLORE_EVERY, PrefetchCost
+from hicache_core.controller.policy import EXPLORE_EVERY, PrefetchCost
 
 
 def test_the_model_fits_latency_and_bandwidth_and_decides():
@@ -28,7 +28,7 @@ def test_a_prefetch_that_would_be_slower_than_recomputing_is_skipped():
     cache = make_cache(storage="memory", store=store, prefetch="cost_aware")
     try:
         cache.record_prefill(10**6, 1.0)  # this engine recomputes a million tokens a second
-        cache.cost.record_load(6 * PS, 2.0)  # and this store took 2 s for as many
+        cache.controller.cost.record_load(6 * PS, 2.0)  # and this store took 2 s for as many
         got = run_request(cache, tokens)
         assert got["storage"] == 0 and got["computed"] == 6 * PS
         assert cache.metrics.stats()["prefetch_skipped_cost"] == 1
@@ -54,7 +54,7 @@ def test_a_prefetch_is_cut_once_recomputing_would_be_done_and_used_when_it_pays(
         got = run_request(fast, tokens)
         stats = fast.metrics.stats()
         assert got["storage"] == 6 * PS and stats["prefetch_skipped_cost"] == stats["prefetch_cut_cost"] == 0
-        load = fast.cost.load_model()
+        load = fast.controller.cost.load_model()
         assert load is not None  # the completed prefetch was measured
     finally:
         fast.close()

@@ -42,7 +42,7 @@ def _ours(prompts: list[list[int]], ps: int, order: list[int]) -> dict[str, floa
     slots = [cache.device_pool.alloc(n_tok) for _ in prompts]
 
     def fill() -> None:  # a fresh tree each time (the first run pays the allocator's first touches; median of 3)
-        cache.reset()
+        cache.tree.reset()
         for p, s in zip(prompts, slots):
             cache.insert(p, s)
 

@@ -80,3 +80,13 @@ class RankAgreement(Solo):
 
     def any(self, flag: bool) -> bool:
         return not self.min([int(not flag)])[0]
+
+
+def agreed_prefix(agree: Solo, landed: list[int], new: list[int]) -> list[int]:
+    """The oldest finished copies that have finished on every rank (all of them with one rank): ``new`` joins
+    ``landed``; what every rank has is taken off its front and returned."""
+    landed += new
+    n = agree.min([len(landed)])[0] if agree.active else len(landed)
+    out = landed[:n]
+    del landed[:n]
+    return out

@@ -10,68 +10,168 @@ An engine needs three calls per request (see ``docs/embedding.md``):
 
 Plus, once per scheduler step, :meth:`poll` (apply background work) and, before the forward pass of newly
 admitted requests, :meth:`ready_to_load_host_cache`.
+
+The cache is a facade over parts it owns, each with one job: the :class:`~hicache_core.cache.radix.RadixTree`
+(``tree``), the :class:`~hicache_core.cache.device_tier.DeviceTier` (``device``: slots, eviction, load back), the
+:class:`~hicache_core.cache.host_tier.HostTier` (``host``: write policies, backups, host room) and the
+:class:`~hicache_core.cache.prefetch.StoragePrefetcher` (``prefetcher``), with the controller's background work
+under them. Only the thread that owns the cache calls it.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
-import attrs
 import torch
 
+from hicache_core.cache.admission import FULL, READY, WAIT, Admission, trim_tiers
+from hicache_core.cache.agree import Solo
+from hicache_core.cache.device_tier import LOAD_BACK_THRESHOLD, DeviceTier
+from hicache_core.cache.host_tier import HostTier
 from hicache_core.cache.node import TreeNode
-from hicache_core.cache.radix import EMPTY
-from hicache_core.cache.tiers import LOAD_BACK_THRESHOLD, TieredCache
+from hicache_core.cache.prefetch import StoragePrefetcher
+from hicache_core.cache.quota import HostQuota
+from hicache_core.cache.radix import EMPTY, MatchResult, RadixTree
+from hicache_core.config import HiCacheConfig
+from hicache_core.controller import HiCacheController
 from hicache_core.errors import ConfigError
 from hicache_core.keys import hash_chain, namespace_seed
+from hicache_core.metrics import CacheMetrics
 
 __all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache"]
 
-READY, WAIT, FULL = "ready", "wait", "full"
-
-
-@attrs.define(eq=False)
-class Admission:
-    """What :meth:`HiRadixCache.admit` decided for one request.
-
-    ``prefix`` holds the device slots of the cached prefix (tree-owned, pinned until release); ``own`` holds fresh
-    slots for the tokens the engine computes (``len(tokens) - len(prefix) + extra_tokens``, page-rounded);
-    ``cached`` splits the prefix by the tier it came from."""
-
-    rid: Any
-    status: str
-    prefix: torch.Tensor = EMPTY
-    own: torch.Tensor = EMPTY
-    cached: dict[str, int] = attrs.field(factory=lambda: {"device": 0, "host": 0, "storage": 0})
-    node: Optional[TreeNode] = None
-    salt: Optional[str] = None  # the request's cache_salt
-    extra_key: Optional[str] = None  # and extra_key: prefixes are shared only among requests with both the same
-    seed: Optional[str] = None  # their namespace_seed (None: the shared, unseeded namespace)
-
-    @property
-    def ready(self) -> bool:
-        return self.status == READY
-
-    def slots(self, computed: int) -> torch.Tensor:
-        """Device slots of the first ``len(prefix) + computed`` tokens."""
-        return torch.cat([self.prefix, self.own[:computed]])
-
-
-def _trim(tiers: dict[str, int], cut: int) -> None:
-    """Take ``cut`` tokens off the deepest tiers first (storage pages sit past host pages past device pages)."""
-    for tier in ("storage", "host", "device"):
-        n = min(cut, tiers[tier])
-        tiers[tier] -= n
-        cut -= n
-
-
-class HiRadixCache(TieredCache):
+class HiRadixCache:
     """The prefix cache. Without a host pool it is a device-only radix cache (no write policies, no storage)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: HiCacheConfig, device_pool, host_pool=None, storage=None,
+                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False,
+                 agree: Optional[Solo] = None, storage_writes: bool = True) -> None:
+        if storage is not None and host_pool is None:
+            raise ValueError("a storage backend needs a host pool (enable the hierarchical cache)")
+        self.config = config
+        self.agree = agree or Solo()  # tensor-parallel ranks agree on rank-local outcomes (cache/agree.py)
+        self.metrics = metrics or CacheMetrics(enable_prometheus=config.enable_metrics)
+        self.page_size = config.page_size
+        self.tree = RadixTree(device_pool, config.page_size, config.radix_eviction_policy, host_pool)
+        self.tree.on_new, self.tree.on_evicted = self._on_new, self.metrics.record_evicted
+        self.quota = HostQuota(self.tree, config.hicache_salt_host_pages, config.page_size)
+        self.controller: Optional[HiCacheController] = None
+        self.host: Optional[HostTier] = None
+        self.prefetcher: Optional[StoragePrefetcher] = None
+        if host_pool is not None:
+            self.controller = HiCacheController(config, device_pool, host_pool, storage, self.metrics,
+                                                force_kernel=force_kernel)
+            self.host = HostTier(self.tree, self.controller, config, self.metrics, self.agree, self.quota,
+                                 storage_writes=storage_writes)
+            self.tree.on_hit = self.host.on_hit
+            self.prefetcher = StoragePrefetcher(self.tree, self.host, self.controller, self.metrics, self.agree,
+                                                self.quota)
+        self.device = DeviceTier(self.tree, self.controller, self.host, self.metrics, self.agree,
+                                 config.hicache_write_policy)
         self._admitting: dict[Any, int] = {}  # request id -> matched length before its storage prefetch
 
+    # --- what the parts hold -----------------------------------------------------------------------------------------
+    @property
+    def device_pool(self):
+        return self.tree.device_pool
+
+    @property
+    def host_pool(self):
+        return self.tree.host_pool
+
+    @property
+    def root(self) -> TreeNode:
+        return self.tree.root
+
+    @property
+    def storage_enabled(self) -> bool:
+        return self.controller is not None and self.controller.io is not None
+
+    @property
+    def storage(self) -> Any:
+        """The attached backend, as built (None without a storage tier)."""
+        return self.controller.io.storage if self.controller is not None and self.controller.io else None
+
+    @property
+    def ongoing_prefetch(self) -> dict:
+        return self.prefetcher.ongoing if self.prefetcher is not None else {}
+
+    @property
+    def ongoing_write_through(self) -> dict:
+        return self.host.ongoing_write_through if self.host is not None else {}
+
+    @property
+    def ongoing_backup(self) -> dict:
+        return self.host.ongoing_backup if self.host is not None else {}
+
+    def _on_new(self, node: TreeNode) -> None:
+        if self.storage_enabled:  # storage keys chain from the parent's last page
+            assert node.parent is not None
+            node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
+
+    # --- the tree ----------------------------------------------------------------------------------------------------
+    def match_prefix(self, tokens, seed: Optional[str] = None) -> MatchResult:
+        return self.tree.match_prefix(tokens, seed)
+
+    def insert(self, tokens, device_indices: torch.Tensor, seed: Optional[str] = None) -> int:
+        return self.tree.insert(tokens, device_indices, seed)
+
+    def nodes(self) -> Iterator[TreeNode]:
+        return self.tree.nodes()
+
+    def namespace_root(self, seed: Optional[str]) -> TreeNode:
+        return self.tree.namespace_root(seed)
+
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        self.tree.inc_lock_ref(node)
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        self.tree.dec_lock_ref(node)
+
+    def total_size(self) -> tuple[int, int]:
+        return self.tree.total_size()
+
+    def pretty(self) -> str:
+        return self.tree.pretty()
+
+    # --- the tiers, for engines that schedule their own way ----------------------------------------------------------
+    def alloc_device(self, num_tokens: int) -> Optional[torch.Tensor]:
+        return self.device.alloc(num_tokens)
+
+    def evict(self, num_tokens: int) -> int:
+        return self.device.evict(num_tokens)
+
+    def init_load_back(self, last_node: TreeNode) -> tuple[torch.Tensor, TreeNode]:
+        return self.device.init_load_back(last_node)
+
+    def ready_to_load_host_cache(self):
+        return self.device.start_loading()
+
+    def evict_host(self, num_tokens: int) -> int:
+        return self.host.evict(num_tokens) if self.host is not None else 0
+
+    def backup_in_flight(self, tokens, seed: Optional[str] = None) -> bool:
+        return self.host is not None and self.host.backup_in_flight(tokens, seed)
+
+    def prefetch_from_storage(self, request_id: Any, anchor: TreeNode, new_tokens) -> bool:
+        return self.prefetcher is not None and self.prefetcher.start(request_id, anchor, new_tokens)
+
+    def check_prefetch_progress(self, request_id: Any) -> bool:
+        return self.prefetcher is None or self.prefetcher.check(request_id)
+
+    def release_aborted_request(self, request_id: Any) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.abort(request_id)
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        """The engine computed ``tokens`` prompt tokens in ``seconds`` (one forward pass): what the ``cost_aware``
+        prefetch policy weighs a storage load against."""
+        if self.controller is not None:
+            self.controller.cost.record_prefill(tokens, seconds)
+
+    # --- the front door ----------------------------------------------------------------------------------------------
     def admit(self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None,
               extra_key: Optional[str] = None) -> Admission:
         """Admit a request whose prompt is ``tokens``; ``extra_tokens`` more slots are reserved (for decoding).
@@ -106,11 +206,11 @@ class HiRadixCache(TieredCache):
         storage = min(storage_hit, len(loaded))  # fetched pages are host-only nodes, loaded like any host hit
         cached = {"device": len(m.device_indices), "host": len(loaded) - storage, "storage": storage}
         if len(prefix) >= len(tokens):  # keep at least one token to compute: redo the last page
-            keep = self._page_align(len(tokens) - 1)
-            _trim(cached, len(prefix) - keep)
+            keep = self.tree._page_align(len(tokens) - 1)
+            trim_tiers(cached, len(prefix) - keep)
             prefix = prefix[:keep]
         need = len(tokens) - len(prefix) + extra_tokens
-        own = self.alloc_device(need + -need % self.page_size)
+        own = self.device.alloc(need + -need % self.page_size)
         if own is None:
             self.dec_lock_ref(node)
             self.ready_to_load_host_cache()  # the loads queued above pin device pages until they run
@@ -127,7 +227,7 @@ class HiRadixCache(TieredCache):
             raise ValueError(f"request {admission.rid!r}: release() takes a ready admission, not {admission.status!r}")
         p = len(admission.prefix)
         slots = admission.slots(computed)
-        aligned = self._page_align(min(len(tokens), len(slots)))
+        aligned = self.tree._page_align(min(len(tokens), len(slots)))
         already = self.insert(tokens[:aligned], slots[:aligned], admission.seed)
         own = admission.own
         if already > p:
@@ -158,7 +258,7 @@ class HiRadixCache(TieredCache):
             if node.seed is None:  # a namespace's root keeps its seed
                 node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
         self.controller.attach_storage(backend, config)
-        self.config, self.storage, self.storage_enabled = config, backend, True
+        self.config = config
 
     def detach_storage(self) -> None:
         """Wait for the backups in flight, then stop the storage tier and close its backend."""
@@ -168,9 +268,98 @@ class HiRadixCache(TieredCache):
             raise ConfigError(f"{len(self.ongoing_prefetch)} storage prefetches are in flight; retry when idle")
         self.flush()
         self.controller.detach_storage()
-        self.storage, self.storage_enabled = None, False
         self.config = self.config.replace(hicache_storage_backend=None, hicache_storage_backend_extra_config=None)
 
-    def close(self) -> None:
+    # --- background work -------------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Apply what background work finished: writes, loads, backups, queried prefetches, returned pages."""
+        if self.controller is None or self.host is None or self.prefetcher is None:
+            return
+        self.host.writing_check()
+        self.device.loading_check()
+        self.host.backups_check()
+        if self.controller.io is not None:
+            self.prefetcher.advance()
+        self.controller.poll()
+
+    def busy(self) -> bool:
+        """Whether a device<->host copy or a storage backup is still running (on any rank)."""
+        ctrl = self.controller
+        if ctrl is None:
+            return False
+        return self.agree.any(bool(ctrl.writes_in_flight() or (ctrl.io is not None and ctrl.io.backups_in_flight())))
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait for every copy and storage backup in flight, then apply them (tests, benchmarks, shutdown)."""
+        ctrl = self.controller
+        if ctrl is None:
+            return
+        deadline = time.monotonic() + timeout
+        self.ready_to_load_host_cache()  # queued loads never started would never finish
+        ctrl.wait_idle(timeout)
+        self.poll()
+        while self.busy():
+            if self.agree.any(time.monotonic() > deadline):
+                n = ctrl.io.backups_in_flight() if ctrl.io is not None else 0
+                raise TimeoutError(f"{n} storage backups still running after {timeout} s")
+            time.sleep(0.002)
+            ctrl.wait_idle(max(0.0, deadline - time.monotonic()))
+            self.poll()
+
+    # --- what upper rooms (serve, certify, faults) need, without reaching past the door -----------------------------
+    def empty_local_tiers(self, timeout: float = 60.0) -> None:
+        """Drop every unpinned page from device and host (storage keeps its pages), as SGLang's /flush_cache: the
+        copies and backups in flight land first, and since write_back copies an evicted page to host first, it
+        repeats until nothing more is freed."""
+        for _ in range(8):
+            self.flush(timeout)
+            freed = self.evict(self.device_pool.size)
+            if self.host is not None:
+                self.flush(timeout)
+                freed += self.host.evict(self.host_pool.size)
+            if not freed:
+                break
+        self.poll()
+
+    def storage_stats(self) -> Optional[dict]:
+        """The attached backend's ``get_stats()`` as a dict (bounded by its deadline); None without storage or
+        when it has none."""
+        io = self.controller.io if self.controller is not None else None
+        if io is None:
+            return None
+        raw = io.guard.call_bounded("get_stats", getattr(io.guard.backend, "get_stats", lambda: None))
+        return raw if isinstance(raw, dict) else getattr(raw, "__dict__", None)
+
+    def wrap_storage(self, wrap: Callable[[Any], Any]) -> Any:
+        """Put ``wrap(backend)`` between the controller and the backend it calls now (fault injection by certify,
+        the soak and tests; ``wrap_storage(lambda w: w.inner)`` takes a wrapper out again); returns what it put."""
+        io = self.controller.io if self.controller is not None else None
+        if io is None:
+            raise ConfigError("no storage backend is attached")
+        io.guard.backend = wrap(io.guard.backend)
+        return io.guard.backend
+
+    def close(self, drain_timeout: Optional[float] = None) -> None:
+        """Stop the background work and close the backend. ``drain_timeout``: first let every copy, backup and
+        call past its deadline return (each bounded by it) and give every unpinned page back, so the pools can be
+        checked for leaks afterwards."""
         self._admitting.clear()
-        super().close()
+        if drain_timeout is not None:
+            self._drain(drain_timeout)
+        if self.controller is not None:
+            if self.prefetcher is not None:
+                for rid in list(self.prefetcher.ongoing):
+                    self.prefetcher.abort(rid)
+            self.controller.close()
+            if drain_timeout is not None:
+                self.controller.poll()  # what the workers handed back while stopping
+
+    def _drain(self, timeout: float) -> None:
+        self.flush(timeout)
+        self.evict(self.device_pool.size)
+        self.flush(timeout)
+        io = self.controller.io if self.controller is not None else None
+        deadline = time.monotonic() + timeout
+        while io is not None and io.guard.abandoned_calls() and time.monotonic() < deadline:
+            time.sleep(0.01)  # calls past their deadline return late: then their pages come back
+        self.empty_local_tiers(timeout)

@@ -7,13 +7,14 @@ is not capped."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Optional
 
 from hicache_core.cache.node import TreeNode
+from hicache_core.cache.radix import RadixTree
 
 
 class HostQuota:
-    def __init__(self, tree: Any, cap_pages: int, page_size: int) -> None:
+    def __init__(self, tree: RadixTree, cap_pages: int, page_size: int) -> None:
         self.tree, self.cap, self.page_size = tree, cap_pages * page_size, page_size
 
     def namespace_of(self, node: TreeNode) -> Optional[TreeNode]:
@@ -43,7 +44,7 @@ class HostQuota:
         over = self.used(ns) + want - self.cap
         if over > 0:
             tree = self.tree
-            tree.evict_leaves(over, tree._host_leaf, lambda x: tree._drop_leaf(x, "host"), nodes=self._subtree(ns))
+            tree.evict_leaves(over, tree.host_leaf, tree.drop_host_leaf, nodes=self._subtree(ns))
             over = self.used(ns) + want - self.cap
         allowed = want - max(0, over)
         return max(0, allowed - allowed % self.page_size)

@@ -1,7 +1,8 @@
 """Pure radix mechanics over token ids at page granularity: walk, split, insert, lock, and one eviction helper.
 
 Nothing here knows about tiers, storage or threads. :class:`RadixTree` is SGLang's device-only RadixAttention
-cache; :class:`~hicache_core.cache.hiradix.HiRadixCache` builds the host and storage tiers on top of it.
+cache; :class:`~hicache_core.cache.hiradix.HiRadixCache` owns one and lets its tiers listen to it (``on_hit``,
+``on_new``, ``on_evicted``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from hicache_core.cache.policies import EVICTION_KEYS
 EMPTY = torch.empty(0, dtype=torch.int64)
 
 
+def _ignore(node: TreeNode) -> None:
+    pass
+
+
 @attrs.frozen
 class MatchResult:
     device_indices: torch.Tensor  # device slots of the device-resident part (may be the tree's own: read only)
@@ -35,11 +40,14 @@ class MatchResult:
 class RadixTree:
     """Keys are whole pages of token ids; ``node.value`` holds device slots (None once demoted off device)."""
 
-    def __init__(self, device_pool, page_size: int, eviction_policy: str = "lru") -> None:
+    def __init__(self, device_pool, page_size: int, eviction_policy: str = "lru", host_pool: Any = None) -> None:
         self.device_pool = device_pool
-        self.host_pool: Any = None  # the tiers add one
+        self.host_pool = host_pool  # where host_value slots go back when a host-only leaf is dropped
         self.page_size = page_size
         self._evict_key = EVICTION_KEYS[eviction_policy]
+        self.on_hit: Callable[[TreeNode], None] = _ignore  # a node was inserted (again): write policies count hits
+        self.on_new: Callable[[TreeNode], None] = _ignore  # a node was just made by insert (its storage keys)
+        self.on_evicted: Callable[[str, int], None] = lambda tier, tokens: None  # metrics
         self.reset()
 
     def reset(self) -> None:
@@ -204,21 +212,16 @@ class RadixTree:
                 child.value = device_indices[at : at + n].clone()
             else:
                 prefix += n
-            self._on_hit(child)
+            child.hit_count += 1
+            self.on_hit(child)
             node, at = child, at + n
         if at < n_all:
             new = self._attach(node, key[at:n_all])
             new.value = device_indices[at:n_all].clone()
-            self._on_new(new)
-            self._on_hit(new)
+            self.on_new(new)
+            new.hit_count += 1
+            self.on_hit(new)
         return prefix
-
-    def _on_hit(self, node: TreeNode) -> None:
-        """A node was inserted or inserted again (the tiers count hits for their write policies)."""
-        node.hit_count += 1
-
-    def _on_new(self, node: TreeNode) -> None:
-        """A node was just created by :meth:`insert`."""
 
     # --- eviction ----------------------------------------------------------------------------------------------------
     def evict_leaves(self, num_tokens: int, candidate: Callable[[TreeNode], bool],
@@ -253,11 +256,25 @@ class RadixTree:
         pool.free(idx)
         setattr(x, attr, None)
         self._delete_leaf(x)
-        self._record_evicted(tier, len(idx))
+        self.on_evicted(tier, len(idx))
         return len(idx)
 
-    def _record_evicted(self, tier: str, tokens: int) -> None:
-        """Hook for metrics."""
+    @staticmethod
+    def host_leaf(n: TreeNode) -> bool:
+        """A host-only leaf nobody holds: its host pages may go."""
+        return n.value is None and not n.children and n.host_ref == 0 and n.lock_ref == 0
+
+    def drop_host_leaf(self, x: TreeNode) -> int:
+        return self._drop_leaf(x, "host")
+
+    def storage_keys_above(self, node: Optional[TreeNode]) -> list[str]:
+        """The storage keys of every page from the namespace's root down to ``node`` (a namespace's seed is no
+        page)."""
+        chain: list[list[str]] = []
+        while node is not None and node is not self.root and node.seed is None:
+            chain.append(node.hash_value or [])
+            node = node.parent
+        return [k for keys in reversed(chain) for k in keys]
 
     # --- introspection -----------------------------------------------------------------------------------------------
     def total_size(self) -> tuple[int, int]:

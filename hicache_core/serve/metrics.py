@@ -108,10 +108,8 @@ class _Live:
             c.add_metric(values, stats[key])
             yield c
         cache = state.engine.cache
-        guard = cache.controller.guard if cache is not None and cache.controller is not None else None
-        if guard is not None:
-            raw = guard.call_bounded("get_stats", getattr(guard.backend, "get_stats", lambda: None))
-            fields = raw if isinstance(raw, dict) else getattr(raw, "__dict__", None) or {}
+        if cache is not None and cache.storage_enabled:
+            fields = cache.storage_stats() or {}
             g = GaugeMetricFamily("hicache_storage_backend_stat", "the storage backend's get_stats() fields",
                                   labels=names + ["backend", "field"])
             for k, v in sorted(fields.items()):

@@ -129,15 +129,7 @@ class ServerState:
         cache = self.engine.cache
         if cache is None:
             return
-        for _ in range(8):  # write_back writes an evicted page to host first: repeat until nothing is left
-            cache.flush()
-            freed = cache.evict(self.engine.pool.size)
-            if cache.host_pool is not None:
-                cache.flush()
-                freed += cache.evict_host(cache.host_pool.size)
-            if not freed:
-                break
-        cache.poll()
+        cache.empty_local_tiers()
 
     def attach(self, body: dict) -> dict:
         """PUT /hicache/storage-backend: SGLang's body (backend, extra config JSON string, prefetch policy)."""
