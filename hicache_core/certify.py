@@ -34,6 +34,7 @@ from hicache_core.errors import ConfigError
 from hicache_core.faults import FAULTS, FaultyBackend, RunResult, drain, make_prompts, run_requests, small_cache
 from hicache_core.memory import KVSpec
 from hicache_core.registry import create_backend, make_storage_config, resolve_config
+from hicache_core.storage.hooks import CorruptsStoredPages
 
 SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.float32)
 DEADLINE_S = 0.5
@@ -152,7 +153,7 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
         for result in (writer, reader):
             cache = small_cache(cfg, SPEC)
             caches.append((cache, result))
-            if mode == "corrupt" and not callable(getattr(cache.storage.raw, "corrupt_stored_page", None)):
+            if mode == "corrupt" and not isinstance(cache.storage.raw, CorruptsStoredPages):
                 return Row("faults", mode, "n/a", "the backend offers no corrupt_stored_page(key) to damage a stored "
                                                    "page with (see docs/writing-a-backend.md)")
             faulty = cache.wrap_storage(lambda handle: FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S))

@@ -22,9 +22,10 @@ from hicache_core.keys import StorageNamespace
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.parse import parse_bool
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
-from hicache_core.storage.adapter import _Delegate, as_v1
+from hicache_core.storage.adapter import ReadOnlyRank, _Delegate, as_v1
 from hicache_core.storage.base import ExtraInfo, StorageConfig, call_with_extra
 from hicache_core.storage.foreign import construct_sglang, is_sglang_backend
+from hicache_core.storage.hooks import Describes, holds_namespace_quota
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +228,7 @@ class StorageBackendHandle(_Delegate):
 
     def describe(self) -> str:
         """Where the backend keeps its pages, in the backend's words (its class name if it says nothing)."""
-        describe = getattr(self.raw, "describe", None)
-        return str(describe()) if callable(describe) else type(self.raw).__qualname__
+        return str(self.raw.describe()) if isinstance(self.raw, Describes) else type(self.raw).__qualname__
 
     def batch_exists(self, keys, extra_info: Optional[ExtraInfo] = None):
         return call_with_extra(self.inner.batch_exists, keys, extra=extra_info)
@@ -288,12 +288,22 @@ def create_backend(
 def quota_checked(config: HiCacheConfig, backend: Any) -> Any:
     """``--hicache-salt-storage-pages`` needs a backend that can count and drop a namespace's pages across
     processes (``supports_namespace_quota``); refused, with the backend closed, otherwise."""
-    if config.hicache_salt_storage_pages and not getattr(backend.raw, "supports_namespace_quota", False):
+    if config.hicache_salt_storage_pages and not holds_namespace_quota(backend.raw):
         backend.close()
         raise ConfigError(f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
                           "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
                           "the file backend, or leave the flag at 0")
     return backend
+
+
+def open_storage(config: HiCacheConfig, resolved: ResolvedBackend | str, spec: KVSpec, host_pool: Any, *,
+                 tp_rank: int = 0, tp_size: int = 1, pm: Optional[HiCachePluginManager] = None) -> Any:
+    """The one way a cache gets its backend, at start (``build_cache``) and at run time (``attach_backend``):
+    built for ``host_pool`` under the config's namespace for this rank, its storage quota checked, and -- MLA pages
+    being the same on every rank -- read-only on every rank but 0, so each page is written once."""
+    sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
+    backend = quota_checked(config, create_backend(resolved, sc, host_pool, pm=pm))
+    return ReadOnlyRank(backend) if spec.is_mla and tp_rank != 0 else backend
 
 
 def open_backend(config: HiCacheConfig, spec: KVSpec, host_tokens: int, *,
@@ -304,6 +314,5 @@ def open_backend(config: HiCacheConfig, spec: KVSpec, host_tokens: int, *,
     if not config.hicache_storage_backend:
         raise ConfigError("--hicache-storage-backend: name a backend (see `hicache backends`)")
     pool = HostPool(spec, host_tokens, config.page_size, config.hicache_mem_layout, pin_memory=False)
-    sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
-    handle = quota_checked(config, create_backend(resolved or config.hicache_storage_backend, sc, pool, pm=pm))
-    return handle, pool
+    return open_storage(config, resolved or config.hicache_storage_backend, spec, pool, tp_rank=tp_rank,
+                        tp_size=tp_size, pm=pm), pool

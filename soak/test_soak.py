@@ -18,6 +18,7 @@ import torch
 from hicache_core.config import HiCacheConfig
 from hicache_core.faults import FAULTS, FaultyBackend, RunResult, drain, make_prompts, run_requests, small_cache
 from hicache_core.memory import KVSpec
+from hicache_core.storage.hooks import CorruptsStoredPages
 
 SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.float32)
 PS = 16
@@ -42,7 +43,7 @@ def test_soak(backend, extra, tmp_path):
     cache = small_cache(config, SPEC, device_pages=10, host_pages=20)
     handle = cache.storage
     modes = [m for m in FAULTS if m not in ("restart", "corrupt")] + ["none"]
-    if callable(getattr(handle.raw, "corrupt_stored_page", None)):
+    if isinstance(handle.raw, CorruptsStoredPages):
         modes.append("corrupt")
     result, injected, samples = RunResult(), 0, []
     threads_at_start = threading.active_count()

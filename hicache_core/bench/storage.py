@@ -20,6 +20,7 @@ from hicache_core.keys import hash_chain
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.parse import arg_int
 from hicache_core.registry import ResolvedBackend, open_backend, resolve_config
+from hicache_core.storage.hooks import HasBenchBaseline, HasBenchPeer
 
 BATCH = 128
 
@@ -86,8 +87,8 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
         baseline: Any = _Bare(backend, ps)
         backend = through_sglang(config, pool)  # measured: SGLang's view of the same backend
     else:
-        baseline = backend.raw.bench_baseline() if hasattr(backend.raw, "bench_baseline") else None
-        peer = backend.raw.bench_peer() if hasattr(backend.raw, "bench_peer") else None
+        baseline = backend.raw.bench_baseline() if isinstance(backend.raw, HasBenchBaseline) else None
+        peer = backend.raw.bench_peer() if isinstance(backend.raw, HasBenchPeer) else None
     others = {k: b for k, b in (("base", baseline), ("peer", peer)) if b is not None}
     nbytes = n * pool.page_bytes
     res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get", "peer_set", "peer_get")}

@@ -17,8 +17,7 @@ from hicache_core.errors import ConfigError
 from hicache_core.memory import DevicePool, HostPool, KVSpec, host_pool_tokens
 from hicache_core.metrics import CacheMetrics
 from hicache_core.plugins import HiCachePluginManager
-from hicache_core.registry import create_backend, make_storage_config, quota_checked, resolve_config
-from hicache_core.storage.adapter import ReadOnlyRank
+from hicache_core.registry import open_storage, resolve_config
 
 TIERS = ("radix", "hicache", "hicache+storage")
 
@@ -77,10 +76,7 @@ def build_cache(
         n = host_tokens if host_tokens is not None else host_pool_tokens(config, device_tokens, spec)
         host_pool = HostPool(spec, n, ps, config.hicache_mem_layout, pin_memory=pin_memory)
     if resolved is not None:
-        sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
-        backend = quota_checked(config, create_backend(resolved, sc, host_pool, pm=pm))
-        if spec.is_mla and tp_rank != 0:
-            backend = ReadOnlyRank(backend)
+        backend = open_storage(config, resolved, spec, host_pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm)
     return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree,
                         storage_writes=storage_writes)
 
@@ -99,10 +95,8 @@ def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int =
                           f"{config.hicache_mem_layout}; this server's host pool is {cache.host_pool.layout} "
                           f"(restart with --hicache-mem-layout {config.hicache_mem_layout})")
     assert resolved is not None
-    backend = quota_checked(config, create_backend(resolved, make_storage_config(
-        config, cache.host_pool.spec, tp_rank=tp_rank, tp_size=tp_size), cache.host_pool, pm=pm))
-    if cache.host_pool.spec.is_mla and tp_rank != 0:
-        backend = ReadOnlyRank(backend)  # as build_cache: MLA pages are shared, rank 0 writes them
+    backend = open_storage(config, resolved, cache.host_pool.spec, cache.host_pool, tp_rank=tp_rank, tp_size=tp_size,
+                           pm=pm)
     try:
         cache.attach_storage(backend, config)
     except BaseException:

@@ -38,6 +38,7 @@ from hicache_core.keys import hash_chain
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import check_layout, make_storage_config, open_backend, resolve, resolve_config
 from hicache_core.storage.base import StorageConfig
+from hicache_core.storage.hooks import FailingWrites
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 
@@ -84,11 +85,10 @@ class BackendConformance:
         """Make writes inside the block fail for real (fill the disk, stop the server, ...). By default the
         backend's own certification hook ``failing_writes()`` (docs/writing-a-backend.md); override it when
         failing needs more than the backend (stopping a server)."""
-        hook = getattr(backend, "failing_writes", None)
-        if not callable(hook):
+        if not isinstance(backend, FailingWrites):
             pytest.skip(f"{type(backend).__name__} offers no failing_writes() hook and {type(self).__name__} does "
                         "not override failing_writes(): failed writes cannot be provoked")
-        with hook():
+        with backend.failing_writes():
             yield
 
     # --- helpers -------------------------------------------------------------------------------------------------
