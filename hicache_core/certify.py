@@ -86,7 +86,9 @@ class _Collect:
                 self.rows.append(Row("conformance", name, "n/a", reason.replace("Skipped: ", "")))
             elif report.failed:
                 text = str(report.longrepr).strip().splitlines()
-                self.rows.append(Row("conformance", name, "FAILED", text[-1][:160] if text else ""))
+                why = [t[1:].strip() for t in text if t.startswith("E ")][:1]  # the assertion's own message
+                where = text[-1] if text else ""
+                self.rows.append(Row("conformance", name, "FAILED", "; ".join(why + [where])[:400]))
             else:
                 self.rows.append(Row("conformance", name, "passed"))
 
