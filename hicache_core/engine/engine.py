@@ -32,7 +32,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from hicache_core.cache import Admission, HiRadixCache, build_cache
+from hicache_core.cache import Admission, HiRadixCache, NoPrefixCache, build_cache
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine.model import TinyLlama
 from hicache_core.errors import ConfigError
@@ -140,10 +140,11 @@ class Engine:
         self.handing_off: list[tuple[Request, float]] = []  # prefill: (request, deadline)
         self.page_size = config.page_size
         self.metrics = CacheMetrics(enable_prometheus=config.enable_metrics, labels={"mode": mode})
-        self.cache: Optional[HiRadixCache] = None
+        self.cache: HiRadixCache | NoPrefixCache
         spec = model.config.kv_spec()
-        if mode == "none":
-            self.pool = DevicePool(spec, device_tokens - device_tokens % self.page_size, self.page_size, model.device)
+        if mode == "none":  # no prefix cache: every token is computed
+            pool = DevicePool(spec, device_tokens - device_tokens % self.page_size, self.page_size, model.device)
+            self.cache = NoPrefixCache(config, pool, self.metrics)
         else:
             agree = None
             if tp is not None:
@@ -153,8 +154,8 @@ class Engine:
             self.cache = build_cache(config, spec, device_tokens, tiers=mode, device=model.device, metrics=self.metrics,
                                      tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1, agree=agree,
                                      storage_writes=disaggregation_mode != "decode" or offload_kvcache)
-            self.pool = self.cache.device_pool
             config = self.cache.config
+        self.pool = self.cache.device_pool
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -168,13 +169,6 @@ class Engine:
         need += -need % self.page_size
         if need > self.pool.size:
             raise ConfigError(f"request {r.rid} needs {need} device tokens; the device pool holds {self.pool.size}")
-        if self.cache is None:  # no prefix cache: every token is computed
-            own = self.pool.alloc(need)
-            if own is None:
-                return "full"
-            r.admission = Admission(r.rid, "ready", own=own)
-            self.metrics.record_request(len(r.prompt), 0, 0, 0)
-            return "ready"
         adm = self.cache.admit(r.rid, r.prompt, r.max_new_tokens, salt=r.salt, extra_key=r.extra_key)
         if adm.ready:
             r.admission, r.cached = adm, adm.cached
@@ -183,9 +177,6 @@ class Engine:
     def _finish(self, r: Request) -> None:
         r.finish_time = time.perf_counter()
         assert r.admission is not None
-        if self.cache is None:
-            self.pool.free(r.admission.own)
-            return
         self.cache.release(r.admission, r.prompt + r.output[:-1], r.used)
 
     # --- the loop ----------------------------------------------------------------------------------------------------
@@ -215,8 +206,7 @@ class Engine:
                 # idle: every waiting request waits for its prefetch, or nothing has arrived yet
                 nxt = future[0].arrival - time.perf_counter() if future and not self.waiting else 0.0005
                 time.sleep(max(0.0, min(nxt, 0.05)))
-        if self.cache:
-            self.cache.poll()
+        self.cache.poll()
         return done
 
     def busy(self) -> bool:
@@ -229,12 +219,10 @@ class Engine:
     def step(self) -> tuple[list[Request], bool]:
         """One scheduler iteration over ``waiting`` and ``running``: admit, prefill the admitted, decode the rest,
         release the finished. Returns (finished requests, whether any forward pass ran)."""
-        if self.cache:
-            self.cache.poll()
+        self.cache.poll()
         admitted = self._admit_waiting(self.waiting, self.running)
         if admitted:
-            if self.cache:
-                self.cache.ready_to_load_host_cache()
+            self.cache.ready_to_load_host_cache()
             self._prefill(admitted)
             self.running += admitted
         decoding = [r for r in self.running if r.finish_reason is None and r not in admitted]
@@ -244,13 +232,12 @@ class Engine:
         for r in finished:
             self.running.remove(r)
             self._finish(r)
-        if self.role == "prefill" and self.cache is not None:
+        if self.role == "prefill":
             finished = self._handed_off(finished)
         return finished, bool(admitted or decoding)
 
     def _handed_off(self, finished: list[Request]) -> list[Request]:
         """Prefill: hold each finished request until its prompt's pages are in storage (decode reads them next)."""
-        assert self.cache is not None
         deadline = time.monotonic() + HANDOFF_TIMEOUT_S
         self.handing_off += [(r, deadline) for r in finished if r.finish_reason != "abort"]
         done = [r for r in finished if r.finish_reason == "abort"]
@@ -293,8 +280,7 @@ class Engine:
         if r in self.waiting:
             self.waiting.remove(r)
             r.finish_reason, r.finish_time = "abort", time.perf_counter()
-            if self.cache:
-                self.cache.abort(r.rid)  # its storage prefetch, if one is in flight
+            self.cache.abort(r.rid)  # its storage prefetch, if one is in flight
             return True
         return False
 
@@ -323,8 +309,8 @@ class Engine:
         t0 = time.perf_counter()
         logits = self.model.forward(self.pool, seqs)
         now = time.perf_counter()
-        if self.cache is not None:  # what a storage load is weighed against (cost_aware prefetch)
-            self.cache.record_prefill(sum(len(s[0]) for s in seqs), now - t0)
+        self.cache.record_prefill(  # what a storage load is weighed against (cost_aware prefetch)
+            sum(len(s[0]) for s in seqs), now - t0)
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
             r.first_token_time = now
             r._emit(tok)
@@ -340,13 +326,44 @@ class Engine:
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
             r._emit(tok)
 
+    # --- what a server asks of the engine (serve's scheduler and its TP followers) ----------------------------------
+    def submit(self, r: Request) -> None:
+        """Queue ``r``; the next :meth:`step` admits it when it fits."""
+        self.waiting.append(r)
+
+    def forget(self, r: Request) -> None:
+        """Drop ``r`` from the queues without touching the cache (after a failed step whose abort failed too)."""
+        self.running = [x for x in self.running if x is not r]
+        if r in self.waiting:
+            self.waiting.remove(r)
+
+    def idle(self) -> None:
+        """Nothing to step: apply what finished in the background (backups land while no request runs)."""
+        self.cache.poll()
+
+    def attach_storage(self, config: HiCacheConfig) -> None:
+        """Attach the storage backend ``config`` names at run time (SGLang's PUT /hicache/storage-backend)."""
+        from hicache_core.cache.build import attach_backend
+
+        if not isinstance(self.cache, HiRadixCache) or self.cache.host_pool is None:
+            raise ConfigError("attaching a storage backend needs the host tier: start with "
+                              "--enable-hierarchical-cache")
+        tp = self.tp
+        attach_backend(self.cache, config, tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1)
+        self.config, self.mode = self.cache.config, "hicache+storage"
+
+    def detach_storage(self) -> None:
+        """Wait for the backups in flight, then stop the storage tier and close its backend."""
+        if not isinstance(self.cache, HiRadixCache) or not self.cache.storage_enabled:
+            raise ConfigError("no storage backend is attached")
+        self.cache.detach_storage()
+        self.config, self.mode = self.cache.config, "hicache"
+
     def flush(self) -> None:
-        if self.cache:
-            self.cache.flush()
+        self.cache.flush()
 
     def close(self) -> None:
-        if self.cache:
-            self.cache.close()
+        self.cache.close()
 
 
 def warm_up(model: Any, page_size: int) -> None:

@@ -162,7 +162,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
                 "disaggregation_decode_enable_offload_kvcache": state.args.disaggregation_decode_enable_offload_kvcache,
                 "page_size": state.engine.page_size, "max_total_tokens": state.engine.pool.size,
                 "max_running_requests": state.engine.max_running, "num_running_reqs": running,
-                "num_queue_reqs": waiting, "host_pool_tokens": cache.host_pool.size if cache and cache.host_pool else 0,
+                "num_queue_reqs": waiting, "host_pool_tokens": cache.host_pool.size if cache.host_pool is not None else 0,
                 "storage": state.storage_info(), "cache_stats": state.engine.metrics.stats()}
 
     @app.post("/flush_cache")

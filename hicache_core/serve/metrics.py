@@ -108,7 +108,7 @@ class _Live:
             c.add_metric(values, stats[key])
             yield c
         cache = state.engine.cache
-        if cache is not None and cache.storage_enabled:
+        if cache.storage_enabled:
             fields = cache.storage_stats() or {}
             g = GaugeMetricFamily("hicache_storage_backend_stat", "the storage backend's get_stats() fields",
                                   labels=names + ["backend", "field"])

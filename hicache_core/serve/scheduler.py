@@ -103,7 +103,7 @@ class Scheduler:
         cache = self.engine.cache
         # idle with copies or backups in flight: poll often, so each next one starts soon (a PD decode's offload
         # should be in storage before the next turn reaches prefill)
-        wait = 0.002 if cache is not None and (cache.ongoing_write_through or cache.ongoing_backup) else 0.05
+        wait = 0.002 if cache.ongoing_write_through or cache.ongoing_backup else 0.05
         try:
             items.append(self._inbox.get(timeout=wait) if block else self._inbox.get_nowait())
             while True:
@@ -128,7 +128,7 @@ class Scheduler:
         eng = self.engine
         if kind == "add":
             self._streams[arg.request.rid] = arg
-            eng.waiting.append(arg.request)
+            eng.submit(arg.request)
         elif kind == "abort":
             if eng.abort(arg):
                 self._done(arg)
@@ -171,8 +171,7 @@ class Scheduler:
             if stop:
                 break
             if not eng.busy():
-                if eng.cache is not None:
-                    eng.cache.poll()  # backups finish while idle too
+                eng.idle()  # backups finish while idle too
                 continue
             try:
                 finished, worked = eng.step()
@@ -184,9 +183,7 @@ class Scheduler:
                         eng.abort(r)
                     except Exception:
                         logger.exception("scheduler: abort after a failed step failed")
-                        eng.running = [x for x in eng.running if x is not r]
-                        if r in eng.waiting:
-                            eng.waiting.remove(r)
+                        eng.forget(r)
                     r.finish_reason = "error"
                     self._done(r)
                 continue

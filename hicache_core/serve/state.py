@@ -118,23 +118,18 @@ class ServerState:
     def storage_info(self) -> dict:
         cache = self.engine.cache
         cfg = self.engine.config
-        attached = bool(cache is not None and cache.storage_enabled)
+        attached = cache.storage_enabled
         return {"hicache_storage_backend": cfg.hicache_storage_backend if attached else None,
                 "hicache_storage_backend_extra_config": cfg.hicache_storage_backend_extra_config if attached else None,
                 "hicache_storage_prefetch_policy": cfg.hicache_storage_prefetch_policy,
-                "host_tier": bool(cache is not None and cache.host_pool is not None)}
+                "host_tier": cache.host_pool is not None}
 
     def flush_cache(self) -> None:
         """Empty the device and host tiers (storage keeps its pages), as SGLang's /flush_cache does."""
-        cache = self.engine.cache
-        if cache is None:
-            return
-        cache.empty_local_tiers()
+        self.engine.cache.empty_local_tiers()
 
     def attach(self, body: dict) -> dict:
         """PUT /hicache/storage-backend: SGLang's body (backend, extra config JSON string, prefetch policy)."""
-        from hicache_core.cache.build import attach_backend
-
         allowed = {"hicache_storage_backend", "hicache_storage_backend_extra_config_json",
                    "hicache_storage_backend_extra_config", "hicache_storage_prefetch_policy"}
         unknown = sorted(set(body) - allowed)
@@ -150,26 +145,21 @@ class ServerState:
             extra = json.dumps(extra)
         if extra is not None and not isinstance(extra, str):
             raise BadRequest("hicache_storage_backend_extra_config_json must be a JSON string")
-        cache = self.engine.cache
-        if cache is None or cache.host_pool is None:
+        if self.engine.cache.host_pool is None:
             raise BadRequest("attaching a storage backend needs the host tier: start with --enable-hierarchical-cache")
         changes: dict[str, Any] = {"hicache_storage_backend": name, "hicache_storage_backend_extra_config": extra}
         if body.get("hicache_storage_prefetch_policy") is not None:
             changes["hicache_storage_prefetch_policy"] = body["hicache_storage_prefetch_policy"]
-        config = cache.config.replace(**changes)  # validates like the flags do (ConfigError: 400)
-        tp = self.engine.tp
-        attach_backend(cache, config, tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1)
-        self.engine.config = cache.config
-        self.mode = self.engine.mode = "hicache+storage"
+        config = self.engine.config.replace(**changes)  # validates like the flags do (ConfigError: 400)
+        self.engine.attach_storage(config)
+        self.mode = self.engine.mode
         return self.storage_info()
 
     def detach(self) -> dict:
-        cache = self.engine.cache
-        if cache is None or not cache.storage_enabled:
+        if not self.engine.cache.storage_enabled:
             raise BadRequest("no storage backend is attached")
-        cache.detach_storage()
-        self.engine.config = cache.config
-        self.mode = self.engine.mode = "hicache"
+        self.engine.detach_storage()
+        self.mode = self.engine.mode
         return self.storage_info()
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ def follow(state: Any, ctx: Any) -> None:
                 _, rid, prompt, params = item
                 r = state.new_request(prompt, Params(**params), rid=rid)
                 requests[rid] = r
-                eng.waiting.append(r)
+                eng.submit(r)
             elif item[0] == "abort":
                 r = requests.pop(item[1], None)
                 if r is not None:
@@ -49,8 +49,7 @@ def follow(state: Any, ctx: Any) -> None:
         if stop:
             break
         if not eng.busy():
-            if eng.cache is not None:
-                eng.cache.poll()
+            eng.idle()
             continue
         finished, _ = eng.step()
         for r in finished:
