@@ -82,7 +82,7 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
     assert src is not None and dst is not None
     peer = None
     if via_sglang:
-        from hicache_core.sglang import through_sglang
+        from hicache_core.integrations.sglang import through_sglang
 
         baseline: Any = _Bare(backend, ps)
         backend = through_sglang(config, pool)  # measured: SGLang's view of the same backend

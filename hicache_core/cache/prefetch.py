@@ -18,8 +18,8 @@ from hicache_core.cache.node import TreeNode
 from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import RadixTree
 from hicache_core.controller import HiCacheController, StorageController
+from hicache_core.controller.operations import PrefetchOperation
 from hicache_core.metrics import CacheMetrics
-from hicache_core.operations import PrefetchOperation
 
 
 @attrs.define

@@ -1,7 +1,7 @@
 """Device <-> host copies, and the storage tier's controller while one is attached.
 
 The owner thread (the one that owns the tree, usually the engine's scheduler) calls everything here except the
-jobs. Two :class:`~hicache_core.operations.Worker` threads run the copies: write (device -> host) and load
+jobs. Two :class:`~hicache_core.controller.operations.Worker` threads run the copies: write (device -> host) and load
 (host -> device, layer by layer); the storage tier's workers belong to its
 :class:`~hicache_core.controller.storage.StorageController` (``io``). Jobs never touch the tree or the
 allocators: they finish acks, flags and the host-memory release queue, and the owner collects what finished
@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 
 from hicache_core.config import HiCacheConfig
+from hicache_core.controller.operations import TransferAck, Worker
 from hicache_core.controller.policy import PrefetchCost
 from hicache_core.controller.storage import StorageController
 from hicache_core.metrics import CacheMetrics
-from hicache_core.operations import TransferAck, Worker
 from hicache_core.storage import StorageV1
 from hicache_core.transfer import HostDeviceTransfer
 

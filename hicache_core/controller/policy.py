@@ -25,7 +25,7 @@ from typing import Optional
 import attrs
 
 from hicache_core.config import HiCacheConfig
-from hicache_core.operations import PrefetchOperation
+from hicache_core.controller.operations import PrefetchOperation
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ host pages that a backend call past its deadline may still touch.
 
 A :class:`StorageController` lives from an attach (at start or at run time) to its detach; the
 :class:`~hicache_core.controller.HiCacheController` that owns it outlives it. Two
-:class:`~hicache_core.operations.Worker` threads run the jobs; the owner thread calls everything else. Only this
-class edits a :class:`~hicache_core.operations.PrefetchOperation` (the worker fills it; the owner's decisions go
+:class:`~hicache_core.controller.operations.Worker` threads run the jobs; the owner thread calls everything else. Only this
+class edits a :class:`~hicache_core.controller.operations.PrefetchOperation` (the worker fills it; the owner's decisions go
 through the methods below); the cache edits the tree.
 """
 
@@ -20,10 +20,10 @@ from typing import Any, Optional
 import torch
 
 from hicache_core.config import HiCacheConfig
+from hicache_core.controller.operations import BackupOperation, PrefetchOperation, Worker, extra_for
 from hicache_core.controller.policy import PrefetchCost, PrefetchPolicy
 from hicache_core.keys import hash_chain
 from hicache_core.metrics import CacheMetrics
-from hicache_core.operations import BackupOperation, PrefetchOperation, Worker, extra_for
 from hicache_core.storage import StorageV1
 from hicache_core.storage.guard import Call, GuardedStorage, Outcome
 
