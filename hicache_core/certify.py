@@ -8,7 +8,8 @@ Two parts, one pass/fail table:
    against what computing it gives, :mod:`hicache_core.faults`), while the backend is made to raise, hang
    past the deadline, return wrong shapes, answer ``batch_exists`` with junk, have stored pages damaged, or be
    restarted under the running cache. Each row: a writer cache fills the store, a second cache (another server, or
-   the same one restarted) reads it back while the writer is still open. A row passes when no wrong KV was served, no page leaked and no request waited past the bound.
+   the same one restarted) reads it back while the writer is still open. A row passes when no wrong KV was
+   served, no page leaked and no request waited past the bound.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Row:
 
 
 # --- part 1: the conformance kit --------------------------------------------------------------------------------------
-KIT = textwrap.dedent('''
+KIT = textwrap.dedent("""
     import json, os
     from hicache_core.registry import resolve
     from hicache_core.testing import BackendConformance
@@ -71,7 +72,7 @@ KIT = textwrap.dedent('''
 
         def build(self, tmp_path, layout, *, model="conformance", **kw):
             return super().build(tmp_path, layout, model=f"{model}-{os.environ['HICACHE_CERTIFY_RUN']}", **kw)
-''')
+""")
 
 
 class _Collect:
@@ -97,21 +98,38 @@ def run_conformance(backend: str, extra: dict[str, Any]) -> list[Row]:
     try:
         import pytest
     except ImportError as e:
-        raise ConfigError("hicache certify runs the conformance kit with pytest: pip install 'hicache-core[test]' "
-                          "(or --no-conformance to run only the fault part)") from e
+        raise ConfigError(
+            "hicache certify runs the conformance kit with pytest: pip install 'hicache-core[test]' "
+            "(or --no-conformance to run only the fault part)"
+        ) from e
     collect = _Collect()
     with tempfile.TemporaryDirectory(prefix="hicache-certify-") as d:
         path = os.path.join(d, f"test_certified_{uuid.uuid4().hex[:12]}.py")  # a module never imported before
         with open(path, "w") as f:
             f.write(KIT)
-        env = {"HICACHE_CERTIFY_BACKEND": backend, "HICACHE_CERTIFY_EXTRA": json.dumps(extra),
-               "HICACHE_CERTIFY_RUN": uuid.uuid4().hex[:8]}
+        env = {
+            "HICACHE_CERTIFY_BACKEND": backend,
+            "HICACHE_CERTIFY_EXTRA": json.dumps(extra),
+            "HICACHE_CERTIFY_RUN": uuid.uuid4().hex[:8],
+        }
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                pytest.main(["-p", "no:cacheprovider", "-p", "no:terminal", "--rootdir", d,
-                             "--basetemp", os.path.join(d, "tmp"), path], plugins=[collect])
+                pytest.main(
+                    [
+                        "-p",
+                        "no:cacheprovider",
+                        "-p",
+                        "no:terminal",
+                        "--rootdir",
+                        d,
+                        "--basetemp",
+                        os.path.join(d, "tmp"),
+                        path,
+                    ],
+                    plugins=[collect],
+                )
         finally:
             for k, v in old.items():
                 if v is None:
@@ -123,9 +141,18 @@ def run_conformance(backend: str, extra: dict[str, Any]) -> list[Row]:
     return collect.rows
 
 
-# --- part 2: faults through the controller -----------------------------------------------------------------------------
-RATES = {"none": 0.0, "raise": 0.3, "hang": 0.15, "bool_result": 0.3, "short_result": 0.3, "long_result": 0.3,
-         "bad_exists": 0.3, "corrupt": 0.3, "restart": 0.0}
+# --- part 2: faults through the controller ----------------------------------------------------------------------------
+RATES = {
+    "none": 0.0,
+    "raise": 0.3,
+    "hang": 0.15,
+    "bool_result": 0.3,
+    "short_result": 0.3,
+    "long_result": 0.3,
+    "bad_exists": 0.3,
+    "corrupt": 0.3,
+    "restart": 0.0,
+}
 WHAT = {
     "none": "no fault: the store must serve what it was given",
     "raise": "calls raise",
@@ -143,9 +170,12 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
     rng = random.Random(seed)
     ps = config.page_size
     extra = {**config.hicache_storage_backend_extra_config, "io_timeout_s": DEADLINE_S, "prefetch_threshold": ps}
-    cfg = config.replace(model_name=f"hicache-certify-{mode}-{uuid.uuid4().hex[:8]}",
-                         hicache_storage_prefetch_policy="wait_complete", hicache_write_policy="write_through",
-                         hicache_storage_backend_extra_config=extra)
+    cfg = config.replace(
+        model_name=f"hicache-certify-{mode}-{uuid.uuid4().hex[:8]}",
+        hicache_storage_prefetch_policy="wait_complete",
+        hicache_write_policy="write_through",
+        hicache_storage_backend_extra_config=extra,
+    )
     prompts = make_prompts(rng, families=4, pages=6, page_size=ps)
     writer, reader, injected = RunResult(), RunResult(), 0
     t0 = time.monotonic()
@@ -156,16 +186,25 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
             cache = small_cache(cfg, SPEC)
             caches.append((cache, result))
             if mode == "corrupt" and not isinstance(cache.storage.raw, CorruptsStoredPages):
-                return Row("faults", mode, "n/a", "the backend offers no corrupt_stored_page(key) to damage a stored "
-                                                   "page with (see docs/writing-a-backend.md)")
+                return Row(
+                    "faults",
+                    mode,
+                    "n/a",
+                    "the backend offers no corrupt_stored_page(key) to damage a stored "
+                    "page with (see docs/writing-a-backend.md)",
+                )
             faulty = cache.wrap_storage(lambda handle: FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S))
 
             def between(i: int, cache=cache, faulty=faulty) -> None:
                 if mode == "restart" and i == requests // 2:
                     cache.flush(30)
                     old = faulty.inner
-                    faulty.inner = create_backend(cfg.hicache_storage_backend or "", make_storage_config(cfg, SPEC),
-                                                  cache.host_pool, extra_config=cfg.backend_extra_config)
+                    faulty.inner = create_backend(
+                        cfg.hicache_storage_backend or "",
+                        make_storage_config(cfg, SPEC),
+                        cache.host_pool,
+                        extra_config=cfg.backend_extra_config,
+                    )
                     old.close()
                     faulty.injected += 1
 
@@ -177,9 +216,11 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
             drain(cache, result)
     wrong, leaked = writer.wrong_kv + reader.wrong_kv, writer.leaked_pages + reader.leaked_pages
     wait = max(writer.longest_wait_s, reader.longest_wait_s)
-    detail = (f"{writer.requests + reader.requests} requests, {injected} faults, {reader.storage_tokens} tokens from "
-              f"storage in the second cache, wrong KV {wrong}, leaked pages {leaked}, longest wait {wait:.2f} s, "
-              f"{time.monotonic() - t0:.1f} s")
+    detail = (
+        f"{writer.requests + reader.requests} requests, {injected} faults, {reader.storage_tokens} tokens from "
+        f"storage in the second cache, wrong KV {wrong}, leaked pages {leaked}, longest wait {wait:.2f} s, "
+        f"{time.monotonic() - t0:.1f} s"
+    )
     problems = []
     if wrong:
         problems.append("served wrong KV")
@@ -189,21 +230,25 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
         problems.append("a second cache got no storage hits from a healthy backend")
     if mode != "none" and RATES[mode] and injected == 0:
         problems.append("no fault was injected")
-    return Row("faults", mode, "FAILED" if problems else "passed",
-               ("; ".join(problems) + " -- " if problems else "") + detail)
+    return Row(
+        "faults", mode, "FAILED" if problems else "passed", ("; ".join(problems) + " -- " if problems else "") + detail
+    )
 
 
-def run_faults(config: HiCacheConfig, requests: int, seed: int, modes: tuple[str, ...] = ("none", *FAULTS)) -> list[Row]:
+def run_faults(
+    config: HiCacheConfig, requests: int, seed: int, modes: tuple[str, ...] = ("none", *FAULTS)
+) -> list[Row]:
     return [_fault_row(m, config, requests, seed + i) for i, m in enumerate(modes)]
 
 
-# --- the command ---------------------------------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=60, help="requests per cache in each fault row (default 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-conformance", action="store_true", help="skip the conformance kit (no pytest needed)")
-    p.add_argument("--faults", default=",".join(("none", *FAULTS)),
-                   help="fault rows to run, comma separated (default: all)")
+    p.add_argument(
+        "--faults", default=",".join(("none", *FAULTS)), help="fault rows to run, comma separated (default: all)"
+    )
     p.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
@@ -223,16 +268,26 @@ def cmd_certify(args: argparse.Namespace, config: HiCacheConfig) -> int:
         rows += run_faults(config.replace(hicache_storage_backend_extra_config=extra), args.requests, args.seed, modes)
     failed = [r for r in rows if r.outcome == "FAILED"]
     if args.json:
-        print(json.dumps({"backend": config.hicache_storage_backend, "passed": not failed,
-                          "rows": [attrs.asdict(r) for r in rows]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "backend": config.hicache_storage_backend,
+                    "passed": not failed,
+                    "rows": [attrs.asdict(r) for r in rows],
+                },
+                indent=1,
+            )
+        )
     else:
         print(f"hicache certify: backend {config.hicache_storage_backend} ({resolved.origin})")
         width = max(len(r.name) for r in rows)
         for r in rows:
             print(f"  {r.part:<11} {r.name:<{width}}  {r.outcome:<6}  {r.detail}")
         counts = {o: sum(r.outcome == o for r in rows) for o in ("passed", "FAILED", "n/a")}
-        print(f"{'CERTIFIED' if not failed else 'NOT CERTIFIED'}: {counts['passed']} passed, {counts['FAILED']} "
-              f"failed, {counts['n/a']} not applicable")
+        print(
+            f"{'CERTIFIED' if not failed else 'NOT CERTIFIED'}: {counts['passed']} passed, {counts['FAILED']} "
+            f"failed, {counts['n/a']} not applicable"
+        )
     return 1 if failed else 0
 
 
@@ -245,4 +300,3 @@ def certify_main(args: argparse.Namespace) -> int:
         return cmd_certify(args, HiCacheConfig.from_args(args))
     finally:
         log.setLevel(level)
-

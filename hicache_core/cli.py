@@ -30,11 +30,18 @@ def add_model_args(parser: argparse.ArgumentParser, *, layers: int = 4, heads: i
     g = parser.add_argument_group("KV shape")
     g.add_argument("--num-layers", type=arg_int(1, 4096), default=layers, help=f"layers (default {layers})")
     g.add_argument("--num-kv-heads", type=arg_int(1, 4096), default=heads, help=f"KV heads per rank (default {heads})")
-    g.add_argument("--head-dim", type=arg_int(1, 65536), default=head_dim, help=f"head dim; the latent width with --mla (default {head_dim})")
+    g.add_argument(
+        "--head-dim",
+        type=arg_int(1, 65536),
+        default=head_dim,
+        help=f"head dim; the latent width with --mla (default {head_dim})",
+    )
     g.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="KV dtype (default bfloat16)")
     g.add_argument("--mla", action="store_true", help="MLA: one latent vector per token and layer")
     g.add_argument("--tp-rank", type=arg_int(0), default=0, help="this rank (part of the storage namespace; default 0)")
-    g.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 1024), default=1, help="tensor-parallel ranks (default 1)")
+    g.add_argument(
+        "--tp", "--tp-size", dest="tp_size", type=arg_int(1, 1024), default=1, help="tensor-parallel ranks (default 1)"
+    )
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -91,7 +98,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
         dist = r["distribution"]
         detail = r["description"] if r["status"] == "ok" else r["status"]
         print(f"{r['name']:<10} {dist:<24} {r['version']:<9} {r['interface']:<3} {detail}")
-    print(f"{'dynamic':<10} {'(any module)':<24} {'':<9} {'v0/1':<3} load a class by module_path/class_name (extra config JSON)")
+    print(
+        f"{'dynamic':<10} {'(any module)':<24} {'':<9} {'v0/1':<3} "
+        "load a class by module_path/class_name (extra config JSON)"
+    )
     for f in failures:
         print(f"plugin {f['plugin']} ({f['distribution']}) failed to load: {f['error']}")
     return 0
@@ -106,17 +116,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config, resolved = resolve_config(HiCacheConfig.from_args(args))
     spec = spec_from_args(args)
-    print(f"config ok: page_size={config.page_size} layout={config.hicache_mem_layout} io={config.hicache_io_backend} "
-          f"write={config.hicache_write_policy} prefetch={config.hicache_storage_prefetch_policy} "
-          f"(threshold {config.prefetch_threshold} tokens)")
+    print(
+        f"config ok: page_size={config.page_size} layout={config.hicache_mem_layout} io={config.hicache_io_backend} "
+        f"write={config.hicache_write_policy} prefetch={config.hicache_storage_prefetch_policy} "
+        f"(threshold {config.prefetch_threshold} tokens)"
+    )
     if resolved is None:
         print("no storage backend configured (--hicache-storage-backend): nothing more to check")
         return 0
     n, ps = args.pages, config.page_size
     # a namespace of its own: the round trip never meets real pages, and clear() removes exactly its own
     config = config.replace(model_name=f"hicache-check-{uuid.uuid4().hex[:12]}")
-    backend, pool = open_backend(config, spec, 2 * n * ps, resolved=resolved, tp_rank=args.tp_rank,
-                                 tp_size=args.tp_size)
+    backend, pool = open_backend(
+        config, spec, 2 * n * ps, resolved=resolved, tp_rank=args.tp_rank, tp_size=args.tp_size
+    )
     guard = None
     try:
         print(f"backend {backend.name} ({'v1' if backend.interface_v1 else 'v0 via adapter'}) at {backend.describe()}")
@@ -148,13 +161,20 @@ def cmd_check(args: argparse.Namespace) -> int:
         for f in failures:
             print(f"  the backend failed: {f}")
         same = got == n and all(
-            torch.equal(pool.get_flat_page(int(src[i * ps])).view(torch.uint8),
-                        pool.get_flat_page(int(dst[i * ps])).view(torch.uint8)) for i in range(n))
+            torch.equal(
+                pool.get_flat_page(int(src[i * ps])).view(torch.uint8),
+                pool.get_flat_page(int(dst[i * ps])).view(torch.uint8),
+            )
+            for i in range(n)
+        )
         mib = n * pool.page_bytes / 2**20
         print(f"  namespace {config.model_name} ({backend.namespace_tag})")
         print(f"  set    {wrote}/{n} pages  {mib / max(t1 - t0, 1e-9):8.1f} MiB/s")
         print(f"  exists {found}/{n} pages")
-        print(f"  get    {got}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  bytes {'identical' if same else 'DIFFER'}")
+        print(
+            f"  get    {got}/{n} pages  {mib / max(t3 - t2, 1e-9):8.1f} MiB/s  "
+            f"bytes {'identical' if same else 'DIFFER'}"
+        )
         ok = wrote == n and found == n and got == n and same
         guard.last_failure = None
         guard.call_bounded("clear", backend.clear)
@@ -162,7 +182,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  cleanup: {guard.last_failure}; the check pages may remain")
         else:
             left = guard.batch_exists(keys).ok
-            print(f"  cleanup: {'removed the check pages' if left == 0 else f'{left} check pages could not be removed'}")
+            print(
+                f"  cleanup: {'removed the check pages' if left == 0 else f'{left} check pages could not be removed'}"
+            )
         print("check passed" if ok else "check FAILED")
         return 0 if ok else 1
     finally:
@@ -189,8 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     from hicache_core.certify import add_arguments as add_certify_arguments
     from hicache_core.certify import certify_main
 
-    p = sub.add_parser("certify", help="the conformance kit plus faults injected through the real controller: a "
-                                       "pass/fail table for a storage backend")
+    p = sub.add_parser(
+        "certify",
+        help="the conformance kit plus faults injected through the real controller: a "
+        "pass/fail table for a storage backend",
+    )
     add_hicache_args(p)
     add_certify_arguments(p)
     p.set_defaults(func=certify_main, page_size=16)
@@ -230,14 +255,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("hicache: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("hicache: error: not enough memory for the pools these flags ask for; lower the sizes "
-              "(--pages, --page-size, --device-tokens, --hicache-ratio ...)", file=sys.stderr)
+        print(
+            "hicache: error: not enough memory for the pools these flags ask for; lower the sizes "
+            "(--pages, --page-size, --device-tokens, --hicache-ratio ...)",
+            file=sys.stderr,
+        )
         return 2
     except RuntimeError as e:
         if "alloc" not in str(e).lower():
             return _internal_error(e, args)
-        print(f"hicache: error: not enough memory for the pools these flags ask for ({str(e).splitlines()[0]}); "
-              "lower the sizes (--pages, --page-size, --device-tokens, --hicache-ratio ...)", file=sys.stderr)
+        print(
+            f"hicache: error: not enough memory for the pools these flags ask for ({str(e).splitlines()[0]}); "
+            "lower the sizes (--pages, --page-size, --device-tokens, --hicache-ratio ...)",
+            file=sys.stderr,
+        )
         return 2
     except Exception as e:
         return _internal_error(e, args)
@@ -247,8 +278,10 @@ def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
     """A failure nobody anticipated: one line (the traceback with -v), and a request to report it."""
     if args.verbose:
         logger.exception("unexpected failure")
-    print(f"hicache: internal error: {type(e).__name__}: {e}; rerun with -v for the traceback and please report "
-          "it", file=sys.stderr)
+    print(
+        f"hicache: internal error: {type(e).__name__}: {e}; rerun with -v for the traceback and please report it",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -47,9 +47,7 @@ def _flag(name: str) -> str:
 def _choice(*choices: str):
     def check(inst, attribute, value):
         if value not in choices:
-            raise ConfigError(
-                f"{_flag(attribute.name)}: invalid value {value!r}; choose one of {', '.join(choices)}"
-            )
+            raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; choose one of {', '.join(choices)}")
 
     return check
 
@@ -78,7 +76,9 @@ def read_json_object(path: str, source: str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{source}: cannot read JSON file {path!r}: {e.strerror}") from e
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: file {path!r} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+        raise ConfigError(
+            f"{source}: file {path!r} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from e
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: file {path!r} must hold a JSON object, not {type(value).__name__}")
     return value
@@ -102,7 +102,7 @@ def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-            'give a JSON object such as \'{"prefetch_threshold": 256}\' or a path to a JSON file'
+            "give a JSON object such as '{\"prefetch_threshold\": 256}' or a path to a JSON file"
         ) from e
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(value).__name__}")
@@ -140,10 +140,15 @@ def _fingerprint(_inst: Any, _attr: Any, value: Optional[str]) -> None:
     """A model fingerprint names weights: 1-256 printable characters, no whitespace (a revision, a digest)."""
     if value is None:
         return
-    if not isinstance(value, str) or not 0 < len(value) <= 256 or any(c.isspace() or not c.isprintable()
-                                                                      for c in value):
-        raise ConfigError(f"--hicache-model-fingerprint {value!r}: give 1-256 printable characters without spaces "
-                          "(a revision or a digest of the weights)")
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= 256
+        or any(c.isspace() or not c.isprintable() for c in value)
+    ):
+        raise ConfigError(
+            f"--hicache-model-fingerprint {value!r}: give 1-256 printable characters without spaces "
+            "(a revision or a digest of the weights)"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -158,9 +163,7 @@ class HiCacheConfig:
     hicache_write_policy: str = attrs.field(default="write_through", validator=_choice(*WRITE_POLICIES))
     hicache_mem_layout: str = attrs.field(default="layer_first", validator=_choice(*MEM_LAYOUTS))
     hicache_storage_backend: Optional[str] = None
-    hicache_storage_prefetch_policy: str = attrs.field(
-        default="best_effort", validator=_choice(*PREFETCH_POLICIES)
-    )
+    hicache_storage_prefetch_policy: str = attrs.field(default="best_effort", validator=_choice(*PREFETCH_POLICIES))
     hicache_storage_backend_extra_config: dict = attrs.field(factory=dict, converter=parse_extra_config)
     radix_eviction_policy: str = attrs.field(default="lru", validator=_choice(*EVICTION_POLICIES))
     enable_metrics: bool = False
@@ -244,43 +247,97 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     (``%(default)s`` follows ``parser.set_defaults``); values are validated again by HiCacheConfig."""
     d = HiCacheConfig()
     g = parser.add_argument_group("HiCache")
-    g.add_argument("--page-size", type=arg_int(1, MAX_PAGE_SIZE), default=d.page_size, help="tokens per KV page (default %(default)s)")
+    g.add_argument(
+        "--page-size",
+        type=arg_int(1, MAX_PAGE_SIZE),
+        default=d.page_size,
+        help="tokens per KV page (default %(default)s)",
+    )
     g.add_argument("--enable-hierarchical-cache", action="store_true", help="enable the host (L2) tier")
-    g.add_argument("--hicache-ratio", type=arg_float(0), default=d.hicache_ratio,
-                   help="host pool size as a multiple of the device pool (default %(default)s)")
-    g.add_argument("--hicache-size", type=arg_int(0), default=d.hicache_size,
-                   help="host pool size in GB per rank; overrides --hicache-ratio when > 0 (default %(default)s)")
-    g.add_argument("--hicache-io-backend", default=d.hicache_io_backend, choices=IO_BACKENDS,
-                   help="how pages move between device and host (default %(default)s; kernel needs CUDA)")
-    g.add_argument("--hicache-write-policy", default=d.hicache_write_policy, choices=WRITE_POLICIES,
-                   help="when device pages are copied to host (default %(default)s)")
-    g.add_argument("--hicache-mem-layout", default=d.hicache_mem_layout, choices=MEM_LAYOUTS,
-                   help="host pool layout (default %(default)s)")
-    g.add_argument("--hicache-storage-backend", default=None, metavar="NAME",
-                   help="L3 storage backend: a registered name (see `hicache backends`) or 'dynamic' "
-                        "(default %(default)s)")
-    g.add_argument("--hicache-storage-prefetch-policy", default=d.hicache_storage_prefetch_policy,
-                   choices=PREFETCH_POLICIES, help="when a storage prefetch may stop (default %(default)s)")
-    g.add_argument("--hicache-storage-backend-extra-config", default=None, metavar="JSON",
-                   help="JSON object (or a path to a JSON file) for the storage backend, plus the core's knobs "
-                        "prefetch_threshold, prefetch_timeout_base, prefetch_timeout_per_ki_token and io_timeout_s "
-                        "(deadline of each backend call, default 10 s)")
-    g.add_argument("--radix-eviction-policy", default=d.radix_eviction_policy, choices=EVICTION_POLICIES,
-                   help="device/host eviction order (default %(default)s)")
+    g.add_argument(
+        "--hicache-ratio",
+        type=arg_float(0),
+        default=d.hicache_ratio,
+        help="host pool size as a multiple of the device pool (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-size",
+        type=arg_int(0),
+        default=d.hicache_size,
+        help="host pool size in GB per rank; overrides --hicache-ratio when > 0 (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-io-backend",
+        default=d.hicache_io_backend,
+        choices=IO_BACKENDS,
+        help="how pages move between device and host (default %(default)s; kernel needs CUDA)",
+    )
+    g.add_argument(
+        "--hicache-write-policy",
+        default=d.hicache_write_policy,
+        choices=WRITE_POLICIES,
+        help="when device pages are copied to host (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-mem-layout",
+        default=d.hicache_mem_layout,
+        choices=MEM_LAYOUTS,
+        help="host pool layout (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-storage-backend",
+        default=None,
+        metavar="NAME",
+        help="L3 storage backend: a registered name (see `hicache backends`) or 'dynamic' (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-storage-prefetch-policy",
+        default=d.hicache_storage_prefetch_policy,
+        choices=PREFETCH_POLICIES,
+        help="when a storage prefetch may stop (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-storage-backend-extra-config",
+        default=None,
+        metavar="JSON",
+        help="JSON object (or a path to a JSON file) for the storage backend, plus the core's knobs "
+        "prefetch_threshold, prefetch_timeout_base, prefetch_timeout_per_ki_token and io_timeout_s "
+        "(deadline of each backend call, default 10 s)",
+    )
+    g.add_argument(
+        "--radix-eviction-policy",
+        default=d.radix_eviction_policy,
+        choices=EVICTION_POLICIES,
+        help="device/host eviction order (default %(default)s)",
+    )
     g.add_argument("--enable-metrics", action="store_true", help="export Prometheus metrics")
     g.add_argument("--enable-cache-report", action="store_true", help="report cached tokens per request")
     g.add_argument("--model-name", default=None, help="model name, part of the storage namespace")
-    g.add_argument("--hicache-salt-host-pages", type=arg_int(0), default=d.hicache_salt_host_pages, metavar="N",
-                   help="host pages one cache_salt / extra_key namespace may hold; past it, its own pages go first "
-                        "(default %(default)s: no cap)")
-    g.add_argument("--hicache-salt-storage-pages", type=arg_int(0), default=d.hicache_salt_storage_pages,
-                   metavar="N", help="storage pages one cache_salt / extra_key namespace may hold, across every "
-                                     "process on the store; past it, its own oldest go (a backend that can count "
-                                     "them: file) (default %(default)s: no cap)")
-    g.add_argument("--hicache-model-fingerprint", default=None, metavar="ID",
-                   help="the weights' identity in the storage namespace (default: a digest of the checkpoint's "
-                        "config, tokenizer and weights; the random model's seed and shape); give a revision "
-                        "when the engine knows one")
+    g.add_argument(
+        "--hicache-salt-host-pages",
+        type=arg_int(0),
+        default=d.hicache_salt_host_pages,
+        metavar="N",
+        help="host pages one cache_salt / extra_key namespace may hold; past it, its own pages go first "
+        "(default %(default)s: no cap)",
+    )
+    g.add_argument(
+        "--hicache-salt-storage-pages",
+        type=arg_int(0),
+        default=d.hicache_salt_storage_pages,
+        metavar="N",
+        help="storage pages one cache_salt / extra_key namespace may hold, across every "
+        "process on the store; past it, its own oldest go (a backend that can count "
+        "them: file) (default %(default)s: no cap)",
+    )
+    g.add_argument(
+        "--hicache-model-fingerprint",
+        default=None,
+        metavar="ID",
+        help="the weights' identity in the storage namespace (default: a digest of the checkpoint's "
+        "config, tokenizer and weights; the random model's seed and shape); give a revision "
+        "when the engine knows one",
+    )
     return parser
 
 
@@ -301,13 +358,17 @@ def resolve_layout(
         )
         layout = "layer_first"
     if layout == "page_first_direct" and io != "direct":
-        logger.warning("--hicache-mem-layout page_first_direct is built for direct io: --hicache-io-backend set to direct")
+        logger.warning(
+            "--hicache-mem-layout page_first_direct is built for direct io: --hicache-io-backend set to direct"
+        )
         io = "direct"
     if backend_page_first_only and layout == "layer_first":
         new = "page_first_direct" if io == "direct" else "page_first"
         logger.warning(
             "storage backend %r serves only page-first layouts zero-copy: --hicache-mem-layout %s -> %s",
-            backend_name, layout, new,
+            backend_name,
+            layout,
+            new,
         )
         layout = new
     if (layout, io) == (config.hicache_mem_layout, config.hicache_io_backend):

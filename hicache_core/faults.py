@@ -107,8 +107,9 @@ class FaultyBackend:
             time.sleep(self.hang_s)  # past the deadline; then the real read lands in quarantined pages
         res = self.inner.batch_get_v1(keys, host_indices)
         if self.mode in ("bool_result", "short_result", "long_result") and self._hit():
-            return {"bool_result": True, "short_result": list(res)[:-1] or None,
-                    "long_result": list(res) + [True] * 3}[self.mode]
+            return {"bool_result": True, "short_result": list(res)[:-1] or None, "long_result": list(res) + [True] * 3}[
+                self.mode
+            ]
         return res
 
     def batch_set_v1(self, keys, host_indices):
@@ -121,8 +122,9 @@ class FaultyBackend:
             for k in keys:
                 self.inner_raw().corrupt_stored_page(k)
         if self.mode in ("bool_result", "short_result", "long_result") and self._hit():
-            return {"bool_result": True, "short_result": list(res)[:-1] or None,
-                    "long_result": list(res) + [True] * 3}[self.mode]
+            return {"bool_result": True, "short_result": list(res)[:-1] or None, "long_result": list(res) + [True] * 3}[
+                self.mode
+            ]
         return res
 
     def inner_raw(self) -> Any:
@@ -132,7 +134,7 @@ class FaultyBackend:
         return getattr(self.inner, name)
 
 
-# --- the workload ------------------------------------------------------------------------------------------------------
+# --- the workload -----------------------------------------------------------------------------------------------------
 @attrs.define
 class RunResult:
     requests: int = 0
@@ -154,8 +156,15 @@ def make_prompts(rng: random.Random, families: int, pages: int, page_size: int) 
     return out
 
 
-def run_requests(cache: HiRadixCache, prompts: list[list[int]], n: int, rng: random.Random, result: RunResult,
-                 between: Optional[Callable[[int], None]] = None, wait_limit_s: float = 60.0) -> None:
+def run_requests(
+    cache: HiRadixCache,
+    prompts: list[list[int]],
+    n: int,
+    rng: random.Random,
+    result: RunResult,
+    between: Optional[Callable[[int], None]] = None,
+    wait_limit_s: float = 60.0,
+) -> None:
     """``n`` requests drawn from ``prompts`` through the front door; every served byte checked."""
     for i in range(n):
         if between is not None:
@@ -199,5 +208,12 @@ def drain(cache: HiRadixCache, result: RunResult, timeout: float = 30.0) -> None
 def small_cache(config: HiCacheConfig, spec: KVSpec, *, device_pages: int = 12, host_pages: int = 24) -> HiRadixCache:
     """A cache with tiny pools over the configured backend, so storage is read and written all the time."""
     ps = config.page_size
-    return build_cache(config, spec, device_pages * ps, tiers="hicache+storage", device="cpu",
-                       host_tokens=host_pages * ps, pin_memory=False)
+    return build_cache(
+        config,
+        spec,
+        device_pages * ps,
+        tiers="hicache+storage",
+        device="cpu",
+        host_tokens=host_pages * ps,
+        pin_memory=False,
+    )

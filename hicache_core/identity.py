@@ -24,8 +24,14 @@ logger = logging.getLogger(__name__)
 
 MEMO = ".hicache-fingerprint.json"
 # files besides the weights that change the KV a token gets (tokenizer files change which ids a text becomes)
-CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "model.safetensors.index.json")
+CONFIG_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+)
 CHUNK = 8 << 20
 
 
@@ -107,4 +113,3 @@ def random_fingerprint(fields: dict) -> str:
     """The random model's identity: its seed and shape (its weights follow from them)."""
     text = ";".join(f"{k}={v}" for k, v in sorted(fields.items()))
     return "random-" + hashlib.sha256(text.encode()).hexdigest()[:24]
-

@@ -2,8 +2,8 @@
 
 The chain is SGLang's: ``H0 = sha256(tokens(P0))``, ``Hi = sha256(bytes(H(i-1)) || tokens(Pi))`` with every token
 as a 4-byte little-endian unsigned int, hex digests; a request with a ``cache_salt`` seeds it with
-:func:`namespace_seed` of its ``extra_key`` and ``cache_salt``, as SGLang does. A key therefore names a whole prefix, so equal keys mean
-equal prefixes. Bytes only; never Python's ``hash()`` (it changes between processes).
+:func:`namespace_seed` of its ``extra_key`` and ``cache_salt``, as SGLang does. A key therefore names a whole
+prefix, so equal keys mean equal prefixes. Bytes only; never Python's ``hash()`` (it changes between processes).
 """
 
 from __future__ import annotations

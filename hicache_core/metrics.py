@@ -43,8 +43,9 @@ class CacheMetrics:
             self.per_salt: dict[str, dict[str, Any]] = {}
 
     # --- updates ---------------------------------------------------------------------------------------------------
-    def record_request(self, prompt_tokens: int, device: int, host: int, storage: int,
-                       salt: Optional[str] = None) -> None:
+    def record_request(
+        self, prompt_tokens: int, device: int, host: int, storage: int, salt: Optional[str] = None
+    ) -> None:
         label = None if salt is None else salt_label(salt, self.per_salt)
         with self._lock:
             self.requests += 1
@@ -52,8 +53,9 @@ class CacheMetrics:
             for tier, n in zip(TIERS, (device, host, storage)):
                 self.hit_tokens[tier] += n
             if label is not None:
-                s = self.per_salt.setdefault(label, {"requests": 0, "prompt_tokens": 0,
-                                                     "hit_tokens": dict.fromkeys(TIERS, 0)})
+                s = self.per_salt.setdefault(
+                    label, {"requests": 0, "prompt_tokens": 0, "hit_tokens": dict.fromkeys(TIERS, 0)}
+                )
                 s["requests"] += 1
                 s["prompt_tokens"] += prompt_tokens
                 for tier, n in zip(TIERS, (device, host, storage)):
@@ -137,13 +139,28 @@ class _Prometheus:
         self.base = labels
         names = list(labels)
         self.prompt = Counter("hicache_prompt_tokens", "prompt tokens seen", names, registry=self.registry)
-        self.cached = Counter("hicache_cached_tokens", "prompt tokens served from cache, by tier",
-                              names + ["cache_source"], registry=self.registry)
-        self.bytes = Counter("hicache_transfer_bytes", "bytes moved, by direction", names + ["direction"], registry=self.registry)
-        self.seconds = Counter("hicache_transfer_seconds", "seconds spent moving bytes, by direction",
-                               names + ["direction"], registry=self.registry)
-        self.bandwidth = Histogram("hicache_transfer_gbps", "bandwidth of each transfer, by direction",
-                                   names + ["direction"], buckets=(0.1, 0.5, 1, 5, 10, 50, 100), registry=self.registry)
+        self.cached = Counter(
+            "hicache_cached_tokens",
+            "prompt tokens served from cache, by tier",
+            names + ["cache_source"],
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "hicache_transfer_bytes", "bytes moved, by direction", names + ["direction"], registry=self.registry
+        )
+        self.seconds = Counter(
+            "hicache_transfer_seconds",
+            "seconds spent moving bytes, by direction",
+            names + ["direction"],
+            registry=self.registry,
+        )
+        self.bandwidth = Histogram(
+            "hicache_transfer_gbps",
+            "bandwidth of each transfer, by direction",
+            names + ["direction"],
+            buckets=(0.1, 0.5, 1, 5, 10, 50, 100),
+            registry=self.registry,
+        )
         self.counters: dict[str, Any] = {}
         self._names = names
         self._Counter = Counter
@@ -151,7 +168,9 @@ class _Prometheus:
     def _c(self, name: str, extra: tuple[str, ...] = ()):
         c = self.counters.get(name)
         if c is None:
-            c = self._Counter(f"hicache_{name}", name.replace("_", " "), self._names + list(extra), registry=self.registry)
+            c = self._Counter(
+                f"hicache_{name}", name.replace("_", " "), self._names + list(extra), registry=self.registry
+            )
             self.counters[name] = c
         return c
 

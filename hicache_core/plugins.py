@@ -97,8 +97,12 @@ class HiCachePluginManager(pluggy.PluginManager):
             unknown = self._unknown_hooks(ep.name)
             if unknown:
                 self.unregister(name=ep.name)
-                self._fail(ep.name, dist, "; ".join(unknown), "its author must rename the hook; until then "
-                           f"disable it with {DENY_ENV}={ep.name}")
+                self._fail(
+                    ep.name,
+                    dist,
+                    "; ".join(unknown),
+                    f"its author must rename the hook; until then disable it with {DENY_ENV}={ep.name}",
+                )
                 continue
             self.distributions[ep.name] = dist
         self.check_pending()  # anything registered past the checks above fails here, loudly
@@ -115,8 +119,11 @@ class HiCachePluginManager(pluggy.PluginManager):
             if caller.spec is not None or not any(i.plugin_name == plugin_name for i in caller.get_hookimpls()):
                 continue
             near = difflib.get_close_matches(name, hookspecs.HOOK_NAMES, n=1)
-            out.append(f"implements unknown hook {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                       + f"; hicache's hooks: {', '.join(hookspecs.HOOK_NAMES)}")
+            out.append(
+                f"implements unknown hook {name!r}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; hicache's hooks: {', '.join(hookspecs.HOOK_NAMES)}"
+            )
         return out
 
     def offered_backends(self) -> tuple[dict[str, list[OfferedBackend]], list[PluginFailure]]:

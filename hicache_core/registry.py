@@ -84,7 +84,9 @@ def load_class(module_path: str, class_name: str, *, interface_v1: bool, what: s
     return cls
 
 
-def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCachePluginManager] = None) -> ResolvedBackend:
+def resolve(
+    name: str, extra_config: Optional[dict] = None, pm: Optional[HiCachePluginManager] = None
+) -> ResolvedBackend:
     """Find the class behind a backend name (``dynamic`` reads ``module_path``/``class_name`` from extra_config)."""
     extra = extra_config or {}
     if name == "dynamic":
@@ -92,7 +94,9 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
         v1 = parse_bool(extra.get("interface_v1", 0), "--hicache-storage-backend-extra-config: interface_v1")
         what = f"dynamic backend {extra['backend_name']!r}"
         cls = load_class(str(extra["module_path"]), str(extra["class_name"]), interface_v1=v1, what=what)
-        return ResolvedBackend(str(extra["backend_name"]), cls, v1, bool(getattr(cls, "page_first_only", False)), "dynamic")
+        return ResolvedBackend(
+            str(extra["backend_name"]), cls, v1, bool(getattr(cls, "page_first_only", False)), "dynamic"
+        )
 
     pm = pm or get_plugin_manager()
     table, _ = pm.offered_backends()
@@ -106,8 +110,9 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
             )
         hint = KNOWN_PLUGINS.get(name)
         known = ", ".join(sorted(table) + ["dynamic"])
-        broken = "".join(f"; plugin {f.entry_point} ({f.distribution}) failed to load: {f.error}"
-                         for f in pm.failures.values())
+        broken = "".join(
+            f"; plugin {f.entry_point} ({f.distribution}) failed to load: {f.error}" for f in pm.failures.values()
+        )
         raise BackendLoadError(
             f"unknown storage backend {name!r}; available: {known}"
             + (f"; to add it: pip install {hint}" if hint else "; run `hicache backends` to see what is installed")
@@ -123,7 +128,9 @@ def resolve(name: str, extra_config: Optional[dict] = None, pm: Optional[HiCache
     _check_requirements(name, rec, offers[0].distribution)
     module_path, sep, class_name = rec.target.partition(":")
     if not sep:
-        raise BackendLoadError(f"plugin {offers[0].distribution}: backend {name!r} target {rec.target!r} is not 'module:Class'")
+        raise BackendLoadError(
+            f"plugin {offers[0].distribution}: backend {name!r} target {rec.target!r} is not 'module:Class'"
+        )
     what = f"storage backend {name!r} from {offers[0].distribution}"
     try:
         cls = load_class(module_path, class_name, interface_v1=rec.interface_v1, what=what)
@@ -141,8 +148,11 @@ def construct(cls: type, storage_config: StorageConfig, extra: dict, host_pool: 
     if is_sglang_backend(cls):
         return construct_sglang(cls, storage_config, extra, host_pool)
     try:
-        params = [p for p in inspect.signature(cls).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+        params = [
+            p
+            for p in inspect.signature(cls).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
     except (TypeError, ValueError):
         return cls(storage_config, extra)
     if any(p.kind == p.VAR_POSITIONAL for p in params) or len(params) >= 2:
@@ -174,8 +184,9 @@ def check_layout(resolved: ResolvedBackend, layout: str) -> None:
         )
 
 
-def resolve_config(config: HiCacheConfig, pm: Optional[HiCachePluginManager] = None
-                   ) -> tuple[HiCacheConfig, Optional[ResolvedBackend]]:
+def resolve_config(
+    config: HiCacheConfig, pm: Optional[HiCachePluginManager] = None
+) -> tuple[HiCacheConfig, Optional[ResolvedBackend]]:
     """Resolve the configured backend once and apply the layout adjustments it implies (logged)."""
     name = config.hicache_storage_backend
     if not name:
@@ -219,8 +230,9 @@ def make_storage_config(
 class StorageBackendHandle(_Delegate):
     """What the controller holds: a v1-speaking backend plus its name; closing tells the observers."""
 
-    def __init__(self, name: str, inner: Any, raw: Any, interface_v1: bool, pm: HiCachePluginManager,
-                 namespace_tag: str) -> None:
+    def __init__(
+        self, name: str, inner: Any, raw: Any, interface_v1: bool, pm: HiCachePluginManager, namespace_tag: str
+    ) -> None:
         super().__init__(inner)
         self.name, self.raw, self.interface_v1, self._pm = name, raw, interface_v1, pm
         self.namespace_tag = namespace_tag
@@ -272,8 +284,10 @@ def create_backend(
             f"start: {type(e).__name__}: {e}"
         ) from e
     if resolved.interface_v1 and not callable(getattr(raw, "register_mem_pool_host", None)):
-        raise BackendLoadError(f"storage backend {resolved.name!r} is v1 (zero copy) but has no "
-                               "register_mem_pool_host(host_pool): v1 reads and writes the host pool in place")
+        raise BackendLoadError(
+            f"storage backend {resolved.name!r} is v1 (zero copy) but has no "
+            "register_mem_pool_host(host_pool): v1 reads and writes the host pool in place"
+        )
     inner = as_v1(raw, interface_v1=resolved.interface_v1, namespace=storage_config.namespace)
     try:
         inner.register_mem_pool_host(host_pool)  # optional for v0 classes: the adapter keeps the pool
@@ -281,7 +295,9 @@ def create_backend(
         raise BackendLoadError(f"storage backend {resolved.name!r} rejected the host pool: {e}") from e
     handle = StorageBackendHandle(resolved.name, inner, raw, resolved.interface_v1, pm, storage_config.namespace.tag)
     pm.hook.hicache_backend_created(name=resolved.name, backend=raw, storage_config=storage_config)
-    logger.info("storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0")
+    logger.info(
+        "storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0"
+    )
     return handle
 
 
@@ -290,14 +306,24 @@ def quota_checked(config: HiCacheConfig, backend: Any) -> Any:
     processes (``supports_namespace_quota``); refused, with the backend closed, otherwise."""
     if config.hicache_salt_storage_pages and not holds_namespace_quota(backend.raw):
         backend.close()
-        raise ConfigError(f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
-                          "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
-                          "the file backend, or leave the flag at 0")
+        raise ConfigError(
+            f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
+            "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
+            "the file backend, or leave the flag at 0"
+        )
     return backend
 
 
-def open_storage(config: HiCacheConfig, resolved: ResolvedBackend | str, spec: KVSpec, host_pool: Any, *,
-                 tp_rank: int = 0, tp_size: int = 1, pm: Optional[HiCachePluginManager] = None) -> Any:
+def open_storage(
+    config: HiCacheConfig,
+    resolved: ResolvedBackend | str,
+    spec: KVSpec,
+    host_pool: Any,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pm: Optional[HiCachePluginManager] = None,
+) -> Any:
     """The one way a cache gets its backend, at start (``build_cache``) and at run time (``attach_backend``):
     built for ``host_pool`` under the config's namespace for this rank, its storage quota checked, and -- MLA pages
     being the same on every rank -- read-only on every rank but 0, so each page is written once."""
@@ -306,13 +332,21 @@ def open_storage(config: HiCacheConfig, resolved: ResolvedBackend | str, spec: K
     return ReadOnlyRank(backend) if spec.is_mla and tp_rank != 0 else backend
 
 
-def open_backend(config: HiCacheConfig, spec: KVSpec, host_tokens: int, *,
-                 resolved: Optional[ResolvedBackend] = None, tp_rank: int = 0, tp_size: int = 1,
-                 pm: Optional[HiCachePluginManager] = None) -> tuple[StorageBackendHandle, HostPool]:
+def open_backend(
+    config: HiCacheConfig,
+    spec: KVSpec,
+    host_tokens: int,
+    *,
+    resolved: Optional[ResolvedBackend] = None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pm: Optional[HiCachePluginManager] = None,
+) -> tuple[StorageBackendHandle, HostPool]:
     """A host pool of ``host_tokens`` and the configured backend registered with it: what ``hicache check``, the
     storage benchmark and the conformance kit need. ``config`` must already be resolved (:func:`resolve_config`)."""
     if not config.hicache_storage_backend:
         raise ConfigError("--hicache-storage-backend: name a backend (see `hicache backends`)")
     pool = HostPool(spec, host_tokens, config.page_size, config.hicache_mem_layout, pin_memory=False)
-    return open_storage(config, resolved or config.hicache_storage_backend, spec, pool, tp_rank=tp_rank,
-                        tp_size=tp_size, pm=pm), pool
+    return open_storage(
+        config, resolved or config.hicache_storage_backend, spec, pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm
+    ), pool

@@ -34,10 +34,14 @@ def rss_mib() -> float:
 @pytest.mark.parametrize("backend, extra", [("memory", {"store": "soak"}), ("file", {"storage_dir": "{tmp}"})])
 def test_soak(backend, extra, tmp_path):
     extra = {k: (v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v) for k, v in extra.items()}
-    config = HiCacheConfig(page_size=PS, hicache_io_backend="direct", hicache_storage_backend=backend,
-                           hicache_storage_prefetch_policy="wait_complete", model_name="soak",
-                           hicache_storage_backend_extra_config={**extra, "io_timeout_s": 0.2,
-                                                                 "prefetch_threshold": PS})
+    config = HiCacheConfig(
+        page_size=PS,
+        hicache_io_backend="direct",
+        hicache_storage_backend=backend,
+        hicache_storage_prefetch_policy="wait_complete",
+        model_name="soak",
+        hicache_storage_backend_extra_config={**extra, "io_timeout_s": 0.2, "prefetch_threshold": PS},
+    )
     rng = random.Random(1)
     prompts = make_prompts(rng, families=12, pages=5, page_size=PS)
     cache = small_cache(config, SPEC, device_pages=10, host_pages=20)
@@ -49,8 +53,9 @@ def test_soak(backend, extra, tmp_path):
     threads_at_start = threading.active_count()
     for chunk in range(REQUESTS // CHUNK):
         mode = modes[chunk % len(modes)]
-        faulty = cache.wrap_storage(lambda _: FaultyBackend(handle, mode, 0.0 if mode == "none" else 0.1, rng,
-                                                            hang_s=0.4))
+        faulty = cache.wrap_storage(
+            lambda _: FaultyBackend(handle, mode, 0.0 if mode == "none" else 0.1, rng, hang_s=0.4)
+        )
         run_requests(cache, prompts, CHUNK, rng, result)
         injected += faulty.injected
         gc.collect()
@@ -64,7 +69,9 @@ def test_soak(backend, extra, tmp_path):
     assert result.leaked_pages == 0, f"{result.leaked_pages} pages did not come back"
     warm = samples[len(samples) // 3]  # after the pools, the store and the allocator's arenas have warmed up
     growth = samples[-1] - warm
-    print(f"{backend}: {result.requests} requests, {injected} faults, {result.storage_tokens} storage tokens, "
-          f"RSS {samples[0]:.0f} -> {warm:.0f} -> {samples[-1]:.0f} MiB, threads {threads_at_start} -> {threads}")
+    print(
+        f"{backend}: {result.requests} requests, {injected} faults, {result.storage_tokens} storage tokens, "
+        f"RSS {samples[0]:.0f} -> {warm:.0f} -> {samples[-1]:.0f} MiB, threads {threads_at_start} -> {threads}"
+    )
     assert growth < max(16.0, 0.05 * warm), f"RSS grew {growth:.1f} MiB over {REQUESTS} requests: {samples}"
     assert threads <= threads_at_start + 8, f"threads grew from {threads_at_start} to {threads}"

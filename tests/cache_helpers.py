@@ -16,26 +16,44 @@ PS = 4
 SPEC = KVSpec(layer_num=2, head_num=1, head_dim=2, dtype=torch.float32)
 
 
-def make_cache(*, device_pages=8, host_pages=16, storage=None, store="default", layout="layer_first",
-               write_policy="write_through", prefetch="best_effort", extra=None, eviction="lru", model="t",
-               salt_host_pages=0, salt_storage_pages=0) -> HiRadixCache:
+def make_cache(
+    *,
+    device_pages=8,
+    host_pages=16,
+    storage=None,
+    store="default",
+    layout="layer_first",
+    write_policy="write_through",
+    prefetch="best_effort",
+    extra=None,
+    eviction="lru",
+    model="t",
+    salt_host_pages=0,
+    salt_storage_pages=0,
+) -> HiRadixCache:
     extra = {"prefetch_threshold": PS, **(extra or {})}
     if storage == "memory":
         extra = {"store": store, **extra}
-    cfg = HiCacheConfig(page_size=PS, hicache_io_backend="direct", hicache_mem_layout=layout,
-                        hicache_write_policy=write_policy, hicache_storage_prefetch_policy=prefetch,
-                        hicache_storage_backend=storage, radix_eviction_policy=eviction,
-                        hicache_storage_backend_extra_config=extra, model_name=model,
-                        hicache_salt_host_pages=salt_host_pages, hicache_salt_storage_pages=salt_storage_pages)
+    cfg = HiCacheConfig(
+        page_size=PS,
+        hicache_io_backend="direct",
+        hicache_mem_layout=layout,
+        hicache_write_policy=write_policy,
+        hicache_storage_prefetch_policy=prefetch,
+        hicache_storage_backend=storage,
+        radix_eviction_policy=eviction,
+        hicache_storage_backend_extra_config=extra,
+        model_name=model,
+        hicache_salt_host_pages=salt_host_pages,
+        hicache_salt_storage_pages=salt_storage_pages,
+    )
     tiers = "hicache+storage" if storage else "hicache" if host_pages else "radix"
-    return build_cache(cfg, SPEC, device_pages * PS, tiers=tiers, device="cpu", host_tokens=host_pages * PS,
-                       pin_memory=False)
+    return build_cache(
+        cfg, SPEC, device_pages * PS, tiers=tiers, device="cpu", host_tokens=host_pages * PS, pin_memory=False
+    )
 
 
-
-
-def admit_ready(cache: HiRadixCache, rid, prompt, extra_tokens: int = 0, timeout: float = 30.0,
-                salt=None) -> Admission:
+def admit_ready(cache: HiRadixCache, rid, prompt, extra_tokens: int = 0, timeout: float = 30.0, salt=None) -> Admission:
     """Admit as an engine does: poll and ask again while a prefetch is in flight."""
     deadline = time.monotonic() + timeout
     while (adm := cache.admit(rid, prompt, extra_tokens, salt=salt)).status == "wait":
@@ -58,8 +76,12 @@ def run_request(cache: HiRadixCache, tokens, rid="r", salt=None) -> dict:
     cache.release(adm, prompt, computed)
     cache.poll()
     c = adm.cached
-    return {"device": c["device"], "host": c["host"] + c["storage"], "storage": c["storage"],
-            "computed": (len(tokens) - len(adm.prefix)) // PS * PS}
+    return {
+        "device": c["device"],
+        "host": c["host"] + c["storage"],
+        "storage": c["storage"],
+        "computed": (len(tokens) - len(adm.prefix)) // PS * PS,
+    }
 
 
 def owned_pages_ok(cache: HiRadixCache) -> None:
@@ -79,7 +101,8 @@ def owned_pages_ok(cache: HiRadixCache) -> None:
         assert sorted(host_owned) == used_host, (
             f"host pages leaked or freed while owned: owned-not-used {sorted(set(host_owned) - set(used_host))} "
             f"used-not-owned {sorted(set(used_host) - set(host_owned))}\n{cache.pretty()}\n"
-            f"prefetch={cache.ongoing_prefetch}")
+            f"prefetch={cache.ongoing_prefetch}"
+        )
 
 
 def empty_and_check(cache: HiRadixCache, device_free: int, host_free: int) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def install_plugin(site: Path, dist: str, module: str, plugin_src: str, ep_name: str, extra_modules: dict | None = None) -> Path:
+def install_plugin(
+    site: Path, dist: str, module: str, plugin_src: str, ep_name: str, extra_modules: dict | None = None
+) -> Path:
     """Lay out an installed distribution in ``site`` the way pip does: the package plus its dist-info."""
     site.mkdir(parents=True, exist_ok=True)
     pkg = site / module
@@ -32,4 +34,6 @@ def run_cli(*args: str, pythonpath: list[Path] | None = None, env: dict | None =
     paths = [str(p) for p in (pythonpath or [])] + [str(REPO)]
     e["PYTHONPATH"] = os.pathsep.join(paths + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "hicache_core.cli", *args], capture_output=True, text=True, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hicache_core.cli", *args], capture_output=True, text=True, env=e, timeout=300
+    )

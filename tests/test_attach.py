@@ -18,10 +18,16 @@ from hicache_core.storage.adapter import ReadOnlyRank
 
 def test_an_attached_backend_brings_its_own_prefetch_knobs():
     c = make_cache(device_pages=8, host_pages=16)  # host tier, no storage
-    cfg = c.config.replace(hicache_storage_backend="memory", hicache_storage_prefetch_policy="timeout",
-                           hicache_storage_backend_extra_config={"store": uuid.uuid4().hex, "prefetch_threshold": 48,
-                                                                 "prefetch_timeout_base": 3.0,
-                                                                 "prefetch_timeout_per_ki_token": 2.0})
+    cfg = c.config.replace(
+        hicache_storage_backend="memory",
+        hicache_storage_prefetch_policy="timeout",
+        hicache_storage_backend_extra_config={
+            "store": uuid.uuid4().hex,
+            "prefetch_threshold": 48,
+            "prefetch_timeout_base": 3.0,
+            "prefetch_timeout_per_ki_token": 2.0,
+        },
+    )
     attach_backend(c, cfg)
     policy = c.controller.io.policy
     assert (policy.name, policy.threshold, policy.timeout_base) == ("timeout", 48, 3.0)
@@ -36,8 +42,20 @@ def test_an_mla_rank_other_than_zero_attached_at_runtime_only_reads():
     mla = KVSpec(layer_num=2, head_num=1, head_dim=2, dtype=torch.float32, is_mla=True)
     store = uuid.uuid4().hex
     cfg = HiCacheConfig(page_size=PS, hicache_io_backend="direct", model_name="m")
-    caches = [build_cache(cfg, mla, 16 * PS, tiers="hicache", device="cpu", host_tokens=16 * PS, pin_memory=False,
-                          tp_rank=r, tp_size=2) for r in (0, 1)]
+    caches = [
+        build_cache(
+            cfg,
+            mla,
+            16 * PS,
+            tiers="hicache",
+            device="cpu",
+            host_tokens=16 * PS,
+            pin_memory=False,
+            tp_rank=r,
+            tp_size=2,
+        )
+        for r in (0, 1)
+    ]
     storage = cfg.replace(hicache_storage_backend="memory", hicache_storage_backend_extra_config={"store": store})
     for rank, c in enumerate(caches):
         attach_backend(c, storage, tp_rank=rank, tp_size=2)

@@ -134,8 +134,14 @@ def test_nothing_in_storage_revokes_and_returns_pages():
 def test_prefetch_for_a_prompt_stored_nowhere_leaves_host_pages_alone():
     """Storage is asked before any host page is taken: a miss evicts nothing (SGLang #19320)."""
     # write_back: inserting the new prompt copies nothing to host, so only the prefetch could touch host pages
-    c = make_cache(device_pages=6, host_pages=6, storage="memory", store=uuid.uuid4().hex, prefetch="wait_complete",
-                   write_policy="write_back")
+    c = make_cache(
+        device_pages=6,
+        host_pages=6,
+        storage="memory",
+        store=uuid.uuid4().hex,
+        prefetch="wait_complete",
+        write_policy="write_back",
+    )
     for i in range(3):  # fill the host tier: three sequences demoted from device
         run_request(c, seq(i, 2))
     c.flush()
@@ -205,8 +211,15 @@ class FaultyStorage:
         self.inner.close()
 
 
-@pytest.mark.parametrize("mode, policy", [("raise", "wait_complete"), ("corrupt_then_fail", "wait_complete"),
-                                          ("hang", "timeout"), ("hang", "wait_complete")])
+@pytest.mark.parametrize(
+    "mode, policy",
+    [
+        ("raise", "wait_complete"),
+        ("corrupt_then_fail", "wait_complete"),
+        ("hang", "timeout"),
+        ("hang", "wait_complete"),
+    ],
+)
 def test_faulty_backend_mid_prefetch_leaks_nothing_serves_nothing_wrong(mode, policy):
     s = seq(3, 6)
     store = stored_elsewhere(s)
@@ -353,7 +366,9 @@ def test_eviction_policies(policy):
 
 def test_metrics_prometheus_text():
     c = make_cache(device_pages=4, storage="memory", store=uuid.uuid4().hex)
-    c.metrics._prom = __import__("hicache_core.metrics", fromlist=["_Prometheus"])._Prometheus({"storage_backend": "memory"})
+    c.metrics._prom = __import__("hicache_core.metrics", fromlist=["_Prometheus"])._Prometheus(
+        {"storage_backend": "memory"}
+    )
     c.metrics.record_request(100, 40, 20, 10)
     for i in range(3):
         run_request(c, seq(i, 2))

@@ -16,14 +16,24 @@ def tokens_of(pages: list[int]) -> list[int]:
 
 
 class TieredCacheMachine(RuleBasedStateMachine):
-    @initialize(policy=st.sampled_from(["write_through", "write_through_selective", "write_back"]),
-                prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout"]),
-                layout=st.sampled_from(["layer_first", "page_first", "page_first_direct"]),
-                eviction=st.sampled_from(["lru", "lfu", "fifo"]))
+    @initialize(
+        policy=st.sampled_from(["write_through", "write_through_selective", "write_back"]),
+        prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout"]),
+        layout=st.sampled_from(["layer_first", "page_first", "page_first_direct"]),
+        eviction=st.sampled_from(["lru", "lfu", "fifo"]),
+    )
     def setup(self, policy, prefetch, layout, eviction):
         self.store = uuid.uuid4().hex
-        self.cache = make_cache(device_pages=8, host_pages=12, storage="memory", store=self.store,
-                                write_policy=policy, prefetch=prefetch, layout=layout, eviction=eviction)
+        self.cache = make_cache(
+            device_pages=8,
+            host_pages=12,
+            storage="memory",
+            store=self.store,
+            write_policy=policy,
+            prefetch=prefetch,
+            layout=layout,
+            eviction=eviction,
+        )
         self.dev_total = self.cache.device_pool.available_size()
         self.host_total = self.cache.host_pool.available_size()
         self.n = 0
@@ -73,8 +83,9 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
 
 TieredCacheMachine.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=25, deadline=None,
+    max_examples=25,
+    stateful_step_count=25,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestTieredCache = TieredCacheMachine.TestCase
-

@@ -30,8 +30,17 @@ def test_memory_backend_certifies(capsys):
 def test_a_backend_serving_wrong_bytes_is_not_certified(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(FIXTURES))
     extra = {"backend_name": "liar", "module_path": "lying_store", "class_name": "LyingStore", "interface_v1": 1}
-    rc, report = certify(capsys, "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
-                         json.dumps(extra), "--faults", "none", "--requests", "20")
+    rc, report = certify(
+        capsys,
+        "--hicache-storage-backend",
+        "dynamic",
+        "--hicache-storage-backend-extra-config",
+        json.dumps(extra),
+        "--faults",
+        "none",
+        "--requests",
+        "20",
+    )
     rows = {(r["part"], r["name"]): r for r in report["rows"]}
     assert rc == 1 and not report["passed"]
     assert rows[("faults", "none")]["outcome"] == "FAILED"

@@ -31,8 +31,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("page size empty", chk("--page-size", ""), "is not a whole number"),
     ("fingerprint with a space", chk("--hicache-model-fingerprint", "rev 2"), "give 1-256 printable characters"),
     ("salt host pages negative", chk("--hicache-salt-host-pages", "-1"), "out of range"),
-    ("salt storage quota on memory", chk("--hicache-storage-backend", "memory", "--hicache-salt-storage-pages", "4"),
-     "storage backend 'memory' cannot hold a per-namespace storage quota"),
+    (
+        "salt storage quota on memory",
+        chk("--hicache-storage-backend", "memory", "--hicache-salt-storage-pages", "4"),
+        "storage backend 'memory' cannot hold a per-namespace storage quota",
+    ),
     ("bench fingerprint size 0", ["bench", "fingerprint", "--size-gb", "0"], "must be > 0"),
     ("ratio nan", chk("--hicache-ratio", "nan"), "nan is not a finite number"),
     ("ratio inf", chk("--hicache-ratio", "inf"), "inf is not a finite number"),
@@ -49,23 +52,42 @@ CASES: list[tuple[str, list[str], str]] = [
     # --- backend names and dynamic loading
     ("unknown backend", chk("--hicache-storage-backend", "nosuch"), "unknown storage backend 'nosuch'"),
     ("dynamic without keys", backend("dynamic", {}), "dynamic needs"),
-    ("dynamic missing module", backend("dynamic", {"backend_name": "x", "module_path": "no.such.mod", "class_name": "C"}),
-     "cannot import module 'no.such.mod'"),
-    ("dynamic missing class", backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "Nope"}),
-     "has no class 'Nope'"),
-    ("dynamic not a class", backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "loads"}),
-     "is a function, not a class"),
-    ("dynamic lacks methods", backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "JSONDecoder"}),
-     "lacks get, set, exists"),
-    ("dynamic interface_v1 text", backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "C",
-                                                      "interface_v1": "perhaps"}), "interface_v1='perhaps' is not a boolean"),
+    (
+        "dynamic missing module",
+        backend("dynamic", {"backend_name": "x", "module_path": "no.such.mod", "class_name": "C"}),
+        "cannot import module 'no.such.mod'",
+    ),
+    (
+        "dynamic missing class",
+        backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "Nope"}),
+        "has no class 'Nope'",
+    ),
+    (
+        "dynamic not a class",
+        backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "loads"}),
+        "is a function, not a class",
+    ),
+    (
+        "dynamic lacks methods",
+        backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "JSONDecoder"}),
+        "lacks get, set, exists",
+    ),
+    (
+        "dynamic interface_v1 text",
+        backend("dynamic", {"backend_name": "x", "module_path": "json", "class_name": "C", "interface_v1": "perhaps"}),
+        "interface_v1='perhaps' is not a boolean",
+    ),
     # --- extra-config JSON
     ("extra not json", chk(EXTRA, "{nope"), "not valid JSON"),
     ("extra a list", chk(EXTRA, "[1, 2]"), "expected a JSON object, got list"),
     ("extra nested deeply", chk(EXTRA, "[" * 100000 + "]" * 100000), "nested too deeply"),
     ("extra nested deeply object", chk(EXTRA, '{"a": ' * 50000 + "1" + "}" * 50000), "nested too deeply"),
     ("extra missing file", chk(EXTRA, "@/no/such/file.json"), "cannot read JSON file"),
-    ("threshold 1e400", chk(EXTRA, '{"prefetch_threshold": 1e400}'), "prefetch_threshold=inf is not a valid whole number"),
+    (
+        "threshold 1e400",
+        chk(EXTRA, '{"prefetch_threshold": 1e400}'),
+        "prefetch_threshold=inf is not a valid whole number",
+    ),
     ("threshold text", chk(EXTRA, '{"prefetch_threshold": "lots"}'), "is not a valid whole number"),
     ("threshold negative", chk(EXTRA, '{"prefetch_threshold": -5}'), "must be a finite number >= 0"),
     ("threshold NaN", chk(EXTRA, '{"prefetch_threshold": NaN}'), "prefetch_threshold=nan"),
@@ -92,8 +114,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("file mac key number", file_backend({"mac_key": 5}), "mac_key=5 must be a non-empty string"),
     ("file dir is a file", file_backend({"storage_dir": "/etc/hostname/sub"}), "cannot use storage_dir"),
     ("file dir world writable", file_backend({"storage_dir": "{tmp}/open"}), "writable by group and others"),
-    ("file sglang layout capacity", file_backend({"layout_compat": "sglang", "capacity_bytes": 10,
-                                                 "storage_dir": "{tmp}/s"}), "cannot be used with layout_compat"),
+    (
+        "file sglang layout capacity",
+        file_backend({"layout_compat": "sglang", "capacity_bytes": 10, "storage_dir": "{tmp}/s"}),
+        "cannot be used with layout_compat",
+    ),
     # --- memory backend
     ("memory unknown key", backend("memory", {"stor": "x"}), "did you mean 'store'"),
     ("memory capacity negative", backend("memory", {"capacity_bytes": -1}), "must be >= 0"),
@@ -108,9 +133,23 @@ CASES: list[tuple[str, list[str], str]] = [
     ("tp rank negative", chk("--tp-rank", "-1"), "out of range"),
     ("check pages 0", chk("--pages", "0"), "--pages: 0 is out of range"),
     ("check pages huge", chk("--pages", "1000000000"), "out of range"),
-    ("check needs too much memory", ["check", "--hicache-storage-backend", "memory", "--page-size", "65536",
-                                     "--pages", "65536", "--num-layers", "4096", "--num-kv-heads", "4096"],
-     "not enough memory"),
+    (
+        "check needs too much memory",
+        [
+            "check",
+            "--hicache-storage-backend",
+            "memory",
+            "--page-size",
+            "65536",
+            "--pages",
+            "65536",
+            "--num-layers",
+            "4096",
+            "--num-kv-heads",
+            "4096",
+        ],
+        "not enough memory",
+    ),
     # --- benchmarks
     ("multiturn 0 clients", mt("--num-clients", "0"), "--num-clients: 0 is out of range"),
     ("multiturn -1 rounds", mt("--num-rounds", "-1"), "--num-rounds: -1 is out of range"),
@@ -123,9 +162,16 @@ CASES: list[tuple[str, list[str], str]] = [
     ("multiturn hidden 0", mt("--hidden-size", "0"), "out of range"),
     ("multiturn seed negative", mt("--seed", "-1"), "out of range"),
     ("multiturn configs", mt("--configs", "none,turbo"), "turbo"),
-    ("storage bench total 0", ["bench", "storage", "--hicache-storage-backend", "memory", "--total-mib", "0"],
-     "out of range"),
-    ("storage bench repeat 0", ["bench", "storage", "--hicache-storage-backend", "memory", "--repeat", "0"], "out of range"),
+    (
+        "storage bench total 0",
+        ["bench", "storage", "--hicache-storage-backend", "memory", "--total-mib", "0"],
+        "out of range",
+    ),
+    (
+        "storage bench repeat 0",
+        ["bench", "storage", "--hicache-storage-backend", "memory", "--repeat", "0"],
+        "out of range",
+    ),
     ("storage bench page sizes", ["bench", "storage", "--page-kib", "abc"], "--page-kib 'abc': give page sizes"),
     ("storage bench page size 0", ["bench", "storage", "--page-kib", "0"], "cannot be made of pages"),
     ("transfer pages 0", ["bench", "transfer", "--pages", "0"], "out of range"),
@@ -163,9 +209,11 @@ def test_the_cli_needs_no_test_tools():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['pytest'] = None\n"
-            "from hicache_core.cli import build_parser, main\n"
-            "build_parser()\n"
-            "sys.exit(main(['certify', '--hicache-storage-backend', 'memory', '--no-conformance', '--faults', 'none']))")
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "from hicache_core.cli import build_parser, main\n"
+        "build_parser()\n"
+        "sys.exit(main(['certify', '--hicache-storage-backend', 'memory', '--no-conformance', '--faults', 'none']))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "CERTIFIED" in r.stdout, r.stderr[-2000:]

@@ -12,11 +12,43 @@ from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
 from hicache_core.errors import ConfigError
 
-SMALL = ["--num-clients", "4", "--num-rounds", "3", "--request-length", "96", "--question-length", "32",
-         "--output-length", "6", "--request-rate", "200", "--device-tokens", "256", "--max-running", "2",
-         "--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "2", "--num-heads", "4",
-         "--num-kv-heads", "2", "--head-dim", "16", "--vocab-size", "512", "--page-size", "16",
-         "--hicache-ratio", "1.5", "--no-progress"]
+SMALL = [
+    "--num-clients",
+    "4",
+    "--num-rounds",
+    "3",
+    "--request-length",
+    "96",
+    "--question-length",
+    "32",
+    "--output-length",
+    "6",
+    "--request-rate",
+    "200",
+    "--device-tokens",
+    "256",
+    "--max-running",
+    "2",
+    "--hidden-size",
+    "64",
+    "--intermediate-size",
+    "128",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "4",
+    "--num-kv-heads",
+    "2",
+    "--head-dim",
+    "16",
+    "--vocab-size",
+    "512",
+    "--page-size",
+    "16",
+    "--hicache-ratio",
+    "1.5",
+    "--no-progress",
+]
 
 
 def parse(argv):
@@ -25,12 +57,25 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-@pytest.mark.parametrize("layout, policy", [("layer_first", "wait_complete"), ("page_first", "timeout"),
-                                            ("page_first_direct", "best_effort")])
+@pytest.mark.parametrize(
+    "layout, policy",
+    [("layer_first", "wait_complete"), ("page_first", "timeout"), ("page_first_direct", "best_effort")],
+)
 def test_every_configuration_matches_no_cache(tmp_path, layout, policy, capsys):
-    args = parse(SMALL + ["--no-warm", "--report-dir", str(tmp_path / "report"), "--hicache-mem-layout", layout,
-                          "--hicache-storage-prefetch-policy", policy,
-                          "--hicache-storage-backend-extra-config", json.dumps({"storage_dir": str(tmp_path / "s"), "prefetch_threshold": 16})])
+    args = parse(
+        SMALL
+        + [
+            "--no-warm",
+            "--report-dir",
+            str(tmp_path / "report"),
+            "--hicache-mem-layout",
+            layout,
+            "--hicache-storage-prefetch-policy",
+            policy,
+            "--hicache-storage-backend-extra-config",
+            json.dumps({"storage_dir": str(tmp_path / "s"), "prefetch_threshold": 16}),
+        ]
+    )
     assert multiturn.run(args) == 0
     report = json.load(open(tmp_path / "report" / "report.json"))
     assert all(report["summary"]["outputs_identical"].values())
@@ -51,18 +96,44 @@ def test_storage_serves_what_device_and_host_cannot_hold(tmp_path, layout, polic
     """Round 3's working set (4 x ~172 tokens) exceeds device (256) + host (256, ratio 1), and one request runs at
     a time, so a fetched prefix is never lost to eviction while its request waits for device room: part of every
     later round must come back from storage (ratio 1.5 holds 640 tokens: borderline, and timing-dependent)."""
-    args = parse(SMALL + ["--no-warm", "--configs", "hicache+storage", "--hicache-ratio", "1", "--max-running", "1",
-                          "--report-dir", str(tmp_path / "report"), "--hicache-mem-layout", layout,
-                          "--hicache-storage-prefetch-policy", policy,
-                          "--hicache-storage-backend-extra-config", json.dumps({"storage_dir": str(tmp_path / "s"), "prefetch_threshold": 16})])
+    args = parse(
+        SMALL
+        + [
+            "--no-warm",
+            "--configs",
+            "hicache+storage",
+            "--hicache-ratio",
+            "1",
+            "--max-running",
+            "1",
+            "--report-dir",
+            str(tmp_path / "report"),
+            "--hicache-mem-layout",
+            layout,
+            "--hicache-storage-prefetch-policy",
+            policy,
+            "--hicache-storage-backend-extra-config",
+            json.dumps({"storage_dir": str(tmp_path / "s"), "prefetch_threshold": 16}),
+        ]
+    )
     assert multiturn.run(args) == 0  # and the tokens are the no-cache run's
     run = {c["config"]: c for c in json.load(open(tmp_path / "report" / "report.json"))["configs"]}["hicache+storage"]
     assert run["hit_tokens"]["storage"] > 0 and run["backuped_tokens"] > 0
 
 
 def test_warm_restart_in_a_second_process(tmp_path, capsys):
-    args = parse(SMALL + ["--configs", "hicache+storage", "--report-dir", str(tmp_path / "r"),
-                          "--storage-dir", str(tmp_path / "store"), "--warm"])
+    args = parse(
+        SMALL
+        + [
+            "--configs",
+            "hicache+storage",
+            "--report-dir",
+            str(tmp_path / "r"),
+            "--storage-dir",
+            str(tmp_path / "store"),
+            "--warm",
+        ]
+    )
     assert multiturn.run(args) == 0
     summary = json.load(open(tmp_path / "r" / "report.json"))["summary"]
     assert summary["warm_outputs_identical"]
@@ -73,8 +144,17 @@ def test_warm_restart_in_a_second_process(tmp_path, capsys):
 
 def test_engine_decodes_like_a_full_recompute():
     """Prefix reuse changes nothing: generating after a cached prefix equals generating from scratch."""
-    model = TinyLlama(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  head_dim=16, vocab_size=256))
+    model = TinyLlama(
+        ModelConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            vocab_size=256,
+        )
+    )
     cfg = HiCacheConfig(page_size=8, hicache_io_backend="direct")
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 256, (50,), generator=g).tolist()
@@ -91,21 +171,38 @@ def test_engine_decodes_like_a_full_recompute():
 
 
 def test_bad_engine_input():
-    model = TinyLlama(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
-                                  head_dim=16, vocab_size=64))
+    model = TinyLlama(
+        ModelConfig(
+            hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64
+        )
+    )
     from hicache_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="choose one of none, radix"):
         Engine(model, HiCacheConfig(page_size=8), "l4")
     with pytest.raises(ConfigError, match="needs 136 device tokens; the device pool holds 64"):
-        Engine(model, HiCacheConfig(page_size=8), "none", device_tokens=64).generate([Request("x", list(range(128)), 4)])
+        Engine(model, HiCacheConfig(page_size=8), "none", device_tokens=64).generate(
+            [Request("x", list(range(128)), 4)]
+        )
     with pytest.raises(ConfigError, match="--configs: unknown gpu"):
         multiturn.run(parse(SMALL + ["--configs", "gpu"]))
 
 
 def test_repeat_reports_spread_cpu_and_warm_restarts(tmp_path, capsys):
-    args = parse(SMALL + ["--configs", "radix,hicache+storage", "--repeat", "2", "--report-dir", str(tmp_path / "r"),
-                          "--storage-dir", str(tmp_path / "store"), "--warm"])
+    args = parse(
+        SMALL
+        + [
+            "--configs",
+            "radix,hicache+storage",
+            "--repeat",
+            "2",
+            "--report-dir",
+            str(tmp_path / "r"),
+            "--storage-dir",
+            str(tmp_path / "store"),
+            "--warm",
+        ]
+    )
     assert multiturn.run(args) == 0
     report = json.load(open(tmp_path / "r" / "report.json"))
     rep = report["summary"]["repeats"]
@@ -123,9 +220,15 @@ def test_untrustworthy_figures_are_flagged():
     from hicache_core.bench.report import summarize
 
     def run(config, storage=0, contended=False):
-        return {"config": config, "label": config, "outputs": [[1]], "ttft_mean_rounds2plus_ms": 10.0,
-                "rounds": [{"ttft_mean_ms": 10.0}], "hit_tokens": {"device": 0, "host": 0, "storage": storage},
-                "cpu": {"contended": contended, "others_cores": 1.3 if contended else 0.0}}
+        return {
+            "config": config,
+            "label": config,
+            "outputs": [[1]],
+            "ttft_mean_rounds2plus_ms": 10.0,
+            "rounds": [{"ttft_mean_ms": 10.0}],
+            "hit_tokens": {"device": 0, "host": 0, "storage": storage},
+            "cpu": {"contended": contended, "others_cores": 1.3 if contended else 0.0},
+        }
 
     quiet = summarize([run("none"), run("radix"), run("hicache+storage")], run("hicache+storage", storage=64))
     assert quiet["warnings"] == []
@@ -172,12 +275,26 @@ def test_tensor_parallel_ranks_give_the_single_rank_tokens_in_every_configuratio
         r0, r1 = outs[2][c]["per_rank_hit_tokens"]
         assert r0 == r1 == outs[2][c]["hit_tokens"], c
     assert outs[2]["hicache+storage"]["hit_tokens"]["host"] + outs[2]["hicache+storage"]["hit_tokens"]["storage"] > 0
-    assert os.path.isdir(tmp_path / "store-tp2") and len(os.listdir(tmp_path / "store-tp2")) == 2  # a namespace per rank
+    assert (
+        os.path.isdir(tmp_path / "store-tp2") and len(os.listdir(tmp_path / "store-tp2")) == 2
+    )  # a namespace per rank
 
 
 def test_tensor_parallel_warm_restart_and_bad_sizes(tmp_path, capsys):
-    args = parse(SMALL + ["--configs", "hicache+storage", "--tp-size", "2", "--report-dir", str(tmp_path / "r"),
-                          "--storage-dir", str(tmp_path / "store"), "--warm"])
+    args = parse(
+        SMALL
+        + [
+            "--configs",
+            "hicache+storage",
+            "--tp-size",
+            "2",
+            "--report-dir",
+            str(tmp_path / "r"),
+            "--storage-dir",
+            str(tmp_path / "store"),
+            "--warm",
+        ]
+    )
     assert multiturn.run(args) == 0
     summary = json.load(open(tmp_path / "r" / "report.json"))["summary"]
     assert summary["warm_outputs_identical"] and summary["warm_storage_tokens"] > 0

@@ -32,12 +32,23 @@ class FrontDoorMachine(RuleBasedStateMachine):
     waiting = Bundle("waiting")
     running = Bundle("running")
 
-    @initialize(policy=st.sampled_from(["write_through", "write_through_selective", "write_back"]),
-                prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout", "cost_aware"]),
-                layout=st.sampled_from(["layer_first", "page_first_direct"]), quota=st.sampled_from([0, 3]))
+    @initialize(
+        policy=st.sampled_from(["write_through", "write_through_selective", "write_back"]),
+        prefetch=st.sampled_from(["best_effort", "wait_complete", "timeout", "cost_aware"]),
+        layout=st.sampled_from(["layer_first", "page_first_direct"]),
+        quota=st.sampled_from([0, 3]),
+    )
     def setup(self, policy, prefetch, layout, quota):
-        self.cache = make_cache(device_pages=14, host_pages=10, storage="memory", store=uuid.uuid4().hex,
-                                write_policy=policy, prefetch=prefetch, layout=layout, salt_host_pages=quota)
+        self.cache = make_cache(
+            device_pages=14,
+            host_pages=10,
+            storage="memory",
+            store=uuid.uuid4().hex,
+            write_policy=policy,
+            prefetch=prefetch,
+            layout=layout,
+            salt_host_pages=quota,
+        )
         self.dev_total = self.cache.device_pool.available_size()
         self.host_total = self.cache.host_pool.available_size()
         self.n = 0
@@ -135,7 +146,9 @@ class FrontDoorMachine(RuleBasedStateMachine):
 
 
 FrontDoorMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestFrontDoor = FrontDoorMachine.TestCase

@@ -61,8 +61,11 @@ def check_clean(cache) -> None:
     locks_balanced(cache)
 
 
-@pytest.mark.parametrize("bad", [True, None, 1, "ok", [True], [True] * 50, [1.0] * 3, [True, None, True]],
-                         ids=["bool", "none", "int", "str", "short", "long", "floats", "none-inside"])
+@pytest.mark.parametrize(
+    "bad",
+    [True, None, 1, "ok", [True], [True] * 50, [1.0] * 3, [True, None, True]],
+    ids=["bool", "none", "int", "str", "short", "long", "floats", "none-inside"],
+)
 def test_bad_set_results_fail_the_batch_and_writes_go_on(bad):
     c = make_cache(storage="memory", host_pages=32)
     real = c.controller.io.guard.backend.batch_set_v1
@@ -85,17 +88,20 @@ def test_bad_set_results_fail_the_batch_and_writes_go_on(bad):
     c.close()
 
 
-@pytest.mark.parametrize("kind", ["get-bool", "get-long", "get-short", "exists-bool", "exists-str", "exists-big",
-                                  "exists-negative"])
+@pytest.mark.parametrize(
+    "kind", ["get-bool", "get-long", "get-short", "exists-bool", "exists-str", "exists-big", "exists-negative"]
+)
 def test_bad_prefetch_results_leak_nothing_and_serve_nothing_wrong(kind):
     s = seq(3, 6)
     c = make_cache(storage="memory", store=stored_elsewhere(s), prefetch="wait_complete")
     free = c.host_pool.available_size()
     real_get = c.controller.io.guard.backend.batch_get_v1
     if kind.startswith("get"):
+
         def batch_get_v1(keys, idx):
             res = real_get(keys, idx)
             return {"get-bool": True, "get-long": res + [True] * len(res), "get-short": res[:-1]}[kind]
+
         swap(c, batch_get_v1=batch_get_v1)
     else:
         value = {"exists-bool": True, "exists-str": "6", "exists-big": 10**6, "exists-negative": -1}[kind]
@@ -191,8 +197,7 @@ def test_hung_backup_keeps_its_host_pages_until_the_call_returns():
 
 def test_close_is_bounded_with_a_hung_backend():
     s = seq(9, 6)
-    c = make_cache(storage="memory", store=stored_elsewhere(s), prefetch="wait_complete",
-                   extra={"io_timeout_s": 5})
+    c = make_cache(storage="memory", store=stored_elsewhere(s), prefetch="wait_complete", extra={"io_timeout_s": 5})
     hang = threading.Event()
 
     def batch_get_v1(keys, idx):
@@ -248,12 +253,27 @@ def test_check_with_a_hung_backend_fails_within_the_deadline(monkeypatch):
     from pathlib import Path
 
     fixtures = Path(__file__).parent / "certify_fixtures"
-    extra = ('{"backend_name": "hung", "module_path": "hung_store", "class_name": "HungStore", "interface_v1": 0, '
-             '"io_timeout_s": 1}')
+    extra = (
+        '{"backend_name": "hung", "module_path": "hung_store", "class_name": "HungStore", "interface_v1": 0, '
+        '"io_timeout_s": 1}'
+    )
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "check", "--hicache-storage-backend", "dynamic",
-                        "--hicache-storage-backend-extra-config", extra], capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "PYTHONPATH": str(fixtures)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hicache_core.cli",
+            "check",
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(fixtures)},
+    )
     took = time.monotonic() - t0
     assert r.returncode == 1 and "get did not return within 1 s" in r.stdout and "check FAILED" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr

@@ -39,13 +39,34 @@ def test_bad_tokens():
 
 
 def test_namespace_separates_everything_that_changes_bytes():
-    base = StorageNamespace(model="m", dtype="bfloat16", page_size=64, layout="layer_first", layer_num=4,
-                            head_num=8, head_dim=128, tp_size=2, tp_rank=0)
+    base = StorageNamespace(
+        model="m",
+        dtype="bfloat16",
+        page_size=64,
+        layout="layer_first",
+        layer_num=4,
+        head_num=8,
+        head_dim=128,
+        tp_size=2,
+        tp_rank=0,
+    )
     import attrs
 
-    variants = [attrs.evolve(base, **{k: v}) for k, v in [
-        ("model", "m2"), ("dtype", "float16"), ("page_size", 32), ("layout", "page_first"), ("is_mla", True),
-        ("layer_num", 5), ("head_num", 4), ("head_dim", 64), ("tp_size", 4), ("tp_rank", 1)]]
+    variants = [
+        attrs.evolve(base, **{k: v})
+        for k, v in [
+            ("model", "m2"),
+            ("dtype", "float16"),
+            ("page_size", 32),
+            ("layout", "page_first"),
+            ("is_mla", True),
+            ("layer_num", 5),
+            ("head_num", 4),
+            ("head_dim", 64),
+            ("tp_size", 4),
+            ("tp_rank", 1),
+        ]
+    ]
     tags = {v.tag for v in variants}
     assert base.tag not in tags and len(tags) == len(variants)
     # same page byte order -> same namespace

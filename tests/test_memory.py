@@ -13,14 +13,18 @@ MHA = KVSpec(layer_num=3, head_num=2, head_dim=4, dtype=torch.float16)
 MLA = KVSpec(layer_num=3, head_num=1, head_dim=10, dtype=torch.bfloat16, is_mla=True)
 
 
-@pytest.mark.parametrize("layout, shape", [
-    ("layer_first", (2, 3, 16, 2, 4)), ("page_first", (2, 16, 3, 2, 4)), ("page_first_direct", (2, 4, 3, 4, 2, 4))])
+@pytest.mark.parametrize(
+    "layout, shape",
+    [("layer_first", (2, 3, 16, 2, 4)), ("page_first", (2, 16, 3, 2, 4)), ("page_first_direct", (2, 4, 3, 4, 2, 4))],
+)
 def test_mha_shapes(layout, shape):
     assert tuple(HostPool(MHA, 16, 4, layout, pin_memory=False).kv_buffer.shape) == shape
 
 
-@pytest.mark.parametrize("layout, shape", [
-    ("layer_first", (3, 16, 1, 10)), ("page_first", (16, 3, 1, 10)), ("page_first_direct", (4, 3, 4, 1, 10))])
+@pytest.mark.parametrize(
+    "layout, shape",
+    [("layer_first", (3, 16, 1, 10)), ("page_first", (16, 3, 1, 10)), ("page_first_direct", (4, 3, 4, 1, 10))],
+)
 def test_mla_shapes(layout, shape):
     assert tuple(HostPool(MLA, 16, 4, layout, pin_memory=False).kv_buffer.shape) == shape
 
@@ -56,7 +60,7 @@ def test_page_accessors_agree(spec, layout):
     for p in range(2):
         expect = flat[p].view(torch.uint8).numpy().tobytes()
         assert b"".join(bytes(m) for m in mvs[p]) == expect
-        assert b"".join(ctypes.string_at(a, n) for a, n in zip(ptrs[p * k:(p + 1) * k], sizes)) == expect
+        assert b"".join(ctypes.string_at(a, n) for a, n in zip(ptrs[p * k : (p + 1) * k], sizes)) == expect
     assert pool.page_bytes == spec.page_bytes(4)
     # set_flat_page writes exactly that page
     before = pool.raw.clone()
@@ -94,7 +98,7 @@ def test_allocator():
     assert a.available_size() == 32
     y = a.alloc(32)
     assert sorted(y.tolist()) == list(range(32))
-    assert all(int(y[i]) % 4 == 0 and (y[i:i + 4] == y[i] + torch.arange(4)).all() for i in range(0, 32, 4))
+    assert all(int(y[i]) % 4 == 0 and (y[i : i + 4] == y[i] + torch.arange(4)).all() for i in range(0, 32, 4))
 
 
 def test_device_pool_layers_and_waiter():

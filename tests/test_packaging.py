@@ -26,10 +26,12 @@ def test_tox_lists_exactly_the_real_envs():
     ini = configparser.ConfigParser(interpolation=None)
     ini.read(REPO / "tox.ini")
     defined = {s.split(":", 1)[1] for s in ini.sections() if s.startswith("testenv:")}
-    listed = subprocess.run([tox, "-l", "-c", str(REPO / "tox.ini")], capture_output=True, text=True,
-                            timeout=120).stdout.split()
+    listed = subprocess.run(
+        [tox, "-l", "-c", str(REPO / "tox.ini")], capture_output=True, text=True, timeout=120
+    ).stdout.split()
     assert sorted(listed) == sorted(defined), f"tox -l lists {listed}; tox.ini defines {sorted(defined)}"
     assert len(listed) == len(set(listed))
-    every = subprocess.run([tox, "list", "-c", str(REPO / "tox.ini")], capture_output=True, text=True,
-                           timeout=120).stdout
+    every = subprocess.run(
+        [tox, "list", "-c", str(REPO / "tox.ini")], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "additional environments" not in every, f"tox knows envs that are not in env_list:\n{every}"

@@ -10,16 +10,28 @@ from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
 from hicache_core.errors import ConfigError
 
 PAGE = 16
-MODEL = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=16, seed=3)
+MODEL = ModelConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    seed=3,
+)
 
 
 def config(tmp_path, **kw) -> HiCacheConfig:
     kw.setdefault("hicache_storage_prefetch_policy", "wait_complete")  # the seed's PD recipes
-    return HiCacheConfig(page_size=PAGE, enable_hierarchical_cache=True, hicache_ratio=2.0,
-                         hicache_storage_backend="file",
-                         hicache_storage_backend_extra_config={"storage_dir": str(tmp_path / "store"),
-                                                             "prefetch_threshold": PAGE}, **kw)
+    return HiCacheConfig(
+        page_size=PAGE,
+        enable_hierarchical_cache=True,
+        hicache_ratio=2.0,
+        hicache_storage_backend="file",
+        hicache_storage_backend_extra_config={"storage_dir": str(tmp_path / "store"), "prefetch_threshold": PAGE},
+        **kw,
+    )
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -99,16 +111,21 @@ def test_decode_offload_lets_the_next_turns_prefill_hit_generated_tokens(tmp_pat
 def test_role_flags_are_checked(tmp_path):
     model = TinyLlama(MODEL)
     with pytest.raises(ConfigError, match="storage tier they share"):
-        Engine(model, HiCacheConfig(page_size=PAGE, enable_hierarchical_cache=True), "hicache",
-               disaggregation_mode="prefill")
+        Engine(
+            model,
+            HiCacheConfig(page_size=PAGE, enable_hierarchical_cache=True),
+            "hicache",
+            disaggregation_mode="prefill",
+        )
     with pytest.raises(ConfigError, match="for a decode instance"):
         Engine(model, config(tmp_path), disaggregation_mode="prefill", offload_kvcache=True)
     with pytest.raises(ConfigError, match="write_through, not write_back"):
         Engine(model, config(tmp_path, hicache_write_policy="write_back"), disaggregation_mode="prefill")
     with pytest.raises(ConfigError, match="choose one of null, prefill, decode"):
         Engine(model, config(tmp_path), disaggregation_mode="both")
-    decode = Engine(model, config(tmp_path, hicache_storage_prefetch_policy="best_effort"),
-                    disaggregation_mode="decode")
+    decode = Engine(
+        model, config(tmp_path, hicache_storage_prefetch_policy="best_effort"), disaggregation_mode="decode"
+    )
     try:  # decode waits for all of what prefill handed over, from the first page
         assert decode.config.hicache_storage_prefetch_policy == "wait_complete"
         assert decode.config.prefetch_threshold == PAGE

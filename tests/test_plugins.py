@@ -19,15 +19,15 @@ from core_helpers import install_plugin, run_cli
 
 SPEC = KVSpec(layer_num=2, head_num=2, head_dim=4, dtype=torch.float16)
 
-VENDOR_PLUGIN = '''
+VENDOR_PLUGIN = """
 from hicache_core.hookspecs import BackendRecord, hookimpl
 
 @hookimpl
 def hicache_storage_backends():
     yield BackendRecord(name="vendor", target="vendor_store.store:VendorStore", interface_v1=False,
                         description="a vendor's v0 store")
-'''
-VENDOR_STORE = '''
+"""
+VENDOR_STORE = """
 import torch
 from hicache_core.storage import HiCacheStorage
 
@@ -41,11 +41,11 @@ class VendorStore(HiCacheStorage):
         return True
     def exists(self, key):
         return self.namespace.key(key) in self.DATA
-'''
+"""
 
 # A class written the way SGLang's docs describe a dynamic backend: constructor (storage_config, kwargs),
 # v0 methods only, no base class from us, nothing about namespaces.
-SGLANG_STYLE = '''
+SGLANG_STYLE = """
 import torch
 
 class SGLangStyleStore:
@@ -72,7 +72,7 @@ class SGLangStyleStore:
         return all(self.set(k, v) for k, v in zip(keys, values))
     def exists(self, key):
         return key in self.data
-'''
+"""
 
 
 def roundtrip(handle, pool, n=3):
@@ -98,8 +98,9 @@ def storage_config(layout="layer_first", extra=None, **kw):
 
 @pytest.fixture
 def vendor_site(tmp_path, monkeypatch):
-    site = install_plugin(tmp_path / "site", "hicache-plugin-vendor", "vendor_store", VENDOR_PLUGIN, "vendor",
-                          {"store": VENDOR_STORE})
+    site = install_plugin(
+        tmp_path / "site", "hicache-plugin-vendor", "vendor_store", VENDOR_PLUGIN, "vendor", {"store": VENDOR_STORE}
+    )
     monkeypatch.syspath_prepend(str(site))
     return site
 
@@ -155,28 +156,39 @@ def test_duplicate_name_names_both_distributions(tmp_path, monkeypatch):
     b = install_plugin(tmp_path / "b", "hicache-plugin-two", "two_pkg", VENDOR_PLUGIN, "two", {"store": VENDOR_STORE})
     monkeypatch.syspath_prepend(str(a))
     monkeypatch.syspath_prepend(str(b))
-    with pytest.raises(BackendLoadError, match=r"'vendor' is claimed by hicache-plugin-(one|two) .* and hicache-plugin-(one|two)"):
+    with pytest.raises(
+        BackendLoadError, match=r"'vendor' is claimed by hicache-plugin-(one|two) .* and hicache-plugin-(one|two)"
+    ):
         resolve("vendor", {}, HiCachePluginManager())
 
 
 def test_plugin_that_raises_on_import_fails_only_when_selected(tmp_path, monkeypatch, caplog):
-    site = install_plugin(tmp_path / "s", "hicache-plugin-broken", "broken_pkg",
-                          "raise ImportError('libfoo.so: cannot open shared object file')\n", "broken")
+    site = install_plugin(
+        tmp_path / "s",
+        "hicache-plugin-broken",
+        "broken_pkg",
+        "raise ImportError('libfoo.so: cannot open shared object file')\n",
+        "broken",
+    )
     monkeypatch.syspath_prepend(str(site))
     pm = HiCachePluginManager()
     assert "failed to load" in caplog.text and "libfoo.so" in caplog.text
     assert "memory" in pm.offered_backends()[0]  # the rest still works
-    with pytest.raises(BackendLoadError, match=r"plugin hicache-plugin-broken failed to load \(ImportError: libfoo.so.*pip install --force-reinstall hicache-plugin-broken"):
+    with pytest.raises(
+        BackendLoadError,
+        match=r"plugin hicache-plugin-broken failed to load \(ImportError: libfoo.so.*"
+        r"pip install --force-reinstall hicache-plugin-broken",
+    ):
         resolve("broken", {}, pm)
 
 
-MISSPELLED_PLUGIN = '''
+MISSPELLED_PLUGIN = """
 from hicache_core.hookspecs import BackendRecord, hookimpl
 
 @hookimpl
 def hicache_storage_backend():  # the real hook is hicache_storage_backends
     yield BackendRecord(name="typo", target="typo_pkg.store:Store")
-'''
+"""
 
 
 def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch, caplog):
@@ -188,11 +200,17 @@ def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch, caplog):
     assert failure.distribution == "hicache-plugin-typo"
     assert "unknown hook 'hicache_storage_backend' (did you mean 'hicache_storage_backends'?)" in failure.error
     assert "hicache_storage_backend" in caplog.text and not pm.has_plugin("typo")
-    with pytest.raises(BackendLoadError, match=r"plugin hicache-plugin-typo failed to load \(implements unknown hook "
-                                               r"'hicache_storage_backend'.*rename the hook.*HICACHE_PLUGINS_DISABLE=typo"):
+    with pytest.raises(
+        BackendLoadError,
+        match=r"plugin hicache-plugin-typo failed to load \(implements unknown hook "
+        r"'hicache_storage_backend'.*rename the hook.*HICACHE_PLUGINS_DISABLE=typo",
+    ):
         resolve("typo", {}, pm)
-    with pytest.raises(BackendLoadError, match=r"unknown storage backend 'other'.*plugin typo \(hicache-plugin-typo\) "
-                                               r"failed to load: implements unknown hook"):
+    with pytest.raises(
+        BackendLoadError,
+        match=r"unknown storage backend 'other'.*plugin typo \(hicache-plugin-typo\) "
+        r"failed to load: implements unknown hook",
+    ):
         resolve("other", {}, pm)
     r = run_cli("backends", pythonpath=[site])
     assert r.returncode == 0 and "did you mean 'hicache_storage_backends'" in r.stdout
@@ -200,14 +218,20 @@ def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch, caplog):
 
 def test_record_requiring_a_missing_module_does_not_load(tmp_path, monkeypatch):
     """A backend whose run-time module is absent is reported as not loading, with the install hint."""
-    plugin = VENDOR_PLUGIN.replace('description="a vendor\'s v0 store")',
-                                   'description="needs its SDK", requires=("vendor_sdk_not_installed.client",), '
-                                   'install_hint="pip install vendor-sdk")').replace("vendor_store.", "sdk_store.")
-    site = install_plugin(tmp_path / "s", "hicache-plugin-vendor", "sdk_store", plugin, "vendor",
-                          {"store": VENDOR_STORE})
+    plugin = VENDOR_PLUGIN.replace(
+        'description="a vendor\'s v0 store")',
+        'description="needs its SDK", requires=("vendor_sdk_not_installed.client",), '
+        'install_hint="pip install vendor-sdk")',
+    ).replace("vendor_store.", "sdk_store.")
+    site = install_plugin(
+        tmp_path / "s", "hicache-plugin-vendor", "sdk_store", plugin, "vendor", {"store": VENDOR_STORE}
+    )
     monkeypatch.syspath_prepend(str(site))
-    with pytest.raises(BackendLoadError, match=r"needs the module 'vendor_sdk_not_installed.client', which is not "
-                                               r"installed; pip install vendor-sdk"):
+    with pytest.raises(
+        BackendLoadError,
+        match=r"needs the module 'vendor_sdk_not_installed.client', which is not "
+        r"installed; pip install vendor-sdk",
+    ):
         resolve("vendor", {}, HiCachePluginManager())
     r = run_cli("backends", pythonpath=[site])
     assert "does not load: storage backend 'vendor'" in r.stdout and "pip install vendor-sdk" in r.stdout
@@ -215,13 +239,22 @@ def test_record_requiring_a_missing_module_does_not_load(tmp_path, monkeypatch):
 
 def test_unknown_name_lists_available_and_install_hint():
     pm = HiCachePluginManager(load_entry_points=False)
-    with pytest.raises(BackendLoadError, match="unknown storage backend 'mooncake'; available: memory, dynamic; to add it: pip install hicache-plugin-mooncake"):
+    with pytest.raises(
+        BackendLoadError,
+        match="unknown storage backend 'mooncake'; available: memory, dynamic; "
+        "to add it: pip install hicache-plugin-mooncake",
+    ):
         resolve("mooncake", {}, pm)
 
 
 def test_dynamic_v1_class_loads_and_roundtrips():
-    extra = {"backend_name": "mem2", "module_path": "hicache_core.storage.memory", "class_name": "MemoryStorage",
-             "interface_v1": 1, "store": "dyn-test"}
+    extra = {
+        "backend_name": "mem2",
+        "module_path": "hicache_core.storage.memory",
+        "class_name": "MemoryStorage",
+        "interface_v1": 1,
+        "store": "dyn-test",
+    }
     pool = pool_for("page_first")
     handle = create_backend("dynamic", storage_config("page_first", extra, hicache_storage_backend="dynamic"), pool)
     assert handle.name == "mem2" and handle.interface_v1
@@ -242,20 +275,42 @@ def test_sglang_style_class_loads_unchanged(tmp_path, monkeypatch, layout):
     assert set(handle.raw.data) == set(sc.namespace.keys(keys))
 
 
-@pytest.mark.parametrize("extra, match", [
-    ({"backend_name": "x", "module_path": "no_such_module_xyz", "class_name": "C"},
-     r"cannot import module 'no_such_module_xyz'.*install the package that provides it or put its directory on PYTHONPATH"),
-    ({"backend_name": "x", "module_path": "hicache_core.storage.memory", "class_name": "Nope"},
-     r"has no class 'Nope'; classes there: .*MemoryStorage"),
-    ({"backend_name": "x", "module_path": "hicache_core.storage.memory", "class_name": "threading"},
-     r"is a module, not a class"),
-    ({"backend_name": "x", "module_path": "hicache_core.config", "class_name": "HiCacheConfig"},
-     r"lacks get, set, exists, which a v0 \(interface_v1=0\) storage backend implements"),
-    ({"backend_name": "x", "module_path": "hicache_core.config", "class_name": "HiCacheConfig", "interface_v1": 1},
-     r"lacks batch_get_v1, batch_set_v1, batch_exists"),
-    ({"backend_name": "x", "module_path": "m", "class_name": "C", "interface_v1": "maybe"}, r"interface_v1='maybe' is not a boolean"),
-    ({"module_path": "m", "class_name": "C"}, r"extra-config with backend_name"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (
+            {"backend_name": "x", "module_path": "no_such_module_xyz", "class_name": "C"},
+            r"cannot import module 'no_such_module_xyz'.*"
+            r"install the package that provides it or put its directory on PYTHONPATH",
+        ),
+        (
+            {"backend_name": "x", "module_path": "hicache_core.storage.memory", "class_name": "Nope"},
+            r"has no class 'Nope'; classes there: .*MemoryStorage",
+        ),
+        (
+            {"backend_name": "x", "module_path": "hicache_core.storage.memory", "class_name": "threading"},
+            r"is a module, not a class",
+        ),
+        (
+            {"backend_name": "x", "module_path": "hicache_core.config", "class_name": "HiCacheConfig"},
+            r"lacks get, set, exists, which a v0 \(interface_v1=0\) storage backend implements",
+        ),
+        (
+            {
+                "backend_name": "x",
+                "module_path": "hicache_core.config",
+                "class_name": "HiCacheConfig",
+                "interface_v1": 1,
+            },
+            r"lacks batch_get_v1, batch_set_v1, batch_exists",
+        ),
+        (
+            {"backend_name": "x", "module_path": "m", "class_name": "C", "interface_v1": "maybe"},
+            r"interface_v1='maybe' is not a boolean",
+        ),
+        ({"module_path": "m", "class_name": "C"}, r"extra-config with backend_name"),
+    ],
+)
 def test_dynamic_errors(extra, match):
     with pytest.raises((BackendLoadError, ConfigError), match=match):
         resolve("dynamic", extra)
@@ -269,7 +324,9 @@ def test_dynamic_module_that_raises(tmp_path, monkeypatch):
 
 
 def test_constructor_failure_is_wrapped(tmp_path, monkeypatch):
-    (tmp_path / "badctor.py").write_text(SGLANG_STYLE.replace("self.rank = storage_config.tp_rank", "raise OSError('no such device')"))
+    (tmp_path / "badctor.py").write_text(
+        SGLANG_STYLE.replace("self.rank = storage_config.tp_rank", "raise OSError('no such device')")
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     extra = {"backend_name": "bad", "module_path": "badctor", "class_name": "SGLangStyleStore"}
     with pytest.raises(BackendLoadError, match=r"'bad' .*failed to start: OSError: no such device"):
@@ -292,11 +349,14 @@ def test_cli_check_roundtrips_through_plugin(vendor_site):
 def test_cli_bad_choice_is_argparse_usage_error():
     r = run_cli("check", "--hicache-io-backend", "dma")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].endswith(
-        "argument --hicache-io-backend: invalid choice: 'dma' (choose from 'kernel', 'direct')")
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .endswith("argument --hicache-io-backend: invalid choice: 'dma' (choose from 'kernel', 'direct')")
+    )
 
 
-RAISING_STORE = '''
+RAISING_STORE = """
 class RaisingStore:
     def __init__(self, storage_config, kwargs):
         pass
@@ -308,16 +368,25 @@ class RaisingStore:
         return [False] * len(keys)
     def batch_set_v1(self, keys, host_indices):
         raise ConnectionError("storage cluster unreachable")
-'''
+"""
 
 
 def test_cli_check_reports_a_raising_backend_without_a_traceback(tmp_path):
     (tmp_path / "raising_store.py").write_text(RAISING_STORE)
     extra = '{"backend_name": "r", "module_path": "raising_store", "class_name": "RaisingStore", "interface_v1": 1}'
-    r = run_cli("check", "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", extra,
-                pythonpath=[tmp_path])
+    r = run_cli(
+        "check",
+        "--hicache-storage-backend",
+        "dynamic",
+        "--hicache-storage-backend-extra-config",
+        extra,
+        pythonpath=[tmp_path],
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
-    assert "the backend failed: set raised ConnectionError: storage cluster unreachable" in r.stdout and "check FAILED" in r.stdout
+    assert (
+        "the backend failed: set raised ConnectionError: storage cluster unreachable" in r.stdout
+        and "check FAILED" in r.stdout
+    )
 
 
 def test_cli_version():
@@ -325,14 +394,33 @@ def test_cli_version():
     assert r.returncode == 0 and r.stdout.startswith("hicache 0.1.0")
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["check", "--hicache-storage-backend-extra-config", "{oops"], "not valid JSON"),
-    (["check", "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config", '{"backend_name": "x"}'],
-     "module_path, class_name"),
-    (["check", "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
-      '{"backend_name": "x", "module_path": "nowhere_mod", "class_name": "C"}'], "cannot import module 'nowhere_mod'"),
-    (["check", "--hicache-storage-backend", "nope"], "unknown storage backend 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["check", "--hicache-storage-backend-extra-config", "{oops"], "not valid JSON"),
+        (
+            [
+                "check",
+                "--hicache-storage-backend",
+                "dynamic",
+                "--hicache-storage-backend-extra-config",
+                '{"backend_name": "x"}',
+            ],
+            "module_path, class_name",
+        ),
+        (
+            [
+                "check",
+                "--hicache-storage-backend",
+                "dynamic",
+                "--hicache-storage-backend-extra-config",
+                '{"backend_name": "x", "module_path": "nowhere_mod", "class_name": "C"}',
+            ],
+            "cannot import module 'nowhere_mod'",
+        ),
+        (["check", "--hicache-storage-backend", "nope"], "unknown storage backend 'nope'"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, match):
     r = run_cli(*argv)
     assert r.returncode == 2
@@ -341,11 +429,17 @@ def test_cli_errors_are_one_line(argv, match):
 
 
 def test_cli_broken_plugin_selected(tmp_path):
-    site = install_plugin(tmp_path / "s", "hicache-plugin-broken", "broken_pkg", "import not_installed_dependency\n", "broken")
+    site = install_plugin(
+        tmp_path / "s", "hicache-plugin-broken", "broken_pkg", "import not_installed_dependency\n", "broken"
+    )
     r = run_cli("backends", pythonpath=[site])
     assert r.returncode == 0 and "failed to load" in r.stdout
     r = run_cli("check", "--hicache-storage-backend", "broken", pythonpath=[site])
-    assert r.returncode == 2 and "pip install --force-reinstall hicache-plugin-broken" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2
+        and "pip install --force-reinstall hicache-plugin-broken" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_real_pip_install_of_a_plugin(tmp_path):
@@ -353,9 +447,12 @@ def test_real_pip_install_of_a_plugin(tmp_path):
     proj = tmp_path / "proj"
     (proj / "acme_store").mkdir(parents=True)
     (proj / "acme_store" / "__init__.py").write_text("")
-    (proj / "acme_store" / "plugin.py").write_text(textwrap.dedent(VENDOR_PLUGIN).replace("vendor_store.store", "acme_store.store").replace('"vendor"', '"acme"'))
+    (proj / "acme_store" / "plugin.py").write_text(
+        textwrap.dedent(VENDOR_PLUGIN).replace("vendor_store.store", "acme_store.store").replace('"vendor"', '"acme"')
+    )
     (proj / "acme_store" / "store.py").write_text(VENDOR_STORE)
-    (proj / "pyproject.toml").write_text(textwrap.dedent("""
+    (proj / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=64"]
         build-backend = "setuptools.build_meta"
@@ -366,10 +463,26 @@ def test_real_pip_install_of_a_plugin(tmp_path):
         acme = "acme_store.plugin"
         [tool.setuptools]
         packages = ["acme_store"]
-    """))
+    """)
+    )
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(site), str(proj)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(proj),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     r = run_cli("backends", "--json", pythonpath=[site])
     assert r.returncode == 0, r.stderr
     assert '"name": "acme"' in r.stdout and '"hicache-plugin-acme"' in r.stdout and '"1.2.0"' in r.stdout

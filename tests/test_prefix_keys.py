@@ -29,8 +29,14 @@ class RecordingStore(MemoryStorage):
 
 
 def recording_cache(store: str, on: bool):
-    extra = {"backend_name": "rec", "module_path": __name__, "class_name": "RecordingStore", "interface_v1": 1,
-             "store": store, "hicache_storage_pass_prefix_keys": on}
+    extra = {
+        "backend_name": "rec",
+        "module_path": __name__,
+        "class_name": "RecordingStore",
+        "interface_v1": 1,
+        "store": store,
+        "hicache_storage_pass_prefix_keys": on,
+    }
     return make_cache(storage="dynamic", extra=extra, prefetch="wait_complete", device_pages=6)
 
 

@@ -88,8 +88,10 @@ def test_a_namespace_past_its_host_quota_loses_its_own_pages_first():
         run_request(c, seq(20 + i, 2), f"n{i}")
     c.flush()
     c.evict(10**6)
-    assert sum(len(n.host_value) for n in c.nodes() if n.host_value is not None and c.quota.namespace_of(n) is None) \
+    assert (
+        sum(len(n.host_value) for n in c.nodes() if n.host_value is not None and c.quota.namespace_of(n) is None)
         >= 12 * PS
+    )
 
 
 def test_a_namespace_at_its_quota_fetches_from_storage_only_what_fits():

@@ -93,13 +93,13 @@ def test_loads_by_dynamic_json(seed_module):
 
 
 def test_loads_by_entry_point(seed_module, tmp_path, monkeypatch):
-    plugin = '''
+    plugin = """
 from hicache_core.hookspecs import BackendRecord, hookimpl
 
 @hookimpl
 def hicache_storage_backends():
     yield BackendRecord(name="seedling", target="seed_store:SeedStore", interface_v1=False)
-'''
+"""
     site = install_plugin(tmp_path / "site", "hicache-plugin-seedling", "seedling_pkg", plugin, "seedling")
     monkeypatch.syspath_prepend(str(site))
     from hicache_core.plugins import HiCachePluginManager
@@ -113,10 +113,24 @@ def hicache_storage_backends():
 def test_runs_the_multiturn_benchmark(seed_module, tmp_path):
     from test_engine import SMALL, parse
 
-    args = parse(SMALL + ["--no-warm", "--configs", "hicache+storage", "--report-dir", str(tmp_path / "r"),
-                          "--hicache-ratio", "1", "--max-running", "1",  # host no larger than device, one request at a time: storage serves
-                          "--hicache-storage-backend", "dynamic",
-                          "--hicache-storage-backend-extra-config", json.dumps({**DYNAMIC, "prefetch_threshold": 16})])
+    args = parse(
+        SMALL
+        + [
+            "--no-warm",
+            "--configs",
+            "hicache+storage",
+            "--report-dir",
+            str(tmp_path / "r"),
+            "--hicache-ratio",
+            "1",
+            "--max-running",
+            "1",  # host no larger than device, one request at a time: storage serves
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            json.dumps({**DYNAMIC, "prefetch_threshold": 16}),
+        ]
+    )
     assert multiturn.run(args) == 0  # tokens identical to no-cache
     report = json.load(open(tmp_path / "r" / "report.json"))
     run = {c["config"]: c for c in report["configs"]}["hicache+storage"]

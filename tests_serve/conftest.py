@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = ("the quick brown fox jumps over the lazy dog while a cache keeps every prefix it has seen; "
-          "hierarchical memory holds pages on the device, on the host and in storage. ") * 20
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog while a cache keeps every prefix it has seen; "
+    "hierarchical memory holds pages on the device, on the host and in storage. "
+) * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0) -> Path:
@@ -30,14 +34,30 @@ def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     hf_tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, initializer_range=0.1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(path, safe_serialization=True)
@@ -63,9 +83,14 @@ def hf_generate(hf, ids: list[int], n: int) -> list[int]:
 
     model, tok = hf
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=tok.eos_token_id)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pad_token_id=tok.eos_token_id,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 class Server:
@@ -78,8 +103,9 @@ class Server:
         return json.loads(body) if body.startswith(("{", "[")) else body
 
     def post(self, path: str, body, method: str = "POST"):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 text = r.read().decode()
@@ -100,9 +126,24 @@ def serve(tmp_path: Path, *flags: str):
     log = tmp_path / f"server-{time.monotonic_ns()}.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--port-file",
-                                 str(port_file), "--log-level", "warning", *flags], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hicache_core.cli",
+                "serve",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--log-level",
+                "warning",
+                *flags,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 120
         while not port_file.exists() or not port_file.read_text():

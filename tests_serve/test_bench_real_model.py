@@ -13,11 +13,41 @@ from test_real_checkpoint import smollm2_gguf
 
 
 def test_bench_multiturn_runs_on_a_real_model_and_reports_its_text(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "bench", "multiturn", "--model-path",
-                        str(smollm2_gguf()), "--configs", "hicache+storage", "--num-clients", "2", "--num-rounds", "2",
-                        "--request-length", "64", "--question-length", "24", "--output-length", "6",
-                        "--device-tokens", "192", "--page-size", "16", "--no-progress", "--json",
-                        "--report-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hicache_core.cli",
+            "bench",
+            "multiturn",
+            "--model-path",
+            str(smollm2_gguf()),
+            "--configs",
+            "hicache+storage",
+            "--num-clients",
+            "2",
+            "--num-rounds",
+            "2",
+            "--request-length",
+            "64",
+            "--question-length",
+            "24",
+            "--output-length",
+            "6",
+            "--device-tokens",
+            "192",
+            "--page-size",
+            "16",
+            "--no-progress",
+            "--json",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     s = out["summary"]

@@ -49,9 +49,17 @@ def write_gguf(path: Path, model, *, arch: str = "llama", tokenizer_model: str =
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for name, t in model.state_dict().items():
         a = t.detach().float().numpy()
         if name.startswith("model.layers."):
@@ -63,8 +71,11 @@ def write_gguf(path: Path, model, *, arch: str = "llama", tokenizer_model: str =
                 a = llama_cpp_order(a, c.num_key_value_heads)
             out = f"blk.{i}.{names[base]}.{kind}"
         else:
-            out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                   "lm_head.weight": "output.weight"}[name]
+            out = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         w.add_tensor(out, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -81,9 +92,18 @@ def tiny(tmp_path_factory):
 
     gg = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gg.parent, gguf_file=gg.name)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.2, tie_word_embeddings=False, rope_theta=50000.0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        rope_theta=50000.0,
+    )
     torch.manual_seed(1)
     model = LlamaForCausalLM(cfg).eval()
     return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", model), model, tok
@@ -110,20 +130,28 @@ def test_a_gguf_file_gives_back_transformers_tensors_and_tokens(tmp_path, tiny):
         assert s.get("/v1/models")["data"][0]["id"] == "tiny"
 
 
-@pytest.mark.parametrize("make,says", [
-    (lambda p, m: p.write_bytes(b"not a gguf file at all" * 10), "is not a readable GGUF file"),
-    (lambda p, m: p.write_bytes(p.with_name("tiny.gguf").read_bytes()[:4096]), "is not a readable GGUF file"),
-    (lambda p, m: write_gguf(p, m, arch="gpt2"), "holds a gpt2 model (general.architecture)"),
-    (lambda p, m: write_gguf(p, m, tokenizer_model="llama"), "tokenizer.ggml.model 'llama' is not supported"),
-    (None, "no such file"),
-])
+@pytest.mark.parametrize(
+    "make,says",
+    [
+        (lambda p, m: p.write_bytes(b"not a gguf file at all" * 10), "is not a readable GGUF file"),
+        (lambda p, m: p.write_bytes(p.with_name("tiny.gguf").read_bytes()[:4096]), "is not a readable GGUF file"),
+        (lambda p, m: write_gguf(p, m, arch="gpt2"), "holds a gpt2 model (general.architecture)"),
+        (lambda p, m: write_gguf(p, m, tokenizer_model="llama"), "tokenizer.ggml.model 'llama' is not supported"),
+        (None, "no such file"),
+    ],
+)
 def test_bad_gguf_files_fail_clearly(tmp_path, tiny, make, says):
     path, model, _ = tiny
     bad = path.parent / f"bad-{abs(hash(says))}.gguf"
     if make is not None:
         make(bad, model)
-    r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--model-path", str(bad)],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--model-path", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert re.match(r"hicache: error", r.stderr), r.stderr

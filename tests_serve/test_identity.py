@@ -26,10 +26,19 @@ def ask(server, hf, text: str) -> dict:
 
 def test_a_checkpoint_rewritten_in_place_gets_no_storage_hit_from_its_old_pages(tmp_path):
     model = make_checkpoint(tmp_path / "my-llama", seed=0)
-    flags = ["--model-path", str(model), "--page-size", "8", "--enable-hierarchical-cache",
-             "--hicache-storage-backend", "file", "--hicache-storage-prefetch-policy", "wait_complete",
-             "--hicache-storage-backend-extra-config",
-             json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 8})]
+    flags = [
+        "--model-path",
+        str(model),
+        "--page-size",
+        "8",
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-prefetch-policy",
+        "wait_complete",
+        "--hicache-storage-backend-extra-config",
+        json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 8}),
+    ]
     prompt = CORPUS[:600]
     old = hf_of(model)
     with serve(tmp_path, *flags) as s:

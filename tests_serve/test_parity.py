@@ -26,19 +26,23 @@ def run_all(server, hf, expect_cached: str | None = None, prompts: list[str] = P
         assert out["text"] == hf[1].decode(out["output_ids"], skip_special_tokens=True)
         outs.append(out)
     if expect_cached:  # some prompt's prefix came from that tier
-        assert sum(o["meta_info"]["cached_tokens_details"][expect_cached] for o in outs) > 0, \
-            [o["meta_info"]["cached_tokens_details"] for o in outs]
+        assert sum(o["meta_info"]["cached_tokens_details"][expect_cached] for o in outs) > 0, [
+            o["meta_info"]["cached_tokens_details"] for o in outs
+        ]
     return outs
 
 
-@pytest.mark.parametrize("flags", [
-    ["--disable-radix-cache"],
-    [],
-    ["--enable-hierarchical-cache"],
-], ids=["no-cache", "radix", "hicache-L1+L2"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--disable-radix-cache"],
+        [],
+        ["--enable-hierarchical-cache"],
+    ],
+    ids=["no-cache", "radix", "hicache-L1+L2"],
+)
 def test_greedy_parity_each_configuration(tmp_path, checkpoint, hf, flags):
-    with serve(tmp_path, "--model-path", str(checkpoint), "--page-size", PS, "--max-total-tokens", "1024",
-               *flags) as s:
+    with serve(tmp_path, "--model-path", str(checkpoint), "--page-size", PS, "--max-total-tokens", "1024", *flags) as s:
         run_all(s, hf)
         again = run_all(s, hf, expect_cached=None if "--disable-radix-cache" in flags else "device")
         if "--disable-radix-cache" in flags:
@@ -47,10 +51,25 @@ def test_greedy_parity_each_configuration(tmp_path, checkpoint, hf, flags):
 
 def test_greedy_parity_through_host_and_storage_and_warm_restart(tmp_path, checkpoint, hf):
     store = tmp_path / "store"
-    flags = ["--model-path", str(checkpoint), "--page-size", PS, "--enable-hierarchical-cache",
-             "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",
-             json.dumps({"storage_dir": str(store), "prefetch_threshold": 64}), "--hicache-storage-prefetch-policy",
-             "wait_complete", "--max-total-tokens", "256", "--hicache-ratio", "4", "--max-running-requests", "1"]
+    flags = [
+        "--model-path",
+        str(checkpoint),
+        "--page-size",
+        PS,
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-backend-extra-config",
+        json.dumps({"storage_dir": str(store), "prefetch_threshold": 64}),
+        "--hicache-storage-prefetch-policy",
+        "wait_complete",
+        "--max-total-tokens",
+        "256",
+        "--hicache-ratio",
+        "4",
+        "--max-running-requests",
+        "1",
+    ]
     with serve(tmp_path, *flags) as s:
         run_all(s, hf, prompts=DISTINCT)  # each prompt evicts the last one's pages to the host
         run_all(s, hf, expect_cached="host", prompts=DISTINCT)

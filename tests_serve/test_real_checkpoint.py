@@ -18,10 +18,16 @@ import pytest
 from conftest import hf_generate, serve
 
 N = 10
-QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
-             "Write one sentence about the sea.", "What is two plus two?"]
-SYSTEM = ("You are a helpful assistant. You answer briefly and correctly, in English, and you never make up facts. "
-          "When a question is about geography, history or arithmetic you give the plain answer first. ") * 2
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+    "What is two plus two?",
+]
+SYSTEM = (
+    "You are a helpful assistant. You answer briefly and correctly, in English, and you never make up facts. "
+    "When a question is about geography, history or arithmetic you give the plain answer first. "
+) * 2
 
 
 def smollm2_gguf() -> Path:
@@ -54,8 +60,11 @@ def smol(tmp_path_factory):
 
 
 def chat_ids(tok, question: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-                                  add_generation_prompt=True, tokenize=True)
+    ids = tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -68,8 +77,9 @@ def ask_all(server, smol, tier: str | None = None) -> list[dict]:
         assert out["output_ids"] == hf_generate((model, tok), ids, N), f"tokens differ from transformers on {q!r}"
         outs.append(out)
     if tier:
-        assert sum(o["meta_info"]["cached_tokens_details"][tier] for o in outs) > 0, \
-            [o["meta_info"]["cached_tokens_details"] for o in outs]
+        assert sum(o["meta_info"]["cached_tokens_details"][tier] for o in outs) > 0, [
+            o["meta_info"]["cached_tokens_details"] for o in outs
+        ]
     return outs
 
 
@@ -87,18 +97,40 @@ def test_smollm2_gguf_file_answers_as_transformers_does_through_every_tier_and_a
     _, model, tok = smol
     path = smollm2_gguf()  # served from the file itself: no conversion step
     store = tmp_path / "store"
-    flags = ["--model-path", str(path), "--page-size", "16", "--enable-hierarchical-cache",
-             "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",
-             json.dumps({"storage_dir": str(store), "prefetch_threshold": 32}), "--hicache-storage-prefetch-policy",
-             "wait_complete", "--max-total-tokens", "256", "--hicache-ratio", "2", "--max-running-requests", "1"]
+    flags = [
+        "--model-path",
+        str(path),
+        "--page-size",
+        "16",
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-backend-extra-config",
+        json.dumps({"storage_dir": str(store), "prefetch_threshold": 32}),
+        "--hicache-storage-prefetch-policy",
+        "wait_complete",
+        "--max-total-tokens",
+        "256",
+        "--hicache-ratio",
+        "2",
+        "--max-running-requests",
+        "1",
+    ]
     with serve(tmp_path, *flags) as s:
         # text prompt through /generate, and the chat template through OpenAI's API: transformers' words
         text = "The capital of France is"
         ids = tok(text).input_ids
         out = s.generate({"text": text, "sampling_params": {"max_new_tokens": N, "temperature": 0}})
         assert out["output_ids"] == hf_generate((model, tok), ids, N)
-        status, chat = s.post("/v1/chat/completions", {"model": "default", "max_tokens": N, "temperature": 0,
-                                                       "messages": [{"role": "user", "content": QUESTIONS[0]}]})
+        status, chat = s.post(
+            "/v1/chat/completions",
+            {
+                "model": "default",
+                "max_tokens": N,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": QUESTIONS[0]}],
+            },
+        )
         want = hf_generate((model, tok), chat_ids_plain(tok, QUESTIONS[0]), N)
         assert status == 200 and chat["choices"][0]["message"]["content"] == tok.decode(want, skip_special_tokens=True)
         assert "Paris" in chat["choices"][0]["message"]["content"]

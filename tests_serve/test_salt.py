@@ -21,9 +21,18 @@ def gen(s, salt=None, key="cache_salt"):
 
 
 def test_salts_share_no_prefix_in_any_tier_and_their_ttft_shows_nothing(tmp_path):
-    flags = ["--page-size", "16", "--enable-cache-report", "--enable-hierarchical-cache", "--hicache-storage-backend", "file",
-             "--hicache-storage-prefetch-policy", "wait_complete", "--hicache-storage-backend-extra-config",
-             json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 16})]
+    flags = [
+        "--page-size",
+        "16",
+        "--enable-cache-report",
+        "--enable-hierarchical-cache",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-prefetch-policy",
+        "wait_complete",
+        "--hicache-storage-backend-extra-config",
+        json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 16}),
+    ]
     with serve(tmp_path, *flags) as s:
         cached, cold = gen(s, "tenant-a")
         assert cached == 0
@@ -34,11 +43,19 @@ def test_salts_share_no_prefix_in_any_tier_and_their_ttft_shows_nothing(tmp_path
         assert other > 3 * hit, f"another salt's TTFT {other:.4f}s looks like a hit's {hit:.4f}s (cold {cold:.4f}s)"
         assert gen(s)[0] == 0  # no salt: the unsalted cache, which nobody filled
         assert gen(s, "tenant-a", key="extra_key")[0] == 0  # SGLang's extra_key is a namespace of its own
-        status, out = s.post("/v1/completions", {"model": "default", "prompt": PROMPT, "max_tokens": 1,
-                                                 "cache_salt": "tenant-b"})
+        status, out = s.post(
+            "/v1/completions", {"model": "default", "prompt": PROMPT, "max_tokens": 1, "cache_salt": "tenant-b"}
+        )
         assert status == 200 and out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, out
-        status, out = s.post("/v1/chat/completions", {"model": "default", "max_tokens": 1, "cache_salt": "tenant-c",
-                                                      "messages": [{"role": "user", "content": PROMPT}]})
+        status, out = s.post(
+            "/v1/chat/completions",
+            {
+                "model": "default",
+                "max_tokens": 1,
+                "cache_salt": "tenant-c",
+                "messages": [{"role": "user", "content": PROMPT}],
+            },
+        )
         assert status == 200 and "prompt_tokens_details" not in out["usage"], out  # reported only when cached
         for bad, says in ((7, "cache_salt must be a non-empty string"), ("", "cache_salt must be a non-empty")):
             status, out = s.post("/generate", {"text": "x", "cache_salt": bad})

@@ -12,11 +12,28 @@ from test_parity import DISTINCT, PS, run_all
 
 
 def test_two_ranks_serve_transformers_tokens_through_every_tier(tmp_path, checkpoint, hf):
-    flags = ["--model-path", str(checkpoint), "--page-size", PS, "--enable-hierarchical-cache", "--tp-size", "2",
-             "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",
-             json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 64}),
-             "--hicache-storage-prefetch-policy", "wait_complete", "--max-total-tokens", "256", "--hicache-ratio", "4",
-             "--max-running-requests", "1", "--enable-metrics"]
+    flags = [
+        "--model-path",
+        str(checkpoint),
+        "--page-size",
+        PS,
+        "--enable-hierarchical-cache",
+        "--tp-size",
+        "2",
+        "--hicache-storage-backend",
+        "file",
+        "--hicache-storage-backend-extra-config",
+        json.dumps({"storage_dir": str(tmp_path / "store"), "prefetch_threshold": 64}),
+        "--hicache-storage-prefetch-policy",
+        "wait_complete",
+        "--max-total-tokens",
+        "256",
+        "--hicache-ratio",
+        "4",
+        "--max-running-requests",
+        "1",
+        "--enable-metrics",
+    ]
     with serve(tmp_path, *flags) as s:
         run_all(s, hf, prompts=DISTINCT)
         run_all(s, hf, expect_cached="host", prompts=DISTINCT)
@@ -32,6 +49,11 @@ def test_two_ranks_serve_transformers_tokens_through_every_tier(tmp_path, checkp
 
 
 def test_tp_size_the_model_cannot_split_is_a_clear_error():
-    r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--tp-size", "4"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--tp-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "attention heads (6) must divide evenly" in r.stderr, r.stderr

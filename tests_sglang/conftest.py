@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "mooncake_plugin_conftest", Path(__file__).resolve().parents[1] / "plugins" / "mooncake" / "tests" / "conftest.py")
+    "mooncake_plugin_conftest", Path(__file__).resolve().parents[1] / "plugins" / "mooncake" / "tests" / "conftest.py"
+)
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
 

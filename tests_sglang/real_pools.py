@@ -20,21 +20,34 @@ def _ptrs(tensors) -> torch.Tensor:
 def real_host_pool(layout: str, *, mla: bool = False, page_size: int = 4, dtype=torch.bfloat16):
     """A real SGLang host pool of 2x a 64-token device pool, unpinned, its buffer filled with random bytes."""
     cpu = torch.device("cpu")
-    common = dict(pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS, start_layer=0,
-                  end_layer=LAYERS)
+    common = dict(pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS, start_layer=0, end_layer=LAYERS)
     if mla:
         rows = tuple(torch.zeros(DEVICE_TOKENS, 1, LORA + ROPE, dtype=dtype) for _ in range(LAYERS))
-        info = MLABufferInfo(buffers=rows, data_ptrs=_ptrs(rows), layer_indices=tuple(range(LAYERS)),
-                             device_layer_num=LAYERS, page_size=page_size, kv_lora_rank=LORA,
-                             qk_rope_head_dim=ROPE, kv_cache_dim=LORA + ROPE, dtype=dtype, device=cpu)
+        info = MLABufferInfo(
+            buffers=rows,
+            data_ptrs=_ptrs(rows),
+            layer_indices=tuple(range(LAYERS)),
+            device_layer_num=LAYERS,
+            page_size=page_size,
+            kv_lora_rank=LORA,
+            qk_rope_head_dim=ROPE,
+            kv_cache_dim=LORA + ROPE,
+            dtype=dtype,
+            device=cpu,
+        )
         pool = MLATokenToKVPoolHost(info, 2.0, 0, page_size, layout, target_layer_num=LAYERS, **common)
     else:
         k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(LAYERS))
         v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(LAYERS))
-        info = MHABufferInfo(buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v),
-                                               layout=KVBufferLayout.NHD),
-                             page_size=page_size, head_num=HEADS, head_dim=HEAD_DIM, v_head_dim=HEAD_DIM,
-                             dtype=dtype, device=cpu)
+        info = MHABufferInfo(
+            buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v), layout=KVBufferLayout.NHD),
+            page_size=page_size,
+            head_num=HEADS,
+            head_dim=HEAD_DIM,
+            v_head_dim=HEAD_DIM,
+            dtype=dtype,
+            device=cpu,
+        )
         pool = MHATokenToKVPoolHost(info, 2.0, 0, page_size, layout, **common)
     buf = pool.kv_buffer.view(torch.uint8)
     buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8))

@@ -29,16 +29,29 @@ MLA = KVSpec(layer_num=3, head_num=1, head_dim=24, dtype=torch.bfloat16, is_mla=
 
 
 def sglang_file(path, *, layout, model="org/model-7b", mla=False, tp_rank=0, tp_size=1) -> HiCacheFile:
-    sc = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-                              attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
-                              is_page_first_layout=layout != "layer_first", model_name=model,
-                              extra_config={"file_storage_path": str(path)})
+    sc = HiCacheStorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=False,
+        is_page_first_layout=layout != "layer_first",
+        model_name=model,
+        extra_config={"file_storage_path": str(path)},
+    )
     return HiCacheFile(sc)
 
 
 def hicache_file(path, pool, *, model="org/model-7b", tp_rank=0, tp_size=1):
-    cfg = HiCacheConfig(page_size=PS, hicache_mem_layout=pool.layout, model_name=model,
-                        hicache_storage_backend_extra_config={"storage_dir": str(path), "layout_compat": "sglang"})
+    cfg = HiCacheConfig(
+        page_size=PS,
+        hicache_mem_layout=pool.layout,
+        model_name=model,
+        hicache_storage_backend_extra_config={"storage_dir": str(path), "layout_compat": "sglang"},
+    )
     sc = make_storage_config(cfg, pool.spec, tp_rank=tp_rank, tp_size=tp_size)
     return create_backend("file", sc, pool)
 
@@ -97,18 +110,34 @@ def test_unknown_layout_compat_is_refused(tmp_path):
     from hicache_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="layout_compat='sglang2'; choose one of hicache, sglang"):
-        create_backend("file", make_storage_config(HiCacheConfig(page_size=PS), SPEC),
-                       HostPool(SPEC, 8 * PS, PS, "layer_first", pin_memory=False),
-                       extra_config={"layout_compat": "sglang2", "storage_dir": str(tmp_path)})
+        create_backend(
+            "file",
+            make_storage_config(HiCacheConfig(page_size=PS), SPEC),
+            HostPool(SPEC, 8 * PS, PS, "layer_first", pin_memory=False),
+            extra_config={"layout_compat": "sglang2", "storage_dir": str(tmp_path)},
+        )
 
 
-SGLANG_FILE = {"backend_name": "sglang-file", "module_path": "sglang.srt.mem_cache.hicache_storage",
-               "class_name": "HiCacheFile", "interface_v1": 0}
+SGLANG_FILE = {
+    "backend_name": "sglang-file",
+    "module_path": "sglang.srt.mem_cache.hicache_storage",
+    "class_name": "HiCacheFile",
+    "interface_v1": 0,
+}
 
 
 def test_sglang_hicache_file_passes_hicache_check(tmp_path, capsys):
-    rc = main(["check", "--hicache-io-backend", "direct", "--hicache-storage-backend", "dynamic",
-               "--hicache-storage-backend-extra-config", json.dumps({**SGLANG_FILE, "file_storage_path": str(tmp_path)})])
+    rc = main(
+        [
+            "check",
+            "--hicache-io-backend",
+            "direct",
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            json.dumps({**SGLANG_FILE, "file_storage_path": str(tmp_path)}),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "v0 via adapter" in out and "bytes identical" in out and "check passed" in out
     assert os.listdir(tmp_path) == []  # the check removed its pages
@@ -121,10 +150,24 @@ def test_sglang_hicache_file_runs_the_multiturn_benchmark(tmp_path):
     from test_engine import SMALL, parse
 
     extra = {**SGLANG_FILE, "file_storage_path": str(tmp_path / "store"), "prefetch_threshold": 16}
-    args = parse(SMALL + ["--no-warm", "--configs", "hicache+storage", "--report-dir", str(tmp_path / "r"),
-                          "--hicache-ratio", "1", "--max-running", "1",  # host no larger than device, one request at a time: storage serves
-                          "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
-                          json.dumps(extra)])
+    args = parse(
+        SMALL
+        + [
+            "--no-warm",
+            "--configs",
+            "hicache+storage",
+            "--report-dir",
+            str(tmp_path / "r"),
+            "--hicache-ratio",
+            "1",
+            "--max-running",
+            "1",  # host no larger than device, one request at a time: storage serves
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(extra),
+        ]
+    )
     assert multiturn.run(args) == 0  # tokens identical to no-cache
     run = {c["config"]: c for c in json.load(open(tmp_path / "r" / "report.json"))["configs"]}["hicache+storage"]
     assert run["backuped_tokens"] > 0 and run["hit_tokens"]["storage"] > 0
@@ -135,9 +178,24 @@ def test_an_sglang_v1_class_is_built_as_sglang_builds_it_and_checked(tmp_path, c
     the v1 path; it keeps keys only and serves no bytes by design, and hicache check says so (exit 1) --
     nothing it returns would be served as KV. (SGLang's own MooncakeStore and HiCacheHF3FS through hicache's
     controller are not tested yet.)"""
-    extra = {"backend_name": "sim", "module_path": "sglang.srt.mem_cache.storage.sim_storage",
-             "class_name": "SimHiCacheStorage", "interface_v1": 1, "sim_write_gbps": 0, "sim_op_latency_us": 0}
-    rc = main(["check", "--hicache-io-backend", "direct", "--hicache-storage-backend", "dynamic",
-               "--hicache-storage-backend-extra-config", json.dumps(extra)])
+    extra = {
+        "backend_name": "sim",
+        "module_path": "sglang.srt.mem_cache.storage.sim_storage",
+        "class_name": "SimHiCacheStorage",
+        "interface_v1": 1,
+        "sim_write_gbps": 0,
+        "sim_op_latency_us": 0,
+    }
+    rc = main(
+        [
+            "check",
+            "--hicache-io-backend",
+            "direct",
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(extra),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and "(v1)" in out and "exists 4/4" in out and "bytes DIFFER" in out and "check FAILED" in out

@@ -14,8 +14,9 @@ from test_sglang_real_pools import bridge, indices, keys, store
 def server_args(monkeypatch, model_path, **more):
     import sglang.srt.runtime_context as rc
 
-    args = types.SimpleNamespace(model_path=str(model_path), revision=None, dtype="bfloat16", quantization=None,
-                                 kv_cache_dtype="auto", **more)
+    args = types.SimpleNamespace(
+        model_path=str(model_path), revision=None, dtype="bfloat16", quantization=None, kv_cache_dtype="auto", **more
+    )
     monkeypatch.setattr(rc, "get_server_args", lambda: args)
     return args
 
@@ -78,8 +79,9 @@ def test_an_explicit_fingerprint_wins_and_no_server_args_keeps_the_name_only_key
     plain.close()
 
 
-@pytest.mark.parametrize("extra_key,cache_salt", [(None, "tenant-a"), ("lora-7", None), ("lora-7", "tenant-a"),
-                                                  ("", "x"), ("é", "日本")])
+@pytest.mark.parametrize(
+    "extra_key,cache_salt", [(None, "tenant-a"), ("lora-7", None), ("lora-7", "tenant-a"), ("", "x"), ("é", "日本")]
+)
 def test_namespaced_keys_are_sglangs(extra_key, cache_salt):
     """A salted or extra-keyed page has the key SGLang 0.5.23 gives it (its storage_namespace_seed chained into
     get_hash_str), so a store shared with SGLang servers keeps tenants apart the same way on both."""
@@ -92,7 +94,7 @@ def test_namespaced_keys_are_sglangs(extra_key, cache_salt):
     tokens = list(range(1000, 1000 + 4 * 16))
     want, prior = [], seed
     for i in range(0, len(tokens), 16):
-        prior = get_hash_str(tokens[i:i + 16], prior)
+        prior = get_hash_str(tokens[i : i + 16], prior)
         want.append(prior)
     assert hash_chain(tokens, 16, seed) == want
     assert namespace_seed(None, None) is None and storage_namespace_seed(None, None) is None

@@ -27,8 +27,20 @@ LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 class SGLangOnly:
     """A host pool with nothing but the attributes SGLang's MHA host pool has (what SGLang backends may use)."""
 
-    NAMES = ("layout", "page_size", "dtype", "size", "kv_buffer", "layer_num", "get_page_buffer_meta", "get_data_page", "set_from_flat_data_page", "get_dummy_flat_data_page",
-             "alloc", "free")
+    NAMES = (
+        "layout",
+        "page_size",
+        "dtype",
+        "size",
+        "kv_buffer",
+        "layer_num",
+        "get_page_buffer_meta",
+        "get_data_page",
+        "set_from_flat_data_page",
+        "get_dummy_flat_data_page",
+        "alloc",
+        "free",
+    )
 
     def __init__(self, pool: HostPool) -> None:
         for name in self.NAMES:
@@ -36,16 +48,32 @@ class SGLangOnly:
         self.head_num, self.head_dim = pool.spec.head_num, pool.spec.head_dim
 
 
-def sglang_config(extra: dict, *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, layout: str) -> HiCacheStorageConfig:
-    return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
-                                is_page_first_layout=layout != "layer_first", model_name="sglang-interop",
-                                extra_config=extra)
+def sglang_config(
+    extra: dict, *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, layout: str
+) -> HiCacheStorageConfig:
+    return HiCacheStorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=False,
+        is_page_first_layout=layout != "layer_first",
+        model_name="sglang-interop",
+        extra_config=extra,
+    )
 
 
 def hicache_extra(backend: str, tmp_path) -> dict:
-    extra = {"backend_name": "hicache", "module_path": "hicache_core.sglang", "class_name": "HiCacheForSGLang",
-             "interface_v1": 1, "hicache_backend": backend}
+    extra = {
+        "backend_name": "hicache",
+        "module_path": "hicache_core.sglang",
+        "class_name": "HiCacheForSGLang",
+        "interface_v1": 1,
+        "hicache_backend": backend,
+    }
     if backend == "file":
         extra["storage_dir"] = str(tmp_path / "file-store")
     elif backend == "hf3fs":
@@ -116,7 +144,9 @@ def test_v0_methods_work(tmp_path):
     target = pool.get_dummy_flat_data_page()
     got = backend.get("k0", target)
     assert got is not None and torch.equal(got.view(torch.uint8), page.view(torch.uint8))
-    assert backend.batch_get(["k0", "nope"], [pool.get_dummy_flat_data_page(), pool.get_dummy_flat_data_page()])[1] is None
+    assert (
+        backend.batch_get(["k0", "nope"], [pool.get_dummy_flat_data_page(), pool.get_dummy_flat_data_page()])[1] is None
+    )
     backend.close()
 
 
@@ -140,8 +170,9 @@ def test_mla_only_rank_zero_writes_every_rank_reads(tmp_path):
 
 def test_without_register_mem_pool_host_the_error_says_so(tmp_path):
     pool = HostPool(MHA, 8 * PS, PS, "layer_first", pin_memory=False)
-    backend = StorageBackendFactory.create_backend("dynamic", sglang_config(hicache_extra("file", tmp_path),
-                                                                            layout="layer_first"), pool)
+    backend = StorageBackendFactory.create_backend(
+        "dynamic", sglang_config(hicache_extra("file", tmp_path), layout="layer_first"), pool
+    )
     with pytest.raises(Exception, match="register_mem_pool_host\\(\\) was not called"):
         backend.batch_exists(["k"])
 
@@ -158,9 +189,25 @@ def test_bench_storage_through_sglang(tmp_path, capsys):
     issue note; here: it runs, and every page read back is checked)."""
     from hicache_core.cli import main
 
-    rc = main(["bench", "storage", "--via-sglang", "--total-mib", "4", "--page-kib", "256", "--repeat", "1",
-               "--hicache-mem-layout", "page_first_direct", "--hicache-io-backend", "direct",
-               "--hicache-storage-backend-extra-config", f'{{"storage_dir": "{tmp_path}"}}'])
+    rc = main(
+        [
+            "bench",
+            "storage",
+            "--via-sglang",
+            "--total-mib",
+            "4",
+            "--page-kib",
+            "256",
+            "--repeat",
+            "1",
+            "--hicache-mem-layout",
+            "page_first_direct",
+            "--hicache-io-backend",
+            "direct",
+            "--hicache-storage-backend-extra-config",
+            f'{{"storage_dir": "{tmp_path}"}}',
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "the bare backend" in out and "vs base" in out and "peer" not in out
 
@@ -172,8 +219,21 @@ def test_bench_storage_times_sglang_hicache_file_beside_ours(tmp_path, capsys):
 
     from hicache_core.cli import main
 
-    rc = main(["bench", "storage", "--total-mib", "2", "--page-kib", "256", "--repeat", "2", "--json",
-               "--hicache-storage-backend-extra-config", f'{{"storage_dir": "{tmp_path}"}}'])
+    rc = main(
+        [
+            "bench",
+            "storage",
+            "--total-mib",
+            "2",
+            "--page-kib",
+            "256",
+            "--repeat",
+            "2",
+            "--json",
+            "--hicache-storage-backend-extra-config",
+            f'{{"storage_dir": "{tmp_path}"}}',
+        ]
+    )
     row = json.loads(capsys.readouterr().out)["results"][0]
     assert rc == 0 and row["peer"].startswith("SGLang HiCacheFile")
     assert row["peer_get_gbps"] > 0 and row["peer_set_ratio"] > 0 and row["base_get_ratio"] > 0

@@ -25,11 +25,25 @@ PS = 4
 
 def bridge(pool, extra: dict, *, mla: bool, tp_rank: int = 0, tp_size: int = 1) -> HiCacheForSGLang:
     """Exactly SGLang's path: its factory builds the class by dynamic JSON, then the pool is registered."""
-    sc = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-                              attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
-                              is_page_first_layout=pool.layout != "layer_first", model_name="real-pools",
-                              extra_config={"backend_name": "hicache", "module_path": "hicache_core.sglang",
-                                            "class_name": "HiCacheForSGLang", "interface_v1": 1, **extra})
+    sc = HiCacheStorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=False,
+        is_page_first_layout=pool.layout != "layer_first",
+        model_name="real-pools",
+        extra_config={
+            "backend_name": "hicache",
+            "module_path": "hicache_core.sglang",
+            "class_name": "HiCacheForSGLang",
+            "interface_v1": 1,
+            **extra,
+        },
+    )
     backend = StorageBackendFactory.create_backend("dynamic", sc, pool)
     assert isinstance(backend, HiCacheForSGLang)
     backend.register_mem_pool_host(pool)
@@ -40,8 +54,13 @@ def store(name: str, tmp_path) -> dict:
     if name == "file":
         return {"hicache_backend": "file", "storage_dir": str(tmp_path / "file")}
     if name == "hf3fs":
-        return {"hicache_backend": "hf3fs", "file_path_prefix": str(tmp_path / "hf3fs" / "kv"),
-                "file_size": 1 << 24, "numjobs": 2, "entries": 4}
+        return {
+            "hicache_backend": "hf3fs",
+            "file_path_prefix": str(tmp_path / "hf3fs" / "kv"),
+            "file_size": 1 << 24,
+            "numjobs": 2,
+            "entries": 4,
+        }
     return {"hicache_backend": name}
 
 
@@ -50,8 +69,10 @@ def indices(pages) -> torch.Tensor:
 
 
 def page_bytes(pool, host_indices) -> list[bytes]:
-    return [pool.get_data_page(int(i), flat=True).contiguous().view(torch.uint8).numpy().tobytes()
-            for i in host_indices[::PS]]
+    return [
+        pool.get_data_page(int(i), flat=True).contiguous().view(torch.uint8).numpy().tobytes()
+        for i in host_indices[::PS]
+    ]
 
 
 def keys(n: int) -> list[str]:

@@ -32,25 +32,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_engine import SMALL, parse  # noqa: E402
 
 PS = 4
-MOONCAKE = {"backend_name": "sglang-mooncake", "module_path": "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store",
-            "class_name": "MooncakeStore", "interface_v1": 1}
-HF3FS = {"backend_name": "sglang-hf3fs", "module_path": "sglang.srt.mem_cache.storage.hf3fs.storage_hf3fs",
-         "class_name": "HiCacheHF3FS", "interface_v1": 1, "use_mock_hf3fs_client": True}
+MOONCAKE = {
+    "backend_name": "sglang-mooncake",
+    "module_path": "sglang.srt.mem_cache.storage.mooncake_store.mooncake_store",
+    "class_name": "MooncakeStore",
+    "interface_v1": 1,
+}
+HF3FS = {
+    "backend_name": "sglang-hf3fs",
+    "module_path": "sglang.srt.mem_cache.storage.hf3fs.storage_hf3fs",
+    "class_name": "HiCacheHF3FS",
+    "interface_v1": 1,
+    "use_mock_hf3fs_client": True,
+}
 
 
 def mooncake_extra(master) -> dict:
     """SGLang's MooncakeStore keys (sizes as integers: it refuses '64mb'), our master's addresses."""
-    return {**MOONCAKE, "master_server_address": master.address, "metadata_server": master.metadata,
-            "protocol": "tcp", "local_hostname": "127.0.0.1", "global_segment_size": 64 << 20,
-            "local_buffer_size": 16 << 20, "check_server": False, "master_metrics_port": master.metrics_port}
+    return {
+        **MOONCAKE,
+        "master_server_address": master.address,
+        "metadata_server": master.metadata,
+        "protocol": "tcp",
+        "local_hostname": "127.0.0.1",
+        "global_segment_size": 64 << 20,
+        "local_buffer_size": 16 << 20,
+        "check_server": False,
+        "master_metrics_port": master.metrics_port,
+    }
 
 
 @pytest.fixture
 def hf3fs_env(tmp_path, monkeypatch):
     """SGLang's way to configure HiCacheHF3FS: a JSON file named by SGLANG_HICACHE_HF3FS_CONFIG_PATH."""
     cfg = tmp_path / "hf3fs.json"
-    cfg.write_text(json.dumps({"file_path_prefix": str(tmp_path / "3fs" / "kv"), "file_size": 64 << 20,
-                               "numjobs": 2, "entries": 8}))
+    cfg.write_text(
+        json.dumps(
+            {"file_path_prefix": str(tmp_path / "3fs" / "kv"), "file_size": 64 << 20, "numjobs": 2, "entries": 8}
+        )
+    )
     monkeypatch.setenv("SGLANG_HICACHE_HF3FS_CONFIG_PATH", str(cfg))
     return tmp_path / "3fs"
 
@@ -62,9 +82,19 @@ def extra_for(name: str, master) -> dict:
 @pytest.mark.parametrize("layout", ["page_first_direct", "layer_first"])
 @pytest.mark.parametrize("name", ["mooncake", "hf3fs"])
 def test_sglang_v1_backends_pass_hicache_check(name, layout, master, hf3fs_env, capsys):
-    rc = main(["check", "--hicache-io-backend", "direct", "--hicache-mem-layout", layout,
-               "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
-               json.dumps(extra_for(name, master))])
+    rc = main(
+        [
+            "check",
+            "--hicache-io-backend",
+            "direct",
+            "--hicache-mem-layout",
+            layout,
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(extra_for(name, master)),
+        ]
+    )
     out = capsys.readouterr().out
     if name == "mooncake" and layout == "layer_first":  # SGLang's MooncakeStore refuses MHA layer_first itself
         assert rc == 1 and "Use page_first/page_first_direct for MHA" in out and "check FAILED" in out, out
@@ -75,10 +105,26 @@ def test_sglang_v1_backends_pass_hicache_check(name, layout, master, hf3fs_env, 
 @pytest.mark.parametrize("name", ["mooncake", "hf3fs"])
 def test_sglang_v1_backends_run_the_multiturn_benchmark_through_hicache(tmp_path, name, master, hf3fs_env):
     extra = {**extra_for(name, master), "prefetch_threshold": 16}
-    args = parse(SMALL + ["--no-warm", "--configs", "hicache+storage", "--report-dir", str(tmp_path / "r"),
-                          "--hicache-ratio", "1", "--max-running", "1", "--hicache-mem-layout", "page_first_direct",
-                          "--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
-                          json.dumps(extra)])
+    args = parse(
+        SMALL
+        + [
+            "--no-warm",
+            "--configs",
+            "hicache+storage",
+            "--report-dir",
+            str(tmp_path / "r"),
+            "--hicache-ratio",
+            "1",
+            "--max-running",
+            "1",
+            "--hicache-mem-layout",
+            "page_first_direct",
+            "--hicache-storage-backend",
+            "dynamic",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(extra),
+        ]
+    )
     assert multiturn.run(args) == 0  # tokens identical to no-cache
     run = {c["config"]: c for c in json.load(open(tmp_path / "r" / "report.json"))["configs"]}["hicache+storage"]
     assert run["backuped_tokens"] > 0 and run["hit_tokens"]["storage"] > 0 and run["storage_errors"] == {}, run
@@ -89,8 +135,13 @@ def test_pages_hicache_wrote_read_right_into_sglangs_real_pool(name, master, hf3
     """Written from hicache's HostPool through hicache's registry and guard; read by the same SGLang class
     registered with SGLang's real MHATokenToKVPoolHost of the same geometry and layout."""
     extra = extra_for(name, master)
-    config = HiCacheConfig(page_size=PS, hicache_mem_layout="page_first_direct", hicache_io_backend="direct",
-                           hicache_storage_backend="dynamic", hicache_storage_backend_extra_config=extra)
+    config = HiCacheConfig(
+        page_size=PS,
+        hicache_mem_layout="page_first_direct",
+        hicache_io_backend="direct",
+        hicache_storage_backend="dynamic",
+        hicache_storage_backend_extra_config=extra,
+    )
     ours = HostPool(spec_of(False), 64, PS, "page_first_direct", pin_memory=False)
     ours.raw.copy_(torch.randint(0, 256, ours.raw.shape, dtype=torch.uint8))
     sc = make_storage_config(config, spec_of(False))
@@ -101,14 +152,26 @@ def test_pages_hicache_wrote_read_right_into_sglangs_real_pool(name, master, hf3
 
     theirs = real_host_pool("page_first_direct")
     sglang_cls = type(handle.raw.inner) if name == "hf3fs" else type(handle.raw)
-    ssc = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                               is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
-                               model_name=sc.model_name, extra_config=dict(extra))
+    ssc = HiCacheStorageConfig(
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=False,
+        enable_storage_metrics=False,
+        is_page_first_layout=True,
+        model_name=sc.model_name,
+        extra_config=dict(extra),
+    )
     if name == "hf3fs":
         from hicache_core.storage.foreign import sglang_page_bytes
 
         reader = sglang_cls.from_env_config(sglang_page_bytes(theirs), theirs.dtype, ssc)
-        reader.metadata_client = handle.raw.inner.metadata_client  # SGLang's local metadata lives in the writer's process
+        reader.metadata_client = (
+            handle.raw.inner.metadata_client
+        )  # SGLang's local metadata lives in the writer's process
     else:
         reader = sglang_cls(ssc, theirs)
     reader.register_mem_pool_host(theirs)

@@ -31,8 +31,9 @@ def time_best(fn: Callable[[], Any], repeat: int, device: torch.device | None = 
     return statistics.median(times)
 
 
-def time_paired(base: Callable[[], Any], fn: Callable[[], Any], repeat: int, device: torch.device | None = None,
-                warmup: int = 1) -> tuple[float, float, float]:
+def time_paired(
+    base: Callable[[], Any], fn: Callable[[], Any], repeat: int, device: torch.device | None = None, warmup: int = 1
+) -> tuple[float, float, float]:
     """``base`` and ``fn`` timed in alternation, ``repeat`` pairs after ``warmup``: (median base seconds, median
     fn seconds, median of the per-pair ratios base/fn). A pair shares the machine's state of the moment, so the
     ratio holds still where the memory bandwidth of a shared machine drifts."""

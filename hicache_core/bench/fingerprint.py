@@ -21,9 +21,15 @@ from hicache_core.parse import arg_float, arg_int
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, metavar="DIR|FILE.gguf", help="a checkpoint (default: synthetic)")
-    p.add_argument("--size-gb", type=arg_float(0, above=True), default=1.0,
-                   help="the synthetic checkpoint's weights in GB (default %(default)s)")
-    p.add_argument("--repeat", type=arg_int(1, 100), default=3, help="runs per measurement, median (default %(default)s)")
+    p.add_argument(
+        "--size-gb",
+        type=arg_float(0, above=True),
+        default=1.0,
+        help="the synthetic checkpoint's weights in GB (default %(default)s)",
+    )
+    p.add_argument(
+        "--repeat", type=arg_int(1, 100), default=3, help="runs per measurement, median (default %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -94,8 +100,16 @@ def run(args: argparse.Namespace) -> int:
             dump_json({"path": str(path), "bytes": nbytes, "rows": rows})
             return 0
         print(f"\nhicache bench fingerprint: {len(files)} files, {gb:.2f} GB ({path})\n")
-        print_table(rows, [("what", "measurement", "s"), ("s", "seconds", ".3f"), ("s_per_gb", "s per GB", ".3f"),
-                           ("gbps", "GB/s", ".2f"), ("vs_read", "x read time", ".2f")])
+        print_table(
+            rows,
+            [
+                ("what", "measurement", "s"),
+                ("s", "seconds", ".3f"),
+                ("s_per_gb", "s per GB", ".3f"),
+                ("gbps", "GB/s", ".2f"),
+                ("vs_read", "x read time", ".2f"),
+            ],
+        )
         return 0
     finally:
         if tmp:

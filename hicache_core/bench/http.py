@@ -64,10 +64,14 @@ class _Call:
         self.error: Optional[str] = None
 
     def run(self) -> None:
-        body = {"input_ids": self.ids, "stream": True, "sampling_params": {
-            "max_new_tokens": self.args.output_length, "temperature": 0, "ignore_eos": True}}
-        req = urllib.request.Request(self.url + "/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        body = {
+            "input_ids": self.ids,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": self.args.output_length, "temperature": 0, "ignore_eos": True},
+        }
+        req = urllib.request.Request(
+            self.url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         t0 = time.perf_counter()
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
@@ -132,8 +136,9 @@ def _run_and_count(call: Any, progress: Any, label: str) -> None:
     progress.step(label)
 
 
-def run_server(label: str, mode: str, url: str, args: argparse.Namespace, work: Any, progress: Any,
-               pct: Any) -> dict[str, Any]:
+def run_server(
+    label: str, mode: str, url: str, args: argparse.Namespace, work: Any, progress: Any, pct: Any
+) -> dict[str, Any]:
     vocab = (_get(url + "/get_model_info") or {}).get("vocab_size")
     if isinstance(vocab, int) and vocab < args.vocab_size:
         raise ConfigError(f"{url} has a vocabulary of {vocab} tokens; run with --vocab-size {vocab}")
@@ -160,19 +165,37 @@ def run_server(label: str, mode: str, url: str, args: argparse.Namespace, work: 
             out_tokens += len(c.output)
             history[client] += c.output + work.questions[rnd][client]
         ttfts = [c.ttft for _, c in calls]
-        per_round.append({"round": rnd + 1, "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
-                          "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
-                          "cached": cached, "prompt_tokens": sum(len(c.ids) for _, c in calls)})
+        per_round.append(
+            {
+                "round": rnd + 1,
+                "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
+                "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
+                "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
+                "cached": cached,
+                "prompt_tokens": sum(len(c.ids) for _, c in calls),
+            }
+        )
         outputs.append([by_client[c].output for c in sorted(by_client)])
     wall = time.perf_counter() - t_start
     later = [r["ttft_mean_ms"] for r in per_round[1:]]
     stats = _delta((_get(url + "/get_server_info") or {}).get("cache_stats") or {}, before)
-    return {"config": mode, "label": label, "url": url, "rounds": per_round,
-            "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
-            "hit_tokens": totals, "prompt_tokens": in_tokens,
-            "cache_hit_rate": sum(totals.values()) / in_tokens if in_tokens else 0.0,
-            "transfer_bytes": stats.get("transfer_bytes", {}), "transfer_gbps": stats.get("transfer_gbps", {}),
-            "prefetched_tokens": stats.get("prefetched_tokens", 0), "backuped_tokens": stats.get("backuped_tokens", 0),
-            "storage_errors": stats.get("storage_errors", {}), "wall_s": wall,
-            "throughput_req_s": args.num_rounds * args.num_clients / wall, "throughput_in_tok_s": in_tokens / wall,
-            "throughput_out_tok_s": out_tokens / wall, "outputs": outputs}
+    return {
+        "config": mode,
+        "label": label,
+        "url": url,
+        "rounds": per_round,
+        "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
+        "hit_tokens": totals,
+        "prompt_tokens": in_tokens,
+        "cache_hit_rate": sum(totals.values()) / in_tokens if in_tokens else 0.0,
+        "transfer_bytes": stats.get("transfer_bytes", {}),
+        "transfer_gbps": stats.get("transfer_gbps", {}),
+        "prefetched_tokens": stats.get("prefetched_tokens", 0),
+        "backuped_tokens": stats.get("backuped_tokens", 0),
+        "storage_errors": stats.get("storage_errors", {}),
+        "wall_s": wall,
+        "throughput_req_s": args.num_rounds * args.num_clients / wall,
+        "throughput_in_tok_s": in_tokens / wall,
+        "throughput_out_tok_s": out_tokens / wall,
+        "outputs": outputs,
+    }

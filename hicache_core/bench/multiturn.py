@@ -25,85 +25,13 @@ from typing import Any
 from hicache_core.bench.common import Progress
 from hicache_core.bench.common import pct as _pct
 from hicache_core.bench.measure import CpuMeter, warm_up
+from hicache_core.bench.multiturn_args import CONFIGS, LABELS
+from hicache_core.bench.multiturn_args import add_arguments as add_arguments  # the CLI finds it here
 from hicache_core.bench.report import report
-from hicache_core.config import HiCacheConfig, add_hicache_args
+from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError, HiCacheError
-from hicache_core.parse import arg_float, arg_int
-
-CONFIGS = ("none", "radix", "hicache", "hicache+storage")
-LABELS = {"none": "no cache", "radix": "device-only radix", "hicache": "HiCache L1+L2",
-          "hicache+storage": "HiCache L1+L2+L3"}
 
 
-def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) -> None:
-    w = p.add_argument_group("workload (every configuration replays the same conversations)")
-    w.add_argument("--num-clients", type=arg_int(1, 100000), default=8, help="concurrent conversations (default %(default)s)")
-    w.add_argument("--num-rounds", type=arg_int(1, 100000), default=4,
-                   help="turns per conversation; each sends the whole history so far (default %(default)s)")
-    w.add_argument("--request-length", type=arg_int(1, 1 << 20), default=512,
-                   help="tokens of each client's first prompt (default %(default)s)")
-    w.add_argument("--question-length", type=arg_int(1, 1 << 20), default=64,
-                   help="new user tokens appended in each later round (default %(default)s)")
-    w.add_argument("--output-length", type=arg_int(1, 1 << 20), default=output_length,
-                   help="tokens generated per reply, greedy (default %(default)s)")
-    w.add_argument("--request-rate", type=arg_float(0, above=True, allow_inf=True), default=4.0,
-                   help="arrivals per second within a round (default %(default)s)")
-    w.add_argument("--distribution", choices=("uniform", "poisson"), default="uniform",
-                   help="gaps between arrivals: fixed 1/rate, or exponential (default %(default)s)")
-    w.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random",
-                   help="order in which clients send within a round (default %(default)s)")
-    w.add_argument("--seed", type=arg_int(0), default=0, help="seeds prompts, order and model weights (default %(default)s)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_workload_arguments(p)
-    e = p.add_argument_group("engine (the reference engine and its tiny random llama, or --model-path)")
-    e.add_argument("--model-path", default=None, metavar="DIR|FILE.gguf",
-                   help="a real llama checkpoint (Hugging Face directory or GGUF file) instead of the random model: "
-                        "prompts are English text cut by its tokenizer, the report shows its replies; the random "
-                        "model's shape flags are then ignored")
-    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="KV dtype with --model-path (default: the checkpoint's)")
-    e.add_argument("--configs", default=",".join(CONFIGS),
-                   help="configurations to run, comma separated; 'none' always runs as the reference "
-                        "(default %(default)s)")
-    e.add_argument("--prefetch-policies", default=None, metavar="P,P,...",
-                   help="run hicache+storage once per storage prefetch policy (e.g. best_effort,wait_complete,"
-                        "cost_aware), each on a store of its own")
-    e.add_argument("--device-tokens", type=arg_int(1, 1 << 30), default=1024,
-                   help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)")
-    e.add_argument("--max-running", type=arg_int(1, 100000), default=4, help="requests in one batch (default %(default)s)")
-    e.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 64), default=1,
-                   help="tensor-parallel rank processes (gloo on CPU; heads and KV sharded; default %(default)s)")
-    for flag, default, what in (("--hidden-size", 512, "model width"), ("--intermediate-size", 1536, "MLP width"),
-                                ("--num-layers", 4, "layers"), ("--num-heads", 8, "attention heads"),
-                                ("--num-kv-heads", 2, "KV heads"), ("--head-dim", 64, "head dimension"),
-                                ("--vocab-size", 4096, "vocabulary")):
-        e.add_argument(flag, type=arg_int(1, 1 << 16), default=default, help=f"{what} (default %(default)s)")
-    o = p.add_argument_group("output")
-    o.add_argument("--repeat", type=arg_int(1, 100), default=1,
-                   help="run everything N times (fresh storage each time) and report the spread (default %(default)s)")
-    o.add_argument("--storage-dir", default=None,
-                   help="file backend directory (default: a temp dir, removed after the run)")
-    o.add_argument("--warm", dest="warm", action="store_true", default=True,
-                   help="replay round 1 in a second process on the first one's storage (default)")
-    o.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-restart replay")
-    o.add_argument("--report-dir", default="hicache-report",
-                   help="where report.json and report.png go (default %(default)s)")
-    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
-    o.add_argument("--base-url", action="append", default=None, metavar="[LABEL=]URL",
-                   help="drive running servers (SGLang's /generate, e.g. hicache serve) instead of the in-process "
-                        "engine; repeat to compare them, the first is the reference")
-    o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
-    o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
-    add_hicache_args(p)
-    # the demo's own defaults (help above shows these, not the library's)
-    p.set_defaults(page_size=32, hicache_ratio=3.0, hicache_io_backend="direct", hicache_storage_backend="file",
-                   hicache_storage_prefetch_policy="wait_complete")
-
-
-# --- workload -----------------------------------------------------------------------------------------------------
 class Workload:
     """Deterministic conversations: prompts and questions come from the seed (random token ids, or English text
     cut by ``tokenizer`` to the same lengths); replies from the model."""
@@ -119,8 +47,7 @@ class Workload:
             first = lambda n: prompts.first_prompt(tokenizer, rng, n)  # noqa: E731
             ask = lambda n: prompts.question(tokenizer, rng, n)  # noqa: E731
         self.first = [first(args.request_length) for _ in range(args.num_clients)]
-        self.questions = [[ask(args.question_length) for _ in range(args.num_clients)]
-                          for _ in range(args.num_rounds)]
+        self.questions = [[ask(args.question_length) for _ in range(args.num_clients)] for _ in range(args.num_rounds)]
         self.orders, self.gaps = [], []
         for _ in range(args.num_rounds):
             order = list(range(args.num_clients))
@@ -133,8 +60,16 @@ class Workload:
                 self.gaps.append([1.0 / args.request_rate for _ in order])
 
 
-def run_config(name: str, args: argparse.Namespace, work: Workload, model, base: HiCacheConfig, rounds: int,
-               progress: Progress, tp: Any = None) -> dict[str, Any]:
+def run_config(
+    name: str,
+    args: argparse.Namespace,
+    work: Workload,
+    model,
+    base: HiCacheConfig,
+    rounds: int,
+    progress: Progress,
+    tp: Any = None,
+) -> dict[str, Any]:
     from hicache_core.engine import Engine, Request
 
     mode, _, policy = name.partition("@")  # "hicache+storage@cost_aware": one prefetch policy of --prefetch-policies
@@ -173,14 +108,16 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, model, base:
                 in_tokens += len(r.prompt)
                 out_tokens += len(r.output)
             ttfts = [r.ttft for r in reqs]
-            per_round.append({
-                "round": rnd + 1,
-                "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
-                "ttft_p50_ms": _pct(ttfts, 0.5) * 1e3,
-                "ttft_p90_ms": _pct(ttfts, 0.9) * 1e3,
-                "cached": {t: sum(r.cached[t] for r in reqs) for t in ("device", "host", "storage")},
-                "prompt_tokens": sum(len(r.prompt) for r in reqs),
-            })
+            per_round.append(
+                {
+                    "round": rnd + 1,
+                    "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
+                    "ttft_p50_ms": _pct(ttfts, 0.5) * 1e3,
+                    "ttft_p90_ms": _pct(ttfts, 0.9) * 1e3,
+                    "cached": {t: sum(r.cached[t] for r in reqs) for t in ("device", "host", "storage")},
+                    "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                }
+            )
             outputs.append([by_client[c].output for c in sorted(by_client)])
         engine.flush()
         wall = time.perf_counter() - t_start
@@ -223,8 +160,9 @@ def _policy_config(base: HiCacheConfig, policy: str) -> HiCacheConfig:
     return base.replace(hicache_storage_prefetch_policy=policy, hicache_storage_backend_extra_config=extra)
 
 
-def _config_on_rank(ctx: Any, name: str, args: argparse.Namespace, work: Workload, base: HiCacheConfig,
-                    rounds: int) -> dict[str, Any]:
+def _config_on_rank(
+    ctx: Any, name: str, args: argparse.Namespace, work: Workload, base: HiCacheConfig, rounds: int
+) -> dict[str, Any]:
     from hicache_core.engine.tp import shard
 
     model = shard(_model(args), ctx)
@@ -241,9 +179,18 @@ def _model(args: argparse.Namespace):
         from hicache_core.engine.checkpoint import load_model
 
         return load_model(args.model_path, dtype=args.dtype)
-    return TinyLlama(ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                 num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                                 intermediate_size=args.intermediate_size, seed=args.seed))
+    return TinyLlama(
+        ModelConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            num_kv_heads=args.num_kv_heads,
+            head_dim=args.head_dim,
+            intermediate_size=args.intermediate_size,
+            seed=args.seed,
+        )
+    )
 
 
 def _model_config(args: argparse.Namespace):
@@ -291,10 +238,34 @@ def _warm_child(args: argparse.Namespace) -> int:
 def _run_warm(args: argparse.Namespace, storage_dir: str) -> dict[str, Any]:
     fd, out = tempfile.mkstemp(suffix=".json")
     os.close(fd)
-    argv = [sys.executable, "-m", "hicache_core.cli", "bench", "multiturn", "--warm-child", "--child-out", out,
-            "--storage-dir", storage_dir]
-    skip = {"warm_child", "child_out", "storage_dir", "warm", "json", "no_progress", "report_dir", "configs", "func",
-            "command", "bench", "verbose", "repeat", "base_url"}
+    argv = [
+        sys.executable,
+        "-m",
+        "hicache_core.cli",
+        "bench",
+        "multiturn",
+        "--warm-child",
+        "--child-out",
+        out,
+        "--storage-dir",
+        storage_dir,
+    ]
+    skip = {
+        "warm_child",
+        "child_out",
+        "storage_dir",
+        "warm",
+        "json",
+        "no_progress",
+        "report_dir",
+        "configs",
+        "func",
+        "command",
+        "bench",
+        "verbose",
+        "repeat",
+        "base_url",
+    }
     for k, v in vars(args).items():
         if k in skip or v is None or v is False:
             continue
@@ -330,8 +301,9 @@ def run(args: argparse.Namespace) -> int:
         policies = [x.strip() for x in args.prefetch_policies.split(",") if x.strip()]
         wrong = [x for x in policies if x not in PREFETCH_POLICIES]
         if wrong or not policies:
-            raise ConfigError(f"--prefetch-policies: {', '.join(wrong) or 'none given'}; choose from "
-                              f"{', '.join(PREFETCH_POLICIES)}")
+            raise ConfigError(
+                f"--prefetch-policies: {', '.join(wrong) or 'none given'}; choose from {', '.join(PREFETCH_POLICIES)}"
+            )
         configs = [c for c in configs if c != "hicache+storage"] + [f"hicache+storage@{x}" for x in policies]
     if args.tp_size > 1:
         from hicache_core.engine.tp import check_divisible
@@ -385,5 +357,3 @@ def _run_servers(args: argparse.Namespace) -> int:
         reps.append((results, None))
     progress.close()
     return report(args, reps)
-
-

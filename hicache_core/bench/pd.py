@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,9 @@ from typing import Any, Optional
 
 from hicache_core.bench.common import Progress, pct
 from hicache_core.bench.http import TIERS, _delta, _get, _post, send_round
-from hicache_core.bench.multiturn import Workload, add_workload_arguments
+from hicache_core.bench.multiturn import Workload
+from hicache_core.bench.multiturn_args import add_workload_arguments
+from hicache_core.bench.pd_instances import Instances, hicache_flags
 from hicache_core.bench.report import report
 from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError, HiCacheError
@@ -57,113 +58,68 @@ CONFIGS: dict[str, dict[str, tuple]] = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p, output_length=128)
     s = p.add_argument_group("instances (each a `hicache serve` process on 127.0.0.1 with the random tiny model)")
-    s.add_argument("--mode", choices=MODES, default="prefill-share",
-                   help="prefill-share: two prefill instances share the store; decode-offload: decode writes "
-                        "finished requests to the store for the next turn's prefill (default %(default)s)")
-    s.add_argument("--configs", default=None,
-                   help="configurations to run, comma separated (default: all of the mode's: prefill-share "
-                        "pd-local,pd-shared; decode-offload adds pd-offload)")
-    s.add_argument("--device-tokens", type=arg_int(1, 1 << 30), default=2048,
-                   help="each instance's device KV pool in tokens (default %(default)s)")
-    s.add_argument("--max-running", type=arg_int(1, 100000), default=4,
-                   help="requests in one batch, per instance (default %(default)s)")
-    s.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 64), default=1,
-                   help="tensor-parallel ranks of every instance (default %(default)s)")
-    s.add_argument("--start-timeout", type=arg_int(1, 3600), default=180,
-                   help="seconds an instance may take to start (default %(default)s)")
+    s.add_argument(
+        "--mode",
+        choices=MODES,
+        default="prefill-share",
+        help="prefill-share: two prefill instances share the store; decode-offload: decode writes "
+        "finished requests to the store for the next turn's prefill (default %(default)s)",
+    )
+    s.add_argument(
+        "--configs",
+        default=None,
+        help="configurations to run, comma separated (default: all of the mode's: prefill-share "
+        "pd-local,pd-shared; decode-offload adds pd-offload)",
+    )
+    s.add_argument(
+        "--device-tokens",
+        type=arg_int(1, 1 << 30),
+        default=2048,
+        help="each instance's device KV pool in tokens (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-running",
+        type=arg_int(1, 100000),
+        default=4,
+        help="requests in one batch, per instance (default %(default)s)",
+    )
+    s.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp_size",
+        type=arg_int(1, 64),
+        default=1,
+        help="tensor-parallel ranks of every instance (default %(default)s)",
+    )
+    s.add_argument(
+        "--start-timeout",
+        type=arg_int(1, 3600),
+        default=180,
+        help="seconds an instance may take to start (default %(default)s)",
+    )
     o = p.add_argument_group("output")
-    o.add_argument("--repeat", type=arg_int(1, 100), default=1,
-                   help="run everything N times (fresh instances and store each time) and report the spread")
-    o.add_argument("--storage-dir", default=None,
-                   help="file backend directory (default: a temp dir, removed after the run)")
-    o.add_argument("--report-dir", default="hicache-report", help="where report.json and report.png go "
-                                                                 "(default %(default)s)")
+    o.add_argument(
+        "--repeat",
+        type=arg_int(1, 100),
+        default=1,
+        help="run everything N times (fresh instances and store each time) and report the spread",
+    )
+    o.add_argument(
+        "--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after the run)"
+    )
+    o.add_argument(
+        "--report-dir", default="hicache-report", help="where report.json and report.png go (default %(default)s)"
+    )
     o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_hicache_args(p)
-    p.set_defaults(page_size=32, hicache_ratio=3.0, hicache_io_backend="direct", hicache_storage_backend="file",
-                   hicache_storage_prefetch_policy="wait_complete")
-
-
-# --- instances ----------------------------------------------------------------------------------------------------
-def _hicache_flags(args: argparse.Namespace, storage_dir: str, store: bool) -> list[str]:
-    """The cache flags every instance gets: this run's --hicache-* (storage only where the configuration has it)."""
-    cfg = HiCacheConfig.from_args(args)
-    flags = ["--page-size", str(cfg.page_size), "--enable-hierarchical-cache", "--hicache-ratio", str(cfg.hicache_ratio),
-             "--hicache-io-backend", cfg.hicache_io_backend, "--hicache-mem-layout", cfg.hicache_mem_layout,
-             "--hicache-write-policy", cfg.hicache_write_policy,
-             "--hicache-storage-prefetch-policy", cfg.hicache_storage_prefetch_policy]
-    if cfg.hicache_size:
-        flags += ["--hicache-size", str(cfg.hicache_size)]
-    if store:
-        extra = dict(cfg.hicache_storage_backend_extra_config)
-        extra.setdefault("prefetch_threshold", cfg.page_size)  # a page of a reply decode offloaded is worth it
-        if cfg.hicache_storage_backend == "file":
-            extra.setdefault("storage_dir", storage_dir)
-        flags += ["--hicache-storage-backend", str(cfg.hicache_storage_backend),
-                  "--hicache-storage-backend-extra-config", json.dumps(extra)]
-    return flags
-
-
-class Instances:
-    """Start ``hicache serve`` processes in parallel, wait until each serves, stop them all."""
-
-    def __init__(self, specs: list[tuple[str, list[str]]], workdir: str, timeout: float) -> None:
-        self.specs, self.workdir, self.timeout = specs, workdir, timeout
-        self.procs: list[tuple[str, subprocess.Popen, str]] = []
-        self.urls: dict[str, str] = {}
-
-    def __enter__(self) -> Instances:
-        try:
-            for name, flags in self.specs:
-                log = os.path.join(self.workdir, f"{name}.log")
-                with open(log, "w") as out:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", "hicache_core.cli", "serve", "--port", "0", "--port-file",
-                         os.path.join(self.workdir, f"{name}.port"), "--log-level", "warning", *flags],
-                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                self.procs.append((name, proc, log))
-            deadline = time.monotonic() + self.timeout
-            for name, proc, log in self.procs:
-                port_file = os.path.join(self.workdir, f"{name}.port")
-                while not (os.path.exists(port_file) and open(port_file).read().strip()):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        why = f"exited with {proc.returncode}" if proc.poll() is not None else "did not start in time"
-                        raise HiCacheError(f"instance {name} ({' '.join(self.specs_of(name))}) {why}; its log:\n"
-                                           f"{_tail(log)}")
-                    time.sleep(0.05)
-                self.urls[name] = f"http://127.0.0.1:{open(port_file).read().strip()}"
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def specs_of(self, name: str) -> list[str]:
-        return dict(self.specs)[name]
-
-    def check_alive(self) -> None:
-        for name, proc, log in self.procs:
-            if proc.poll() is not None:
-                raise HiCacheError(f"instance {name} died (exit {proc.returncode}); its log:\n{_tail(log)}")
-
-    def __exit__(self, *exc: Any) -> None:
-        for _, proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc, _ in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _tail(path: str, n: int = 3000) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-n:]
-    except OSError:
-        return "(no log)"
+    p.set_defaults(
+        page_size=32,
+        hicache_ratio=3.0,
+        hicache_io_backend="direct",
+        hicache_storage_backend="file",
+        hicache_storage_prefetch_policy="wait_complete",
+    )
 
 
 # --- the router ---------------------------------------------------------------------------------------------------
@@ -196,19 +152,30 @@ class _PDCall:
             self.output = list(out["output_ids"])
             self.handed = int((out["meta_info"].get("cached_tokens_details") or {}).get("storage", 0))
             if first["output_ids"][:1] != self.output[:1]:
-                self.error = (f"decode's first token {self.output[:1]} is not prefill's {first['output_ids'][:1]}: "
-                              "the instances do not run the same model")
+                self.error = (
+                    f"decode's first token {self.output[:1]} is not prefill's {first['output_ids'][:1]}: "
+                    "the instances do not run the same model"
+                )
         except (HiCacheError, KeyError, ValueError, TypeError) as e:
             self.error = f"{type(e).__name__}: {e}"
 
 
-def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir: str, workdir: str,
-               progress: Progress) -> dict[str, Any]:
+def run_config(
+    name: str, args: argparse.Namespace, work: Workload, storage_dir: str, workdir: str, progress: Progress
+) -> dict[str, Any]:
     label, p_role, d_role = CONFIGS[args.mode][name]
-    common = ["--seed", str(args.seed), "--max-total-tokens", str(args.device_tokens),
-              "--max-running-requests", str(args.max_running), "--tp-size", str(args.tp_size)]
-    p_flags = common + _hicache_flags(args, storage_dir, store=p_role is not None)
-    d_flags = common + _hicache_flags(args, storage_dir, store=d_role is not None)
+    common = [
+        "--seed",
+        str(args.seed),
+        "--max-total-tokens",
+        str(args.device_tokens),
+        "--max-running-requests",
+        str(args.max_running),
+        "--tp-size",
+        str(args.tp_size),
+    ]
+    p_flags = common + hicache_flags(args, storage_dir, store=p_role is not None)
+    d_flags = common + hicache_flags(args, storage_dir, store=d_role is not None)
     if p_role:
         p_flags += ["--disaggregation-mode", "prefill"]
     if d_role:
@@ -228,8 +195,13 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir:
         for rnd in range(args.num_rounds):
             prefill = prefills[rnd % len(prefills)]
             url = inst.urls[prefill]
-            calls = send_round(work, rnd, lambda c, u=url: _PDCall(u, inst.urls["decode"], list(history[c]),
-                                                                   args.output_length), progress, label)
+            calls = send_round(
+                work,
+                rnd,
+                lambda c, u=url: _PDCall(u, inst.urls["decode"], list(history[c]), args.output_length),
+                progress,
+                label,
+            )
             failed = [c.error for _, c in calls if c.error]
             if failed:
                 inst.check_alive()
@@ -244,26 +216,48 @@ def run_config(name: str, args: argparse.Namespace, work: Workload, storage_dir:
                 handed += c.handed
                 history[client] += c.output + work.questions[rnd][client]
             ttfts = [c.ttft for _, c in calls]
-            per_round.append({"round": rnd + 1, "prefill": prefill, "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
-                              "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
-                              "cached": cached, "prompt_tokens": sum(len(c.ids) for _, c in calls)})
+            per_round.append(
+                {
+                    "round": rnd + 1,
+                    "prefill": prefill,
+                    "ttft_mean_ms": statistics.mean(ttfts) * 1e3,
+                    "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
+                    "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
+                    "cached": cached,
+                    "prompt_tokens": sum(len(c.ids) for _, c in calls),
+                }
+            )
             outputs.append([by_client[c].output for c in sorted(by_client)])
         wall = time.perf_counter() - t_start
-        stats = {n: _delta((_get(u + "/get_server_info") or {}).get("cache_stats") or {}, before[n])
-                 for n, u in inst.urls.items()}
+        stats = {
+            n: _delta((_get(u + "/get_server_info") or {}).get("cache_stats") or {}, before[n])
+            for n, u in inst.urls.items()
+        }
     totals = {t: sum(h[t] for h in per_instance.values()) for t in TIERS}
     later = [r["ttft_mean_ms"] for r in per_round[1:]]
-    return {"config": name, "label": label, "rounds": per_round, "instances": {n: f for n, f in specs},
-            "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
-            "hit_tokens": totals, "prompt_tokens": in_tokens,
-            "cache_hit_rate": sum(totals.values()) / in_tokens if in_tokens else 0.0,
-            "per_instance_hit_tokens": per_instance, "decode_storage_tokens": handed,
-            "transfer_bytes": _sum(stats, "transfer_bytes") or {}, "transfer_gbps": {},
-            "prefetched_tokens": _sum(stats, "prefetched_tokens"), "backuped_tokens": _sum(stats, "backuped_tokens"),
-            "backuped_tokens_by_instance": {n: s.get("backuped_tokens", 0) for n, s in stats.items()},
-            "storage_errors": _sum(stats, "storage_errors") or {}, "wall_s": wall,
-            "throughput_req_s": args.num_rounds * args.num_clients / wall, "throughput_in_tok_s": in_tokens / wall,
-            "throughput_out_tok_s": out_tokens / wall, "outputs": outputs}
+    return {
+        "config": name,
+        "label": label,
+        "rounds": per_round,
+        "instances": {n: f for n, f in specs},
+        "ttft_mean_rounds2plus_ms": statistics.mean(later) if later else None,
+        "hit_tokens": totals,
+        "prompt_tokens": in_tokens,
+        "cache_hit_rate": sum(totals.values()) / in_tokens if in_tokens else 0.0,
+        "per_instance_hit_tokens": per_instance,
+        "decode_storage_tokens": handed,
+        "transfer_bytes": _sum(stats, "transfer_bytes") or {},
+        "transfer_gbps": {},
+        "prefetched_tokens": _sum(stats, "prefetched_tokens"),
+        "backuped_tokens": _sum(stats, "backuped_tokens"),
+        "backuped_tokens_by_instance": {n: s.get("backuped_tokens", 0) for n, s in stats.items()},
+        "storage_errors": _sum(stats, "storage_errors") or {},
+        "wall_s": wall,
+        "throughput_req_s": args.num_rounds * args.num_clients / wall,
+        "throughput_in_tok_s": in_tokens / wall,
+        "throughput_out_tok_s": out_tokens / wall,
+        "outputs": outputs,
+    }
 
 
 def _sum(stats: dict[str, dict], key: str) -> Any:
@@ -287,8 +281,13 @@ def single_process(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
     from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
 
     pool = args.max_running * (_longest(args) + args.output_length + args.page_size)
-    engine = Engine(TinyLlama(ModelConfig(seed=args.seed)), HiCacheConfig(page_size=args.page_size), "none",
-                    device_tokens=pool, max_running=args.max_running)
+    engine = Engine(
+        TinyLlama(ModelConfig(seed=args.seed)),
+        HiCacheConfig(page_size=args.page_size),
+        "none",
+        device_tokens=pool,
+        max_running=args.max_running,
+    )
     history = [list(p) for p in work.first]
     outputs = []
     for rnd in range(args.num_rounds):
@@ -308,17 +307,20 @@ def run(args: argparse.Namespace) -> int:
     HiCacheConfig.from_args(args)  # bad --hicache-* flags fail here, before any process starts
     longest = _longest(args)
     if longest + args.output_length > args.device_tokens:
-        raise ConfigError(f"the last round's prompt ({longest} tokens) plus its reply ({args.output_length}) does not "
-                          f"fit an instance's device pool (--device-tokens {args.device_tokens}): raise it or "
-                          "shorten the conversation")
+        raise ConfigError(
+            f"the last round's prompt ({longest} tokens) plus its reply ({args.output_length}) does not "
+            f"fit an instance's device pool (--device-tokens {args.device_tokens}): raise it or "
+            "shorten the conversation"
+        )
     work = Workload(args)
     names = list(CONFIGS[args.mode])
     if args.configs:
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
         bad = [c for c in names if c not in CONFIGS[args.mode]]
         if bad or not names:
-            raise ConfigError(f"--configs: {', '.join(bad) or 'none given'}; --mode {args.mode} runs "
-                              f"{', '.join(CONFIGS[args.mode])}")
+            raise ConfigError(
+                f"--configs: {', '.join(bad) or 'none given'}; --mode {args.mode} runs {', '.join(CONFIGS[args.mode])}"
+            )
     tmp = None
     storage_dir = args.storage_dir
     if storage_dir is None:

@@ -26,10 +26,14 @@ PASSAGES = (
     "A good night's sleep helps memory: the brain replays the day's lessons while the body rests.",
 )
 QUESTIONS = (
-    "What is the main idea of the text so far?", "Which detail above surprised you most, and why?",
-    "Summarize the last few sentences in plain words.", "What might happen next in this story?",
-    "Explain one of the facts above to a child.", "Which two sentences above are most closely related?",
-    "Give a short title for everything written so far.", "What question would you ask the author?",
+    "What is the main idea of the text so far?",
+    "Which detail above surprised you most, and why?",
+    "Summarize the last few sentences in plain words.",
+    "What might happen next in this story?",
+    "Explain one of the facts above to a child.",
+    "Which two sentences above are most closely related?",
+    "Give a short title for everything written so far.",
+    "What question would you ask the author?",
 )
 
 

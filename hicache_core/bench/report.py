@@ -24,9 +24,22 @@ def chart(report: dict, path: str) -> str | None:
     runs = [r for r in report["configs"] if r.get("rounds")]  # not a reference that only gave tokens
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
-        a.plot([r["round"] for r in run["rounds"]], [r["ttft_mean_ms"] for r in run["rounds"]], marker="o", label=run["label"])
+        a.plot(
+            [r["round"] for r in run["rounds"]],
+            [r["ttft_mean_ms"] for r in run["rounds"]],
+            marker="o",
+            label=run["label"],
+        )
     if report.get("warm"):
-        a.scatter([1], [report["warm"]["rounds"][0]["ttft_mean_ms"]], marker="*", s=160, color="k", label="warm restart, round 1", zorder=5)
+        a.scatter(
+            [1],
+            [report["warm"]["rounds"][0]["ttft_mean_ms"]],
+            marker="*",
+            s=160,
+            color="k",
+            label="warm restart, round 1",
+            zorder=5,
+        )
     a.set_xticks(range(1, len(runs[0]["rounds"]) + 1))
     a.set_xlabel("round")
     a.set_ylabel("mean TTFT (ms)")
@@ -53,18 +66,20 @@ def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
     """One repetition's headline figures, its token checks and its warnings."""
     reference = results[0]["outputs"]
     by = {r["config"]: r for r in results}
-    s: dict[str, Any] = {"outputs_identical": {r["config"]: r["outputs"] == reference for r in results},
-                         "warnings": []}
+    s: dict[str, Any] = {"outputs_identical": {r["config"]: r["outputs"] == reference for r in results}, "warnings": []}
     if results[0].get("replies_text"):  # --model-path: what the real model answered (client 0, each round)
         s["replies_text"] = results[0]["replies_text"]
     if "radix" in by and "hicache+storage" in by and by["hicache+storage"]["ttft_mean_rounds2plus_ms"]:
         s["ttft_rounds2plus_speedup_storage_vs_radix"] = (
-            by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"])
+            by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"]
+        )
     local = (by.get("pd-local") or {}).get("ttft_mean_rounds2plus_ms")
     if local:
         s["ttft_rounds2plus_speedup_vs_pd_local"] = {
-            r["config"]: local / r["ttft_mean_rounds2plus_ms"] for r in results
-            if r["config"] != "pd-local" and r.get("ttft_mean_rounds2plus_ms")}
+            r["config"]: local / r["ttft_mean_rounds2plus_ms"]
+            for r in results
+            if r["config"] != "pd-local" and r.get("ttft_mean_rounds2plus_ms")
+        }
     if warm:
         cold = by["hicache+storage"]["rounds"][0]["ttft_mean_ms"]
         s["warm_round1_ttft_ms"] = warm["rounds"][0]["ttft_mean_ms"]
@@ -73,14 +88,18 @@ def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
         s["warm_outputs_identical"] = warm["outputs"][0] == reference[0]
         s["warm_storage_tokens"] = warm["hit_tokens"]["storage"]
         if not warm["hit_tokens"]["storage"]:
-            s["warnings"].append("the warm restart served 0 tokens from storage: its round 1 says nothing about "
-                                 "restarts (was the storage emptied, or written elsewhere?)")
+            s["warnings"].append(
+                "the warm restart served 0 tokens from storage: its round 1 says nothing about "
+                "restarts (was the storage emptied, or written elsewhere?)"
+            )
     for r in results + ([warm] if warm else []):
         cpu = r.get("cpu") or {}
         if cpu.get("contended"):
             name = "warm restart" if r is warm else r["label"]
-            s["warnings"].append(f"{name}: other processes used {cpu['others_cores']:.1f} CPU cores during the run "
-                                 f"(more than {CONTENDED_CORES}): its timings are contended")
+            s["warnings"].append(
+                f"{name}: other processes used {cpu['others_cores']:.1f} CPU cores during the run "
+                f"(more than {CONTENDED_CORES}): its timings are contended"
+            )
     return s
 
 
@@ -90,16 +109,20 @@ def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]
     summaries = [summarize(results, warm) for results, warm in reps]
     results, warm = reps[0]
     summary = dict(summaries[0])
-    summary["warnings"] = [f"repeat {i + 1}: {w}" if len(reps) > 1 else w
-                           for i, s in enumerate(summaries) for w in s["warnings"]]
+    summary["warnings"] = [
+        f"repeat {i + 1}: {w}" if len(reps) > 1 else w for i, s in enumerate(summaries) for w in s["warnings"]
+    ]
     if len(reps) > 1:
         summary["repeats"] = {
             "n": len(reps),
-            "ttft_rounds2plus_ms": {r["config"]: spread([rr[i].get("ttft_mean_rounds2plus_ms") for rr, _ in reps])
-                                    for i, r in enumerate(results)},
-            "speedup_vs_pd_local": {c: spread([s.get("ttft_rounds2plus_speedup_vs_pd_local", {}).get(c)
-                                               for s in summaries])
-                                    for c in summary.get("ttft_rounds2plus_speedup_vs_pd_local", {})},
+            "ttft_rounds2plus_ms": {
+                r["config"]: spread([rr[i].get("ttft_mean_rounds2plus_ms") for rr, _ in reps])
+                for i, r in enumerate(results)
+            },
+            "speedup_vs_pd_local": {
+                c: spread([s.get("ttft_rounds2plus_speedup_vs_pd_local", {}).get(c) for s in summaries])
+                for c in summary.get("ttft_rounds2plus_speedup_vs_pd_local", {})
+            },
             "speedup_storage_vs_radix": spread([s.get("ttft_rounds2plus_speedup_storage_vs_radix") for s in summaries]),
             "warm_round1_speedup": spread([s.get("warm_round1_speedup") for s in summaries]),
         }
@@ -107,9 +130,13 @@ def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]
     summary["outputs_identical"] = same
     ok = all(same.values()) and all(s.get("warm_outputs_identical", True) for s in summaries)
     strip = lambda r: {k: v for k, v in r.items() if k != "outputs"}  # noqa: E731
-    out = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "summary": summary,
-           "configs": [strip(r) for r in results], "warm": strip(warm) if warm else None,
-           "repeats": [{"configs": [strip(r) for r in rr], "warm": strip(w) if w else None} for rr, w in reps[1:]]}
+    out = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "summary": summary,
+        "configs": [strip(r) for r in results],
+        "warm": strip(warm) if warm else None,
+        "repeats": [{"configs": [strip(r) for r in rr], "warm": strip(w) if w else None} for rr, w in reps[1:]],
+    }
     os.makedirs(args.report_dir, exist_ok=True)
     json_path = os.path.join(args.report_dir, "report.json")
     png_path = os.path.join(args.report_dir, "report.png")
@@ -128,55 +155,95 @@ def report(args: argparse.Namespace, reps: list[tuple[list[dict], Optional[dict]
     return 0 if ok else 1
 
 
-def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], summary: dict, same: dict,
-           kind: str) -> None:
-    where = (f"servers {', '.join(r['url'] for r in results)}" if getattr(args, "base_url", None) else
-             f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
-             f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})")
+def _print(
+    args: argparse.Namespace, results: list[dict], warm: Optional[dict], summary: dict, same: dict, kind: str
+) -> None:
+    where = (
+        f"servers {', '.join(r['url'] for r in results)}"
+        if getattr(args, "base_url", None)
+        else f"device pool {args.device_tokens} tokens, page {args.page_size}, host ratio {args.hicache_ratio}, "
+        f"storage {args.hicache_storage_backend} ({args.hicache_storage_prefetch_policy})"
+    )
     if kind == "pd":
         where = f"--mode {args.mode}, `hicache serve` instances; each with a " + where
         if not all(same.values()):
             print("tokens: some configuration differs from the single-process run (see 'same tokens')")
         results = [r for r in results if r.get("rounds")]  # the single-process reference gave tokens only
-    print(f"\nhicache bench {kind}: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
-          f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
-          f"{where}\n")
+    print(
+        f"\nhicache bench {kind}: {args.num_clients} clients x {args.num_rounds} rounds, first prompt "
+        f"{args.request_length} tokens, +{args.question_length} per round, {args.output_length} generated; "
+        f"{where}\n"
+    )
     rows = []
     for r in results:
         cpu = (r.get("cpu") or {}).get("others_cores")
-        row = {"config": r["label"], "r2": r["ttft_mean_rounds2plus_ms"] or 0.0, "hit": r["cache_hit_rate"] * 100,
-               "dev": r["hit_tokens"]["device"], "host": r["hit_tokens"]["host"], "sto": r["hit_tokens"]["storage"],
-               "rps": r["throughput_req_s"], "mb": sum(r["transfer_bytes"].values()) / 2**20,
-               "same": "yes" if same[r["config"]] else "NO", "cpu": "-" if cpu is None else f"{cpu:.2f}"}
+        row = {
+            "config": r["label"],
+            "r2": r["ttft_mean_rounds2plus_ms"] or 0.0,
+            "hit": r["cache_hit_rate"] * 100,
+            "dev": r["hit_tokens"]["device"],
+            "host": r["hit_tokens"]["host"],
+            "sto": r["hit_tokens"]["storage"],
+            "rps": r["throughput_req_s"],
+            "mb": sum(r["transfer_bytes"].values()) / 2**20,
+            "same": "yes" if same[r["config"]] else "NO",
+            "cpu": "-" if cpu is None else f"{cpu:.2f}",
+        }
         for rr in r["rounds"]:
             row[f"t{rr['round']}"] = rr["ttft_mean_ms"]
         rows.append(row)
-    cols = [("config", "configuration", "s")] + [(f"t{i}", f"TTFT r{i} ms", ".1f") for i in range(1, args.num_rounds + 1)]
-    cols += [("r2", "r2+ mean", ".1f"), ("hit", "hit %", ".1f"), ("dev", "device tok", "d"), ("host", "host tok", "d"),
-             ("sto", "storage tok", "d"), ("mb", "MiB moved", ".1f"), ("rps", "req/s", ".2f"),
-             ("cpu", "others' CPU", "s"), ("same", "same tokens", "s")]
+    cols = [("config", "configuration", "s")] + [
+        (f"t{i}", f"TTFT r{i} ms", ".1f") for i in range(1, args.num_rounds + 1)
+    ]
+    cols += [
+        ("r2", "r2+ mean", ".1f"),
+        ("hit", "hit %", ".1f"),
+        ("dev", "device tok", "d"),
+        ("host", "host tok", "d"),
+        ("sto", "storage tok", "d"),
+        ("mb", "MiB moved", ".1f"),
+        ("rps", "req/s", ".2f"),
+        ("cpu", "others' CPU", "s"),
+        ("same", "same tokens", "s"),
+    ]
     print_table(rows, cols)
     print("\nTTFT p50 / p90 per round (ms):")
     for r in results:
-        print(f"  {r['label']:<20} " + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"]))
+        print(
+            f"  {r['label']:<20} "
+            + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"])
+        )
     ranks = [r for r in results if r.get("per_rank_hit_tokens")]
     if ranks:
-        print(f"\nhit tokens per rank (device/host/storage), {len(ranks[0]['per_rank_hit_tokens'])} tensor-parallel ranks:")
+        print(
+            f"\nhit tokens per rank (device/host/storage), "
+            f"{len(ranks[0]['per_rank_hit_tokens'])} tensor-parallel ranks:"
+        )
         for r in ranks:
-            print(f"  {r['label']:<20} " + "  ".join(
-                f"rank {i} {h['device']}/{h['host']}/{h['storage']}" for i, h in enumerate(r["per_rank_hit_tokens"])))
+            print(
+                f"  {r['label']:<20} "
+                + "  ".join(
+                    f"rank {i} {h['device']}/{h['host']}/{h['storage']}" for i, h in enumerate(r["per_rank_hit_tokens"])
+                )
+            )
     for r in results:
         if "@" in r["config"]:
-            print(f"  {r['label']}: {r.get('prefetch_skipped_cost', 0)} prefetches skipped (recompute expected faster), "
-                  f"{r.get('prefetch_cut_cost', 0)} cut (waited as long as recomputing takes), "
-                  f"{r['hit_tokens']['storage']} tokens from storage")
+            print(
+                f"  {r['label']}: {r.get('prefetch_skipped_cost', 0)} prefetches skipped (recompute expected faster), "
+                f"{r.get('prefetch_cut_cost', 0)} cut (waited as long as recomputing takes), "
+                f"{r['hit_tokens']['storage']} tokens from storage"
+            )
     inst = [r for r in results if r.get("per_instance_hit_tokens")]
     if inst:
         print("\nprefill hit tokens per instance (device/host/storage); decode loaded from storage:")
         for r in inst:
-            print(f"  {r['label']:<28} " + "  ".join(f"{n} {h['device']}/{h['host']}/{h['storage']}"
-                                                    for n, h in r["per_instance_hit_tokens"].items())
-                  + f"  decode {r['decode_storage_tokens']}")
+            print(
+                f"  {r['label']:<28} "
+                + "  ".join(
+                    f"{n} {h['device']}/{h['host']}/{h['storage']}" for n, h in r["per_instance_hit_tokens"].items()
+                )
+                + f"  decode {r['decode_storage_tokens']}"
+            )
     for c, x in (summary.get("ttft_rounds2plus_speedup_vs_pd_local") or {}).items():
         label = next(r["label"] for r in results if r["config"] == c)
         print(f"rounds 2+: {label} has {x:.1f}x lower mean TTFT than PD without a shared store")
@@ -185,13 +252,17 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
         for i, text in enumerate(summary["replies_text"]):
             print(f"  r{i + 1}: {text.strip()[:160]!r}")
     if "ttft_rounds2plus_speedup_storage_vs_radix" in summary:
-        print(f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
-              "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)"))
+        print(
+            f"\nrounds 2+: HiCache with storage has {summary['ttft_rounds2plus_speedup_storage_vs_radix']:.1f}x lower "
+            "mean TTFT than the device-only radix cache" + (" (over HTTP)" if args.base_url else " (same device pool)")
+        )
     if warm:
-        print(f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
-              f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x), "
-              f"{summary['warm_storage_tokens']} tokens from storage; "
-              f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}")
+        print(
+            f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
+            f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x), "
+            f"{summary['warm_storage_tokens']} tokens from storage; "
+            f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}"
+        )
     rep = summary.get("repeats")
     if rep:
         print(f"\nover {rep['n']} repeats (median, min-max):")
@@ -202,8 +273,10 @@ def _print(args: argparse.Namespace, results: list[dict], warm: Optional[dict], 
         for c, sp in rep.get("speedup_vs_pd_local", {}).items():
             if sp["median"] is not None:
                 print(f"  {c} vs pd-local, rounds 2+: {sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})")
-        for key, what in (("speedup_storage_vs_radix", "storage vs radix, rounds 2+"),
-                          ("warm_round1_speedup", "warm restart vs cold, round 1")):
+        for key, what in (
+            ("speedup_storage_vs_radix", "storage vs radix, rounds 2+"),
+            ("warm_round1_speedup", "warm restart vs cold, round 1"),
+        ):
             sp = rep[key]
             if sp["median"] is not None:
                 print(f"  {what}: {sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})")

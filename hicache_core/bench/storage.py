@@ -30,10 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(hicache_storage_backend="file")
     p.add_argument("--page-kib", default="256,1024", help="page sizes in KiB (default 256,1024)")
     p.add_argument("--total-mib", type=arg_int(1, 1 << 20), default=256, help="MiB moved per measurement (default 256)")
-    p.add_argument("--repeat", type=arg_int(1, 1000), default=5,
-                   help="rounds; the medians leave out the first, cold one (default %(default)s)")
-    p.add_argument("--via-sglang", action="store_true",
-                   help="measure the backend through HiCacheForSGLang (needs sglang) against the bare backend")
+    p.add_argument(
+        "--repeat",
+        type=arg_int(1, 1000),
+        default=5,
+        help="rounds; the medians leave out the first, cold one (default %(default)s)",
+    )
+    p.add_argument(
+        "--via-sglang",
+        action="store_true",
+        help="measure the backend through HiCacheForSGLang (needs sglang) against the bare backend",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -66,8 +73,9 @@ class _Bare:
         self.backend.clear()
 
 
-def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_mib: int, repeat: int,
-             via_sglang: bool = False) -> dict:
+def _measure(
+    config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_mib: int, repeat: int, via_sglang: bool = False
+) -> dict:
     ps = config.page_size
     item = 2 * 128 * 2  # 2 KV heads x head_dim 128 x bf16 per token and layer
     layers = kib * 1024 // (2 * ps * item)
@@ -91,7 +99,9 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
         peer = backend.raw.bench_peer() if isinstance(backend.raw, HasBenchPeer) else None
     others = {k: b for k, b in (("base", baseline), ("peer", peer)) if b is not None}
     nbytes = n * pool.page_bytes
-    res: dict[str, list[float]] = {k: [] for k in ("set", "get", "exists", "base_set", "base_get", "peer_set", "peer_get")}
+    res: dict[str, list[float]] = {
+        k: [] for k in ("set", "get", "exists", "base_set", "base_get", "peer_set", "peer_get")
+    }
     try:
         if peer is not None:
             peer.prepare(src)
@@ -104,7 +114,9 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
             if not all(ok):
                 raise RuntimeError(f"{sum(not x for x in ok)} of {n} pages failed to store")
             found: list[int] = []
-            res["exists"].append(_time(lambda: found.extend(backend.batch_exists(k) for k, _ in _batches(keys, src, ps))))
+            res["exists"].append(
+                _time(lambda: found.extend(backend.batch_exists(k) for k, _ in _batches(keys, src, ps)))
+            )
             got: list[bool] = []
             res["get"].append(_time(lambda: _each(backend.batch_get_v1, keys, dst, ps, got)))
             if not all(got):
@@ -125,12 +137,23 @@ def _measure(config: HiCacheConfig, resolved: ResolvedBackend, kib: int, total_m
         if isinstance(baseline, _Bare):
             baseline.backend.close()
     med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in res.items() if v}  # the cold round dropped
-    row = {"page_kib": kib, "pages": n, "set_gbps": gbps(nbytes, med["set"]), "get_gbps": gbps(nbytes, med["get"]),
-           "exists_kpages_s": n / med["exists"] / 1e3}
+    row = {
+        "page_kib": kib,
+        "pages": n,
+        "set_gbps": gbps(nbytes, med["set"]),
+        "get_gbps": gbps(nbytes, med["get"]),
+        "exists_kpages_s": n / med["exists"] / 1e3,
+    }
     for k, b in others.items():
-        row.update({k if k == "peer" else "baseline": b.name, f"{k}_set_gbps": gbps(nbytes, med[f"{k}_set"]),
-                    f"{k}_get_gbps": gbps(nbytes, med[f"{k}_get"]), f"{k}_set_ratio": med[f"{k}_set"] / med["set"],
-                    f"{k}_get_ratio": med[f"{k}_get"] / med["get"]})
+        row.update(
+            {
+                k if k == "peer" else "baseline": b.name,
+                f"{k}_set_gbps": gbps(nbytes, med[f"{k}_set"]),
+                f"{k}_get_gbps": gbps(nbytes, med[f"{k}_get"]),
+                f"{k}_set_ratio": med[f"{k}_set"] / med["set"],
+                f"{k}_get_ratio": med[f"{k}_get"] / med["get"],
+            }
+        )
     return row
 
 
@@ -163,22 +186,35 @@ def run(args: argparse.Namespace) -> int:
     try:
         sizes = [int(k) for k in args.page_kib.split(",")]
     except ValueError:
-        raise ConfigError(f"--page-kib {args.page_kib!r}: give page sizes in KiB, comma separated (e.g. 256,1024)") from None
+        raise ConfigError(
+            f"--page-kib {args.page_kib!r}: give page sizes in KiB, comma separated (e.g. 256,1024)"
+        ) from None
     rows = [_measure(config, resolved, k, args.total_mib, args.repeat, args.via_sglang) for k in sizes]
     if args.json:
         dump_json({"backend": config.hicache_storage_backend, "layout": config.hicache_mem_layout, "results": rows})
         return 0
-    print(f"hicache bench storage: backend {config.hicache_storage_backend}, layout {config.hicache_mem_layout}, "
-          f"{args.total_mib} MiB per measurement, batches of {BATCH} pages, median of {args.repeat} rounds"
-          + (" less the first (cold) one" if args.repeat > 1 else ""))
+    print(
+        f"hicache bench storage: backend {config.hicache_storage_backend}, layout {config.hicache_mem_layout}, "
+        f"{args.total_mib} MiB per measurement, batches of {BATCH} pages, median of {args.repeat} rounds"
+        + (" less the first (cold) one" if args.repeat > 1 else "")
+    )
     print(f"baseline: {rows[0].get('baseline', 'none (the backend offers no bench_baseline)')}, same bytes, same run")
     if "peer" in rows[0]:
         print(f"peer: {rows[0]['peer']}, same bytes, same run")
     print()
-    cols = [("page_kib", "page KiB", "d"), ("pages", "pages", "d"), ("set_gbps", "set GB/s", ".2f"),
-            ("base_set_gbps", "base set", ".2f"), ("base_set_ratio", "vs base", ".2f")]
+    cols = [
+        ("page_kib", "page KiB", "d"),
+        ("pages", "pages", "d"),
+        ("set_gbps", "set GB/s", ".2f"),
+        ("base_set_gbps", "base set", ".2f"),
+        ("base_set_ratio", "vs base", ".2f"),
+    ]
     peer = [("peer_set_gbps", "peer set", ".2f"), ("peer_set_ratio", "vs peer", ".2f")] if "peer" in rows[0] else []
-    cols += peer + [("get_gbps", "get GB/s", ".2f"), ("base_get_gbps", "base get", ".2f"), ("base_get_ratio", "vs base", ".2f")]
+    cols += peer + [
+        ("get_gbps", "get GB/s", ".2f"),
+        ("base_get_gbps", "base get", ".2f"),
+        ("base_get_ratio", "vs base", ".2f"),
+    ]
     if peer:
         cols += [("peer_get_gbps", "peer get", ".2f"), ("peer_get_ratio", "vs peer", ".2f")]
     print_table(rows, cols + [("exists_kpages_s", "exists kpage/s", ".1f")])

@@ -22,15 +22,24 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pages", type=arg_int(1, 1 << 20), default=192, help="pages moved per transfer, scattered at random (default 192)")
+    p.add_argument(
+        "--pages",
+        type=arg_int(1, 1 << 20),
+        default=192,
+        help="pages moved per transfer, scattered at random (default 192)",
+    )
     p.add_argument("--page-size", type=arg_int(1, MAX_PAGE_SIZE), default=64)
     p.add_argument("--num-layers", type=arg_int(1, 4096), default=32)
     p.add_argument("--num-kv-heads", type=arg_int(1, 4096), default=8)
     p.add_argument("--head-dim", type=arg_int(1, 65536), default=128)
-    p.add_argument("--mla-dim", type=arg_int(0, 65536), default=576, help="MLA latent width (kv_lora_rank + rope dim); 0 skips MLA")
+    p.add_argument(
+        "--mla-dim", type=arg_int(0, 65536), default=576, help="MLA latent width (kv_lora_rank + rope dim); 0 skips MLA"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--layouts", default=",".join(MEM_LAYOUTS))
-    p.add_argument("--io", default="kernel,direct", help="io backends to measure (kernel needs CUDA; reference is slow)")
+    p.add_argument(
+        "--io", default="kernel,direct", help="io backends to measure (kernel needs CUDA; reference is slow)"
+    )
     p.add_argument("--repeat", type=arg_int(1, 1000), default=5)
     p.add_argument("--device", default=None, help="device pool device (default: cuda if present, else cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -72,8 +81,15 @@ def _measure_shape(args, spec: KVSpec, shape_name: str, device: torch.device) ->
         for io in args.io.split(","):
             real = effective_io_backend(io, device)
             if real != io:
-                rows.append({"shape": shape_name, "layout": layout, "io": io, "direction": "-",
-                             "note": f"skipped: {io} needs CUDA here"})
+                rows.append(
+                    {
+                        "shape": shape_name,
+                        "layout": layout,
+                        "io": io,
+                        "direction": "-",
+                        "note": f"skipped: {io} needs CUDA here",
+                    }
+                )
                 continue
             mover = HostDeviceTransfer(host, dev_pool, io)
 
@@ -88,12 +104,19 @@ def _measure_shape(args, spec: KVSpec, shape_name: str, device: torch.device) ->
             for direction, fn, way in cases:
                 # the baseline and the case alternate: this machine's memory bandwidth drifts within a run
                 base_s, s, ratio = time_paired(_baseline(base_bufs, way), fn, args.repeat, device)
-                rows.append({
-                    "shape": shape_name, "layout": layout, "io": io, "direction": direction,
-                    "piece_bytes": spec.item_bytes * (ps if layout != "page_first" else 1),
-                    "layers_per_call": mover.layer_groups()[0][1] if way == "h2d" else spec.layer_num,
-                    "gbps": gbps(nbytes, s), "baseline_gbps": gbps(nbytes, base_s), "ratio": ratio,
-                })
+                rows.append(
+                    {
+                        "shape": shape_name,
+                        "layout": layout,
+                        "io": io,
+                        "direction": direction,
+                        "piece_bytes": spec.item_bytes * (ps if layout != "page_first" else 1),
+                        "layers_per_call": mover.layer_groups()[0][1] if way == "h2d" else spec.layer_num,
+                        "gbps": gbps(nbytes, s),
+                        "baseline_gbps": gbps(nbytes, base_s),
+                        "ratio": ratio,
+                    }
+                )
         del host
         gc.collect()
     del dev_pool
@@ -104,26 +127,49 @@ def _measure_shape(args, spec: KVSpec, shape_name: str, device: torch.device) ->
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device()
     dtype = DTYPES[args.dtype]
-    shapes = [(f"MHA L{args.num_layers} H{args.num_kv_heads} D{args.head_dim}",
-               KVSpec(layer_num=args.num_layers, head_num=args.num_kv_heads, head_dim=args.head_dim, dtype=dtype))]
+    shapes = [
+        (
+            f"MHA L{args.num_layers} H{args.num_kv_heads} D{args.head_dim}",
+            KVSpec(layer_num=args.num_layers, head_num=args.num_kv_heads, head_dim=args.head_dim, dtype=dtype),
+        )
+    ]
     if args.mla_dim:
-        shapes.append((f"MLA L{args.num_layers} D{args.mla_dim}",
-                       KVSpec(layer_num=args.num_layers, head_num=1, head_dim=args.mla_dim, dtype=dtype, is_mla=True)))
+        shapes.append(
+            (
+                f"MLA L{args.num_layers} D{args.mla_dim}",
+                KVSpec(layer_num=args.num_layers, head_num=1, head_dim=args.mla_dim, dtype=dtype, is_mla=True),
+            )
+        )
     rows = []
     for name, spec in shapes:
         rows += _measure_shape(args, spec, name, device)
-    meta = {"device": str(device), "pages": args.pages, "page_size": args.page_size, "dtype": args.dtype,
-            "threads": torch.get_num_threads(),
-            "baseline": "one contiguous copy_ of the same bytes (pinned host <-> GPU on CUDA)"}
+    meta = {
+        "device": str(device),
+        "pages": args.pages,
+        "page_size": args.page_size,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "baseline": "one contiguous copy_ of the same bytes (pinned host <-> GPU on CUDA)",
+    }
     if args.json:
         dump_json({"meta": meta, "results": rows})
         return 0
     print(f"hicache bench transfer on {device}: {args.pages} scattered pages of {args.page_size} tokens, {args.dtype}")
     print("ratio = median over alternating pairs of (contiguous copy time / transfer time), same bytes, same run\n")
-    print_table([r for r in rows if "gbps" in r], [
-        ("shape", "shape", "s"), ("layout", "layout", "s"), ("io", "io", "s"), ("direction", "direction", "s"),
-        ("piece_bytes", "piece B", "d"), ("layers_per_call", "layers/call", "d"), ("gbps", "GB/s", ".2f"), ("baseline_gbps", "copy GB/s", ".2f"), ("ratio", "ratio", ".2f"),
-    ])
+    print_table(
+        [r for r in rows if "gbps" in r],
+        [
+            ("shape", "shape", "s"),
+            ("layout", "layout", "s"),
+            ("io", "io", "s"),
+            ("direction", "direction", "s"),
+            ("piece_bytes", "piece B", "d"),
+            ("layers_per_call", "layers/call", "d"),
+            ("gbps", "GB/s", ".2f"),
+            ("baseline_gbps", "copy GB/s", ".2f"),
+            ("ratio", "ratio", ".2f"),
+        ],
+    )
     for r in rows:
         if "note" in r:
             print(f"{r['shape']} {r['layout']} {r['io']}: {r['note']}")

@@ -24,13 +24,21 @@ from hicache_core.transfer import HostDeviceTransfer
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=arg_int(1, 1 << 24), default=4096)
     p.add_argument("--page-size", type=arg_int(1, MAX_PAGE_SIZE), default=64)
-    p.add_argument("--requests", type=arg_int(1, 1 << 20), default=200, help="distinct prompts in the tree (default 200)")
-    p.add_argument("--shared-prefix", type=arg_int(0, 1 << 24), default=1024, help="tokens every prompt shares (a system prompt)")
+    p.add_argument(
+        "--requests", type=arg_int(1, 1 << 20), default=200, help="distinct prompts in the tree (default 200)"
+    )
+    p.add_argument(
+        "--shared-prefix", type=arg_int(0, 1 << 24), default=1024, help="tokens every prompt shares (a system prompt)"
+    )
     p.add_argument("--num-layers", type=arg_int(1, 4096), default=32, help="layers of the KV loaded for comparison")
     p.add_argument("--num-kv-heads", type=arg_int(1, 4096), default=8)
     p.add_argument("--head-dim", type=arg_int(1, 65536), default=128)
-    p.add_argument("--rounds", type=arg_int(1, 100), default=3,
-                   help="alternating rounds of ours and SGLang's; medians are reported (default 3)")
+    p.add_argument(
+        "--rounds",
+        type=arg_int(1, 100),
+        default=3,
+        help="alternating rounds of ours and SGLang's; medians are reported (default 3)",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -57,8 +65,11 @@ def _ours(prompts: list[list[int]], ps: int, order: list[int]) -> dict[str, floa
     insert = time_best(fill, 3)
     assert len(cache.match_prefix(prompts[0]).device_indices) == n_tok
     n = len(prompts)
-    return {"insert": insert / n * 1e6, "match": time_best(match, 3) / n * 1e6,
-            "reinsert": time_best(reinsert, 3) / n * 1e6}
+    return {
+        "insert": insert / n * 1e6,
+        "match": time_best(match, 3) / n * 1e6,
+        "reinsert": time_best(reinsert, 3) / n * 1e6,
+    }
 
 
 def _sglang(prompts: list[list[int]], ps: int, order: list[int]) -> dict[str, float] | None:
@@ -94,8 +105,12 @@ def _sglang(prompts: list[list[int]], ps: int, order: list[int]) -> dict[str, fl
 
     insert = time_best(fill, 3)
     n = len(prompts)
-    return {"insert": insert / n * 1e6, "match": time_best(lambda: match(False), 3) / n * 1e6,
-            "match_gather": time_best(lambda: match(True), 3) / n * 1e6, "reinsert": time_best(reinsert, 3) / n * 1e6}
+    return {
+        "insert": insert / n * 1e6,
+        "match": time_best(lambda: match(False), 3) / n * 1e6,
+        "match_gather": time_best(lambda: match(True), 3) / n * 1e6,
+        "reinsert": time_best(reinsert, 3) / n * 1e6,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
     idx = torch.arange(n_tok)
     load_us = time_best(lambda: mover.load_all_layers(idx, idx), 3) * 1e6
     rows = []
-    for op, key, sg_key in ((f"match_prefix (hit, {n_tok} tokens, with indices)", "match", "match_gather"),
-                            ("insert (new prompt)", "insert", "insert"),
-                            ("insert (already cached)", "reinsert", "reinsert")):
+    for op, key, sg_key in (
+        (f"match_prefix (hit, {n_tok} tokens, with indices)", "match", "match_gather"),
+        ("insert (new prompt)", "insert", "insert"),
+        ("insert (already cached)", "reinsert", "reinsert"),
+    ):
         row = {"op": op, "us": ours[key], "vs_load": ours[key] / load_us}
         if theirs is not None:
             row["sglang_us"] = theirs[sg_key]
@@ -141,16 +158,32 @@ def run(args: argparse.Namespace) -> int:
         row["speedup"] = row["sglang_us"] / both
     rows.append(row)
     if theirs is not None:
-        rows.append({"op": "  sglang match_prefix without indices", "us": None, "vs_load": None,
-                     "sglang_us": theirs["match"], "speedup": theirs["match"] / ours["match"]})
+        rows.append(
+            {
+                "op": "  sglang match_prefix without indices",
+                "us": None,
+                "vs_load": None,
+                "sglang_us": theirs["match"],
+                "speedup": theirs["match"] / ours["match"],
+            }
+        )
     rows.append({"op": f"load {n_tok} tokens host->device (direct)", "us": load_us, "vs_load": 1.0})
     if args.json:
-        dump_json({"prompt_tokens": n_tok, "page_size": ps, "requests": args.requests, "sglang": theirs is not None,
-                   "results": rows})
+        dump_json(
+            {
+                "prompt_tokens": n_tok,
+                "page_size": ps,
+                "requests": args.requests,
+                "sglang": theirs is not None,
+                "results": rows,
+            }
+        )
         return 0
-    print(f"hicache bench tree: {args.requests} prompts of {n_tok} tokens (page {ps}), {args.shared_prefix} shared; "
-          f"KV {args.num_layers}x{args.num_kv_heads}x{args.head_dim} bf16 = {n_tok * spec.size_per_token / 2**20:.0f} "
-          "MiB per prompt")
+    print(
+        f"hicache bench tree: {args.requests} prompts of {n_tok} tokens (page {ps}), {args.shared_prefix} shared; "
+        f"KV {args.num_layers}x{args.num_kv_heads}x{args.head_dim} bf16 = {n_tok * spec.size_per_token / 2**20:.0f} "
+        "MiB per prompt"
+    )
     cols = [("op", "operation", "s"), ("us", "us/call", ".1f"), ("vs_load", "x load time", ".4f")]
     if theirs is not None:
         cols += [("sglang_us", "SGLang RadixCache us", ".1f"), ("speedup", "ours vs SGLang", ".2f")]

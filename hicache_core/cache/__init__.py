@@ -7,4 +7,13 @@ from hicache_core.cache.node import TreeNode
 from hicache_core.cache.none import NoPrefixCache
 from hicache_core.cache.radix import MatchResult, RadixTree
 
-__all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache", "MatchResult", "NoPrefixCache", "RadixTree", "TreeNode", "build_cache"]
+__all__ = [
+    "LOAD_BACK_THRESHOLD",
+    "Admission",
+    "HiRadixCache",
+    "MatchResult",
+    "NoPrefixCache",
+    "RadixTree",
+    "TreeNode",
+    "build_cache",
+]

@@ -63,8 +63,10 @@ class RankAgreement(Solo):
         if self._owner is None:
             self._owner = me
         elif self._owner != me:
-            raise RuntimeError("rank agreement called from a second thread: collectives on one group must come from "
-                               "the thread that owns the cache")
+            raise RuntimeError(
+                "rank agreement called from a second thread: collectives on one group must come from "
+                "the thread that owns the cache"
+            )
         if not values:
             values = [0]  # every rank issues the collective, even with nothing to agree on
             empty = True

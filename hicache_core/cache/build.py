@@ -77,12 +77,26 @@ def build_cache(
         host_pool = HostPool(spec, n, ps, config.hicache_mem_layout, pin_memory=pin_memory)
     if resolved is not None:
         backend = open_storage(config, resolved, spec, host_pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm)
-    return HiRadixCache(config, device_pool, host_pool, backend, metrics, force_kernel=force_kernel, agree=agree,
-                        storage_writes=storage_writes)
+    return HiRadixCache(
+        config,
+        device_pool,
+        host_pool,
+        backend,
+        metrics,
+        force_kernel=force_kernel,
+        agree=agree,
+        storage_writes=storage_writes,
+    )
 
 
-def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,
-                   pm: Optional[HiCachePluginManager] = None) -> HiRadixCache:
+def attach_backend(
+    cache: HiRadixCache,
+    config: HiCacheConfig,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pm: Optional[HiCachePluginManager] = None,
+) -> HiRadixCache:
     """Build the backend ``config`` names for ``cache``'s host pool and attach it (runtime attach)."""
     if cache.host_pool is None:
         raise ConfigError("attaching a storage backend needs the host tier (--enable-hierarchical-cache)")
@@ -91,12 +105,15 @@ def attach_backend(cache: HiRadixCache, config: HiCacheConfig, *, tp_rank: int =
     config = config.replace(hicache_mem_layout=cache.config.hicache_mem_layout, page_size=cache.page_size)
     config, resolved = resolve_config(config, pm)
     if config.hicache_mem_layout != cache.host_pool.layout:
-        raise ConfigError(f"storage backend {config.hicache_storage_backend!r} needs host layout "
-                          f"{config.hicache_mem_layout}; this server's host pool is {cache.host_pool.layout} "
-                          f"(restart with --hicache-mem-layout {config.hicache_mem_layout})")
+        raise ConfigError(
+            f"storage backend {config.hicache_storage_backend!r} needs host layout "
+            f"{config.hicache_mem_layout}; this server's host pool is {cache.host_pool.layout} "
+            f"(restart with --hicache-mem-layout {config.hicache_mem_layout})"
+        )
     assert resolved is not None
-    backend = open_storage(config, resolved, cache.host_pool.spec, cache.host_pool, tp_rank=tp_rank, tp_size=tp_size,
-                           pm=pm)
+    backend = open_storage(
+        config, resolved, cache.host_pool.spec, cache.host_pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm
+    )
     try:
         cache.attach_storage(backend, config)
     except BaseException:

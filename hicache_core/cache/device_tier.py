@@ -23,8 +23,15 @@ LOAD_BACK_THRESHOLD = 10  # tokens: shorter host spans are recomputed rather tha
 
 
 class DeviceTier:
-    def __init__(self, tree: RadixTree, controller: Optional[HiCacheController], host: Optional[HostTier],
-                 metrics: CacheMetrics, agree: Solo, write_policy: str) -> None:
+    def __init__(
+        self,
+        tree: RadixTree,
+        controller: Optional[HiCacheController],
+        host: Optional[HostTier],
+        metrics: CacheMetrics,
+        agree: Solo,
+        write_policy: str,
+    ) -> None:
         self.tree, self.controller, self.host, self.metrics, self.agree = tree, controller, host, metrics, agree
         self.pool = tree.device_pool
         self.write_policy = write_policy
@@ -43,8 +50,12 @@ class DeviceTier:
     def make_room(self, num_tokens: int) -> None:
         """Evict until ``num_tokens`` device slots are free, if the tree allows."""
         self.evict(num_tokens - self.pool.available_size())
-        if (self.pool.available_size() < num_tokens and self.controller and self.host
-                and self.agree.any(self.controller.writes_in_flight())):
+        if (
+            self.pool.available_size() < num_tokens
+            and self.controller
+            and self.host
+            and self.agree.any(self.controller.writes_in_flight())
+        ):
             # nodes whose host copy is in flight are locked: let the copies land, then they can be demoted
             self.host.writing_check(block=True)
             self.evict(num_tokens - self.pool.available_size())
@@ -57,8 +68,12 @@ class DeviceTier:
         pending: set[int] = set()  # write-back copies started by this eviction
 
         def candidate(n: TreeNode) -> bool:
-            return (n.value is not None and n.lock_ref == 0 and n.id not in pending
-                    and all(c.value is None or c.id in pending for c in n.children.values()))
+            return (
+                n.value is not None
+                and n.lock_ref == 0
+                and n.id not in pending
+                and all(c.value is None or c.id in pending for c in n.children.values())
+            )
 
         written: list[TreeNode] = []
 

@@ -42,12 +42,22 @@ from hicache_core.metrics import CacheMetrics
 
 __all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache"]
 
+
 class HiRadixCache:
     """The prefix cache. Without a host pool it is a device-only radix cache (no write policies, no storage)."""
 
-    def __init__(self, config: HiCacheConfig, device_pool, host_pool=None, storage=None,
-                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False,
-                 agree: Optional[Solo] = None, storage_writes: bool = True) -> None:
+    def __init__(
+        self,
+        config: HiCacheConfig,
+        device_pool,
+        host_pool=None,
+        storage=None,
+        metrics: Optional[CacheMetrics] = None,
+        *,
+        force_kernel: bool = False,
+        agree: Optional[Solo] = None,
+        storage_writes: bool = True,
+    ) -> None:
         if storage is not None and host_pool is None:
             raise ValueError("a storage backend needs a host pool (enable the hierarchical cache)")
         self.config = config
@@ -61,15 +71,19 @@ class HiRadixCache:
         self.host: Optional[HostTier] = None
         self.prefetcher: Optional[StoragePrefetcher] = None
         if host_pool is not None:
-            self.controller = HiCacheController(config, device_pool, host_pool, storage, self.metrics,
-                                                force_kernel=force_kernel)
-            self.host = HostTier(self.tree, self.controller, config, self.metrics, self.agree, self.quota,
-                                 storage_writes=storage_writes)
+            self.controller = HiCacheController(
+                config, device_pool, host_pool, storage, self.metrics, force_kernel=force_kernel
+            )
+            self.host = HostTier(
+                self.tree, self.controller, config, self.metrics, self.agree, self.quota, storage_writes=storage_writes
+            )
             self.tree.on_hit = self.host.on_hit
-            self.prefetcher = StoragePrefetcher(self.tree, self.host, self.controller, self.metrics, self.agree,
-                                                self.quota)
-        self.device = DeviceTier(self.tree, self.controller, self.host, self.metrics, self.agree,
-                                 config.hicache_write_policy)
+            self.prefetcher = StoragePrefetcher(
+                self.tree, self.host, self.controller, self.metrics, self.agree, self.quota
+            )
+        self.device = DeviceTier(
+            self.tree, self.controller, self.host, self.metrics, self.agree, config.hicache_write_policy
+        )
         self._admitting: dict[Any, int] = {}  # request id -> matched length before its storage prefetch
 
     # --- what the parts hold -----------------------------------------------------------------------------------------
@@ -172,8 +186,9 @@ class HiRadixCache:
             self.controller.cost.record_prefill(tokens, seconds)
 
     # --- the front door ----------------------------------------------------------------------------------------------
-    def admit(self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None,
-              extra_key: Optional[str] = None) -> Admission:
+    def admit(
+        self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None, extra_key: Optional[str] = None
+    ) -> Admission:
         """Admit a request whose prompt is ``tokens``; ``extra_tokens`` more slots are reserved (for decoding).
         At least one prompt token is always left to compute, so the engine gets logits for it. ``salt`` (vLLM's
         and SGLang's ``cache_salt``: a tenant, a user) and ``extra_key`` (SGLang's: an adapter, a tenant) confine
@@ -216,8 +231,9 @@ class HiRadixCache:
             self.ready_to_load_host_cache()  # the loads queued above pin device pages until they run
             return Admission(rid, FULL, salt=salt, extra_key=extra_key, seed=seed)
         self._admitting.pop(rid, None)
-        self.metrics.record_request(len(tokens), cached["device"], cached["host"], cached["storage"],
-                                    salt=None if seed is None else seed[:12])
+        self.metrics.record_request(
+            len(tokens), cached["device"], cached["host"], cached["storage"], salt=None if seed is None else seed[:12]
+        )
         return Admission(rid, READY, prefix, own, cached, node, salt=salt, extra_key=extra_key, seed=seed)
 
     def release(self, admission: Admission, tokens, computed: int) -> None:
@@ -250,8 +266,9 @@ class HiRadixCache:
         if self.controller is None:
             raise ConfigError("attaching a storage backend needs the host tier (--enable-hierarchical-cache)")
         if self.storage_enabled:
-            raise ConfigError(f"storage backend {self.config.hicache_storage_backend!r} is attached already; "
-                              "detach it first")
+            raise ConfigError(
+                f"storage backend {self.config.hicache_storage_backend!r} is attached already; detach it first"
+            )
         self.flush()
         for node in self.nodes():  # parents first: nodes made before storage get their keys, chained from the root
             assert node.parent is not None

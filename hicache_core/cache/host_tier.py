@@ -22,8 +22,17 @@ from hicache_core.metrics import CacheMetrics
 
 
 class HostTier:
-    def __init__(self, tree: RadixTree, controller: HiCacheController, config: HiCacheConfig, metrics: CacheMetrics,
-                 agree: Solo, quota: HostQuota, *, storage_writes: bool = True) -> None:
+    def __init__(
+        self,
+        tree: RadixTree,
+        controller: HiCacheController,
+        config: HiCacheConfig,
+        metrics: CacheMetrics,
+        agree: Solo,
+        quota: HostQuota,
+        *,
+        storage_writes: bool = True,
+    ) -> None:
         self.tree, self.controller, self.metrics, self.agree, self.quota = tree, controller, metrics, agree, quota
         self.pool = controller.host_pool
         self.storage_writes = storage_writes  # False: this cache only reads storage (a PD decode without offload)

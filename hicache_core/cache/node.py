@@ -16,8 +16,21 @@ class TreeNode:
     not on host); ``hash_value``: one storage key per page (when storage is on). ``lock_ref`` pins the node and its
     ancestors in the tree and on device; ``host_ref`` keeps the host copy while a storage backup reads it."""
 
-    __slots__ = ("children", "parent", "key", "value", "host_value", "hash_value", "lock_ref", "host_ref",
-                 "hit_count", "last_access_time", "creation_time", "id", "seed")
+    __slots__ = (
+        "children",
+        "parent",
+        "key",
+        "value",
+        "host_value",
+        "hash_value",
+        "lock_ref",
+        "host_ref",
+        "hit_count",
+        "last_access_time",
+        "creation_time",
+        "id",
+        "seed",
+    )
 
     def __init__(self, key: Optional[list] = None, parent: Optional[TreeNode] = None) -> None:
         self.children: dict[tuple, TreeNode] = {}
@@ -52,4 +65,7 @@ class TreeNode:
 
     def __repr__(self) -> str:
         tiers = ("D" if self.value is not None else "") + ("H" if self.host_value is not None else "")
-        return f"TreeNode(id={self.id}, len={len(self.key)}, {tiers or '-'}, lock={self.lock_ref}, host_ref={self.host_ref})"
+        return (
+            f"TreeNode(id={self.id}, len={len(self.key)}, {tiers or '-'}, lock={self.lock_ref}, "
+            f"host_ref={self.host_ref})"
+        )

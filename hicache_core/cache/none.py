@@ -27,8 +27,9 @@ class NoPrefixCache:
         self.ongoing_write_through: dict = {}
         self.ongoing_backup: dict = {}
 
-    def admit(self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None,
-              extra_key: Optional[str] = None) -> Admission:
+    def admit(
+        self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None, extra_key: Optional[str] = None
+    ) -> Admission:
         need = len(tokens) + extra_tokens
         own = self.device_pool.alloc(need + -need % self.page_size)
         if own is None:

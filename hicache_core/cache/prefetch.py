@@ -32,10 +32,23 @@ class _Prefetch:
 class StoragePrefetcher:
     """The prefetches in flight, one per request, while a storage tier is attached (``controller.io``)."""
 
-    def __init__(self, tree: RadixTree, host: HostTier, controller: HiCacheController, metrics: CacheMetrics,
-                 agree: Solo, quota: HostQuota) -> None:
+    def __init__(
+        self,
+        tree: RadixTree,
+        host: HostTier,
+        controller: HiCacheController,
+        metrics: CacheMetrics,
+        agree: Solo,
+        quota: HostQuota,
+    ) -> None:
         self.tree, self.host, self.controller, self.metrics, self.agree, self.quota = (
-            tree, host, controller, metrics, agree, quota)
+            tree,
+            host,
+            controller,
+            metrics,
+            agree,
+            quota,
+        )
         self.page_size = tree.page_size
         self.ongoing: dict[Any, _Prefetch] = {}
 
@@ -51,7 +64,9 @@ class StoragePrefetcher:
             for pf in pending:
                 pf.queried = pf.op.queried.is_set()
             return
-        local = [[int(pf.op.queried.is_set()), len(pf.op.hash_value) if pf.op.queried.is_set() else 0] for pf in pending]
+        local = [
+            [int(pf.op.queried.is_set()), len(pf.op.hash_value) if pf.op.queried.is_set() else 0] for pf in pending
+        ]
         agreed = self.agree.min([x for pair in local for x in pair])
         for i, pf in enumerate(pending):
             if agreed[2 * i]:

@@ -122,7 +122,10 @@ class RadixTree:
         if child.host_value is not None:
             upper.host_value, child.host_value = child.host_value[:split_len], child.host_value[split_len:]
         if child.hash_value is not None:
-            upper.hash_value, child.hash_value = child.hash_value[: split_len // ps], child.hash_value[split_len // ps :]
+            upper.hash_value, child.hash_value = (
+                child.hash_value[: split_len // ps],
+                child.hash_value[split_len // ps :],
+            )
         child.key = child.key[split_len:]
         child.parent = upper
         assert upper.parent is not None
@@ -224,8 +227,13 @@ class RadixTree:
         return prefix
 
     # --- eviction ----------------------------------------------------------------------------------------------------
-    def evict_leaves(self, num_tokens: int, candidate: Callable[[TreeNode], bool],
-                     evict_one: Callable[[TreeNode], int], nodes: Optional[Iterator[TreeNode]] = None) -> int:
+    def evict_leaves(
+        self,
+        num_tokens: int,
+        candidate: Callable[[TreeNode], bool],
+        evict_one: Callable[[TreeNode], int],
+        nodes: Optional[Iterator[TreeNode]] = None,
+    ) -> int:
         """The one eviction loop: pop ``candidate`` nodes (checked again when popped) in eviction-policy order and
         ``evict_one`` each (returns tokens freed) until ``num_tokens`` are freed; a parent that becomes a
         candidate joins the heap. ``nodes``: where to look (default: the whole tree)."""
@@ -245,8 +253,9 @@ class RadixTree:
 
     def evict(self, num_tokens: int) -> int:
         """Free at least ``num_tokens`` device slots if possible, dropping unlocked leaves."""
-        return self.evict_leaves(num_tokens, lambda n: not n.children and n.lock_ref == 0,
-                                 lambda x: self._drop_leaf(x, "device"))
+        return self.evict_leaves(
+            num_tokens, lambda n: not n.children and n.lock_ref == 0, lambda x: self._drop_leaf(x, "device")
+        )
 
     def _drop_leaf(self, x: TreeNode, tier: str) -> int:
         """Free a leaf's slots in ``tier`` (``device``: its value; ``host``: its host value) and delete it."""

@@ -27,11 +27,20 @@ from hicache_core.transfer import HostDeviceTransfer
 
 logger = logging.getLogger(__name__)
 
+
 class HiCacheController:
     """Moves pages between tiers for a :class:`~hicache_core.cache.HiRadixCache`."""
 
-    def __init__(self, config: HiCacheConfig, device_pool, host_pool, storage: Optional[StorageV1] = None,
-                 metrics: Optional[CacheMetrics] = None, *, force_kernel: bool = False) -> None:
+    def __init__(
+        self,
+        config: HiCacheConfig,
+        device_pool,
+        host_pool,
+        storage: Optional[StorageV1] = None,
+        metrics: Optional[CacheMetrics] = None,
+        *,
+        force_kernel: bool = False,
+    ) -> None:
         self.config = config
         self.device_pool, self.host_pool = device_pool, host_pool
         self.page_size = config.page_size
@@ -60,8 +69,15 @@ class HiCacheController:
         if self.io is not None:
             raise RuntimeError("a storage backend is attached already; detach it first")
         self.config = config
-        self.io = StorageController(config, self.host_pool, storage, self.metrics, capacity=self.prefetch_capacity,
-                                    cost=self.cost, give_back=self._release_queue.put)
+        self.io = StorageController(
+            config,
+            self.host_pool,
+            storage,
+            self.metrics,
+            capacity=self.prefetch_capacity,
+            cost=self.cost,
+            give_back=self._release_queue.put,
+        )
         return self.io
 
     def detach_storage(self) -> None:
@@ -166,7 +182,7 @@ class HiCacheController:
     def writes_in_flight(self) -> bool:
         return bool(self._write_acks)
 
-    # --- owner-side housekeeping ----------------------------------------------------------------------------------------
+    # --- owner-side housekeeping --------------------------------------------------------------------------------------
     def poll(self) -> None:
         """Free host pages the storage workers handed back and forget detached prefetches that finished."""
         if self.io is not None:

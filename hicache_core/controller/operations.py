@@ -96,8 +96,9 @@ class PrefetchOperation:
     the worker fills them in order, bumping ``completed_tokens`` only after the bytes are in place. Once
     terminated, no more progress is accepted."""
 
-    def __init__(self, request_id: Any, token_ids: list[int], last_hash: Optional[str],
-                 prefix_keys: Optional[list[str]] = None) -> None:
+    def __init__(
+        self, request_id: Any, token_ids: list[int], last_hash: Optional[str], prefix_keys: Optional[list[str]] = None
+    ) -> None:
         self.id = next(_op_ids)
         self.prefix_keys = prefix_keys  # storage keys before the first page (hicache_storage_pass_prefix_keys)
         self.request_id = request_id
@@ -137,8 +138,14 @@ class PrefetchOperation:
 
 
 class BackupOperation:
-    def __init__(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int,
-                 prefix_keys: Optional[list[str]] = None, extra: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        host_indices: torch.Tensor,
+        hash_value: list[str],
+        node_id: int,
+        prefix_keys: Optional[list[str]] = None,
+        extra: Optional[dict] = None,
+    ) -> None:
         self.id = next(_op_ids)
         self.prefix_keys = prefix_keys
         self.extra = extra  # the extra_info dict every batch of the backup carries (a namespace's quota)
@@ -149,8 +156,9 @@ class BackupOperation:
         self.held = False  # a call past its deadline may still read the pages: acked when it returns
 
 
-def extra_for(prefix_keys: Optional[list[str]], hashes: list[str], start: int,
-              extra: Optional[dict] = None) -> Optional[ExtraInfo]:
+def extra_for(
+    prefix_keys: Optional[list[str]], hashes: list[str], start: int, extra: Optional[dict] = None
+) -> Optional[ExtraInfo]:
     """The extra info of a batch starting at page ``start`` of ``hashes``: the prefix keys plus the pages before
     it (when prefix keys are passed) and ``extra`` as its extra_info; None when neither is there."""
     if prefix_keys is None and extra is None:

@@ -118,9 +118,16 @@ class PrefetchPolicy:
         rate stays; load samples belonged to the backend attached before and start afresh."""
         ps = config.page_size
         cost.forget_loads()
-        return cls(config.hicache_storage_prefetch_policy, ps, max(config.prefetch_threshold, ps), capacity,
-                   config.prefetch_timeout_base, ps / 1024 * config.prefetch_timeout_per_ki_token,
-                   max(10.0, 4 * config.prefetch_timeout_base), cost)
+        return cls(
+            config.hicache_storage_prefetch_policy,
+            ps,
+            max(config.prefetch_threshold, ps),
+            capacity,
+            config.prefetch_timeout_base,
+            ps / 1024 * config.prefetch_timeout_per_ki_token,
+            max(10.0, 4 * config.prefetch_timeout_base),
+            cost,
+        )
 
     @property
     def cost_aware(self) -> bool:
@@ -150,11 +157,16 @@ class PrefetchPolicy:
         now = time.monotonic() if now is None else now
         if self.name in ("wait_complete", "cost_aware"):  # cost_aware: :meth:`cut` may end it sooner
             if now - op.last_progress > self.stall_limit:
-                logger.warning("prefetch for %r made no progress for %.0f s: giving up on the rest", op.request_id,
-                               now - op.last_progress)
+                logger.warning(
+                    "prefetch for %r made no progress for %.0f s: giving up on the rest",
+                    op.request_id,
+                    now - op.last_progress,
+                )
                 return "stalled"
             return None
-        return "timeout" if now - op.start_time > self.timeout_base + len(op.hash_value) * self.timeout_per_page else None
+        return (
+            "timeout" if now - op.start_time > self.timeout_base + len(op.hash_value) * self.timeout_per_page else None
+        )
 
     def cut(self, op: PrefetchOperation, queried: bool, now: Optional[float] = None) -> bool:
         """``cost_aware``: stop waiting once ``op`` has taken as long as recomputing its tokens would."""

@@ -3,9 +3,9 @@ host pages that a backend call past its deadline may still touch.
 
 A :class:`StorageController` lives from an attach (at start or at run time) to its detach; the
 :class:`~hicache_core.controller.HiCacheController` that owns it outlives it. Two
-:class:`~hicache_core.controller.operations.Worker` threads run the jobs; the owner thread calls everything else. Only this
-class edits a :class:`~hicache_core.controller.operations.PrefetchOperation` (the worker fills it; the owner's decisions go
-through the methods below); the cache edits the tree.
+:class:`~hicache_core.controller.operations.Worker` threads run the jobs; the owner thread calls everything else.
+Only this class edits a :class:`~hicache_core.controller.operations.PrefetchOperation` (the worker fills it; the
+owner's decisions go through the methods below); the cache edits the tree.
 """
 
 from __future__ import annotations
@@ -38,8 +38,17 @@ class StorageController:
     ``give_back(idx)`` returns host slots to the owner's release queue (freed on the owner thread); it outlives
     this object, so slots an abandoned call returns after a detach still come back."""
 
-    def __init__(self, config: HiCacheConfig, host_pool: Any, storage: StorageV1, metrics: CacheMetrics, *,
-                 capacity: int, cost: PrefetchCost, give_back: Callable[[torch.Tensor], None]) -> None:
+    def __init__(
+        self,
+        config: HiCacheConfig,
+        host_pool: Any,
+        storage: StorageV1,
+        metrics: CacheMetrics,
+        *,
+        capacity: int,
+        cost: PrefetchCost,
+        give_back: Callable[[torch.Tensor], None],
+    ) -> None:
         self.config = config
         self.host_pool = host_pool
         self.page_size = config.page_size
@@ -59,7 +68,9 @@ class StorageController:
         self._stop = threading.Event()
 
     # --- prefetch: the owner's side ----------------------------------------------------------------------------------
-    def prefetch(self, request_id: Any, tokens: list[int], last_hash: Optional[str], prefix_keys=None) -> PrefetchOperation:
+    def prefetch(
+        self, request_id: Any, tokens: list[int], last_hash: Optional[str], prefix_keys=None
+    ) -> PrefetchOperation:
         """Start a prefetch: the worker asks storage which pages exist; no host page is taken yet."""
         op = PrefetchOperation(request_id, tokens, last_hash, prefix_keys)
         self.policy.occupied += len(tokens)
@@ -106,8 +117,14 @@ class StorageController:
             self._detached.append(op)
 
     # --- backup ------------------------------------------------------------------------------------------------------
-    def write_storage(self, host_indices: torch.Tensor, hash_value: list[str], node_id: int, prefix_keys=None,
-                      extra: Optional[dict] = None) -> None:
+    def write_storage(
+        self,
+        host_indices: torch.Tensor,
+        hash_value: list[str],
+        node_id: int,
+        prefix_keys=None,
+        extra: Optional[dict] = None,
+    ) -> None:
         """Back host pages up to storage; the node is reported by :meth:`finished_backups` when done."""
         op = BackupOperation(host_indices, hash_value, node_id, prefix_keys, extra)
         self._backups_in_flight += 1
@@ -214,8 +231,13 @@ class StorageController:
                     break
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 lo, hi = start * ps, (start + len(keys)) * ps
-                out = self._storage_batch("get", self.guard.batch_get_v1, keys, op.host_indices[lo:hi],
-                                          extra_for(op.prefix_keys, op.hash_value, start))
+                out = self._storage_batch(
+                    "get",
+                    self.guard.batch_get_v1,
+                    keys,
+                    op.host_indices[lo:hi],
+                    extra_for(op.prefix_keys, op.hash_value, start),
+                )
                 if out.abandoned is not None:
                     self._quarantine(out.abandoned, op.host_indices[lo:hi])
                     held = (lo, hi)
@@ -238,8 +260,9 @@ class StorageController:
             for start in range(0, len(op.hash_value), STORAGE_BATCH_PAGES):
                 keys = op.hash_value[start : start + STORAGE_BATCH_PAGES]
                 idx = op.host_indices[start * ps : (start + len(keys)) * ps]
-                out = self._storage_batch("set", self.guard.batch_set_v1, keys, idx,
-                                          extra_for(op.prefix_keys, op.hash_value, start, op.extra))
+                out = self._storage_batch(
+                    "set", self.guard.batch_set_v1, keys, idx, extra_for(op.prefix_keys, op.hash_value, start, op.extra)
+                )
                 op.completed_tokens += out.ok * ps
                 abandoned = out.abandoned
                 if out.ok < len(keys):

@@ -30,8 +30,10 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"--model-path: {path} is missing (a Hugging Face model directory has config.json, "
-                          "model.safetensors and tokenizer.json)") from None
+        raise ConfigError(
+            f"--model-path: {path} is missing (a Hugging Face model directory has config.json, "
+            "model.safetensors and tokenizer.json)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"--model-path: cannot read {path}: {e}") from None
 
@@ -52,8 +54,10 @@ def _rope(cfg: dict, where: Path) -> tuple[float, Optional[dict]]:
     params = dict(params or {})
     theta = params.pop("rope_theta", cfg.get("rope_theta"))
     if theta is None:
-        raise ConfigError(f"--model-path: {where} gives no rope_theta (neither top level nor in rope_parameters); "
-                          "add the model's rope_theta to config.json")
+        raise ConfigError(
+            f"--model-path: {where} gives no rope_theta (neither top level nor in rope_parameters); "
+            "add the model's rope_theta to config.json"
+        )
     scaling = cfg.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise ConfigError(f"--model-path: {where}: rope_scaling={scaling!r} is not an object")
@@ -87,12 +91,15 @@ def config_from_dict(cfg: dict, where: Path, dtype: str = "auto", *, name: str) 
     is not understood is refused, naming the key."""
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" and not set(archs) & set(ARCHITECTURES):
-        raise ConfigError(f"--model-path: {where} holds a {cfg.get('model_type') or archs or 'unknown'} model; "
-                          f"only the llama architecture ({', '.join(ARCHITECTURES)}) is supported")
+        raise ConfigError(
+            f"--model-path: {where} holds a {cfg.get('model_type') or archs or 'unknown'} model; "
+            f"only the llama architecture ({', '.join(ARCHITECTURES)}) is supported"
+        )
     for key, allowed in REQUIRED_VALUES.items():
         if key in cfg and cfg[key] not in allowed:
-            raise ConfigError(f"--model-path: {where}: {key}={cfg[key]!r} is not supported (only "
-                              f"{', '.join(map(repr, allowed))})")
+            raise ConfigError(
+                f"--model-path: {where}: {key}={cfg[key]!r} is not supported (only {', '.join(map(repr, allowed))})"
+            )
     if dtype == "auto":
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     if dtype not in DTYPES:
@@ -102,12 +109,19 @@ def config_from_dict(cfg: dict, where: Path, dtype: str = "auto", *, name: str) 
         hidden = int(cfg["hidden_size"])
         theta, scaling = _rope(cfg, where)
         return ModelConfig(
-            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads), intermediate_size=int(cfg["intermediate_size"]),
-            rope_theta=theta, rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            kv_dtype=DTYPES[dtype], max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rope_scaling=scaling, checkpoint=name,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            intermediate_size=int(cfg["intermediate_size"]),
+            rope_theta=theta,
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            kv_dtype=DTYPES[dtype],
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_scaling=scaling,
+            checkpoint=name,
         )
     except KeyError as e:
         raise ConfigError(f"--model-path: {where} lacks {e.args[0]!r}") from None
@@ -126,8 +140,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        raise ConfigError(f"--model-path: {path} has no model.safetensors (nor an index of shards); "
-                          "save the model with safe_serialization=True")
+        raise ConfigError(
+            f"--model-path: {path} has no model.safetensors (nor an index of shards); "
+            "save the model with safe_serialization=True"
+        )
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -145,8 +161,10 @@ def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype
         c = config_from_dict(cfg, path, dtype, name=path.stem)
     else:
         if not path.is_dir():
-            raise ConfigError(f"--model-path {model_path}: not a directory (give a local Hugging Face model "
-                              "directory or a .gguf file)")
+            raise ConfigError(
+                f"--model-path {model_path}: not a directory (give a local Hugging Face model "
+                "directory or a .gguf file)"
+            )
         cfg = _read_config(path)
         c, t = config_from_dict(cfg, path / "config.json", dtype, name=path.name), _tensors(path)
     c = attrs.evolve(c, content_digest=checkpoint_fingerprint(path))  # after the reads: a bad file fails first
@@ -171,12 +189,19 @@ def _assemble(c: ModelConfig, t: dict[str, torch.Tensor], cfg: dict, device: tor
     layers = []
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
-        p = {"attn_norm": take(pre + "input_layernorm.weight", (h,)),
-             "mlp_norm": take(pre + "post_attention_layernorm.weight", (h,))}
-        for ours, theirs, out_dim, in_dim in (("wq", "self_attn.q_proj", q, h), ("wk", "self_attn.k_proj", kv, h),
-                                               ("wv", "self_attn.v_proj", kv, h), ("wo", "self_attn.o_proj", h, q),
-                                               ("w_gate", "mlp.gate_proj", inter, h), ("w_up", "mlp.up_proj", inter, h),
-                                               ("w_down", "mlp.down_proj", h, inter)):
+        p = {
+            "attn_norm": take(pre + "input_layernorm.weight", (h,)),
+            "mlp_norm": take(pre + "post_attention_layernorm.weight", (h,)),
+        }
+        for ours, theirs, out_dim, in_dim in (
+            ("wq", "self_attn.q_proj", q, h),
+            ("wk", "self_attn.k_proj", kv, h),
+            ("wv", "self_attn.v_proj", kv, h),
+            ("wo", "self_attn.o_proj", h, q),
+            ("w_gate", "mlp.gate_proj", inter, h),
+            ("w_up", "mlp.up_proj", inter, h),
+            ("w_down", "mlp.down_proj", h, inter),
+        ):
             p[ours] = take(f"{pre}{theirs}.weight", (out_dim, in_dim), transpose=True)
             bias = take(f"{pre}{theirs}.bias", (out_dim,), optional=True)
             if bias is not None:

@@ -94,23 +94,29 @@ def role_config(config: HiCacheConfig, mode: str, role: str, offload: bool) -> H
     if role not in DISAGGREGATION_MODES:
         raise ConfigError(f"--disaggregation-mode {role!r}: choose one of {', '.join(DISAGGREGATION_MODES)}")
     if offload and role != "decode":
-        raise ConfigError("--disaggregation-decode-enable-offload-kvcache is for a decode instance: "
-                          "add --disaggregation-mode decode")
+        raise ConfigError(
+            "--disaggregation-decode-enable-offload-kvcache is for a decode instance: add --disaggregation-mode decode"
+        )
     if role == "null":
         return config
     if mode != "hicache+storage":
-        raise ConfigError(f"--disaggregation-mode {role} hands KV between prefill and decode through the storage "
-                          "tier they share: add --enable-hierarchical-cache and --hicache-storage-backend (the same "
-                          "backend and extra config on both)")
+        raise ConfigError(
+            f"--disaggregation-mode {role} hands KV between prefill and decode through the storage "
+            "tier they share: add --enable-hierarchical-cache and --hicache-storage-backend (the same "
+            "backend and extra config on both)"
+        )
     writes = role == "prefill" or offload
     if writes and config.hicache_write_policy != "write_through":
         what = "prefill" if role == "prefill" else "decode with offload"
-        raise ConfigError(f"a {what} instance writes every request's pages to storage as it finishes: it needs "
-                          f"--hicache-write-policy write_through, not {config.hicache_write_policy}")
+        raise ConfigError(
+            f"a {what} instance writes every request's pages to storage as it finishes: it needs "
+            f"--hicache-write-policy write_through, not {config.hicache_write_policy}"
+        )
     if role == "decode":
         extra = {**config.hicache_storage_backend_extra_config, "prefetch_threshold": config.page_size}
-        config = config.replace(hicache_storage_prefetch_policy="wait_complete",
-                                hicache_storage_backend_extra_config=extra)
+        config = config.replace(
+            hicache_storage_prefetch_policy="wait_complete", hicache_storage_backend_extra_config=extra
+        )
     return config
 
 
@@ -133,8 +139,10 @@ class Engine:
         if mode not in MODES:
             raise ConfigError(f"engine mode {mode!r}: choose one of {', '.join(MODES)}")
         self.model, self.mode, self.max_running, self.tp = model, mode, max_running, tp
-        config = config.replace(model_name=config.model_name or model.config.name,
-                                hicache_model_fingerprint=config.hicache_model_fingerprint or model.config.fingerprint)
+        config = config.replace(
+            model_name=config.model_name or model.config.name,
+            hicache_model_fingerprint=config.hicache_model_fingerprint or model.config.fingerprint,
+        )
         self.role = disaggregation_mode
         config = role_config(config, mode, disaggregation_mode, offload_kvcache)
         self.handing_off: list[tuple[Request, float]] = []  # prefill: (request, deadline)
@@ -151,9 +159,18 @@ class Engine:
                 from hicache_core.cache.agree import RankAgreement
 
                 agree = RankAgreement(tp.cache_group)
-            self.cache = build_cache(config, spec, device_tokens, tiers=mode, device=model.device, metrics=self.metrics,
-                                     tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1, agree=agree,
-                                     storage_writes=disaggregation_mode != "decode" or offload_kvcache)
+            self.cache = build_cache(
+                config,
+                spec,
+                device_tokens,
+                tiers=mode,
+                device=model.device,
+                metrics=self.metrics,
+                tp_rank=tp.rank if tp else 0,
+                tp_size=tp.size if tp else 1,
+                agree=agree,
+                storage_writes=disaggregation_mode != "decode" or offload_kvcache,
+            )
             config = self.cache.config
         self.pool = self.cache.device_pool
         self.config = config
@@ -244,14 +261,16 @@ class Engine:
         if not self.handing_off:
             return done
         now = time.monotonic()
-        pending = [self.cache.backup_in_flight(r.prompt, namespace_seed(r.extra_key, r.salt))
-                   for r, _ in self.handing_off]
+        pending = [
+            self.cache.backup_in_flight(r.prompt, namespace_seed(r.extra_key, r.salt)) for r, _ in self.handing_off
+        ]
         late = [now > d for _, d in self.handing_off]
         agree = self.cache.agree
         if agree.active:  # tensor parallel: a page is stored once it is stored everywhere; rank 0's clock decides
             n = len(pending)
-            agreed = agree.min([int(not x) for x in pending] + [int(not late[i] if self.tp.rank == 0 else 1)
-                                                                 for i in range(n)])
+            agreed = agree.min(
+                [int(not x) for x in pending] + [int(not late[i] if self.tp.rank == 0 else 1) for i in range(n)]
+            )
             pending, late = [not x for x in agreed[:n]], [not x for x in agreed[n:]]
         keep = []
         for item, busy, over in zip(self.handing_off, pending, late):
@@ -259,8 +278,12 @@ class Engine:
                 keep.append(item)
                 continue
             if busy:
-                logger.warning("prefill: request %s's pages were not in storage after %.0f s; answering anyway "
-                               "(decode recomputes what it cannot load)", item[0].rid, HANDOFF_TIMEOUT_S)
+                logger.warning(
+                    "prefill: request %s's pages were not in storage after %.0f s; answering anyway "
+                    "(decode recomputes what it cannot load)",
+                    item[0].rid,
+                    HANDOFF_TIMEOUT_S,
+                )
             done.append(item[0])
         self.handing_off = keep
         return done
@@ -310,7 +333,8 @@ class Engine:
         logits = self.model.forward(self.pool, seqs)
         now = time.perf_counter()
         self.cache.record_prefill(  # what a storage load is weighed against (cost_aware prefetch)
-            sum(len(s[0]) for s in seqs), now - t0)
+            sum(len(s[0]) for s in seqs), now - t0
+        )
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
             r.first_token_time = now
             r._emit(tok)
@@ -346,8 +370,7 @@ class Engine:
         from hicache_core.cache.build import attach_backend
 
         if not isinstance(self.cache, HiRadixCache) or self.cache.host_pool is None:
-            raise ConfigError("attaching a storage backend needs the host tier: start with "
-                              "--enable-hierarchical-cache")
+            raise ConfigError("attaching a storage backend needs the host tier: start with --enable-hierarchical-cache")
         tp = self.tp
         attach_backend(self.cache, config, tp_rank=tp.rank if tp else 0, tp_size=tp.size if tp else 1)
         self.config, self.mode = self.cache.config, "hicache+storage"

@@ -39,7 +39,9 @@ class ModelConfig:
     content_digest: Optional[str] = attrs.field(default=None, eq=False, hash=False)
 
     def kv_spec(self) -> KVSpec:
-        return KVSpec(layer_num=self.num_layers, head_num=self.num_kv_heads, head_dim=self.head_dim, dtype=self.kv_dtype)
+        return KVSpec(
+            layer_num=self.num_layers, head_num=self.num_kv_heads, head_dim=self.head_dim, dtype=self.kv_dtype
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -49,15 +51,22 @@ class ModelConfig:
             return self.content_digest
         from hicache_core.identity import random_fingerprint
 
-        return random_fingerprint({f.name: getattr(self, f.name) for f in attrs.fields(ModelConfig)
-                                   if f.name not in ("kv_dtype", "content_digest", "checkpoint")})
+        return random_fingerprint(
+            {
+                f.name: getattr(self, f.name)
+                for f in attrs.fields(ModelConfig)
+                if f.name not in ("kv_dtype", "content_digest", "checkpoint")
+            }
+        )
 
     @property
     def name(self) -> str:
         if self.checkpoint:
             return self.checkpoint
-        return (f"tiny-llama-h{self.hidden_size}-l{self.num_layers}-q{self.num_heads}-kv{self.num_kv_heads}"
-                f"-d{self.head_dim}-seed{self.seed}")
+        return (
+            f"tiny-llama-h{self.hidden_size}-l{self.num_layers}-q{self.num_heads}-kv{self.num_kv_heads}"
+            f"-d{self.head_dim}-seed{self.seed}"
+        )
 
 
 def _lin(x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
@@ -95,8 +104,7 @@ class TinyLlama:
     Without ``weights`` they are random (seeded); a checkpoint gives them by our names (see
     :mod:`hicache_core.engine.checkpoint`): matrices as ``x @ w``, optional biases ``<name>_b``."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu",
-                 weights: Optional[dict] = None) -> None:
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", weights: Optional[dict] = None) -> None:
         self.config = c = config
         self.device = torch.device(device)
         self._inv_freq = rope_inv_freq(c).to(self.device)
@@ -117,9 +125,13 @@ class TinyLlama:
         self.layers = [
             {
                 "attn_norm": torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device),
-                "wq": w(c.hidden_size, q), "wk": w(c.hidden_size, kv), "wv": w(c.hidden_size, kv), "wo": w(q, c.hidden_size),
+                "wq": w(c.hidden_size, q),
+                "wk": w(c.hidden_size, kv),
+                "wv": w(c.hidden_size, kv),
+                "wo": w(q, c.hidden_size),
                 "mlp_norm": torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device),
-                "w_gate": w(c.hidden_size, c.intermediate_size), "w_up": w(c.hidden_size, c.intermediate_size),
+                "w_gate": w(c.hidden_size, c.intermediate_size),
+                "w_up": w(c.hidden_size, c.intermediate_size),
                 "w_down": w(c.intermediate_size, c.hidden_size),
             }
             for _ in range(c.num_layers)

@@ -56,8 +56,16 @@ class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with its special tokens and chat template (from a directory: :meth:`from_dir`;
     from a GGUF file: :func:`hicache_core.engine.gguf.tokenizer`)."""
 
-    def __init__(self, tok: Any, name: str, *, bos_token: Optional[str], eos_token: Optional[str],
-                 chat_template: Optional[str], eos_ids: frozenset) -> None:
+    def __init__(
+        self,
+        tok: Any,
+        name: str,
+        *,
+        bos_token: Optional[str],
+        eos_token: Optional[str],
+        chat_template: Optional[str],
+        eos_ids: frozenset,
+    ) -> None:
         self._tok, self.name = tok, name
         self.bos_token, self.eos_token = bos_token, eos_token
         self.chat_template = chat_template if isinstance(chat_template, str) else None
@@ -74,8 +82,9 @@ class HFTokenizer:
             raise ConfigError("--model-path needs the tokenizers package: pip install 'hicache-core[serve]'") from None
         f = path / "tokenizer.json"
         if not f.exists():
-            raise ConfigError(f"--model-path: {f} is missing (save the tokenizer with a fast tokenizer's "
-                              "save_pretrained)")
+            raise ConfigError(
+                f"--model-path: {f} is missing (save the tokenizer with a fast tokenizer's save_pretrained)"
+            )
         try:
             tok = Tokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises plain Exception for a malformed file
@@ -91,8 +100,14 @@ class HFTokenizer:
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         if template is None and (path / "chat_template.jinja").exists():  # where transformers >= 4.43 saves it
             template = (path / "chat_template.jinja").read_text()
-        return cls(tok, path.name, bos_token=_token_text(cfg.get("bos_token")),
-                   eos_token=_token_text(cfg.get("eos_token")), chat_template=template, eos_ids=eos_ids)
+        return cls(
+            tok,
+            path.name,
+            bos_token=_token_text(cfg.get("bos_token")),
+            eos_token=_token_text(cfg.get("eos_token")),
+            chat_template=template,
+            eos_ids=eos_ids,
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
@@ -113,8 +128,11 @@ class HFTokenizer:
         env.globals["raise_exception"] = raise_exception
         try:
             text = env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "")
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except TemplateError as e:
             raise ValueError(f"the chat template refused the messages: {e}") from None
         return self.encode(text, add_special_tokens=False)

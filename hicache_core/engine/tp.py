@@ -67,8 +67,11 @@ class TPContext:
 
 
 def check_divisible(c: ModelConfig, size: int) -> None:
-    for what, n in (("attention heads", c.num_heads), ("KV heads", c.num_kv_heads),
-                    ("MLP width (intermediate size)", c.intermediate_size)):
+    for what, n in (
+        ("attention heads", c.num_heads),
+        ("KV heads", c.num_kv_heads),
+        ("MLP width (intermediate size)", c.intermediate_size),
+    ):
         if n % size:
             raise ConfigError(f"--tp-size {size}: the model's {what} ({n}) must divide evenly by it")
 
@@ -78,7 +81,11 @@ def shard(model: TinyLlama, ctx: TPContext) -> TinyLlama:
     c, r, n = model.config, ctx.rank, ctx.size
     check_divisible(c, n)
     hq, hk, d, inter = c.num_heads // n, c.num_kv_heads // n, c.head_dim, c.intermediate_size // n
-    q, kv, m = slice(r * hq * d, (r + 1) * hq * d), slice(r * hk * d, (r + 1) * hk * d), slice(r * inter, (r + 1) * inter)
+    q, kv, m = (
+        slice(r * hq * d, (r + 1) * hq * d),
+        slice(r * hk * d, (r + 1) * hk * d),
+        slice(r * inter, (r + 1) * inter),
+    )
     cols = {"wq": q, "wk": kv, "wv": kv, "w_gate": m, "w_up": m}
     rows = {"wo": q, "w_down": m}
     layers = []
@@ -94,8 +101,11 @@ def shard(model: TinyLlama, ctx: TPContext) -> TinyLlama:
                 out[name + "_b"] = p[name + "_b"]
         layers.append(out)
     config = attrs.evolve(c, num_heads=hq, num_kv_heads=hk, intermediate_size=inter, checkpoint=c.name)
-    part = TinyLlama(config, model.device, weights={"embed": model.embed, "layers": layers,
-                                                    "final_norm": model.final_norm, "lm_head": model.lm_head})
+    part = TinyLlama(
+        config,
+        model.device,
+        weights={"embed": model.embed, "layers": layers, "final_norm": model.final_norm, "lm_head": model.lm_head},
+    )
     part.tp_shard, part.tp_group = True, ctx.group
     return part
 

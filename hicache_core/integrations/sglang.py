@@ -88,8 +88,10 @@ class SGLangHostPool:
         saved = self.pool.get_data_page(0, flat=True).clone()
         nbytes = saved.numel() * saved.element_size()
         if nbytes != self.page_bytes:
-            raise BackendLoadError(f"SGLang's host pool {type(self.pool).__name__}: its flat page has {nbytes} bytes "
-                                   f"but get_page_buffer_meta describes {self.page_bytes}; hicache cannot serve it")
+            raise BackendLoadError(
+                f"SGLang's host pool {type(self.pool).__name__}: its flat page has {nbytes} bytes "
+                f"but get_page_buffer_meta describes {self.page_bytes}; hicache cannot serve it"
+            )
         pattern = torch.arange(nbytes, dtype=torch.int64).remainder(251).to(torch.uint8).view(saved.dtype)
         try:
             self.pool.set_from_flat_data_page(0, pattern)
@@ -97,9 +99,11 @@ class SGLangHostPool:
         finally:
             self.pool.set_from_flat_data_page(0, saved)
         if got != pattern.view(torch.uint8).numpy().tobytes():
-            raise BackendLoadError(f"SGLang's host pool {type(self.pool).__name__} ({self.layout}): its page "
-                                   "segments in address order are not its flat page; hicache cannot store its "
-                                   "pages in one byte order")
+            raise BackendLoadError(
+                f"SGLang's host pool {type(self.pool).__name__} ({self.layout}): its page "
+                "segments in address order are not its flat page; hicache cannot store its "
+                "pages in one byte order"
+            )
 
     def get_flat_page(self, index: int) -> torch.Tensor:
         return self.pool.get_data_page(index, flat=True).clone()
@@ -116,8 +120,13 @@ def _spec_of(pool: Any, is_mla: bool) -> KVSpec:
     if getattr(pool, "spec", None) is not None:
         return pool.spec
     if is_mla:
-        return KVSpec(layer_num=pool.layer_num, head_num=1, head_dim=pool.kv_lora_rank + pool.qk_rope_head_dim,
-                      dtype=pool.dtype, is_mla=True)
+        return KVSpec(
+            layer_num=pool.layer_num,
+            head_num=1,
+            head_dim=pool.kv_lora_rank + pool.qk_rope_head_dim,
+            dtype=pool.dtype,
+            is_mla=True,
+        )
     return KVSpec(layer_num=pool.layer_num, head_num=pool.head_num, head_dim=pool.head_dim, dtype=pool.dtype)
 
 
@@ -129,7 +138,8 @@ class HiCacheForSGLang(_SGLangStorage):
             raise ImportError(
                 "hicache_core.sglang.HiCacheForSGLang is a storage backend for SGLang, and sglang does not import "
                 f"here ({type(_SGLANG_ERROR).__name__}: {_SGLANG_ERROR}); pip install sglang, or use hicache's own "
-                "engine (hicache_core.cache.build_cache)") from _SGLANG_ERROR
+                "engine (hicache_core.cache.build_cache)"
+            ) from _SGLANG_ERROR
         extra = {k: v for k, v in dict(storage_config.extra_config or {}).items() if k not in DYNAMIC_KEYS}
         self.backend_name = str(extra.pop("hicache_backend", "file"))
         self.fingerprint = sglang_fingerprint(extra.pop("hicache_model_fingerprint", None))
@@ -139,8 +149,9 @@ class HiCacheForSGLang(_SGLangStorage):
         self.mem_pool_host: Any = None
         # MLA: every rank reads, one rank writes (SGLang's rule; is_storage_writer where SGLang defines it)
         writer = getattr(storage_config, "is_storage_writer", None)
-        self.writes = bool(writer) if writer is not None else (not storage_config.is_mla_model or
-                                                               storage_config.tp_rank == 0)
+        self.writes = (
+            bool(writer) if writer is not None else (not storage_config.is_mla_model or storage_config.tp_rank == 0)
+        )
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """Build the hicache backend on SGLang's host pool: its layout, dtype, page size and pointers."""
@@ -148,9 +159,14 @@ class HiCacheForSGLang(_SGLangStorage):
         self.mem_pool_host = mem_pool_host
         spec = _spec_of(mem_pool_host, bool(sc.is_mla_model))
         pool = mem_pool_host if hasattr(mem_pool_host, "page_memoryviews") else SGLangHostPool(mem_pool_host, spec)
-        config = HiCacheConfig(page_size=pool.page_size, hicache_mem_layout=pool.layout, model_name=sc.model_name,
-                               hicache_model_fingerprint=self.fingerprint, hicache_storage_backend=self.backend_name,
-                               hicache_storage_backend_extra_config=self.backend_extra)
+        config = HiCacheConfig(
+            page_size=pool.page_size,
+            hicache_mem_layout=pool.layout,
+            model_name=sc.model_name,
+            hicache_model_fingerprint=self.fingerprint,
+            hicache_storage_backend=self.backend_name,
+            hicache_storage_backend_extra_config=self.backend_extra,
+        )
         storage_config = make_storage_config(config, spec, tp_rank=sc.tp_rank, tp_size=sc.tp_size)
         self.handle = create_backend(self.backend_name, storage_config, pool)
         logger.info("hicache backend %s for SGLang at %s", self.backend_name, self.handle.describe())
@@ -191,8 +207,9 @@ class HiCacheForSGLang(_SGLangStorage):
     def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
         return True if not self.writes else bool(self._v0("set")(key, value))
 
-    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
-                  target_sizes: Any = None) -> bool:
+    def batch_set(
+        self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None
+    ) -> bool:
         return all(self.set(k, v) for k, v in zip(keys, values or []))
 
     def exists(self, key: str) -> bool:
@@ -224,16 +241,19 @@ def sglang_fingerprint(given: Any = None) -> Optional[str]:
     except Exception:  # not inside an SGLang server process, or an SGLang without the runtime context
         args = None
     if args is None or not getattr(args, "model_path", None):
-        logger.info("HiCacheForSGLang: no SGLang server args published; pages are keyed by the model name only "
-                    "(pass hicache_model_fingerprint in the extra config to key them by the weights)")
+        logger.info(
+            "HiCacheForSGLang: no SGLang server args published; pages are keyed by the model name only "
+            "(pass hicache_model_fingerprint in the extra config to key them by the weights)"
+        )
         return None
     import hashlib
     from pathlib import Path
 
     from hicache_core.identity import checkpoint_fingerprint
 
-    parts = [f"{k}={getattr(args, k, None)}" for k in ("model_path", "revision", "dtype", "quantization",
-                                                       "kv_cache_dtype")]
+    parts = [
+        f"{k}={getattr(args, k, None)}" for k in ("model_path", "revision", "dtype", "quantization", "kv_cache_dtype")
+    ]
     local = Path(str(args.model_path)).expanduser()
     if local.exists():
         parts.append("content=" + checkpoint_fingerprint(local))
@@ -244,8 +264,10 @@ def through_sglang(config: HiCacheConfig, host_pool: Any) -> HiCacheForSGLang:
     """HiCacheForSGLang for ``config``'s backend, built the way SGLang builds it (its HiCacheStorageConfig, then
     register_mem_pool_host) on ``host_pool``: what ``hicache bench storage --via-sglang`` measures."""
     if _SGLANG_ERROR is not None:
-        raise BackendLoadError(f"--via-sglang needs sglang ({type(_SGLANG_ERROR).__name__}: {_SGLANG_ERROR}); "
-                               "pip install sglang, or run the sglang tox env")
+        raise BackendLoadError(
+            f"--via-sglang needs sglang ({type(_SGLANG_ERROR).__name__}: {_SGLANG_ERROR}); "
+            "pip install sglang, or run the sglang tox env"
+        )
     extra = {"hicache_backend": config.hicache_storage_backend, **config.backend_extra_config}
     sc = sglang_storage_config(make_storage_config(config, host_pool.spec), extra)
     backend = HiCacheForSGLang(sc, {})

@@ -59,7 +59,8 @@ def host_pool_tokens(config: HiCacheConfig, device_tokens: int, spec: KVSpec) ->
     if tokens <= device_tokens:
         logger.warning(
             "host pool (%d tokens) is not larger than the device pool (%d tokens): the host tier adds little",
-            tokens, device_tokens,
+            tokens,
+            device_tokens,
         )
     need = tokens * spec.size_per_token
     avail = available_memory_bytes()
@@ -194,7 +195,8 @@ class HostPool:
     def set_flat_page(self, index: int, data: torch.Tensor) -> None:
         if data.numel() != self.page_bytes // self.spec.itemsize or data.dtype != self.dtype:
             raise ValueError(
-                f"page data has {data.numel()} x {data.dtype}; expected {self.page_bytes // self.spec.itemsize} x {self.dtype}"
+                f"page data has {data.numel()} x {data.dtype}; "
+                f"expected {self.page_bytes // self.spec.itemsize} x {self.dtype}"
             )
         self._page_view(index).copy_(data.view(self._flat_shape))
 

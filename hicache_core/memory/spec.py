@@ -8,8 +8,12 @@ import torch
 from hicache_core.errors import ConfigError
 
 # KV dtypes by the names the CLI and benchmarks accept.
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "float8_e4m3fn": torch.float8_e4m3fn}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -68,6 +72,8 @@ def require_host_memory(nbytes: int, what: str) -> None:
     except (ValueError, OSError, AttributeError):
         return
     if nbytes > physical:
-        raise ConfigError(f"{what} needs {nbytes / 2**30:.1f} GiB but this machine has {physical / 2**30:.1f} GiB of "
-                          "memory: not enough memory for these sizes; lower them (page size, pages or tokens, "
-                          "--hicache-ratio / --hicache-size, layers, heads)")
+        raise ConfigError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB but this machine has {physical / 2**30:.1f} GiB of "
+            "memory: not enough memory for these sizes; lower them (page size, pages or tokens, "
+            "--hicache-ratio / --hicache-size, layers, heads)"
+        )

@@ -25,31 +25,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_hicache_args(p)
     s = p.add_argument_group("server")
-    s.add_argument("--model-path", default=None,
-                   help="a local Hugging Face llama checkpoint directory (config.json, safetensors, tokenizer.json); "
-                        "default: the seeded random tiny model with a byte tokenizer")
+    s.add_argument(
+        "--model-path",
+        default=None,
+        help="a local Hugging Face llama checkpoint directory (config.json, safetensors, tokenizer.json); "
+        "default: the seeded random tiny model with a byte tokenizer",
+    )
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: from the model)")
-    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="KV dtype of a checkpoint (default: its torch_dtype)")
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="KV dtype of a checkpoint (default: its torch_dtype)",
+    )
     s.add_argument("--seed", type=arg_int(0), default=0, help="the random model's seed (default %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     s.add_argument("--port", type=arg_int(0, 65535), default=30000, help="port (default %(default)s; 0: any free one)")
-    s.add_argument("--max-total-tokens", type=arg_int(1, 1 << 26), default=16384,
-                   help="device KV pool in tokens (default %(default)s)")
-    s.add_argument("--max-running-requests", type=arg_int(1, 1 << 16), default=16,
-                   help="requests in one batch (default %(default)s)")
+    s.add_argument(
+        "--max-total-tokens",
+        type=arg_int(1, 1 << 26),
+        default=16384,
+        help="device KV pool in tokens (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-running-requests",
+        type=arg_int(1, 1 << 16),
+        default=16,
+        help="requests in one batch (default %(default)s)",
+    )
     s.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache at all")
-    s.add_argument("--tp", "--tp-size", dest="tp_size", type=arg_int(1, 1024), default=1,
-                   help="tensor-parallel ranks (this server runs one; default %(default)s)")
+    s.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp_size",
+        type=arg_int(1, 1024),
+        default=1,
+        help="tensor-parallel ranks (this server runs one; default %(default)s)",
+    )
     d = p.add_argument_group("prefill/decode disaggregation (KV handed over through the shared storage tier)")
-    d.add_argument("--disaggregation-mode", default="null", choices=("null", "prefill", "decode"),
-                   help="prefill: answer with the first token once the prompt's pages are in storage; decode: load "
-                        "the prompt from storage and generate (default %(default)s: both in one server)")
-    d.add_argument("--disaggregation-decode-enable-offload-kvcache", action="store_true",
-                   help="decode: write each finished request's prompt and generated KV to storage (asynchronously), "
-                        "so the next turn's prefill hits it")
-    d.add_argument("--disaggregation-transfer-backend", default=None,
-                   help="SGLang's flag, accepted so its command lines run: KV always goes through the storage tier")
+    d.add_argument(
+        "--disaggregation-mode",
+        default="null",
+        choices=("null", "prefill", "decode"),
+        help="prefill: answer with the first token once the prompt's pages are in storage; decode: load "
+        "the prompt from storage and generate (default %(default)s: both in one server)",
+    )
+    d.add_argument(
+        "--disaggregation-decode-enable-offload-kvcache",
+        action="store_true",
+        help="decode: write each finished request's prompt and generated KV to storage (asynchronously), "
+        "so the next turn's prefill hits it",
+    )
+    d.add_argument(
+        "--disaggregation-transfer-backend",
+        default=None,
+        help="SGLang's flag, accepted so its command lines run: KV always goes through the storage tier",
+    )
     d.add_argument("--disaggregation-ib-device", default=None, help="SGLang's flag, accepted and not used")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default %(default)s)")
     s.add_argument("--port-file", default=None, help="write the bound port here once serving (tests, scripts)")
@@ -60,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"hicache serve needs the serve extra ({e.name} is missing): "
-                          "pip install 'hicache-core[serve]'") from None
+        raise ConfigError(
+            f"hicache serve needs the serve extra ({e.name} is missing): pip install 'hicache-core[serve]'"
+        ) from None
     from hicache_core.config import HiCacheConfig
     from hicache_core.serve.state import ServerState
 
@@ -85,13 +117,18 @@ def check_roles(args: argparse.Namespace, config) -> None:
     from hicache_core.serve.state import engine_mode
 
     role_config(config, engine_mode(args), args.disaggregation_mode, args.disaggregation_decode_enable_offload_kvcache)
-    unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("disaggregation_transfer_backend",
-                                                                      "disaggregation_ib_device") if getattr(args, k)]
+    unused = [
+        f"--{k.replace('_', '-')} {getattr(args, k)}"
+        for k in ("disaggregation_transfer_backend", "disaggregation_ib_device")
+        if getattr(args, k)
+    ]
     if unused and args.disaggregation_mode != "null":
         logging.getLogger(__name__).warning(
             "%s: hicache serve hands KV from prefill to decode through the storage tier (%s), not a transfer "
-            "backend; the flag is accepted for SGLang command lines and not used", ", ".join(unused),
-            args.hicache_storage_backend)
+            "backend; the flag is accepted for SGLang command lines and not used",
+            ", ".join(unused),
+            args.hicache_storage_backend,
+        )
 
 
 def _model_config(args: argparse.Namespace):
@@ -124,8 +161,9 @@ def serve_state(args: argparse.Namespace, state, sock: Optional[socket.socket] =
     port = sock.getsockname()[1]
     app = build_app(state, on_ready=(lambda: _write_port(args.port_file, port)) if args.port_file else None)
     state.scheduler.start()
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
+    )
     print(f"hicache serve: {state.model_name} ({state.mode}) on http://{args.host}:{port}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default handlers that killed
     # the process before the cache was closed (backups flushed, other ranks told to stop). Ours only note it.

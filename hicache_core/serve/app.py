@@ -44,11 +44,16 @@ def _finish(r: Request) -> Optional[dict]:
 
 
 def meta_info(r: Request) -> dict:
-    return {"id": r.rid, "finish_reason": _finish(r), "prompt_tokens": len(r.prompt),
-            "completion_tokens": len(r.output), "cached_tokens": r.cached_tokens,
-            "cached_tokens_details": dict(r.cached),
-            "e2e_latency": (r.finish_time or time.perf_counter()) - r.arrival,
-            "ttft": r.ttft if r.first_token_time else None}
+    return {
+        "id": r.rid,
+        "finish_reason": _finish(r),
+        "prompt_tokens": len(r.prompt),
+        "completion_tokens": len(r.output),
+        "cached_tokens": r.cached_tokens,
+        "cached_tokens_details": dict(r.cached),
+        "e2e_latency": (r.finish_time or time.perf_counter()) - r.arrival,
+        "ttft": r.ttft if r.first_token_time else None,
+    }
 
 
 def generated(state: ServerState, r: Request, stop: list[str]) -> dict:
@@ -57,8 +62,11 @@ def generated(state: ServerState, r: Request, stop: list[str]) -> dict:
 
 
 def usage(state: ServerState, r: Request) -> dict:
-    u: dict[str, Any] = {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.output),
-                         "total_tokens": len(r.prompt) + len(r.output)}
+    u: dict[str, Any] = {
+        "prompt_tokens": len(r.prompt),
+        "completion_tokens": len(r.output),
+        "total_tokens": len(r.prompt) + len(r.output),
+    }
     if state.config.enable_cache_report and r.cached_tokens:
         u["prompt_tokens_details"] = {"cached_tokens": r.cached_tokens, "cached_tokens_details": dict(r.cached)}
     return u
@@ -107,9 +115,18 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     app = FastAPI(title="hicache serve", version="1", lifespan=lifespan)
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": "BadRequestError" if status < 500 else
-                                       "ServerError", "code": status}, "object": "error", "message": message},
-                            status_code=status)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": message,
+                    "type": "BadRequestError" if status < 500 else "ServerError",
+                    "code": status,
+                },
+                "object": "error",
+                "message": message,
+            },
+            status_code=status,
+        )
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: HTTPRequest, e: BadRequest) -> JSONResponse:
@@ -149,21 +166,36 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     @app.get("/get_model_info")
     async def model_info() -> dict:
         c = state.model.config
-        return {"model_path": state.args.model_path or c.name, "tokenizer_path": state.args.model_path,
-                "is_generation": True, "served_model_name": state.model_name, "vocab_size": c.vocab_size,
-                "max_total_tokens": state.engine.pool.size, "context_length": state.context}
+        return {
+            "model_path": state.args.model_path or c.name,
+            "tokenizer_path": state.args.model_path,
+            "is_generation": True,
+            "served_model_name": state.model_name,
+            "vocab_size": c.vocab_size,
+            "max_total_tokens": state.engine.pool.size,
+            "context_length": state.context,
+        }
 
     @app.get("/get_server_info")
     async def server_info() -> dict:
         running, waiting = state.scheduler.counts()
         cache = state.engine.cache
-        return {"version": _version(), "model_path": state.args.model_path, "served_model_name": state.model_name,
-                "mode": state.mode, "disaggregation_mode": state.engine.role,
-                "disaggregation_decode_enable_offload_kvcache": state.args.disaggregation_decode_enable_offload_kvcache,
-                "page_size": state.engine.page_size, "max_total_tokens": state.engine.pool.size,
-                "max_running_requests": state.engine.max_running, "num_running_reqs": running,
-                "num_queue_reqs": waiting, "host_pool_tokens": cache.host_pool.size if cache.host_pool is not None else 0,
-                "storage": state.storage_info(), "cache_stats": state.engine.metrics.stats()}
+        return {
+            "version": _version(),
+            "model_path": state.args.model_path,
+            "served_model_name": state.model_name,
+            "mode": state.mode,
+            "disaggregation_mode": state.engine.role,
+            "disaggregation_decode_enable_offload_kvcache": state.args.disaggregation_decode_enable_offload_kvcache,
+            "page_size": state.engine.page_size,
+            "max_total_tokens": state.engine.pool.size,
+            "max_running_requests": state.engine.max_running,
+            "num_running_reqs": running,
+            "num_queue_reqs": waiting,
+            "host_pool_tokens": cache.host_pool.size if cache.host_pool is not None else 0,
+            "storage": state.storage_info(),
+            "cache_stats": state.engine.metrics.stats(),
+        }
 
     @app.post("/flush_cache")
     async def flush_cache() -> Any:
@@ -203,8 +235,18 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     # --- OpenAI's API ------------------------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "hicache", "max_model_len": state.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "hicache",
+                    "max_model_len": state.context,
+                }
+            ],
+        }
 
     async def openai(body: dict, chat: bool) -> Any:
         served_model(body.get("model"), state.model_name)
@@ -233,15 +275,22 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
         async def chunks() -> AsyncIterator[str]:
             sent = ""
             if chat:
-                yield sse({**head, "object": "chat.completion.chunk",
-                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None}]})
+                yield sse(
+                    {
+                        **head,
+                        "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                    }
+                )
             async for ev, r in events(state, stream):
                 text = state.text_of(r, params.stop)
                 # hold back a partial stop string and an incomplete UTF-8 character
-                safe = text if ev == "done" else text[: max(len(sent), len(text) - max(map(len, params.stop),
-                                                                                        default=0))].rstrip("\ufffd")
-                delta, sent = safe[len(sent):], max(safe, sent, key=len)
+                safe = (
+                    text
+                    if ev == "done"
+                    else text[: max(len(sent), len(text) - max(map(len, params.stop), default=0))].rstrip("\ufffd")
+                )
+                delta, sent = safe[len(sent) :], max(safe, sent, key=len)
                 reason = _openai_reason(r) if ev == "done" else None
                 if delta or reason:
                     c: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -311,6 +360,8 @@ def served_model(model: Any, served: str) -> None:
         raise BadRequest(f"model must be a string; got {type(model).__name__}")
     base, sep, adapter = model.partition(":")
     if sep and base in ("default", served):
-        raise BadRequest(f"model {model!r} names the LoRA adapter {adapter!r}, and hicache serve has no adapters; "
-                         f"send model {served!r} (or \"default\")")
-    raise BadRequest(f"model {model!r} is not served here; this server serves {served!r} (or send \"default\")", 404)
+        raise BadRequest(
+            f"model {model!r} names the LoRA adapter {adapter!r}, and hicache serve has no adapters; "
+            f'send model {served!r} (or "default")'
+        )
+    raise BadRequest(f'model {model!r} is not served here; this server serves {served!r} (or send "default")', 404)

@@ -37,16 +37,32 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         m = ["model_name"]
         self.labels = {"model_name": state.model_name}
-        self.ttft = Histogram("sglang:time_to_first_token_seconds", "time to first token", m,
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("sglang:e2e_request_latency_seconds", "request latency, arrival to finish", m,
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("sglang:inter_token_latency_seconds", "mean time between output tokens, per request", m,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=self.registry)
+        self.ttft = Histogram(
+            "sglang:time_to_first_token_seconds",
+            "time to first token",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "sglang:e2e_request_latency_seconds",
+            "request latency, arrival to finish",
+            m,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "sglang:inter_token_latency_seconds",
+            "mean time between output tokens, per request",
+            m,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=self.registry,
+        )
         self.prompt = Counter("sglang:prompt_tokens", "prompt tokens of finished requests", m, registry=self.registry)
         self.generated = Counter("sglang:generation_tokens", "generated tokens", m, registry=self.registry)
-        self.requests = Counter("sglang:num_requests", "finished requests, by finish reason", m + ["finish_reason"],
-                                registry=self.registry)
+        self.requests = Counter(
+            "sglang:num_requests", "finished requests, by finish reason", m + ["finish_reason"], registry=self.registry
+        )
         self.registry.register(_Live(self))
 
     def finished(self, r: Request) -> None:
@@ -95,23 +111,31 @@ class _Live:
 
         yield gauge("sglang:num_running_reqs", "requests in the running batch", running)
         yield gauge("sglang:num_queue_reqs", "requests waiting (incl. for a storage prefetch)", waiting)
-        yield gauge("sglang:token_usage", "fraction of the device KV pool in use", 1 - pool.available_size() / pool.size)
+        yield gauge(
+            "sglang:token_usage", "fraction of the device KV pool in use", 1 - pool.available_size() / pool.size
+        )
         yield gauge("sglang:cache_hit_rate", "prompt tokens served from cache / prompt tokens", stats["cache_hit_rate"])
-        c = CounterMetricFamily("sglang:cached_tokens", "prompt tokens served from cache, by tier",
-                                labels=names + ["cache_source"])
+        c = CounterMetricFamily(
+            "sglang:cached_tokens", "prompt tokens served from cache, by tier", labels=names + ["cache_source"]
+        )
         for tier, n in stats["hit_tokens"].items():
             c.add_metric(values + [tier], n)
         yield c
-        for key, help_ in (("prefetched_tokens", "tokens prefetched from storage to host"),
-                           ("backuped_tokens", "tokens backed up from host to storage")):
+        for key, help_ in (
+            ("prefetched_tokens", "tokens prefetched from storage to host"),
+            ("backuped_tokens", "tokens backed up from host to storage"),
+        ):
             c = CounterMetricFamily(f"sglang:{key}", help_, labels=names)
             c.add_metric(values, stats[key])
             yield c
         cache = state.engine.cache
         if cache.storage_enabled:
             fields = cache.storage_stats() or {}
-            g = GaugeMetricFamily("hicache_storage_backend_stat", "the storage backend's get_stats() fields",
-                                  labels=names + ["backend", "field"])
+            g = GaugeMetricFamily(
+                "hicache_storage_backend_stat",
+                "the storage backend's get_stats() fields",
+                labels=names + ["backend", "field"],
+            )
             for k, v in sorted(fields.items()):
                 num = _number(v)
                 if num is not None:

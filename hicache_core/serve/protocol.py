@@ -87,8 +87,12 @@ def sampling_params(sp: Any, default_max: int = DEFAULT_MAX_NEW_TOKENS, max_key:
     ignore = sp.get("ignore_eos", False)
     if not isinstance(ignore, bool):
         raise BadRequest(f"ignore_eos must be true or false, not {ignore!r}")
-    return Params(max_new_tokens=default_max if mx is None else _int(mx, max_key, 1), stop=_stop(sp.get("stop")),
-                  stop_token_ids=list(ids), ignore_eos=ignore)
+    return Params(
+        max_new_tokens=default_max if mx is None else _int(mx, max_key, 1),
+        stop=_stop(sp.get("stop")),
+        stop_token_ids=list(ids),
+        ignore_eos=ignore,
+    )
 
 
 def prompt_ids(body: dict, tokenizer: Any, vocab: int) -> tuple[list[list[int]], bool]:
@@ -177,5 +181,7 @@ def with_namespace(params: Params, body: dict) -> Params:
 def check_fits(ids: list[int], params: Params, limit: int, why: str) -> None:
     need = len(ids) + params.max_new_tokens
     if need > limit:
-        raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is {need} "
-                         f"tokens; this server takes at most {limit} ({why})")
+        raise BadRequest(
+            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is {need} "
+            f"tokens; this server takes at most {limit} ({why})"
+        )

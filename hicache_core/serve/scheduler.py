@@ -97,7 +97,7 @@ class Scheduler:
         """(running, waiting) requests; read without a lock (a gauge)."""
         return len(self.engine.running), len(self.engine.waiting)
 
-    # --- the thread ----------------------------------------------------------------------------------------------------
+    # --- the thread ---------------------------------------------------------------------------------------------------
     def _take(self, block: bool) -> list[tuple[str, Any]]:
         items = []
         cache = self.engine.cache

@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 def engine_mode(args: argparse.Namespace) -> str:
     if args.disable_radix_cache:
         if args.enable_hierarchical_cache or args.hicache_storage_backend:
-            raise ConfigError("--disable-radix-cache turns the prefix cache off; drop it to use "
-                              "--enable-hierarchical-cache or a storage backend")
+            raise ConfigError(
+                "--disable-radix-cache turns the prefix cache off; drop it to use "
+                "--enable-hierarchical-cache or a storage backend"
+            )
         return "none"
     if not args.enable_hierarchical_cache:
         if args.hicache_storage_backend:
@@ -65,10 +67,16 @@ class ServerState:
             self.model = shard(self.model, tp)
         if tp is None:  # first-call costs paid before the first request, not by it
             warm_up(self.model, config.page_size)
-        self.engine = Engine(self.model, config, self.mode, device_tokens=args.max_total_tokens,
-                             max_running=args.max_running_requests, tp=tp,
-                             disaggregation_mode=args.disaggregation_mode,
-                             offload_kvcache=args.disaggregation_decode_enable_offload_kvcache)
+        self.engine = Engine(
+            self.model,
+            config,
+            self.mode,
+            device_tokens=args.max_total_tokens,
+            max_running=args.max_running_requests,
+            tp=tp,
+            disaggregation_mode=args.disaggregation_mode,
+            offload_kvcache=args.disaggregation_decode_enable_offload_kvcache,
+        )
         self.config = self.engine.config
         self.model_name = args.served_model_name or self.model.config.name
         self.metrics = ServerMetrics(self)
@@ -77,16 +85,27 @@ class ServerState:
         self.created = int(time.time())
         self.context = min(self.engine.pool.size, self.model.config.max_position_embeddings)
 
-    # --- requests ------------------------------------------------------------------------------------------------------
+    # --- requests -----------------------------------------------------------------------------------------------------
     def new_request(self, ids: list[int], params: Params, rid: Optional[str] = None) -> Request:
-        why = ("the device pool" if self.engine.pool.size <= self.model.config.max_position_embeddings
-               else "the model's max_position_embeddings")
+        why = (
+            "the device pool"
+            if self.engine.pool.size <= self.model.config.max_position_embeddings
+            else "the model's max_position_embeddings"
+        )
         # a prefill instance generates one token whatever max_new_tokens says (decode generates the rest)
-        check_fits(ids, attrs.evolve(params, max_new_tokens=1) if self.engine.role == "prefill" else params,
-                   self.context, why)
+        check_fits(
+            ids, attrs.evolve(params, max_new_tokens=1) if self.engine.role == "prefill" else params, self.context, why
+        )
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.tokenizer.eos_ids)
-        r = Request(rid or uuid.uuid4().hex, list(ids), params.max_new_tokens, eos=eos, params=params,
-                    salt=params.cache_salt, extra_key=params.extra_key)
+        r = Request(
+            rid or uuid.uuid4().hex,
+            list(ids),
+            params.max_new_tokens,
+            eos=eos,
+            params=params,
+            salt=params.cache_salt,
+            extra_key=params.extra_key,
+        )
         if params.stop:
             stops, tok = params.stop, self.tokenizer
 
@@ -119,10 +138,12 @@ class ServerState:
         cache = self.engine.cache
         cfg = self.engine.config
         attached = cache.storage_enabled
-        return {"hicache_storage_backend": cfg.hicache_storage_backend if attached else None,
-                "hicache_storage_backend_extra_config": cfg.hicache_storage_backend_extra_config if attached else None,
-                "hicache_storage_prefetch_policy": cfg.hicache_storage_prefetch_policy,
-                "host_tier": cache.host_pool is not None}
+        return {
+            "hicache_storage_backend": cfg.hicache_storage_backend if attached else None,
+            "hicache_storage_backend_extra_config": cfg.hicache_storage_backend_extra_config if attached else None,
+            "hicache_storage_prefetch_policy": cfg.hicache_storage_prefetch_policy,
+            "host_tier": cache.host_pool is not None,
+        }
 
     def flush_cache(self) -> None:
         """Empty the device and host tiers (storage keeps its pages), as SGLang's /flush_cache does."""
@@ -130,8 +151,12 @@ class ServerState:
 
     def attach(self, body: dict) -> dict:
         """PUT /hicache/storage-backend: SGLang's body (backend, extra config JSON string, prefetch policy)."""
-        allowed = {"hicache_storage_backend", "hicache_storage_backend_extra_config_json",
-                   "hicache_storage_backend_extra_config", "hicache_storage_prefetch_policy"}
+        allowed = {
+            "hicache_storage_backend",
+            "hicache_storage_backend_extra_config_json",
+            "hicache_storage_backend_extra_config",
+            "hicache_storage_prefetch_policy",
+        }
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise BadRequest(f"unknown field(s) {', '.join(unknown)}; the body takes {', '.join(sorted(allowed))}")

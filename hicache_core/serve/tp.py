@@ -80,8 +80,13 @@ def serve_tp(args: argparse.Namespace, config: HiCacheConfig) -> int:
 
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
     with tempfile.TemporaryDirectory(prefix="hicache-serve-tp-") as d:
-        procs = mp.start_processes(_entry, args=(args.tp_size, d, _rank_main, (plain, config)),
-                                   nprocs=args.tp_size, join=False, start_method="spawn")
+        procs = mp.start_processes(
+            _entry,
+            args=(args.tp_size, d, _rank_main, (plain, config)),
+            nprocs=args.tp_size,
+            join=False,
+            start_method="spawn",
+        )
 
         def stop(signum: int, _frame: Any) -> None:
             os.kill(procs.processes[0].pid, signal.SIGTERM)

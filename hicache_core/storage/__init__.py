@@ -12,6 +12,17 @@ from hicache_core.storage.envelope import HEADER_BYTES, EnvelopeError, PageEnvel
 from hicache_core.storage.parallel import map_chunked
 
 __all__ = [
-    "HEADER_BYTES", "EnvelopeError", "ExtraInfo", "HiCacheStorage", "NamespacedBackend", "PageEnvelope", "StorageConfig",
-    "StorageV1", "V0Adapter", "checksum", "map_chunked", "parse_bool", "parse_size",
+    "HEADER_BYTES",
+    "EnvelopeError",
+    "ExtraInfo",
+    "HiCacheStorage",
+    "NamespacedBackend",
+    "PageEnvelope",
+    "StorageConfig",
+    "StorageV1",
+    "V0Adapter",
+    "checksum",
+    "map_chunked",
+    "parse_bool",
+    "parse_size",
 ]

@@ -76,12 +76,14 @@ class NamespacedBackend(_Delegate):
         return call_with_extra(self.inner.batch_exists, self.namespace.keys(keys), extra=self._extra(extra_info))
 
     def batch_get_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
-        return call_with_extra(self.inner.batch_get_v1, self.namespace.keys(keys), host_indices,
-                               extra=self._extra(extra_info))
+        return call_with_extra(
+            self.inner.batch_get_v1, self.namespace.keys(keys), host_indices, extra=self._extra(extra_info)
+        )
 
     def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
-        return call_with_extra(self.inner.batch_set_v1, self.namespace.keys(keys), host_indices,
-                               extra=self._extra(extra_info))
+        return call_with_extra(
+            self.inner.batch_set_v1, self.namespace.keys(keys), host_indices, extra=self._extra(extra_info)
+        )
 
 
 def _as_bool_list(result: Any, n: int) -> list[bool]:

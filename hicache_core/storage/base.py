@@ -120,8 +120,10 @@ class HiCacheStorage:
         self.mem_pool_host = mem_pool_host
 
     def _not_implemented(self, method: str, kind: str) -> NotImplementedError:
-        return NotImplementedError(f"{type(self).__name__} does not implement {method} ({kind}); the core calls "
-                                   f"it only when the backend is registered as {kind}")
+        return NotImplementedError(
+            f"{type(self).__name__} does not implement {method} ({kind}); the core calls "
+            f"it only when the backend is registered as {kind}"
+        )
 
     # --- v0: flat pages ----------------------------------------------------------------------------------------
     def get(self, key: str, target_location: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:

@@ -4,10 +4,11 @@ Header (little endian): magic ``HICPAGE\\0`` (8), format version (u32), flags (u
 XXH3-64 of the payload (u64; ~20 GB/s, so integrity costs little next to the I/O), then 32 bytes: SHA-256 of
 ``"{scope}/{key}"`` -- scope being the storage namespace tag, so a page of another key, namespace or rank
 never passes -- or, with a MAC key (flag 1), HMAC-SHA256 under that key of scope, key, length, checksum and
-payload. The checksum catches accidents, not forgery: anyone who can write the store can write a page that
-passes it. The MAC (~1 GB/s per core) makes pages from writers without the key misses. A reader serves a page only when every field is what it expects and the checksum of the bytes it
-read agrees; :meth:`PageEnvelope.open` raises :class:`EnvelopeError` (kind ``truncated``, ``foreign`` or
-``corrupt``) otherwise, which the backend turns into a miss.
+payload. The checksum catches accidents, not forgery: anyone who can write the store can write a page that passes
+it. The MAC (~1 GB/s per core) makes pages from writers without the key misses. A reader serves a page only when
+every field is what it expects and the checksum of the bytes it read agrees; :meth:`PageEnvelope.open` raises
+:class:`EnvelopeError` (kind ``truncated``, ``foreign`` or ``corrupt``) otherwise, which the backend turns into a
+miss.
 """
 
 from __future__ import annotations
@@ -111,9 +112,12 @@ class PageEnvelope:
             raise EnvelopeError("foreign", f"format version {version}, this reader knows {VERSION}")
         signed = bool(flags & FLAG_MAC)
         if signed != bool(self.mac_key):
-            raise EnvelopeError("unsigned" if self.mac_key else "foreign",
-                                "a page without a MAC, and this store requires one" if self.mac_key else
-                                "a page signed with a MAC key, and none is configured here")
+            raise EnvelopeError(
+                "unsigned" if self.mac_key else "foreign",
+                "a page without a MAC, and this store requires one"
+                if self.mac_key
+                else "a page signed with a MAC key, and none is configured here",
+            )
         if not signed and digest != self.key_digest(key):
             raise EnvelopeError("foreign", "the page of another key or namespace")
         if payload_len != expect:

@@ -24,10 +24,19 @@ def sglang_storage_config(storage_config: Any, extra: dict) -> Any:
     """SGLang's HiCacheStorageConfig for a hicache StorageConfig: every field SGLang requires, ranks and layout
     from hicache's, ``extra`` as its extra_config."""
     cls = importlib.import_module(SGLANG_STORAGE[0]).HiCacheStorageConfig
-    return cls(tp_rank=storage_config.tp_rank, tp_size=storage_config.tp_size, pp_rank=0, pp_size=1,
-               attn_cp_rank=0, attn_cp_size=1, is_mla_model=storage_config.is_mla_model,
-               enable_storage_metrics=False, is_page_first_layout=storage_config.is_page_first_layout,
-               model_name=storage_config.model_name, extra_config=dict(extra))
+    return cls(
+        tp_rank=storage_config.tp_rank,
+        tp_size=storage_config.tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=storage_config.is_mla_model,
+        enable_storage_metrics=False,
+        is_page_first_layout=storage_config.is_page_first_layout,
+        model_name=storage_config.model_name,
+        extra_config=dict(extra),
+    )
 
 
 class PairedSetResults(_Delegate):

@@ -144,8 +144,15 @@ class Outcome:
 class GuardedStorage:
     """A backend (speaking v1) behind deadlines and result checks; see the module doc."""
 
-    def __init__(self, backend: Any, metrics: Any, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_abandoned: int = DEFAULT_MAX_ABANDONED, name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        metrics: Any,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_abandoned: int = DEFAULT_MAX_ABANDONED,
+        name: Optional[str] = None,
+    ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.timeout_s = timeout_s
@@ -166,7 +173,9 @@ class GuardedStorage:
             first = kind not in self._logged
             self._logged.add(kind)
         if first:
-            logger.warning("storage backend %s: %s (logged once; counted as storage error %r)", self.name, message, kind)
+            logger.warning(
+                "storage backend %s: %s (logged once; counted as storage error %r)", self.name, message, kind
+            )
 
     def abandoned_calls(self) -> int:
         with self._lock:
@@ -181,8 +190,11 @@ class GuardedStorage:
         with self._lock:
             hung = len(self._abandoned) >= self.max_abandoned
         if hung and not force:
-            self._fail("backend_hung", f"{self.max_abandoned} calls past the {self.timeout_s:g} s deadline have "
-                                             "not returned: failing calls at once until they do")
+            self._fail(
+                "backend_hung",
+                f"{self.max_abandoned} calls past the {self.timeout_s:g} s deadline have "
+                "not returned: failing calls at once until they do",
+            )
             return False, None, None
         if self._closing.is_set():
             return False, None, None
@@ -200,8 +212,11 @@ class GuardedStorage:
                 with self._lock:
                     self._abandoned.add(call)
                 call.on_done(self._forget)
-                self._fail(f"{op}_deadline", f"{op} did not return within {self.timeout_s:g} s: abandoned (the "
-                                             "request recomputes; its host pages stay reserved until the call returns)")
+                self._fail(
+                    f"{op}_deadline",
+                    f"{op} did not return within {self.timeout_s:g} s: abandoned (the "
+                    "request recomputes; its host pages stay reserved until the call returns)",
+                )
                 return False, None, call
         result, e = call.take()
         if e is not None:
@@ -239,8 +254,11 @@ class GuardedStorage:
             return Outcome(0, abandoned, answered=False)
         flags = page_flags(result, len(keys))
         if flags is None:
-            self._fail(f"{op}_invalid_result", f"batch_{op}_v1 returned {_show(result)} for {len(keys)} keys; "
-                                               f"the contract is a list of {len(keys)} bools")
+            self._fail(
+                f"{op}_invalid_result",
+                f"batch_{op}_v1 returned {_show(result)} for {len(keys)} keys; "
+                f"the contract is a list of {len(keys)} bools",
+            )
             return Outcome(0, answered=False)
         n = 0
         for f in flags:
@@ -284,7 +302,8 @@ def page_flags(result: Any, n: int) -> Optional[list[bool]]:
         if isinstance(r, bool):
             out.append(r)
         elif (getattr(getattr(r, "dtype", None), "kind", None) == "b" and getattr(r, "ndim", 1) == 0) or (
-                isinstance(r, int) and r in (0, 1)):  # numpy bool scalars, 0 and 1
+            isinstance(r, int) and r in (0, 1)
+        ):  # numpy bool scalars, 0 and 1
             out.append(bool(r))
         else:
             return None

@@ -62,6 +62,7 @@ def whole(minimum: int = 0, maximum: Optional[int] = None) -> Parser:
             bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
             raise ConfigError(f"{what}={value!r} must be a whole number {bounds}")
         return int(value)
+
     return parse
 
 
@@ -76,6 +77,7 @@ def number(minimum: float = 0.0, *, above: bool = False) -> Parser:
         if not math.isfinite(out) or out < minimum or (above and out == minimum):
             raise ConfigError(f"{what}={value!r} must be a finite number {'>' if above else '>='} {minimum:g}")
         return out
+
     return parse
 
 
@@ -84,6 +86,7 @@ def choice(*choices: str) -> Parser:
         if value not in choices:
             raise ConfigError(f"{what}={value!r}; choose one of {', '.join(choices)}")
         return str(value)
+
     return parse
 
 
@@ -92,10 +95,18 @@ def option_names(cls: type) -> list[str]:
     return [f.name for f in attrs.fields(cls) if "parse" in f.metadata]
 
 
-def parse_options(cls: type, extra: Mapping[str, Any], backend: str, *, where: str = SOURCE,
-                  allow: tuple[str, ...] = LOADER_KEYS, **fixed: Any) -> Any:
+def parse_options(
+    cls: type,
+    extra: Mapping[str, Any],
+    backend: str,
+    *,
+    where: str = SOURCE,
+    allow: tuple[str, ...] = LOADER_KEYS,
+    **fixed: Any,
+) -> Any:
     """``cls(**parsed)`` from the keys of ``extra``; unknown keys (beyond ``allow``) are an error. A None value means
-    "the default". ``where`` names where the keys came from; ``fixed`` are constructor arguments that are not extra-config keys (such as a source label)."""
+    "the default". ``where`` names where the keys came from; ``fixed`` are constructor arguments that are not
+    extra-config keys (such as a source label)."""
     known = option_names(cls)
     unknown = [k for k in extra if k not in known and k not in allow]
     if unknown:
@@ -103,8 +114,10 @@ def parse_options(cls: type, extra: Mapping[str, Any], backend: str, *, where: s
         for k in unknown:
             near = difflib.get_close_matches(str(k), known, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        raise ConfigError(f"{backend}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)} in {where}; "
-                          f"known keys: {', '.join(known)}")
+        raise ConfigError(
+            f"{backend}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)} in {where}; "
+            f"known keys: {', '.join(known)}"
+        )
     fields = {f.name: f for f in attrs.fields(cls)}
     kwargs = dict(fixed)
     for key in known:

@@ -86,8 +86,10 @@ class BackendConformance:
         backend's own certification hook ``failing_writes()`` (docs/writing-a-backend.md); override it when
         failing needs more than the backend (stopping a server)."""
         if not isinstance(backend, FailingWrites):
-            pytest.skip(f"{type(backend).__name__} offers no failing_writes() hook and {type(self).__name__} does "
-                        "not override failing_writes(): failed writes cannot be provoked")
+            pytest.skip(
+                f"{type(backend).__name__} offers no failing_writes() hook and {type(self).__name__} does "
+                "not override failing_writes(): failed writes cannot be provoked"
+            )
         with backend.failing_writes():
             yield
 
@@ -100,8 +102,16 @@ class BackendConformance:
             return False
         return resolve(self.backend_name, self.extra_config(tmp_path)).page_first_only
 
-    def build(self, tmp_path, layout: str, *, spec: Optional[KVSpec] = None, model: str = "conformance",
-              tp_rank: int = 0, pool_pages: Optional[int] = None) -> tuple[Any, HostPool]:
+    def build(
+        self,
+        tmp_path,
+        layout: str,
+        *,
+        spec: Optional[KVSpec] = None,
+        model: str = "conformance",
+        tp_rank: int = 0,
+        pool_pages: Optional[int] = None,
+    ) -> tuple[Any, HostPool]:
         if self.backend_name is not None:
             check_layout(resolve(self.backend_name, self.extra_config(tmp_path)), layout)
         spec = spec or self.spec
@@ -269,8 +279,13 @@ class BackendConformance:
         # anything that changes page bytes: another model, dtype, page order, or tp rank -> nothing visible
         others = [
             self.build(tmp_path, "page_first_direct", model="another-model"),
-            self.build(tmp_path, "page_first_direct", spec=KVSpec(layer_num=3, head_num=2, head_dim=8, dtype=torch.float16)),
-            self.build(tmp_path, "page_first", ),
+            self.build(
+                tmp_path, "page_first_direct", spec=KVSpec(layer_num=3, head_num=2, head_dim=8, dtype=torch.float16)
+            ),
+            self.build(
+                tmp_path,
+                "page_first",
+            ),
             self.build(tmp_path, "page_first_direct", tp_rank=1),
         ]
         for other, opool in others:
@@ -347,8 +362,12 @@ class BackendConformance:
         """Built the way the cache builds it (resolve_config + open_backend), the backend round-trips pages."""
         if not self.backend_name:
             pytest.skip("no backend_name: the backend is not registered under a name")
-        cfg = self.config("page_first_direct", hicache_io_backend="direct", hicache_storage_backend=self.backend_name,
-                          hicache_storage_backend_extra_config=self.extra_config(tmp_path))
+        cfg = self.config(
+            "page_first_direct",
+            hicache_io_backend="direct",
+            hicache_storage_backend=self.backend_name,
+            hicache_storage_backend_extra_config=self.extra_config(tmp_path),
+        )
         cfg, resolved = resolve_config(cfg)
         handle, pool = open_backend(cfg, self.spec, 4 * self.pages * self.page_size, resolved=resolved)
         self._opened.append(handle)

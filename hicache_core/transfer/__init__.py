@@ -48,7 +48,9 @@ class HostDeviceTransfer:
         self.host, self.device = host_pool, device_pool
         self.io_backend = effective_io_backend(io_backend, device_pool.device, force_kernel=force_kernel)
         if self.io_backend == "kernel" and device_pool.device.type == "cuda" and not host_pool.pinned:
-            raise ConfigError("--hicache-io-backend kernel reads host memory from the GPU: the host pool must be pinned")
+            raise ConfigError(
+                "--hicache-io-backend kernel reads host memory from the GPU: the host pool must be pinned"
+            )
         self._impl = IMPLEMENTATIONS[self.io_backend]
         self.layer_groups()  # a bad $HICACHE_DIRECT_LAYER_GROUP fails here, not in the first load
 

@@ -90,8 +90,17 @@ _RUNS: list = [None, None]  # the last (key, runs): a per-layer load asks for th
 
 
 def _runs(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int) -> np.ndarray:
-    key = (src_indices.data_ptr(), src_indices._version, src_indices.numel(), dst_indices.data_ptr(),
-           dst_indices._version, dst_indices.numel(), page_size, src_indices.device, dst_indices.device)
+    key = (
+        src_indices.data_ptr(),
+        src_indices._version,
+        src_indices.numel(),
+        dst_indices.data_ptr(),
+        dst_indices._version,
+        dst_indices.numel(),
+        page_size,
+        src_indices.device,
+        dst_indices.device,
+    )
     last_key, last_runs = _RUNS
     if key == last_key and last_runs is not None and last_runs[1] is src_indices and last_runs[2] is dst_indices:
         return last_runs[0]

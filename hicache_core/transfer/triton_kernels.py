@@ -38,9 +38,23 @@ def _kernel():
 
     @triton.jit
     def copy_items(
-        src, dst, src_idx, dst_idx, n_layers, layer_base,
-        s_page, s_tok, s_layer, s_kv, d_page, d_tok, d_layer, d_kv,
-        PAGE: tl.constexpr, ITEM: tl.constexpr, BLOCK: tl.constexpr,
+        src,
+        dst,
+        src_idx,
+        dst_idx,
+        n_layers,
+        layer_base,
+        s_page,
+        s_tok,
+        s_layer,
+        s_kv,
+        d_page,
+        d_tok,
+        d_layer,
+        d_kv,
+        PAGE: tl.constexpr,
+        ITEM: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
@@ -69,8 +83,16 @@ def _flat_words(t: torch.Tensor, w: int) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8).view(_WORDS[w])
 
 
-def copy_items(src_pool, dst_pool, src_buf: torch.Tensor, dst_buf: torch.Tensor, src_indices: torch.Tensor,
-               dst_indices: torch.Tensor, layers: range, device: torch.device) -> None:
+def copy_items(
+    src_pool,
+    dst_pool,
+    src_buf: torch.Tensor,
+    dst_buf: torch.Tensor,
+    src_indices: torch.Tensor,
+    dst_indices: torch.Tensor,
+    layers: range,
+    device: torch.device,
+) -> None:
     """Copy every (kv, layer in ``layers``) item of the given tokens from src to dst."""
     n = src_indices.numel()
     if n == 0:
@@ -86,19 +108,33 @@ def copy_items(src_pool, dst_pool, src_buf: torch.Tensor, dst_buf: torch.Tensor,
     block = min(1024, 1 << (item_words - 1).bit_length())
     grid = (n, num_kv * len(layers))
     _kernel()[grid](
-        src_w, dst_w, si, di, len(layers), layers.start,
-        *(s // w for s in ss), *(d // w for d in ds),
-        PAGE=src_pool.page_size, ITEM=item_words, BLOCK=block,
+        src_w,
+        dst_w,
+        si,
+        di,
+        len(layers),
+        layers.start,
+        *(s // w for s in ss),
+        *(d // w for d in ds),
+        PAGE=src_pool.page_size,
+        ITEM=item_words,
+        BLOCK=block,
     )
 
 
 def load_layer(host, device, host_indices, device_indices, layer: int) -> None:
-    copy_items(host, device, host.raw, device.kv_buffer, host_indices, device_indices, range(layer, layer + 1), device.device)
+    copy_items(
+        host, device, host.raw, device.kv_buffer, host_indices, device_indices, range(layer, layer + 1), device.device
+    )
 
 
 def load_all_layers(host, device, host_indices, device_indices) -> None:
-    copy_items(host, device, host.raw, device.kv_buffer, host_indices, device_indices, range(host.layer_num), device.device)
+    copy_items(
+        host, device, host.raw, device.kv_buffer, host_indices, device_indices, range(host.layer_num), device.device
+    )
 
 
 def backup_all_layers(device, host, device_indices, host_indices) -> None:
-    copy_items(device, host, device.kv_buffer, host.raw, device_indices, host_indices, range(host.layer_num), device.device)
+    copy_items(
+        device, host, device.kv_buffer, host.raw, device_indices, host_indices, range(host.layer_num), device.device
+    )

@@ -60,10 +60,19 @@ class SGLangHiCacheFile:
         try:
             from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig
 
-            sc = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                                      is_mla_model=pool.is_mla, enable_storage_metrics=False,
-                                      is_page_first_layout=pool.layout != "layer_first", model_name="hicache-bench",
-                                      extra_config={"file_storage_path": directory})
+            sc = HiCacheStorageConfig(
+                tp_rank=0,
+                tp_size=1,
+                pp_rank=0,
+                pp_size=1,
+                attn_cp_rank=0,
+                attn_cp_size=1,
+                is_mla_model=pool.is_mla,
+                enable_storage_metrics=False,
+                is_page_first_layout=pool.layout != "layer_first",
+                model_name="hicache-bench",
+                extra_config={"file_storage_path": directory},
+            )
             os.makedirs(directory, exist_ok=True)
             return cls(directory, pool, HiCacheFile(sc))
         except Exception:  # not installed, an sglang that does not import here, or another constructor

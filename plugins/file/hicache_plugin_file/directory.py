@@ -23,19 +23,34 @@ USAGE_FILE = ".hicache-usage"
 class FileOptions:
     """The file backend's extra config."""
 
-    storage_dir: Optional[str] = option(None, text, "directory of the pages (else $SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR, "
-                                                    "else $XDG_CACHE_HOME/hicache, else /tmp/hicache-$UID)")
+    storage_dir: Optional[str] = option(
+        None,
+        text,
+        "directory of the pages (else $SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR, "
+        "else $XDG_CACHE_HOME/hicache, else /tmp/hicache-$UID)",
+    )
     file_storage_path: Optional[str] = option(None, text, "SGLang HiCacheFile's name for storage_dir")
     capacity_bytes: int = option(0, size, "bytes of pages the whole directory may hold (0 = unlimited; LRU eviction)")
-    io_threads: Optional[int] = option(None, whole(1, 256), "parallel page I/O within a batch (default: 4, or the "
-                                                            "CPU cores where fewer: more threads than cores is slower)")
+    io_threads: Optional[int] = option(
+        None,
+        whole(1, 256),
+        "parallel page I/O within a batch (default: 4, or the "
+        "CPU cores where fewer: more threads than cores is slower)",
+    )
     fsync: bool = option(False, boolean, "flush each page to disk before publishing it")
-    layout_compat: str = option("hicache", choice("hicache", "sglang"),
-                                "hicache (checksummed pages) or sglang (SGLang HiCacheFile's files)")
-    shared: bool = option(False, boolean, "the directory is shared with other users on purpose: skip the "
-                                          "owner/permission check (use mac_key)")
-    mac_key: Optional[str] = option(None, text, "sign pages with HMAC-SHA256 under this key (else $HICACHE_FILE_MAC_KEY); "
-                                                "unsigned or forged pages are misses")
+    layout_compat: str = option(
+        "hicache", choice("hicache", "sglang"), "hicache (checksummed pages) or sglang (SGLang HiCacheFile's files)"
+    )
+    shared: bool = option(
+        False,
+        boolean,
+        "the directory is shared with other users on purpose: skip the owner/permission check (use mac_key)",
+    )
+    mac_key: Optional[str] = option(
+        None,
+        text,
+        "sign pages with HMAC-SHA256 under this key (else $HICACHE_FILE_MAC_KEY); unsigned or forged pages are misses",
+    )
 
 
 def default_root() -> str:
@@ -56,20 +71,28 @@ def secure_directory(root: str, shared: bool, what: str = "file backend") -> Non
         os.makedirs(root, mode=0o700, exist_ok=True)
         st = os.stat(root)
     except OSError as e:
-        raise ConfigError(f"{what}: cannot use storage_dir {root!r}: {e.strerror}; give a writable directory in the "
-                          f"extra config (storage_dir) or ${ENV_DIR}") from e
+        raise ConfigError(
+            f"{what}: cannot use storage_dir {root!r}: {e.strerror}; give a writable directory in the "
+            f"extra config (storage_dir) or ${ENV_DIR}"
+        ) from e
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{what}: storage_dir {root!r} is not a directory")
     if shared:
         return
-    fix = ("use a directory of your own (the default is per user), or set \"shared\": true in the extra config if "
-           "it is shared on purpose -- then also set mac_key so pages from other writers are rejected")
+    fix = (
+        'use a directory of your own (the default is per user), or set "shared": true in the extra config if '
+        "it is shared on purpose -- then also set mac_key so pages from other writers are rejected"
+    )
     if st.st_uid != os.geteuid():
-        raise ConfigError(f"{what}: storage_dir {root!r} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
-                          f"its owner could plant pages that would be served as KV; {fix}")
+        raise ConfigError(
+            f"{what}: storage_dir {root!r} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+            f"its owner could plant pages that would be served as KV; {fix}"
+        )
     if st.st_mode & 0o022:
-        raise ConfigError(f"{what}: storage_dir {root!r} is writable by {'group and others' if st.st_mode & 0o002 else 'its group'} "
-                          f"(mode {stat.S_IMODE(st.st_mode):o}): others could plant pages; chmod 700 it, or {fix}")
+        raise ConfigError(
+            f"{what}: storage_dir {root!r} is writable by {'group and others' if st.st_mode & 0o002 else 'its group'} "
+            f"(mode {stat.S_IMODE(st.st_mode):o}): others could plant pages; chmod 700 it, or {fix}"
+        )
 
 
 def pid_alive(pid: int) -> bool:

@@ -29,7 +29,6 @@ from hicache_plugin_file.directory import FileOptions, resolve_root, secure_dire
 logger = logging.getLogger(__name__)
 
 
-
 def sglang_suffix(storage_config) -> str:
     """SGLang HiCacheFile's key suffix for a deployment (no pipeline or context parallelism)."""
     model = "-".join((storage_config.model_name or "").split("/"))
@@ -48,14 +47,17 @@ class SGLangFileLayout(HiCacheStorage):
         opts = parse_options(FileOptions, self.extra_config, "file backend (layout_compat sglang)")
         unsupported = [k for k in ("capacity_bytes", "mac_key") if getattr(opts, k)]
         if unsupported:
-            raise ConfigError(f"file backend: {', '.join(unsupported)} cannot be used with layout_compat 'sglang' "
-                              "(SGLang's files carry no header); use the default layout for them")
+            raise ConfigError(
+                f"file backend: {', '.join(unsupported)} cannot be used with layout_compat 'sglang' "
+                "(SGLang's files carry no header); use the default layout for them"
+            )
         self.dir = resolve_root(opts)
         secure_directory(self.dir, opts.shared, "file backend (layout_compat sglang)")
         self.suffix = sglang_suffix(storage_config)
         self._lock = threading.Lock()
-        self._stats = dict.fromkeys(("get_pages", "get_misses", "wrong_size", "set_pages", "set_skipped",
-                                     "set_failed"), 0)
+        self._stats = dict.fromkeys(
+            ("get_pages", "get_misses", "wrong_size", "set_pages", "set_skipped", "set_failed"), 0
+        )
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -103,8 +105,7 @@ class SGLangFileLayout(HiCacheStorage):
     # --- v1 on the host pool (flat pages: SGLang's byte order) ---------------------------------------------------
     def batch_set_v1(self, keys, host_indices) -> list[bool]:
         ps = self.mem_pool_host.page_size
-        return [self._write(k, self.mem_pool_host.get_flat_page(int(host_indices[i * ps])))
-                for i, k in enumerate(keys)]
+        return [self._write(k, self.mem_pool_host.get_flat_page(int(host_indices[i * ps]))) for i, k in enumerate(keys)]
 
     def batch_get_v1(self, keys, host_indices) -> list[bool]:
         pool, ps = self.mem_pool_host, self.mem_pool_host.page_size

@@ -80,16 +80,34 @@ class FileStorage(FileHooks, HiCacheStorage):
         try:
             self._describe_namespace()
         except OSError as e:
-            raise ConfigError(f"file backend: cannot use storage_dir {self.root!r}: {e.strerror}; "
-                              "give a writable directory in the extra config (storage_dir) or "
-                              f"${ENV_DIR}") from e
+            raise ConfigError(
+                f"file backend: cannot use storage_dir {self.root!r}: {e.strerror}; "
+                "give a writable directory in the extra config (storage_dir) or "
+                f"${ENV_DIR}"
+            ) from e
         mac = opts.mac_key or os.environ.get(ENV_MAC_KEY) or None
         self.envelope = PageEnvelope(self.tag, mac.encode() if mac else None)
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self._stats = dict.fromkeys(
-            ("get_pages", "get_misses", "truncated", "foreign", "corrupt", "unsigned", "forged", "set_pages",
-             "set_skipped", "set_failed", "evicted_pages", "orphans_removed", "bytes_read", "bytes_written"), 0)
+            (
+                "get_pages",
+                "get_misses",
+                "truncated",
+                "foreign",
+                "corrupt",
+                "unsigned",
+                "forged",
+                "set_pages",
+                "set_skipped",
+                "set_failed",
+                "evicted_pages",
+                "orphans_removed",
+                "bytes_read",
+                "bytes_written",
+            ),
+            0,
+        )
         self._lru: OrderedDict[str, int] = OrderedDict()  # path -> bytes, oldest first
         self.usage: Optional[SharedUsage] = SharedUsage(self.root) if self.capacity_bytes else None
         self._scan(startup=True)

@@ -56,9 +56,18 @@ def test_file_format_says_what_it_is(tmp_path):
     assert os.path.exists(os.path.join(be.dir, "namespace.json"))
 
 
-@pytest.mark.parametrize("damage, kind", [
-    ("truncate", "truncated"), ("truncate_header", "truncated"), ("flip_payload", "corrupt"),
-    ("flip_header", "foreign"), ("swap", "foreign"), ("foreign", "foreign"), ("append", "foreign")])
+@pytest.mark.parametrize(
+    "damage, kind",
+    [
+        ("truncate", "truncated"),
+        ("truncate_header", "truncated"),
+        ("flip_payload", "corrupt"),
+        ("flip_header", "foreign"),
+        ("swap", "foreign"),
+        ("foreign", "foreign"),
+        ("append", "foreign"),
+    ],
+)
 def test_damaged_files_are_misses_never_data(tmp_path, damage, kind):
     be, pool, keys, src = written(tmp_path, 2)
     path, other = be._path(keys[0]), be._path(keys[1])
@@ -143,7 +152,7 @@ def test_unusable_directory_is_a_clear_error(tmp_path):
         make(tmp_path, capacity_bytes="lots")
 
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import hashlib, os, sys, random, time
     import torch
     from hicache_core.config import HiCacheConfig
@@ -193,7 +202,7 @@ WORKER = textwrap.dedent('''
                 bad += got != content(k)
         time.sleep(0.002)
     print(f"seen={seen} bad={bad}")
-''')
+""")
 
 
 def test_two_processes_share_a_directory(tmp_path):
@@ -201,8 +210,15 @@ def test_two_processes_share_a_directory(tmp_path):
     script.write_text(WORKER)
     root = str(tmp_path / "shared")
     os.makedirs(root)
-    procs = [subprocess.Popen([sys.executable, str(script), root, str(me), str(1 - me), "60"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), root, str(me), str(1 - me), "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me in (0, 1)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]

@@ -83,7 +83,7 @@ def test_pages_from_writers_without_the_mac_key_are_misses(tmp_path, monkeypatch
     src = write(alice, apool, keys[2:])  # a good page next to the planted ones
     dst = apool.alloc(3 * PS)
     assert alice.batch_get_v1(keys, dst) == [False, False, True]
-    assert page_bytes(apool, dst[2 * PS:]) == page_bytes(apool, src)
+    assert page_bytes(apool, dst[2 * PS :]) == page_bytes(apool, src)
     st = alice.get_stats()
     assert st["unsigned"] == 1 and st["forged"] == 1
     # the key from the environment works the same; a reader without a key refuses signed pages
@@ -107,21 +107,25 @@ def test_mac_covers_every_byte(tmp_path):
     import struct
 
     import xxhash
+
     data[24:32] = struct.pack("<Q", xxhash.xxh3_64(bytes(data[HEADER_BYTES:])).intdigest())
     open(path, "wb").write(bytes(data))
     assert be.batch_get_v1(keys, pool.alloc(PS)) == [False]
     assert be.get_stats()["forged"] == 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"storag_dir": "/x"}, r"unknown key 'storag_dir' \(did you mean 'storage_dir'\?\).*known keys: storage_dir"),
-    ({"storage_dir": 12345}, "storage_dir=12345 must be a non-empty string"),
-    ({"capacity_bytes": -5}, "capacity_bytes=-5 must be >= 0"),
-    ({"io_threads": 0}, "io_threads=0 must be a whole number >= 1"),
-    ({"fsync": "fals"}, "fsync='fals' is not a boolean"),
-    ({"layout_compat": "sglng"}, "layout_compat='sglng'; choose one of hicache, sglang"),
-    ({"mac_key": ""}, "mac_key='' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"storag_dir": "/x"}, r"unknown key 'storag_dir' \(did you mean 'storage_dir'\?\).*known keys: storage_dir"),
+        ({"storage_dir": 12345}, "storage_dir=12345 must be a non-empty string"),
+        ({"capacity_bytes": -5}, "capacity_bytes=-5 must be >= 0"),
+        ({"io_threads": 0}, "io_threads=0 must be a whole number >= 1"),
+        ({"fsync": "fals"}, "fsync='fals' is not a boolean"),
+        ({"layout_compat": "sglng"}, "layout_compat='sglng'; choose one of hicache, sglang"),
+        ({"mac_key": ""}, "mac_key='' must be a non-empty string"),
+    ],
+)
 def test_extra_config_schema_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         make({"storage_dir": str(tmp_path), **extra})
@@ -162,8 +166,12 @@ def test_capacity_holds_for_the_directory_across_processes(tmp_path):
     cap = 4 * PAGE_FILE
     a, apool = make({"storage_dir": d, "capacity_bytes": cap, "io_threads": 1})
     write(a, apool, random_keys(3, PS))
-    child = subprocess.run([sys.executable, "-c", CHILD, d, os.path.dirname(__file__), str(cap)],
-                           capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, d, os.path.dirname(__file__), str(cap)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     assert int(child.stdout.split()[-1]) <= cap
     on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs if f.endswith(".page"))
@@ -179,8 +187,16 @@ def test_file_backend_certifies(tmp_path, capsys, monkeypatch):
     from hicache_core.cli import main
 
     monkeypatch.chdir(tmp_path)
-    rc = main(["certify", "--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config",
-               json.dumps({"storage_dir": "{tmp}"}), "--json"])
+    rc = main(
+        [
+            "certify",
+            "--hicache-storage-backend",
+            "file",
+            "--hicache-storage-backend-extra-config",
+            json.dumps({"storage_dir": "{tmp}"}),
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     failed = [r for r in report["rows"] if r["outcome"] != "passed"]
     assert rc == 0 and report["passed"], failed

@@ -137,11 +137,11 @@ def make_client(path: str, size: int, numjobs: int, entries: int, slot_bytes: in
             return UsrbioClient(path, size, numjobs, entries, slot_bytes)
         except ImportError as e:
             if kind == "usrbio":
-                raise ValueError(f"io_client=usrbio but hf3fs_fuse does not import ({e}); install 3FS's hf3fs_py_usrbio") from e
+                raise ValueError(
+                    f"io_client=usrbio but hf3fs_fuse does not import ({e}); install 3FS's hf3fs_py_usrbio"
+                ) from e
         except Exception as e:  # not a 3FS mount, or the FUSE daemon refused
             if kind == "usrbio":
                 raise ValueError(f"io_client=usrbio failed on {path!r}: {e}") from e
             logger.info("hf3fs: usrbio unavailable for %s (%s); using POSIX I/O", path, e)
     return FileClient(path, size, numjobs)
-
-

@@ -30,8 +30,9 @@ class Hf3fsConfig:
     numjobs: int = option(16, whole(1, 1024), "I/O threads per batch")
     entries: int = option(8, whole(1, 4096), "usrbio ring entries")
     metadata_server_url: Optional[str] = option(None, _url, "hicache-hf3fs-metadata URL (else in-process metadata)")
-    metadata_auth_token: Optional[str] = option(None, text, "bearer token for the metadata server "
-                                                             "(else $HICACHE_HF3FS_METADATA_TOKEN)")
+    metadata_auth_token: Optional[str] = option(
+        None, text, "bearer token for the metadata server (else $HICACHE_HF3FS_METADATA_TOKEN)"
+    )
     io_client: str = option("auto", choice("auto", "usrbio", "posix"), "usrbio when hf3fs_fuse imports, else POSIX")
     source: str = "defaults"
 

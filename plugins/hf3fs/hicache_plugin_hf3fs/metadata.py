@@ -64,8 +64,9 @@ class RankMetadata:
             return self.key_to_index.popitem(last=False)[1]
         return -1
 
-    def reserve_and_allocate_page_indices(self, keys: list[str], request_id: Optional[str] = None
-                                          ) -> list[tuple[bool, int]]:
+    def reserve_and_allocate_page_indices(
+        self, keys: list[str], request_id: Optional[str] = None
+    ) -> list[tuple[bool, int]]:
         """(already exists, slot) per key; new keys get a free slot, else the LRU key's (-1 if none)."""
         now = time.monotonic()
         with self.lock:
@@ -144,9 +145,12 @@ class RankMetadata:
     def to_json(self) -> dict:
         with self.lock:
             # reserved-but-unconfirmed slots go back to free: their writes never became visible
-            return {"num_pages": self.num_pages, "next_fresh": self.next_fresh,
-                    "free_pages": self.free_pages + sorted(self.reserved),
-                    "key_to_index": list(self.key_to_index.items())}
+            return {
+                "num_pages": self.num_pages,
+                "next_fresh": self.next_fresh,
+                "free_pages": self.free_pages + sorted(self.reserved),
+                "key_to_index": list(self.key_to_index.items()),
+            }
 
     @classmethod
     def from_json(cls, d: Any, lease_s: float = LEASE_S) -> RankMetadata:
@@ -197,7 +201,10 @@ class MetadataStore:
             self.ranks = self._load(persist_path)
 
     def _load(self, path: str) -> dict[str, RankMetadata]:
-        fix = f"move {path!r} away to start with an empty index (the pages it listed are then rewritten), or restore a backup"
+        fix = (
+            f"move {path!r} away to start with an empty index (the pages it listed are then rewritten), "
+            "or restore a backup"
+        )
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -221,8 +228,10 @@ class MetadataStore:
             if m is None:
                 self.ranks[rank] = RankMetadata(num_pages, self.lease_s)
             elif m.num_pages != num_pages:
-                raise ValueError(f"rank {rank!r} is initialized with {m.num_pages} pages, not {num_pages}: "
-                                 "the same file is used with another page size or file size")
+                raise ValueError(
+                    f"rank {rank!r} is initialized with {m.num_pages} pages, not {num_pages}: "
+                    "the same file is used with another page size or file size"
+                )
 
     def rank(self, rank: str) -> RankMetadata:
         m = self.ranks.get(rank)
@@ -324,13 +333,17 @@ class HttpMetadataClient:
         self._post(rank, "initialize", {"num_pages": num_pages})
 
     def reserve_and_allocate_page_indices(self, rank: str, keys: list[str]) -> list[tuple[bool, int]]:
-        out = self._post(rank, "reserve_and_allocate_page_indices",
-                         {"keys": [[k, ""] for k in keys], "request_id": uuid.uuid4().hex})
+        out = self._post(
+            rank, "reserve_and_allocate_page_indices", {"keys": [[k, ""] for k in keys], "request_id": uuid.uuid4().hex}
+        )
         return [(bool(a), int(b)) for a, b in out["indices"]]
 
     def confirm_write(self, rank: str, written: list[tuple[str, int]], release: list[int]) -> list[str]:
-        out = self._post(rank, "confirm_write", {"written_keys_to_confirm": [list(w) for w in written],
-                                                 "pages_to_release": list(release)})
+        out = self._post(
+            rank,
+            "confirm_write",
+            {"written_keys_to_confirm": [list(w) for w in written], "pages_to_release": list(release)},
+        )
         return list(out.get("rejected", [])) if isinstance(out, dict) else []
 
     def get_page_indices(self, rank: str, keys: list[str]) -> list[Optional[int]]:

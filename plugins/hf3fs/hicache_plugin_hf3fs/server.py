@@ -55,10 +55,12 @@ def create_app(store: MetadataStore, save_interval: float = 60.0, auth_token: Op
     async def lifespan(app: FastAPI):
         task = None
         if store.persist_path and save_interval > 0:
+
             async def saver():
                 while True:
                     await asyncio.sleep(save_interval)
                     store.save()
+
             task = asyncio.create_task(saver())
         yield
         if task:
@@ -70,8 +72,11 @@ def create_app(store: MetadataStore, save_interval: float = 60.0, auth_token: Op
             return
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), auth_token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
-                                     f"(the client reads metadata_auth_token or ${TOKEN_ENV})")
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+                f"(the client reads metadata_auth_token or ${TOKEN_ENV})",
+            )
 
     app = FastAPI(title="hicache hf3fs metadata", lifespan=lifespan, dependencies=[Depends(authorized)])
 
@@ -126,10 +131,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--port", type=int, default=18000)
     p.add_argument("--persist-path", default=None, help="JSON file the index is saved to and loaded from")
     p.add_argument("--save-interval", type=float, default=60.0, help="seconds between saves (with --persist-path)")
-    p.add_argument("--lease-s", type=float, default=LEASE_S,
-                   help=f"seconds a reserved slot waits for its confirm before it goes back (default {LEASE_S:g})")
-    p.add_argument("--auth-token", default=None,
-                   help=f"require 'Authorization: Bearer TOKEN' on every request (else ${TOKEN_ENV}; default: none)")
+    p.add_argument(
+        "--lease-s",
+        type=float,
+        default=LEASE_S,
+        help=f"seconds a reserved slot waits for its confirm before it goes back (default {LEASE_S:g})",
+    )
+    p.add_argument(
+        "--auth-token",
+        default=None,
+        help=f"require 'Authorization: Bearer TOKEN' on every request (else ${TOKEN_ENV}; default: none)",
+    )
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     if not 0 < args.lease_s < float("inf"):

@@ -4,8 +4,8 @@ maps keys to slots.
 
 Write: reserve slots (new keys only) -> write header + page -> confirm; only confirmed keys are visible, and a slot
 whose write failed goes back to the free list. Read: look up slots -> read header + page straight into the host
-pool -> open the envelope (magic, key digest, length, XXH3-64). A slot reused for another key between lookup and read (LRU
-eviction by another instance) fails the check and is a miss, never another page's bytes.
+pool -> open the envelope (magic, key digest, length, XXH3-64). A slot reused for another key between lookup and
+read (LRU eviction by another instance) fails the check and is a miss, never another page's bytes.
 """
 
 from __future__ import annotations
@@ -53,8 +53,21 @@ class Hf3fsStorage(HiCacheStorage):
             self.meta = LocalMetadataClient(store)
         self.client: Optional[FileClient] = None
         self._lock = threading.Lock()
-        self._stats = dict.fromkeys(("get_pages", "get_misses", "corrupt", "set_pages", "set_skipped", "set_failed",
-                                     "metadata_errors", "lease_expired", "bytes_read", "bytes_written"), 0)
+        self._stats = dict.fromkeys(
+            (
+                "get_pages",
+                "get_misses",
+                "corrupt",
+                "set_pages",
+                "set_skipped",
+                "set_failed",
+                "metadata_errors",
+                "lease_expired",
+                "bytes_read",
+                "bytes_written",
+            ),
+            0,
+        )
         self.envelope = PageEnvelope(self.rank_id)
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
@@ -63,14 +76,23 @@ class Hf3fsStorage(HiCacheStorage):
         self.slot_bytes = -(-(HEADER + self.page_bytes) // ALIGN) * ALIGN
         self.num_slots = self.cfg.file_size // self.slot_bytes
         if self.num_slots < 1:
-            raise ConfigError(f"hf3fs: file_size {self.cfg.file_size} holds no slot of {self.slot_bytes} bytes "
-                              f"(one page + header); raise file_size (from {self.cfg.source})")
+            raise ConfigError(
+                f"hf3fs: file_size {self.cfg.file_size} holds no slot of {self.slot_bytes} bytes "
+                f"(one page + header); raise file_size (from {self.cfg.source})"
+            )
         try:
-            self.client = make_client(self.path, self.num_slots * self.slot_bytes, self.cfg.numjobs, self.cfg.entries,
-                                      self.slot_bytes, self.io_kind)
+            self.client = make_client(
+                self.path,
+                self.num_slots * self.slot_bytes,
+                self.cfg.numjobs,
+                self.cfg.entries,
+                self.slot_bytes,
+                self.io_kind,
+            )
         except (OSError, ValueError) as e:
-            raise BackendLoadError(f"hf3fs: cannot open {self.path!r}: {e}; check file_path_prefix "
-                                   f"(from {self.cfg.source})") from e
+            raise BackendLoadError(
+                f"hf3fs: cannot open {self.path!r}: {e}; check file_path_prefix (from {self.cfg.source})"
+            ) from e
         try:
             self.meta.initialize(self.rank_id, self.num_slots)
         except Exception as e:
@@ -176,8 +198,11 @@ class Hf3fsStorage(HiCacheStorage):
 
     def get(self, key, target_location=None):
         n = self.page_bytes
-        out = target_location if target_location is not None and target_location.numel() * target_location.element_size() == n \
+        out = (
+            target_location
+            if target_location is not None and target_location.numel() * target_location.element_size() == n
             else torch.empty(n // self.mem_pool_host.spec.itemsize, dtype=self.mem_pool_host.dtype)
+        )
         ok = self._read_pages([key], [[memoryview(out.view(-1).view(torch.uint8).numpy())]])
         return out if ok[0] else None
 
@@ -205,8 +230,7 @@ class Hf3fsStorage(HiCacheStorage):
     def bench_baseline(self):
         return PlainPositionalIO(self)
 
-
-    # --- certification hooks (hicache certify, the conformance kit) ----------------------------------------------------
+    # --- certification hooks (hicache certify, the conformance kit) ---------------------------------------------------
     @contextlib.contextmanager
     def failing_writes(self):
         """Inside the block the file's descriptor is read-only: every write fails for real (EBADF)."""

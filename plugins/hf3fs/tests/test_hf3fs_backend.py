@@ -114,7 +114,7 @@ def test_write_that_fails_is_never_visible_and_frees_its_slot(tmp_path):
 
 def test_reserved_but_unconfirmed_is_invisible_and_not_persisted():
     m = RankMetadata(4)
-    (exists, slot), = m.reserve_and_allocate_page_indices(["k"])
+    ((exists, slot),) = m.reserve_and_allocate_page_indices(["k"])
     assert not exists and m.exists(["k"]) == [False] and m.get_page_indices(["k"]) == [None]
     restored = RankMetadata.from_json(m.to_json())  # a crash before confirm: the slot is free again
     assert slot in restored.free_pages and restored.exists(["k"]) == [False]
@@ -193,7 +193,7 @@ def test_config_sources_and_errors(tmp_path, monkeypatch):
     assert Hf3fsConfig.load({"file_size": "1gb", "file_path_prefix": "/z"}).file_size == 1 << 30
 
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, os, sys, time
     import torch
     from hicache_core.config import HiCacheConfig
@@ -205,7 +205,8 @@ WORKER = textwrap.dedent('''
     spec = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.bfloat16)
     pool = HostPool(spec, 16 * 8, 8, "layer_first", pin_memory=False)
     be = Hf3fsStorage(make_storage_config(HiCacheConfig(page_size=8), spec),
-                      {"file_path_prefix": prefix, "file_size": 1 << 22, "numjobs": 2, "entries": 4, "metadata_server_url": url})
+                      {"file_path_prefix": prefix, "file_size": 1 << 22, "numjobs": 2, "entries": 4,
+                       "metadata_server_url": url})
     be.register_mem_pool_host(pool)
     idx = pool.alloc(4 * 8)
     if role == "writer":
@@ -220,7 +221,7 @@ WORKER = textwrap.dedent('''
         ok = be.batch_get_v1(data["keys"], idx)
         got = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
         print(json.dumps({"ok": ok, "same": got == data["pages"]}))
-''')
+""")
 
 
 def test_two_processes_share_through_the_http_server(tmp_path, metadata_server):
@@ -228,22 +229,29 @@ def test_two_processes_share_through_the_http_server(tmp_path, metadata_server):
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     args = [str(tmp_path / "shared" / "cache"), metadata_server.url, str(tmp_path / "keys.json")]
-    w = subprocess.run([sys.executable, str(script), "writer", *args], env=env, capture_output=True, text=True, timeout=120)
+    w = subprocess.run(
+        [sys.executable, str(script), "writer", *args], env=env, capture_output=True, text=True, timeout=120
+    )
     assert w.returncode == 0, w.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(script), "reader", *args], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(script), "reader", *args], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"ok": [True] * 4, "same": True}
 
 
-@pytest.mark.parametrize("content, why", [
-    ("{not json", "not JSON"),
-    ("[1, 2]", "holds list, not an object of ranks"),
-    ('{"r": {"num_pages": 4}}', "lacks 'free_pages'"),
-    ('{"r": {"num_pages": 4, "free_pages": [9], "key_to_index": []}}', "slot numbers outside"),
-    ('{"r": {"num_pages": 4, "free_pages": [1], "key_to_index": [["k", 1]]}}', "listed twice"),
-    ('{"r": {"num_pages": "4", "free_pages": [], "key_to_index": []}}', "'4' is not a whole number"),
-    ('{"r": {"num_pages": 4, "free_pages": [], "key_to_index": [["k"]]}}', "wrong shape"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "holds list, not an object of ranks"),
+        ('{"r": {"num_pages": 4}}', "lacks 'free_pages'"),
+        ('{"r": {"num_pages": 4, "free_pages": [9], "key_to_index": []}}', "slot numbers outside"),
+        ('{"r": {"num_pages": 4, "free_pages": [1], "key_to_index": [["k", 1]]}}', "listed twice"),
+        ('{"r": {"num_pages": "4", "free_pages": [], "key_to_index": []}}', "'4' is not a whole number"),
+        ('{"r": {"num_pages": 4, "free_pages": [], "key_to_index": [["k"]]}}', "wrong shape"),
+    ],
+)
 def test_a_damaged_index_is_refused_with_what_is_wrong(tmp_path, content, why):
     bad = tmp_path / "index.json"
     bad.write_text(content)
@@ -255,8 +263,13 @@ def test_a_damaged_index_is_refused_with_what_is_wrong(tmp_path, content, why):
 def test_cli_server_refuses_a_broken_index(tmp_path):
     bad = tmp_path / "index.json"
     bad.write_bytes(b"\xff\xfe garbage")
-    r = subprocess.run([sys.executable, "-m", "hicache_plugin_hf3fs.server", "--persist-path", str(bad)],
-                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    r = subprocess.run(
+        [sys.executable, "-m", "hicache_plugin_hf3fs.server", "--persist-path", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
     assert r.returncode == 2 and "index file" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -265,7 +278,7 @@ def test_reservations_are_leases_and_a_late_confirm_is_refused(tmp_path):
     (_, s1), (_, s2) = m.reserve_and_allocate_page_indices(["a", "b"])  # the client then dies
     assert m.free_count() == 0
     time.sleep(0.3)
-    (_, s3), = m.reserve_and_allocate_page_indices(["c"])  # the dead client's slots came back
+    ((_, s3),) = m.reserve_and_allocate_page_indices(["c"])  # the dead client's slots came back
     assert m.free_count() == 1 and s3 in (s1, s2)
     assert m.confirm_write([("a", s1), ("b", s2)], []) == ["a", "b"]  # s3 is c's now: a may not take it
     assert m.exists(["a", "b"]) == [False, False]
@@ -318,24 +331,67 @@ def test_bearer_token_is_required_when_configured(tmp_path):
 def test_bench_storage_against_plain_positional_io(tmp_path, capsys):
     from hicache_core.cli import main
 
-    rc = main(["bench", "storage", "--hicache-storage-backend", "hf3fs", "--hicache-storage-backend-extra-config",
-               json.dumps({"file_path_prefix": str(tmp_path / "b"), "file_size": 64 << 20, "numjobs": 4, "entries": 8}),
-               "--total-mib", "8", "--page-kib", "256", "--repeat", "1"])
+    rc = main(
+        [
+            "bench",
+            "storage",
+            "--hicache-storage-backend",
+            "hf3fs",
+            "--hicache-storage-backend-extra-config",
+            json.dumps({"file_path_prefix": str(tmp_path / "b"), "file_size": 64 << 20, "numjobs": 4, "entries": 8}),
+            "--total-mib",
+            "8",
+            "--page-kib",
+            "256",
+            "--repeat",
+            "1",
+        ]
+    )
     assert rc == 0 and "os.pwritev/preadv" in capsys.readouterr().out
     assert not [f for f in os.listdir(tmp_path) if "bench-baseline" in f]  # the baseline's file is removed
 
 
 CLI_CASES = [
-    ("hf3fs unknown key", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "numjob": 2}), "did you mean 'numjobs'"),
-    ("hf3fs numjobs 0", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "numjobs": 0}), "numjobs=0 must be a whole number"),
-    ("hf3fs file size negative", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "file_size": -1}), "must be >= 0"),
-    ("hf3fs file size tiny", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "file_size": 100}), "holds no slot"),
-    ("hf3fs url scheme", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "metadata_server_url": "ftp://x"}),
-     "must be an http:// or https:// URL"),
-    ("hf3fs io client", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "io_client": "fast"}), "choose one of auto"),
-    ("hf3fs prefix number", backend_check("hf3fs", {"file_path_prefix": 7}), "file_path_prefix=7 must be a non-empty string"),
-    ("hf3fs metadata down", backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "metadata_server_url": "http://127.0.0.1:9"}),
-     "metadata service refused initialize"),
+    (
+        "hf3fs unknown key",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "numjob": 2}),
+        "did you mean 'numjobs'",
+    ),
+    (
+        "hf3fs numjobs 0",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "numjobs": 0}),
+        "numjobs=0 must be a whole number",
+    ),
+    (
+        "hf3fs file size negative",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "file_size": -1}),
+        "must be >= 0",
+    ),
+    (
+        "hf3fs file size tiny",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "file_size": 100}),
+        "holds no slot",
+    ),
+    (
+        "hf3fs url scheme",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "metadata_server_url": "ftp://x"}),
+        "must be an http:// or https:// URL",
+    ),
+    (
+        "hf3fs io client",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "io_client": "fast"}),
+        "choose one of auto",
+    ),
+    (
+        "hf3fs prefix number",
+        backend_check("hf3fs", {"file_path_prefix": 7}),
+        "file_path_prefix=7 must be a non-empty string",
+    ),
+    (
+        "hf3fs metadata down",
+        backend_check("hf3fs", {"file_path_prefix": "{tmp}/h", "metadata_server_url": "http://127.0.0.1:9"}),
+        "metadata service refused initialize",
+    ),
 ]
 
 
@@ -354,8 +410,16 @@ def test_hf3fs_backend_certifies(tmp_path, capsys, metadata, metadata_server):
     extra = {"file_path_prefix": "{tmp}/hf3fs", "file_size": 8 << 20, "numjobs": 2}
     if metadata == "http":
         extra["metadata_server_url"] = metadata_server.url
-    rc = main(["certify", "--hicache-storage-backend", "hf3fs", "--hicache-storage-backend-extra-config",
-               json.dumps(extra), "--json"])
+    rc = main(
+        [
+            "certify",
+            "--hicache-storage-backend",
+            "hf3fs",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(extra),
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     not_passed = [r for r in report["rows"] if r["outcome"] != "passed"]
     assert rc == 0 and report["passed"], not_passed

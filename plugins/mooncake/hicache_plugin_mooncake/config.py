@@ -21,6 +21,8 @@ CONFIG_PATH_ENV = "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH"
 DEFAULT_GLOBAL_SEGMENT = 4 << 30
 DEFAULT_LOCAL_BUFFER = 16 << 20
 PROTOCOLS = ("tcp", "rdma")
+
+
 def str_or_empty(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{what}={value!r} must be a string")
@@ -59,9 +61,13 @@ class MooncakeStoreConfig:
             raise ConfigError(f"mooncake: {self.source} lacks master_server_address (host:port of mooncake_master)")
         _host_port(self.master_server_address, "master_server_address")
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"mooncake: protocol={self.protocol!r}; choose one of {', '.join(PROTOCOLS)} (from {self.source})")
+            raise ConfigError(
+                f"mooncake: protocol={self.protocol!r}; choose one of {', '.join(PROTOCOLS)} (from {self.source})"
+            )
         if not self.metadata_server:
-            raise ConfigError(f"mooncake: metadata_server is empty (from {self.source}); use P2PHANDSHAKE or http://host:port/metadata")
+            raise ConfigError(
+                f"mooncake: metadata_server is empty (from {self.source}); use P2PHANDSHAKE or http://host:port/metadata"
+            )
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], source: str) -> MooncakeStoreConfig:
@@ -81,18 +87,24 @@ class MooncakeStoreConfig:
         try:
             port = int(os.environ.get("MOONCAKE_MASTER_METRICS_PORT", "9003"))
         except ValueError as e:
-            raise ConfigError(f"mooncake: MOONCAKE_MASTER_METRICS_PORT={os.environ['MOONCAKE_MASTER_METRICS_PORT']!r} is not a port") from e
+            raise ConfigError(
+                f"mooncake: MOONCAKE_MASTER_METRICS_PORT={os.environ['MOONCAKE_MASTER_METRICS_PORT']!r} is not a port"
+            ) from e
         base = dict(
             master_server_address=master,
             local_hostname=os.environ.get("LOCAL_HOSTNAME", "localhost"),
             metadata_server=os.environ.get("MOONCAKE_TE_META_DATA_SERVER", "P2PHANDSHAKE"),
-            global_segment_size=parse_size(os.environ.get("MOONCAKE_GLOBAL_SEGMENT_SIZE", DEFAULT_GLOBAL_SEGMENT),
-                                           "mooncake: MOONCAKE_GLOBAL_SEGMENT_SIZE"),
+            global_segment_size=parse_size(
+                os.environ.get("MOONCAKE_GLOBAL_SEGMENT_SIZE", DEFAULT_GLOBAL_SEGMENT),
+                "mooncake: MOONCAKE_GLOBAL_SEGMENT_SIZE",
+            ),
             local_buffer_size=DEFAULT_LOCAL_BUFFER,
             protocol=os.environ.get("MOONCAKE_PROTOCOL", "tcp"),
             device_name=os.environ.get("MOONCAKE_DEVICE", ""),
             master_metrics_port=port,
-            check_server=parse_bool(os.environ.get("MOONCAKE_CHECK_SERVER", "false"), "mooncake: MOONCAKE_CHECK_SERVER"),
+            check_server=parse_bool(
+                os.environ.get("MOONCAKE_CHECK_SERVER", "false"), "mooncake: MOONCAKE_CHECK_SERVER"
+            ),
             source="environment (MOONCAKE_*)",
         )
         return cls(**{**base, **kw})

@@ -54,8 +54,20 @@ class MooncakeStore(HiCacheStorage):
         self.parts = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
         self.tp_size = max(1, storage_config.tp_size)
         self._lock = threading.Lock()
-        self._stats = dict.fromkeys(("get_pages", "get_misses", "short_reads", "set_pages", "set_failed", "errors",
-                                     "reconnects", "bytes_read", "bytes_written"), 0)
+        self._stats = dict.fromkeys(
+            (
+                "get_pages",
+                "get_misses",
+                "short_reads",
+                "set_pages",
+                "set_failed",
+                "errors",
+                "reconnects",
+                "bytes_read",
+                "bytes_written",
+            ),
+            0,
+        )
         self._failing_since: Optional[float] = None
         self._registered: Optional[tuple[int, int]] = None
         self.store = self._connect()
@@ -83,7 +95,8 @@ class MooncakeStore(HiCacheStorage):
                     continue  # metrics elsewhere or off: nothing more to ask
                 raise BackendLoadError(
                     f"mooncake backend: cannot reach the {what} at {h}:{p} ({e.strerror or e}); start it, or fix "
-                    f"the address (config from {c.source})") from e
+                    f"the address (config from {c.source})"
+                ) from e
             with sock:
                 if http_path is None:
                     continue
@@ -100,15 +113,23 @@ class MooncakeStore(HiCacheStorage):
                     raise BackendLoadError(
                         f"mooncake backend: the {what} at {h}:{p} accepts connections but does not answer "
                         f"within {wait:g} s ({err or 'no HTTP reply'}): is it hung or stopped? Restart it "
-                        f"(config from {c.source})")
+                        f"(config from {c.source})"
+                    )
 
     def _connect(self):
         cls = _import_store()
         self._reachable()
         store = cls()
         c = self.cfg
-        args = (c.local_hostname, c.metadata_server, c.global_segment_size // self.tp_size,
-                c.local_buffer_size // self.tp_size, c.protocol, c.device_name, c.master_server_address)
+        args = (
+            c.local_hostname,
+            c.metadata_server,
+            c.global_segment_size // self.tp_size,
+            c.local_buffer_size // self.tp_size,
+            c.protocol,
+            c.device_name,
+            c.master_server_address,
+        )
         result: dict[str, Any] = {}
 
         def setup() -> None:  # a daemon thread: a master that never answers must not hang the process at exit
@@ -123,7 +144,8 @@ class MooncakeStore(HiCacheStorage):
         if t.is_alive():
             raise BackendLoadError(
                 f"mooncake backend: no answer from mooncake_master at {c.master_server_address} (metadata "
-                f"{c.metadata_server}) within {self.connect_timeout_s:.0f} s (config from {c.source}); is it running?")
+                f"{c.metadata_server}) within {self.connect_timeout_s:.0f} s (config from {c.source}); is it running?"
+            )
         if "error" in result:
             e = result["error"]
             raise BackendLoadError(f"mooncake backend: setup failed: {type(e).__name__}: {e}") from e
@@ -132,7 +154,8 @@ class MooncakeStore(HiCacheStorage):
             raise BackendLoadError(
                 f"mooncake backend: setup with mooncake_master at {c.master_server_address} (metadata "
                 f"{c.metadata_server}, protocol {c.protocol}) failed with code {rc}; check that the master runs "
-                f"and the metadata server answers (config from {c.source})")
+                f"and the metadata server answers (config from {c.source})"
+            )
         if self._registered:
             store.register_buffer(*self._registered)
         return store
@@ -263,10 +286,14 @@ class MooncakeStore(HiCacheStorage):
         return self.batch_exists([key]) == 1
 
     def get(self, key, target_location=None):
-        raise NotImplementedError("the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool")
+        raise NotImplementedError(
+            "the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool"
+        )
 
     def set(self, key, value) -> bool:
-        raise NotImplementedError("the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool")
+        raise NotImplementedError(
+            "the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool"
+        )
 
     # --- housekeeping ------------------------------------------------------------------------------------------------
     def clear(self) -> None:

@@ -33,8 +33,10 @@ class Master:
     def __init__(self, log_dir: str) -> None:
         self.binary = shutil.which("mooncake_master")
         if not self.binary:
-            pytest.fail("mooncake_master is not on PATH: pip install 'hicache-plugin-mooncake[cpu]' "
-                        "(mooncake-transfer-engine-non-cuda ships it) and apt-get install libibverbs1")
+            pytest.fail(
+                "mooncake_master is not on PATH: pip install 'hicache-plugin-mooncake[cpu]' "
+                "(mooncake-transfer-engine-non-cuda ships it) and apt-get install libibverbs1"
+            )
         self.rpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log_path = os.path.join(log_dir, "mooncake_master.log")
         self.proc: subprocess.Popen | None = None
@@ -48,21 +50,39 @@ class Master:
         return f"http://127.0.0.1:{self.http_port}/metadata"
 
     def extra(self, **more) -> dict:
-        return {"master_server_address": self.address, "metadata_server": self.metadata, "protocol": "tcp",
-                "local_hostname": "127.0.0.1", "global_segment_size": "64mb", "local_buffer_size": "16mb",
-                "connect_timeout_s": 20, "master_metrics_port": self.metrics_port, **more}
+        return {
+            "master_server_address": self.address,
+            "metadata_server": self.metadata,
+            "protocol": "tcp",
+            "local_hostname": "127.0.0.1",
+            "global_segment_size": "64mb",
+            "local_buffer_size": "16mb",
+            "connect_timeout_s": 20,
+            "master_metrics_port": self.metrics_port,
+            **more,
+        }
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [self.binary, "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
-             f"--http_metadata_server_port={self.http_port}", f"--rpc_port={self.rpc_port}",
-             f"--metrics_port={self.metrics_port}", "--default_kv_lease_ttl=100"],
-            stdout=log, stderr=log)
+            [
+                self.binary,
+                "--enable_http_metadata_server=true",
+                "--http_metadata_server_host=127.0.0.1",
+                f"--http_metadata_server_port={self.http_port}",
+                f"--rpc_port={self.rpc_port}",
+                f"--metrics_port={self.metrics_port}",
+                "--default_kv_lease_ttl=100",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         if not (_wait_port(self.rpc_port, 20) and _wait_port(self.http_port, 20)):
             self.stop()
-            pytest.fail(f"mooncake_master did not start listening; see {self.log_path}:\n"
-                        + open(self.log_path, errors="replace").read()[-2000:])
+            pytest.fail(
+                f"mooncake_master did not start listening; see {self.log_path}:\n"
+                + open(self.log_path, errors="replace").read()[-2000:]
+            )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -73,8 +73,16 @@ def make(master, layout="page_first_direct", spec=SPEC, **extra):
 def test_config_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("MOONCAKE_MASTER", "10.0.0.1:1")
     f = tmp_path / "mc.json"
-    f.write_text(json.dumps({"master_server_address": "127.0.0.2:50051", "metadata_server": "http://127.0.0.2:8080/metadata",
-                             "global_segment_size": "2gb", "protocol": "tcp"}))
+    f.write_text(
+        json.dumps(
+            {
+                "master_server_address": "127.0.0.2:50051",
+                "metadata_server": "http://127.0.0.2:8080/metadata",
+                "global_segment_size": "2gb",
+                "protocol": "tcp",
+            }
+        )
+    )
     monkeypatch.setenv("SGLANG_HICACHE_MOONCAKE_CONFIG_PATH", str(f))
     c = MooncakeStoreConfig.load({"master_server_address": "127.0.0.3:1234"})
     assert c.master_server_address == "127.0.0.3:1234" and c.source == "--hicache-storage-backend-extra-config"
@@ -86,23 +94,52 @@ def test_config_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("MOONCAKE_PROTOCOL", "rdma")
     monkeypatch.setenv("MOONCAKE_DEVICE", "mlx5_0")
     c = MooncakeStoreConfig.load({})
-    assert (c.master_server_address, c.global_segment_size, c.protocol, c.device_name) == ("10.0.0.1:1", 512 << 20, "rdma", "mlx5_0")
+    assert (c.master_server_address, c.global_segment_size, c.protocol, c.device_name) == (
+        "10.0.0.1:1",
+        512 << 20,
+        "rdma",
+        "mlx5_0",
+    )
     assert c.metadata_server == "http://127.0.0.1:8080/metadata" and c.local_buffer_size == 16 << 20
 
 
-@pytest.mark.parametrize("env, extra, match", [
-    ({}, {}, "no configuration found.*MOONCAKE_MASTER"),
-    ({"MOONCAKE_MASTER": "nohost"}, {}, "MOONCAKE_MASTER|master_server_address='nohost' is not host:port"),
-    ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_GLOBAL_SEGMENT_SIZE": "huge"}, {}, "MOONCAKE_GLOBAL_SEGMENT_SIZE='huge' is not a size"),
-    ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_PROTOCOL": "udp"}, {}, "protocol='udp'; choose one of tcp, rdma"),
-    ({}, {"master_server_address": "127.0.0.1:1", "colour": "red"}, "unknown key 'colour'.*known keys: master_server_address"),
-    ({"MOONCAKE_MASTER": "127.0.0.1:1"}, {"conect_timeout_s": 3}, r"did you mean 'connect_timeout_s'\?"),
-    ({}, {"master_server_address": "127.0.0.1:1", "connect_timeout_s": float("nan")}, "connect_timeout_s=nan must be a finite number > 0"),
-    ({}, {"master_server_address": "127.0.0.1:1", "global_segment_size": -1}, "global_segment_size=-1 must be >= 0"),
-    ({"SGLANG_HICACHE_MOONCAKE_CONFIG_PATH": "/no/such.json"}, {}, "cannot read"),
-])
+@pytest.mark.parametrize(
+    "env, extra, match",
+    [
+        ({}, {}, "no configuration found.*MOONCAKE_MASTER"),
+        ({"MOONCAKE_MASTER": "nohost"}, {}, "MOONCAKE_MASTER|master_server_address='nohost' is not host:port"),
+        (
+            {"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_GLOBAL_SEGMENT_SIZE": "huge"},
+            {},
+            "MOONCAKE_GLOBAL_SEGMENT_SIZE='huge' is not a size",
+        ),
+        ({"MOONCAKE_MASTER": "127.0.0.1:1", "MOONCAKE_PROTOCOL": "udp"}, {}, "protocol='udp'; choose one of tcp, rdma"),
+        (
+            {},
+            {"master_server_address": "127.0.0.1:1", "colour": "red"},
+            "unknown key 'colour'.*known keys: master_server_address",
+        ),
+        ({"MOONCAKE_MASTER": "127.0.0.1:1"}, {"conect_timeout_s": 3}, r"did you mean 'connect_timeout_s'\?"),
+        (
+            {},
+            {"master_server_address": "127.0.0.1:1", "connect_timeout_s": float("nan")},
+            "connect_timeout_s=nan must be a finite number > 0",
+        ),
+        (
+            {},
+            {"master_server_address": "127.0.0.1:1", "global_segment_size": -1},
+            "global_segment_size=-1 must be >= 0",
+        ),
+        ({"SGLANG_HICACHE_MOONCAKE_CONFIG_PATH": "/no/such.json"}, {}, "cannot read"),
+    ],
+)
 def test_config_errors(monkeypatch, env, extra, match):
-    for k in ("MOONCAKE_MASTER", "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH", "MOONCAKE_PROTOCOL", "MOONCAKE_GLOBAL_SEGMENT_SIZE"):
+    for k in (
+        "MOONCAKE_MASTER",
+        "SGLANG_HICACHE_MOONCAKE_CONFIG_PATH",
+        "MOONCAKE_PROTOCOL",
+        "MOONCAKE_GLOBAL_SEGMENT_SIZE",
+    ):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -117,9 +154,15 @@ def test_unreachable_master_fails_within_the_timeout():
     cfg = HiCacheConfig(page_size=PS, hicache_mem_layout="page_first")
     t0 = time.monotonic()
     with pytest.raises(BackendLoadError, match=r"cannot reach the mooncake_master at 127.0.0.1:\d+ .*start it"):
-        MooncakeStore(make_storage_config(cfg, SPEC), {"master_server_address": f"127.0.0.1:{port}",
-                                                       "metadata_server": f"http://127.0.0.1:{port}/metadata",
-                                                       "connect_timeout_s": 2, "local_hostname": "127.0.0.1"})
+        MooncakeStore(
+            make_storage_config(cfg, SPEC),
+            {
+                "master_server_address": f"127.0.0.1:{port}",
+                "metadata_server": f"http://127.0.0.1:{port}/metadata",
+                "connect_timeout_s": 2,
+                "local_hostname": "127.0.0.1",
+            },
+        )
     assert time.monotonic() - t0 < 10
 
 
@@ -139,9 +182,23 @@ def test_hung_master_fails_fast_instead_of_freezing_the_process(tmp_path):
             make(m, connect_timeout_s=2)
         assert time.monotonic() - t0 < 10
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "hicache_core.cli", "check", "--hicache-storage-backend", "mooncake",
-                            "--hicache-mem-layout", "page_first", "--hicache-storage-backend-extra-config",
-                            json.dumps(m.extra(connect_timeout_s=2))], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hicache_core.cli",
+                "check",
+                "--hicache-storage-backend",
+                "mooncake",
+                "--hicache-mem-layout",
+                "page_first",
+                "--hicache-storage-backend-extra-config",
+                json.dumps(m.extra(connect_timeout_s=2)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2 and "hung or stopped" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert time.monotonic() - t0 < 60
     finally:
@@ -213,7 +270,9 @@ def test_layer_first_is_refused_with_the_fix(master):
 
     pool = HostPool(SPEC, 32 * PS, PS, "layer_first", pin_memory=False)
     cfg = HiCacheConfig(page_size=PS, model_name="mc-test", hicache_storage_backend_extra_config=master.extra())
-    with pytest.raises(ConfigError, match="page_first/page_first_direct host layouts.*page_first_direct \\(direct io\\)"):
+    with pytest.raises(
+        ConfigError, match="page_first/page_first_direct host layouts.*page_first_direct \\(direct io\\)"
+    ):
         create_backend("mooncake", make_storage_config(cfg, SPEC), pool)
 
 
@@ -228,7 +287,7 @@ def test_keys_carry_namespace_and_tag(master):
     be2.close()
 
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, os, sys, time
     import torch
     from hicache_core.config import HiCacheConfig
@@ -243,7 +302,8 @@ WORKER = textwrap.dedent('''
     be.register_mem_pool_host(pool)
     idx = pool.alloc(4 * 8)
     if role == "writer":
-        pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(7)))
+        gen = torch.Generator().manual_seed(7)
+        pool.raw.copy_(torch.randint(0, 256, pool.raw.shape, dtype=torch.uint8, generator=gen))
         keys = [os.urandom(32).hex() for _ in range(4)]
         assert be.batch_set_v1(keys, idx) == [True] * 4
         pages = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
@@ -262,7 +322,7 @@ WORKER = textwrap.dedent('''
         open(done_file, "w").close()
         print(json.dumps({"ok": ok, "same": got == data["pages"]}))
     be.close()
-''')
+""")
 
 
 def test_two_processes_share_pages(master, tmp_path):
@@ -271,10 +331,16 @@ def test_two_processes_share_pages(master, tmp_path):
     extra = json.dumps(master.extra())
     keys, done = str(tmp_path / "keys.json"), str(tmp_path / "done")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    w = subprocess.Popen([sys.executable, str(script), "writer", extra, keys, done], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    r = subprocess.run([sys.executable, str(script), "reader", extra, keys, done], env=env,
-                       capture_output=True, text=True, timeout=180)
+    w = subprocess.Popen(
+        [sys.executable, str(script), "writer", extra, keys, done],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), "reader", extra, keys, done], env=env, capture_output=True, text=True, timeout=180
+    )
     w.communicate(timeout=60)
     assert w.returncode == 0 and r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -286,10 +352,15 @@ def test_master_killed_mid_run_cache_keeps_serving(master):
     from hicache_core.cache import build_cache
     from hicache_core.keys import hash_chain
 
-    cfg = HiCacheConfig(page_size=PS, hicache_mem_layout="page_first_direct", hicache_io_backend="direct",
-                        hicache_storage_backend="mooncake", hicache_storage_prefetch_policy="timeout",
-                        hicache_storage_backend_extra_config={**master.extra(), "prefetch_threshold": PS,
-                                                              "prefetch_timeout_base": 2}, model_name=uuid.uuid4().hex)
+    cfg = HiCacheConfig(
+        page_size=PS,
+        hicache_mem_layout="page_first_direct",
+        hicache_io_backend="direct",
+        hicache_storage_backend="mooncake",
+        hicache_storage_prefetch_policy="timeout",
+        hicache_storage_backend_extra_config={**master.extra(), "prefetch_threshold": PS, "prefetch_timeout_base": 2},
+        model_name=uuid.uuid4().hex,
+    )
     cache = build_cache(cfg, SPEC, 8 * PS, device="cpu", host_tokens=16 * PS, pin_memory=False)
     dev, backend = cache.device_pool, cache.storage
     tokens = list(range(4 * PS))
@@ -347,23 +418,48 @@ def test_master_killed_mid_run_cache_keeps_serving(master):
 def test_bench_storage_against_raw_client(master, capsys):
     from hicache_core.cli import main
 
-    rc = main(["bench", "storage", "--hicache-storage-backend", "mooncake", "--hicache-storage-backend-extra-config",
-               json.dumps(master.extra(global_segment_size="256mb")), "--total-mib", "8", "--page-kib", "256",
-               "--repeat", "1"])
+    rc = main(
+        [
+            "bench",
+            "storage",
+            "--hicache-storage-backend",
+            "mooncake",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(master.extra(global_segment_size="256mb")),
+            "--total-mib",
+            "8",
+            "--page-kib",
+            "256",
+            "--repeat",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "raw Mooncake client" in out
 
 
 CLI_CASES = [
     ("mooncake bad address", backend_check("mooncake", {"master_server_address": "nohost"}), "is not host:port"),
-    ("mooncake unknown key", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "colour": 1}),
-     "unknown key 'colour'"),
-    ("mooncake protocol", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "protocol": "udp"}),
-     "choose one of tcp, rdma"),
-    ("mooncake timeout NaN", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "connect_timeout_s": "nan"}),
-     "must be a finite number > 0"),
-    ("mooncake segment text", backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "global_segment_size": "big"}),
-     "is not a size"),
+    (
+        "mooncake unknown key",
+        backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "colour": 1}),
+        "unknown key 'colour'",
+    ),
+    (
+        "mooncake protocol",
+        backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "protocol": "udp"}),
+        "choose one of tcp, rdma",
+    ),
+    (
+        "mooncake timeout NaN",
+        backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "connect_timeout_s": "nan"}),
+        "must be a finite number > 0",
+    ),
+    (
+        "mooncake segment text",
+        backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "global_segment_size": "big"}),
+        "is not a size",
+    ),
 ]
 
 
@@ -378,8 +474,16 @@ def test_malformed_cli_input_is_one_clear_error(argv, expected, tmp_path, capsys
 def test_mooncake_backend_certifies(master, capsys):
     from hicache_core.cli import main
 
-    rc = main(["certify", "--hicache-storage-backend", "mooncake", "--hicache-storage-backend-extra-config",
-               json.dumps(master.extra()), "--json"])
+    rc = main(
+        [
+            "certify",
+            "--hicache-storage-backend",
+            "mooncake",
+            "--hicache-storage-backend-extra-config",
+            json.dumps(master.extra()),
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in report["rows"]}
     assert rc == 0 and report["passed"], [r for r in report["rows"] if r["outcome"] == "FAILED"]

@@ -1,4 +1,5 @@
-"""The sdist ships its tests with their helpers (conftest starts a real mooncake_master), and they run after unpacking."""
+"""The sdist ships its tests with their helpers (conftest starts a real mooncake_master), and they run after
+unpacking."""
 
 from pathlib import Path
 

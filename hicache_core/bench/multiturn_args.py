@@ -1,0 +1,172 @@
+"""``hicache bench multiturn``'s command line: the workload (shared with ``bench pd``), the configurations and
+what each run reports."""
+
+from __future__ import annotations
+
+import argparse
+
+from hicache_core.config import add_hicache_args
+from hicache_core.parse import arg_float, arg_int
+
+CONFIGS = ("none", "radix", "hicache", "hicache+storage")
+LABELS = {
+    "none": "no cache",
+    "radix": "device-only radix",
+    "hicache": "HiCache L1+L2",
+    "hicache+storage": "HiCache L1+L2+L3",
+}
+
+
+def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) -> None:
+    w = p.add_argument_group("workload (every configuration replays the same conversations)")
+    w.add_argument(
+        "--num-clients", type=arg_int(1, 100000), default=8, help="concurrent conversations (default %(default)s)"
+    )
+    w.add_argument(
+        "--num-rounds",
+        type=arg_int(1, 100000),
+        default=4,
+        help="turns per conversation; each sends the whole history so far (default %(default)s)",
+    )
+    w.add_argument(
+        "--request-length",
+        type=arg_int(1, 1 << 20),
+        default=512,
+        help="tokens of each client's first prompt (default %(default)s)",
+    )
+    w.add_argument(
+        "--question-length",
+        type=arg_int(1, 1 << 20),
+        default=64,
+        help="new user tokens appended in each later round (default %(default)s)",
+    )
+    w.add_argument(
+        "--output-length",
+        type=arg_int(1, 1 << 20),
+        default=output_length,
+        help="tokens generated per reply, greedy (default %(default)s)",
+    )
+    w.add_argument(
+        "--request-rate",
+        type=arg_float(0, above=True, allow_inf=True),
+        default=4.0,
+        help="arrivals per second within a round (default %(default)s)",
+    )
+    w.add_argument(
+        "--distribution",
+        choices=("uniform", "poisson"),
+        default="uniform",
+        help="gaps between arrivals: fixed 1/rate, or exponential (default %(default)s)",
+    )
+    w.add_argument(
+        "--ready-queue-policy",
+        choices=("random", "fifo"),
+        default="random",
+        help="order in which clients send within a round (default %(default)s)",
+    )
+    w.add_argument(
+        "--seed", type=arg_int(0), default=0, help="seeds prompts, order and model weights (default %(default)s)"
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p)
+    e = p.add_argument_group("engine (the reference engine and its tiny random llama, or --model-path)")
+    e.add_argument(
+        "--model-path",
+        default=None,
+        metavar="DIR|FILE.gguf",
+        help="a real llama checkpoint (Hugging Face directory or GGUF file) instead of the random model: "
+        "prompts are English text cut by its tokenizer, the report shows its replies; the random "
+        "model's shape flags are then ignored",
+    )
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="KV dtype with --model-path (default: the checkpoint's)",
+    )
+    e.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="configurations to run, comma separated; 'none' always runs as the reference (default %(default)s)",
+    )
+    e.add_argument(
+        "--prefetch-policies",
+        default=None,
+        metavar="P,P,...",
+        help="run hicache+storage once per storage prefetch policy (e.g. best_effort,wait_complete,"
+        "cost_aware), each on a store of its own",
+    )
+    e.add_argument(
+        "--device-tokens",
+        type=arg_int(1, 1 << 30),
+        default=1024,
+        help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)",
+    )
+    e.add_argument(
+        "--max-running", type=arg_int(1, 100000), default=4, help="requests in one batch (default %(default)s)"
+    )
+    e.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp_size",
+        type=arg_int(1, 64),
+        default=1,
+        help="tensor-parallel rank processes (gloo on CPU; heads and KV sharded; default %(default)s)",
+    )
+    for flag, default, what in (
+        ("--hidden-size", 512, "model width"),
+        ("--intermediate-size", 1536, "MLP width"),
+        ("--num-layers", 4, "layers"),
+        ("--num-heads", 8, "attention heads"),
+        ("--num-kv-heads", 2, "KV heads"),
+        ("--head-dim", 64, "head dimension"),
+        ("--vocab-size", 4096, "vocabulary"),
+    ):
+        e.add_argument(flag, type=arg_int(1, 1 << 16), default=default, help=f"{what} (default %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--repeat",
+        type=arg_int(1, 100),
+        default=1,
+        help="run everything N times (fresh storage each time) and report the spread (default %(default)s)",
+    )
+    o.add_argument(
+        "--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after the run)"
+    )
+    o.add_argument(
+        "--warm",
+        dest="warm",
+        action="store_true",
+        default=True,
+        help="replay round 1 in a second process on the first one's storage (default)",
+    )
+    o.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-restart replay")
+    o.add_argument(
+        "--report-dir", default="hicache-report", help="where report.json and report.png go (default %(default)s)"
+    )
+    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
+    o.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        metavar="[LABEL=]URL",
+        help="drive running servers (SGLang's /generate, e.g. hicache serve) instead of the in-process "
+        "engine; repeat to compare them, the first is the reference",
+    )
+    o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    add_hicache_args(p)
+    # the demo's own defaults (help above shows these, not the library's)
+    p.set_defaults(
+        page_size=32,
+        hicache_ratio=3.0,
+        hicache_io_backend="direct",
+        hicache_storage_backend="file",
+        hicache_storage_prefetch_policy="wait_complete",
+    )
+
+
+# --- workload -----------------------------------------------------------------------------------------------------
