@@ -21,7 +21,7 @@ under them. Only the thread that owns the cache calls it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -38,9 +38,13 @@ from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
 from hicache_core.errors import ConfigError
 from hicache_core.keys import hash_chain, namespace_seed
+from hicache_core.memory import DevicePool, HostPool
 from hicache_core.metrics import CacheMetrics
+from hicache_core.storage import StorageV1
 
-__all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache"]
+__all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache", "Tokens"]
+
+Tokens = Sequence[int]  # a prompt: a list of token ids (or any sequence of them)
 
 
 class HiRadixCache:
@@ -49,9 +53,9 @@ class HiRadixCache:
     def __init__(
         self,
         config: HiCacheConfig,
-        device_pool,
-        host_pool=None,
-        storage=None,
+        device_pool: DevicePool,
+        host_pool: Optional[HostPool] = None,
+        storage: Optional[StorageV1] = None,
         metrics: Optional[CacheMetrics] = None,
         *,
         force_kernel: bool = False,
@@ -126,10 +130,10 @@ class HiRadixCache:
             node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
 
     # --- the tree ----------------------------------------------------------------------------------------------------
-    def match_prefix(self, tokens, seed: Optional[str] = None) -> MatchResult:
+    def match_prefix(self, tokens: Tokens, seed: Optional[str] = None) -> MatchResult:
         return self.tree.match_prefix(tokens, seed)
 
-    def insert(self, tokens, device_indices: torch.Tensor, seed: Optional[str] = None) -> int:
+    def insert(self, tokens: Tokens, device_indices: torch.Tensor, seed: Optional[str] = None) -> int:
         return self.tree.insert(tokens, device_indices, seed)
 
     def nodes(self) -> Iterator[TreeNode]:
@@ -166,10 +170,10 @@ class HiRadixCache:
     def evict_host(self, num_tokens: int) -> int:
         return self.host.evict(num_tokens) if self.host is not None else 0
 
-    def backup_in_flight(self, tokens, seed: Optional[str] = None) -> bool:
+    def backup_in_flight(self, tokens: Tokens, seed: Optional[str] = None) -> bool:
         return self.host is not None and self.host.backup_in_flight(tokens, seed)
 
-    def prefetch_from_storage(self, request_id: Any, anchor: TreeNode, new_tokens) -> bool:
+    def prefetch_from_storage(self, request_id: Any, anchor: TreeNode, new_tokens: Tokens) -> bool:
         return self.prefetcher is not None and self.prefetcher.start(request_id, anchor, new_tokens)
 
     def check_prefetch_progress(self, request_id: Any) -> bool:
@@ -187,7 +191,12 @@ class HiRadixCache:
 
     # --- the front door ----------------------------------------------------------------------------------------------
     def admit(
-        self, rid: Any, tokens, extra_tokens: int = 0, salt: Optional[str] = None, extra_key: Optional[str] = None
+        self,
+        rid: Any,
+        tokens: Tokens,
+        extra_tokens: int = 0,
+        salt: Optional[str] = None,
+        extra_key: Optional[str] = None,
     ) -> Admission:
         """Admit a request whose prompt is ``tokens``; ``extra_tokens`` more slots are reserved (for decoding).
         At least one prompt token is always left to compute, so the engine gets logits for it. ``salt`` (vLLM's
@@ -236,7 +245,7 @@ class HiRadixCache:
         )
         return Admission(rid, READY, prefix, own, cached, node, salt=salt, extra_key=extra_key, seed=seed)
 
-    def release(self, admission: Admission, tokens, computed: int) -> None:
+    def release(self, admission: Admission, tokens: Tokens, computed: int) -> None:
         """The request is done (or cancelled): ``tokens`` is the sequence whose KV it wrote, ``computed`` how many
         of its ``own`` slots hold KV. Whole pages join the tree; duplicates and unused slots are freed."""
         if not admission.ready or admission.node is None:
@@ -261,7 +270,7 @@ class HiRadixCache:
         self.release_aborted_request(rid)
 
     # --- storage at runtime (SGLang's attach/detach; the owner calls these only while no request is in flight) ---
-    def attach_storage(self, backend: Any, config: Any) -> None:
+    def attach_storage(self, backend: StorageV1, config: HiCacheConfig) -> None:
         """Start the storage tier on ``backend`` (built for this cache's host pool) with ``config``."""
         if self.controller is None:
             raise ConfigError("attaching a storage backend needs the host tier (--enable-hierarchical-cache)")

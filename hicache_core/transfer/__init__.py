@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Optional
 
+import attrs
 import torch
 
 from hicache_core.errors import ConfigError
@@ -16,7 +19,28 @@ from hicache_core.transfer import direct, reference, triton_kernels
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = {"kernel": triton_kernels, "direct": direct, "reference": reference}
+
+@attrs.frozen
+class Mover:
+    """What an io backend provides: the two moves every one has, and the faster ones some have (None: made of
+    ``load_layer``, one layer a call)."""
+
+    load_layer: Callable[..., None]  # (host, device, host_indices, device_indices, layer)
+    backup_all_layers: Callable[..., None]  # (device, host, device_indices, host_indices)
+    load_layers: Optional[Callable[..., None]] = None  # (host, device, host_indices, device_indices, first, end)
+    load_all_layers: Optional[Callable[..., None]] = None  # (host, device, host_indices, device_indices)
+    layer_group: Optional[Callable[..., int]] = None  # (host, device) -> layers a load_layers call should move
+
+
+IMPLEMENTATIONS = {
+    "kernel": Mover(
+        triton_kernels.load_layer, triton_kernels.backup_all_layers, load_all_layers=triton_kernels.load_all_layers
+    ),
+    "direct": Mover(
+        direct.load_layer, direct.backup_all_layers, direct.load_layers, direct.load_all_layers, direct.layer_group
+    ),
+    "reference": Mover(reference.load_layer, reference.backup_all_layers),
+}
 _fallback_logged = False
 
 
@@ -62,20 +86,20 @@ class HostDeviceTransfer:
         """How a layer-wise load is cut into calls of :meth:`load_layers`: ``(first, end)`` spans covering every
         layer in order (one layer each, except where the io backend moves several faster, as direct between CPU
         pools does)."""
-        group = self._impl.layer_group(self.host, self.device) if hasattr(self._impl, "layer_group") else 1
+        group = self._impl.layer_group(self.host, self.device) if self._impl.layer_group is not None else 1
         n = self.host.layer_num
         return [(first, min(first + group, n)) for first in range(0, n, group)]
 
     def load_layers(self, host_indices: torch.Tensor, device_indices: torch.Tensor, first: int, end: int) -> None:
         """Host -> device for layers ``first`` to ``end - 1`` (usable as soon as this returns)."""
-        if hasattr(self._impl, "load_layers"):
+        if self._impl.load_layers is not None:
             self._impl.load_layers(self.host, self.device, host_indices, device_indices, first, end)
         else:
             for layer in range(first, end):
                 self._impl.load_layer(self.host, self.device, host_indices, device_indices, layer)
 
     def load_all_layers(self, host_indices: torch.Tensor, device_indices: torch.Tensor) -> None:
-        if hasattr(self._impl, "load_all_layers"):
+        if self._impl.load_all_layers is not None:
             self._impl.load_all_layers(self.host, self.device, host_indices, device_indices)
         else:
             for layer in range(self.host.layer_num):
@@ -86,4 +110,4 @@ class HostDeviceTransfer:
         self._impl.backup_all_layers(self.device, self.host, device_indices, host_indices)
 
 
-__all__ = ["HostDeviceTransfer", "effective_io_backend"]
+__all__ = ["HostDeviceTransfer", "Mover", "effective_io_backend"]
