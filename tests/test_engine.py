@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_every_configuration_matches_no_cache(tmp_path, layout, policy, capsys):
         ]
     )
     assert multiturn.run(args) == 0
-    report = json.load(open(tmp_path / "report" / "report.json"))
+    report = json.loads(Path(tmp_path / "report" / "report.json").read_text())
     assert all(report["summary"]["outputs_identical"].values())
     by = {c["config"]: c for c in report["configs"]}
     assert set(by) == {"none", "radix", "hicache", "hicache+storage"}
@@ -117,7 +118,9 @@ def test_storage_serves_what_device_and_host_cannot_hold(tmp_path, layout, polic
         ]
     )
     assert multiturn.run(args) == 0  # and the tokens are the no-cache run's
-    run = {c["config"]: c for c in json.load(open(tmp_path / "report" / "report.json"))["configs"]}["hicache+storage"]
+    run = {c["config"]: c for c in json.loads(Path(tmp_path / "report" / "report.json").read_text())["configs"]}[
+        "hicache+storage"
+    ]
     assert run["hit_tokens"]["storage"] > 0 and run["backuped_tokens"] > 0
 
 
@@ -135,9 +138,9 @@ def test_warm_restart_in_a_second_process(tmp_path, capsys):
         ]
     )
     assert multiturn.run(args) == 0
-    summary = json.load(open(tmp_path / "r" / "report.json"))["summary"]
+    summary = json.loads(Path(tmp_path / "r" / "report.json").read_text())["summary"]
     assert summary["warm_outputs_identical"]
-    warm = json.load(open(tmp_path / "r" / "report.json"))["warm"]
+    warm = json.loads(Path(tmp_path / "r" / "report.json").read_text())["warm"]
     assert warm["hit_tokens"]["storage"] > 0 and warm["rounds"][0]["cached"]["storage"] > 0
     assert os.path.isdir(tmp_path / "store")  # a given directory is kept
 
@@ -204,7 +207,7 @@ def test_repeat_reports_spread_cpu_and_warm_restarts(tmp_path, capsys):
         ]
     )
     assert multiturn.run(args) == 0
-    report = json.load(open(tmp_path / "r" / "report.json"))
+    report = json.loads(Path(tmp_path / "r" / "report.json").read_text())
     rep = report["summary"]["repeats"]
     assert rep["n"] == 2 and len(report["repeats"]) == 1
     assert len(rep["speedup_storage_vs_radix"]["values"]) == 2 and len(rep["warm_round1_speedup"]["values"]) == 2
@@ -296,7 +299,7 @@ def test_tensor_parallel_warm_restart_and_bad_sizes(tmp_path, capsys):
         ]
     )
     assert multiturn.run(args) == 0
-    summary = json.load(open(tmp_path / "r" / "report.json"))["summary"]
+    summary = json.loads(Path(tmp_path / "r" / "report.json").read_text())["summary"]
     assert summary["warm_outputs_identical"] and summary["warm_storage_tokens"] > 0
     assert "hit tokens per rank" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="attention heads .4. must divide evenly"):

@@ -5,6 +5,7 @@ by entry point, passes the conformance kit's v0 tests and runs the multi-turn be
 import contextlib
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,6 @@ def test_runs_the_multiturn_benchmark(seed_module, tmp_path):
         ]
     )
     assert multiturn.run(args) == 0  # tokens identical to no-cache
-    report = json.load(open(tmp_path / "r" / "report.json"))
+    report = json.loads(Path(tmp_path / "r" / "report.json").read_text())
     run = {c["config"]: c for c in report["configs"]}["hicache+storage"]
     assert run["backuped_tokens"] > 0 and run["hit_tokens"]["storage"] > 0

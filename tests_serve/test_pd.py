@@ -4,6 +4,7 @@ decode processes) that hand KV over through a real file store, and routes a mult
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -50,7 +51,7 @@ def bench_pd(tmp_path, *flags):
         cwd=REPO,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    report = json.load(open(tmp_path / "report" / "report.json"))
+    report = json.loads(Path(tmp_path / "report" / "report.json").read_text())
     return {c["config"]: c for c in report["configs"]}, report["summary"], out.stdout
 
 

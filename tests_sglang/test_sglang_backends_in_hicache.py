@@ -12,6 +12,7 @@ pool is the real part); SGLang's real host pools are tested in ``test_sglang_rea
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,7 +170,9 @@ def test_sglang_hicache_file_runs_the_multiturn_benchmark(tmp_path):
         ]
     )
     assert multiturn.run(args) == 0  # tokens identical to no-cache
-    run = {c["config"]: c for c in json.load(open(tmp_path / "r" / "report.json"))["configs"]}["hicache+storage"]
+    run = {c["config"]: c for c in json.loads(Path(tmp_path / "r" / "report.json").read_text())["configs"]}[
+        "hicache+storage"
+    ]
     assert run["backuped_tokens"] > 0 and run["hit_tokens"]["storage"] > 0
 
 

@@ -126,7 +126,9 @@ def test_sglang_v1_backends_run_the_multiturn_benchmark_through_hicache(tmp_path
         ]
     )
     assert multiturn.run(args) == 0  # tokens identical to no-cache
-    run = {c["config"]: c for c in json.load(open(tmp_path / "r" / "report.json"))["configs"]}["hicache+storage"]
+    run = {c["config"]: c for c in json.loads(Path(tmp_path / "r" / "report.json").read_text())["configs"]}[
+        "hicache+storage"
+    ]
     assert run["backuped_tokens"] > 0 and run["hit_tokens"]["storage"] > 0 and run["storage_errors"] == {}, run
 
 

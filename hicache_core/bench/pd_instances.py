@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hicache_core.config import HiCacheConfig
@@ -84,14 +85,14 @@ class Instances:
             deadline = time.monotonic() + self.timeout
             for name, proc, log in self.procs:
                 port_file = os.path.join(self.workdir, f"{name}.port")
-                while not (os.path.exists(port_file) and open(port_file).read().strip()):
+                while not (os.path.exists(port_file) and Path(port_file).read_text().strip()):
                     if proc.poll() is not None or time.monotonic() > deadline:
                         why = f"exited with {proc.returncode}" if proc.poll() is not None else "did not start in time"
                         raise HiCacheError(
                             f"instance {name} ({' '.join(self.specs_of(name))}) {why}; its log:\n{_tail(log)}"
                         )
                     time.sleep(0.05)
-                self.urls[name] = f"http://127.0.0.1:{open(port_file).read().strip()}"
+                self.urls[name] = f"http://127.0.0.1:{Path(port_file).read_text().strip()}"
         except BaseException:
             self.__exit__()
             raise

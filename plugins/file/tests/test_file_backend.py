@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def written(tmp_path, n=3, **extra):
 def test_file_format_says_what_it_is(tmp_path):
     be, pool, keys, src = written(tmp_path, 1)
     path = be._path(keys[0])
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     assert data[:8] == b"HICPAGE\0" and be.envelope.key_digest(keys[0]) in data[:HEADER_BYTES]
     assert len(data) == HEADER_BYTES + pool.page_bytes
     assert data[HEADER_BYTES:] == page_bytes(pool, src)[0]
@@ -71,7 +72,7 @@ def test_file_format_says_what_it_is(tmp_path):
 def test_damaged_files_are_misses_never_data(tmp_path, damage, kind):
     be, pool, keys, src = written(tmp_path, 2)
     path, other = be._path(keys[0]), be._path(keys[1])
-    raw = bytearray(open(path, "rb").read())
+    raw = bytearray(Path(path).read_bytes())
     if damage == "truncate":
         raw = raw[: len(raw) - 7]
     elif damage == "truncate_header":
@@ -81,7 +82,7 @@ def test_damaged_files_are_misses_never_data(tmp_path, damage, kind):
     elif damage == "flip_header":
         raw[40] ^= 0x01  # inside the key-and-namespace digest
     elif damage == "swap":
-        raw = bytearray(open(other, "rb").read())
+        raw = bytearray(Path(other).read_bytes())
     elif damage == "foreign":
         raw = bytearray(os.urandom(len(raw)))
     elif damage == "append":

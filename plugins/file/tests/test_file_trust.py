@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_mac_covers_every_byte(tmp_path):
     keys = random_keys(1, PS)
     write(be, pool, keys)
     path = be._path(keys[0])
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[-1] ^= 1
     # an attacker who also fixes the XXH3 field still fails the MAC
     import struct

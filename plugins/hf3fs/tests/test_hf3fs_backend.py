@@ -216,7 +216,7 @@ WORKER = textwrap.dedent("""
         pages = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
         json.dump({"keys": keys, "pages": pages}, open(shared, "w"))
     else:
-        data = json.load(open(shared))
+        data = json.loads(Path(shared).read_text())
         assert be.batch_exists(data["keys"]) == 4
         ok = be.batch_get_v1(data["keys"], idx)
         got = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,25 +64,25 @@ class Master:
         }
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--enable_http_metadata_server=true",
-                "--http_metadata_server_host=127.0.0.1",
-                f"--http_metadata_server_port={self.http_port}",
-                f"--rpc_port={self.rpc_port}",
-                f"--metrics_port={self.metrics_port}",
-                "--default_kv_lease_ttl=100",
-            ],
-            stdout=log,
-            stderr=log,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--enable_http_metadata_server=true",
+                    "--http_metadata_server_host=127.0.0.1",
+                    f"--http_metadata_server_port={self.http_port}",
+                    f"--rpc_port={self.rpc_port}",
+                    f"--metrics_port={self.metrics_port}",
+                    "--default_kv_lease_ttl=100",
+                ],
+                stdout=log,
+                stderr=log,
+            )
         if not (_wait_port(self.rpc_port, 20) and _wait_port(self.http_port, 20)):
             self.stop()
             pytest.fail(
                 f"mooncake_master did not start listening; see {self.log_path}:\n"
-                + open(self.log_path, errors="replace").read()[-2000:]
+                + Path(self.log_path).read_text(errors="replace")[-2000:]
             )
 
     def stop(self) -> None:

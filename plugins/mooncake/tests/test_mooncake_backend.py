@@ -315,7 +315,7 @@ WORKER = textwrap.dedent("""
     else:
         while not os.path.exists(keys_file):
             time.sleep(0.05)
-        data = json.load(open(keys_file))
+        data = json.loads(Path(keys_file).read_text())
         assert be.batch_exists(data["keys"]) == 4
         ok = be.batch_get_v1(data["keys"], idx)
         got = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]

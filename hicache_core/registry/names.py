@@ -1,9 +1,6 @@
-"""Backend names -> classes, loaded lazily; ``dynamic`` loading from ``module_path``/``class_name``; construction.
-
-Every path ends in :func:`create_backend`, which builds ``cls(storage_config, extra_config)`` (SGLang's dynamic
-shape), registers the host pool, wraps v0 backends so the controller speaks v1 only, prefixes keys with the
-storage namespace for classes that do not apply it themselves, and tells observers through the lifecycle hooks.
-"""
+"""Backend names -> classes, loaded lazily; ``dynamic`` loading from ``module_path``/``class_name``; the rules a
+resolved backend brings (its page-first-only layout rule, the layout adjustments it implies); construction of the
+class as SGLang's dynamic loader shapes it (``cls(storage_config, extra_config)``)."""
 
 from __future__ import annotations
 
@@ -18,14 +15,10 @@ import attrs
 from hicache_core.config import HiCacheConfig, require_dynamic_keys, resolve_layout
 from hicache_core.errors import BackendLoadError, ConfigError
 from hicache_core.hookspecs import BackendRecord
-from hicache_core.keys import StorageNamespace
-from hicache_core.memory import HostPool, KVSpec
 from hicache_core.parse import parse_bool
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
-from hicache_core.storage.adapter import ReadOnlyRank, _Delegate, as_v1
-from hicache_core.storage.base import ExtraInfo, StorageConfig, call_with_extra
+from hicache_core.storage.base import StorageConfig
 from hicache_core.storage.foreign import construct_sglang, is_sglang_backend
-from hicache_core.storage.hooks import Describes, holds_namespace_quota
 
 logger = logging.getLogger(__name__)
 
@@ -194,159 +187,3 @@ def resolve_config(
     resolved = resolve(name, config.hicache_storage_backend_extra_config, pm)
     config = resolve_layout(config, backend_page_first_only=resolved.page_first_only, backend_name=name)
     return config, resolved
-
-
-def make_storage_config(
-    config: HiCacheConfig, spec, *, layout: Optional[str] = None, tp_rank: int = 0, tp_size: int = 1
-) -> StorageConfig:
-    """The StorageConfig (and namespace) for a KV spec under a config. ``layout`` defaults to the config's."""
-    layout = layout or config.hicache_mem_layout
-    ns = StorageNamespace(
-        model=config.model_name or "",
-        fingerprint=config.hicache_model_fingerprint or "",
-        dtype=spec.dtype_name,
-        page_size=config.page_size,
-        layout=layout,
-        is_mla=spec.is_mla,
-        layer_num=spec.layer_num,
-        head_num=spec.head_num,
-        head_dim=spec.head_dim,
-        tp_size=tp_size,
-        tp_rank=tp_rank,
-    )
-    return StorageConfig(
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        is_mla_model=spec.is_mla,
-        is_page_first_layout=layout in ("page_first", "page_first_direct"),
-        model_name=config.model_name,
-        extra_config=config.backend_extra_config,
-        namespace=ns,
-        page_size=config.page_size,
-        layout=layout,
-    )
-
-
-class StorageBackendHandle(_Delegate):
-    """What the controller holds: a v1-speaking backend plus its name; closing tells the observers."""
-
-    def __init__(
-        self, name: str, inner: Any, raw: Any, interface_v1: bool, pm: HiCachePluginManager, namespace_tag: str
-    ) -> None:
-        super().__init__(inner)
-        self.name, self.raw, self.interface_v1, self._pm = name, raw, interface_v1, pm
-        self.namespace_tag = namespace_tag
-        self._closed = False
-
-    def describe(self) -> str:
-        """Where the backend keeps its pages, in the backend's words (its class name if it says nothing)."""
-        return str(self.raw.describe()) if isinstance(self.raw, Describes) else type(self.raw).__qualname__
-
-    def batch_exists(self, keys, extra_info: Optional[ExtraInfo] = None):
-        return call_with_extra(self.inner.batch_exists, keys, extra=extra_info)
-
-    def batch_get_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
-        return call_with_extra(self.inner.batch_get_v1, keys, host_indices, extra=extra_info)
-
-    def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None):
-        return call_with_extra(self.inner.batch_set_v1, keys, host_indices, extra=extra_info)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.inner.close()
-        finally:
-            self._pm.hook.hicache_backend_closed(name=self.name, backend=self.raw)
-
-
-def create_backend(
-    backend: str | ResolvedBackend,
-    storage_config: StorageConfig,
-    host_pool: Any,
-    *,
-    extra_config: Optional[dict] = None,
-    pm: Optional[HiCachePluginManager] = None,
-) -> StorageBackendHandle:
-    """Construct and register a backend (resolving its name unless given resolved); return it speaking v1."""
-    pm = pm or get_plugin_manager()
-    extra = storage_config.extra_config if extra_config is None else extra_config
-    resolved = backend if isinstance(backend, ResolvedBackend) else resolve(backend, extra, pm)
-    check_layout(resolved, storage_config.layout)
-    try:
-        raw = construct(resolved.cls, storage_config, dict(extra), host_pool)
-    except (BackendLoadError, ConfigError):
-        raise
-    except Exception as e:
-        raise BackendLoadError(
-            f"storage backend {resolved.name!r} ({resolved.cls.__module__}.{resolved.cls.__qualname__}) failed to "
-            f"start: {type(e).__name__}: {e}"
-        ) from e
-    if resolved.interface_v1 and not callable(getattr(raw, "register_mem_pool_host", None)):
-        raise BackendLoadError(
-            f"storage backend {resolved.name!r} is v1 (zero copy) but has no "
-            "register_mem_pool_host(host_pool): v1 reads and writes the host pool in place"
-        )
-    inner = as_v1(raw, interface_v1=resolved.interface_v1, namespace=storage_config.namespace)
-    try:
-        inner.register_mem_pool_host(host_pool)  # optional for v0 classes: the adapter keeps the pool
-    except Exception as e:
-        raise BackendLoadError(f"storage backend {resolved.name!r} rejected the host pool: {e}") from e
-    handle = StorageBackendHandle(resolved.name, inner, raw, resolved.interface_v1, pm, storage_config.namespace.tag)
-    pm.hook.hicache_backend_created(name=resolved.name, backend=raw, storage_config=storage_config)
-    logger.info(
-        "storage backend %s (%s, %s) ready", resolved.name, resolved.origin, "v1" if resolved.interface_v1 else "v0"
-    )
-    return handle
-
-
-def quota_checked(config: HiCacheConfig, backend: Any) -> Any:
-    """``--hicache-salt-storage-pages`` needs a backend that can count and drop a namespace's pages across
-    processes (``supports_namespace_quota``); refused, with the backend closed, otherwise."""
-    if config.hicache_salt_storage_pages and not holds_namespace_quota(backend.raw):
-        backend.close()
-        raise ConfigError(
-            f"--hicache-salt-storage-pages: storage backend {config.hicache_storage_backend!r} cannot "
-            "hold a per-namespace storage quota (it cannot count or drop one namespace's pages); use "
-            "the file backend, or leave the flag at 0"
-        )
-    return backend
-
-
-def open_storage(
-    config: HiCacheConfig,
-    resolved: ResolvedBackend | str,
-    spec: KVSpec,
-    host_pool: Any,
-    *,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    pm: Optional[HiCachePluginManager] = None,
-) -> Any:
-    """The one way a cache gets its backend, at start (``build_cache``) and at run time (``attach_backend``):
-    built for ``host_pool`` under the config's namespace for this rank, its storage quota checked, and -- MLA pages
-    being the same on every rank -- read-only on every rank but 0, so each page is written once."""
-    sc = make_storage_config(config, spec, tp_rank=tp_rank, tp_size=tp_size)
-    backend = quota_checked(config, create_backend(resolved, sc, host_pool, pm=pm))
-    return ReadOnlyRank(backend) if spec.is_mla and tp_rank != 0 else backend
-
-
-def open_backend(
-    config: HiCacheConfig,
-    spec: KVSpec,
-    host_tokens: int,
-    *,
-    resolved: Optional[ResolvedBackend] = None,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    pm: Optional[HiCachePluginManager] = None,
-) -> tuple[StorageBackendHandle, HostPool]:
-    """A host pool of ``host_tokens`` and the configured backend registered with it: what ``hicache check``, the
-    storage benchmark and the conformance kit need. ``config`` must already be resolved (:func:`resolve_config`)."""
-    if not config.hicache_storage_backend:
-        raise ConfigError("--hicache-storage-backend: name a backend (see `hicache backends`)")
-    pool = HostPool(spec, host_tokens, config.page_size, config.hicache_mem_layout, pin_memory=False)
-    return open_storage(
-        config, resolved or config.hicache_storage_backend, spec, pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm
-    ), pool
