@@ -146,10 +146,12 @@ def _stored(store, prompts, salt) -> int:
 def test_a_storage_quota_holds_across_processes_and_takes_only_the_namespaces_own_pages(tmp_path):
     store = tmp_path / "store"
     b = _write_in_process(store, range(100, 104), "tenant-b")  # 4 pages of tenant b, no cap
-    assert b.wait(120) == 0, b.stderr.read()
+    err = b.communicate(timeout=120)[1]
+    assert b.returncode == 0, err
     writers = [_write_in_process(store, range(k * 10, k * 10 + 6), "tenant-a", cap=5) for k in (1, 2)]
     for w in writers:  # two processes write 12 pages of tenant a at once, under a 5-page cap
-        assert w.wait(120) == 0, w.stderr.read()
+        err = w.communicate(timeout=120)[1]
+        assert w.returncode == 0, err
     assert _stored(store, [*range(10, 16), *range(20, 26)], "tenant-a") == 5
     assert _stored(store, range(100, 104), "tenant-b") == 4  # nothing of b's went for a
 

@@ -87,7 +87,7 @@ def test_damaged_files_are_misses_never_data(tmp_path, damage, kind):
         raw = bytearray(os.urandom(len(raw)))
     elif damage == "append":
         raw += b"x"
-    open(path, "wb").write(bytes(raw))
+    Path(path).write_bytes(bytes(raw))
     dst = pool.alloc(2 * PS)
     assert be.batch_get_v1(keys, dst) == [False, True]
     assert page_bytes(pool, dst[PS:]) == page_bytes(pool, src[PS:])

@@ -110,7 +110,7 @@ def test_mac_covers_every_byte(tmp_path):
     import xxhash
 
     data[24:32] = struct.pack("<Q", xxhash.xxh3_64(bytes(data[HEADER_BYTES:])).intdigest())
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     assert be.batch_get_v1(keys, pool.alloc(PS)) == [False]
     assert be.get_stats()["forged"] == 1
 
@@ -146,7 +146,7 @@ def test_temporary_files_of_dead_writers_are_removed_at_start(tmp_path):
     orphan = os.path.join(page_dir, f"{'a' * 64}.page.{dead.stdout.strip()}.1.deadbeef.tmp")
     live = os.path.join(page_dir, f"{'b' * 64}.page.{os.getpid()}.1.cafe0000.tmp")
     for p in (orphan, live):
-        open(p, "wb").write(b"half a page")
+        Path(p).write_bytes(b"half a page")
     again, _ = make({"storage_dir": str(tmp_path)})
     assert not os.path.exists(orphan) and os.path.exists(live)
     assert again.get_stats()["orphans_removed"] == 1

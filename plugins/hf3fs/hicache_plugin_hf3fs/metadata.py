@@ -294,12 +294,16 @@ class HttpMetadataClient:
         self.timeout, self.retries = timeout, retries
         self.token = token or os.environ.get(TOKEN_ENV) or None
         self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []  # every thread's, so close() closes them all
+        self._all_lock = threading.Lock()
 
     def _conn(self) -> http.client.HTTPConnection:
         c = getattr(self._local, "conn", None)
         if c is None:
             cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
             c = self._local.conn = cls(self.host, self.port, timeout=self.timeout)
+            with self._all_lock:
+                self._all.append(c)
         return c
 
     def _post(self, rank: str, op: str, body: dict) -> Any:
@@ -319,6 +323,9 @@ class HttpMetadataClient:
                 last = e
                 conn.close()
                 self._local.conn = None
+                with self._all_lock:
+                    if conn in self._all:
+                        self._all.remove(conn)
                 continue
             if resp.status >= 400:
                 try:
@@ -359,6 +366,8 @@ class HttpMetadataClient:
         self._post(rank, "clear", {})
 
     def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
+        """Close every thread's connection (a thread that calls again opens a new one)."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for c in conns:
             c.close()

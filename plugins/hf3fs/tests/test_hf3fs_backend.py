@@ -195,6 +195,7 @@ def test_config_sources_and_errors(tmp_path, monkeypatch):
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
+    from pathlib import Path
     import torch
     from hicache_core.config import HiCacheConfig
     from hicache_core.memory import HostPool, KVSpec
@@ -214,7 +215,7 @@ WORKER = textwrap.dedent("""
         keys = [os.urandom(32).hex() for _ in range(4)]
         assert be.batch_set_v1(keys, idx) == [True] * 4
         pages = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
-        json.dump({"keys": keys, "pages": pages}, open(shared, "w"))
+        Path(shared).write_text(json.dumps({"keys": keys, "pages": pages}))
     else:
         data = json.loads(Path(shared).read_text())
         assert be.batch_exists(data["keys"]) == 4

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,6 +290,7 @@ def test_keys_carry_namespace_and_tag(master):
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
+    from pathlib import Path
     import torch
     from hicache_core.config import HiCacheConfig
     from hicache_core.memory import HostPool, KVSpec
@@ -307,7 +309,7 @@ WORKER = textwrap.dedent("""
         keys = [os.urandom(32).hex() for _ in range(4)]
         assert be.batch_set_v1(keys, idx) == [True] * 4
         pages = [b"".join(bytes(s) for s in segs).hex() for segs in pool.page_memoryviews(idx)]
-        json.dump({"keys": keys, "pages": pages}, open(keys_file + ".tmp", "w"))
+        Path(keys_file + ".tmp").write_text(json.dumps({"keys": keys, "pages": pages}))
         os.replace(keys_file + ".tmp", keys_file)
         deadline = time.time() + 120
         while not os.path.exists(done_file) and time.time() < deadline:  # its segment holds the pages: stay up
@@ -338,11 +340,18 @@ def test_two_processes_share_pages(master, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    r = subprocess.run(
-        [sys.executable, str(script), "reader", extra, keys, done], env=env, capture_output=True, text=True, timeout=180
-    )
-    w.communicate(timeout=60)
-    assert w.returncode == 0 and r.returncode == 0, r.stderr[-2000:]
+    try:
+        r = subprocess.run(
+            [sys.executable, str(script), "reader", extra, keys, done],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        Path(done).touch()  # the writer stays up until the reader is done, even one that failed
+        w_out, w_err = w.communicate(timeout=60)
+    assert w.returncode == 0 and r.returncode == 0, (w_err[-2000:], r.stderr[-2000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out == {"ok": [True] * 4, "same": True}
 
