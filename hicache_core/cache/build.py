@@ -22,11 +22,35 @@ from hicache_core.registry import open_storage, resolve_config
 TIERS = ("radix", "hicache", "hicache+storage")
 
 
+def tiers_from_flags(
+    *, disable_radix_cache: bool, enable_hierarchical_cache: bool, storage_backend: Optional[str]
+) -> str:
+    """The one home of SGLang's flags -> tiers rule: ``none`` (no prefix cache), ``radix`` (device only),
+    ``hicache`` (+ host) or ``hicache+storage``; a storage backend needs the host tier, and no prefix cache takes
+    neither."""
+    if disable_radix_cache:
+        if enable_hierarchical_cache or storage_backend:
+            raise ConfigError(
+                "--disable-radix-cache turns the prefix cache off; drop it to use "
+                "--enable-hierarchical-cache or a storage backend"
+            )
+        return "none"
+    if not enable_hierarchical_cache:
+        if storage_backend:
+            raise ConfigError("--hicache-storage-backend needs the host tier: add --enable-hierarchical-cache")
+        return "radix"
+    return "hicache+storage" if storage_backend else "hicache"
+
+
 def default_tiers(config: HiCacheConfig) -> str:
-    """Storage when a backend is named, the host tier when ``--enable-hierarchical-cache``, else device only."""
-    if config.hicache_storage_backend:
-        return "hicache+storage"
-    return "hicache" if config.enable_hierarchical_cache else "radix"
+    """The tiers ``config``'s flags ask for; an embedder that names a backend gets the host tier under it without
+    also setting ``enable_hierarchical_cache``."""
+    backend = config.hicache_storage_backend
+    return tiers_from_flags(
+        disable_radix_cache=False,
+        enable_hierarchical_cache=config.enable_hierarchical_cache or bool(backend),
+        storage_backend=backend,
+    )
 
 
 def build_cache(

@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import attrs
 
+from hicache_core.cache.build import tiers_from_flags
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, Request, TinyLlama
 from hicache_core.engine.engine import warm_up
-from hicache_core.errors import ConfigError
 from hicache_core.serve.metrics import ServerMetrics
 from hicache_core.serve.protocol import BadRequest, Params, check_fits
 from hicache_core.serve.scheduler import Scheduler, Stream
@@ -27,18 +27,11 @@ logger = logging.getLogger(__name__)
 
 
 def engine_mode(args: argparse.Namespace) -> str:
-    if args.disable_radix_cache:
-        if args.enable_hierarchical_cache or args.hicache_storage_backend:
-            raise ConfigError(
-                "--disable-radix-cache turns the prefix cache off; drop it to use "
-                "--enable-hierarchical-cache or a storage backend"
-            )
-        return "none"
-    if not args.enable_hierarchical_cache:
-        if args.hicache_storage_backend:
-            raise ConfigError("--hicache-storage-backend needs the host tier: add --enable-hierarchical-cache")
-        return "radix"
-    return "hicache+storage" if args.hicache_storage_backend else "hicache"
+    return tiers_from_flags(
+        disable_radix_cache=args.disable_radix_cache,
+        enable_hierarchical_cache=args.enable_hierarchical_cache,
+        storage_backend=args.hicache_storage_backend,
+    )
 
 
 def load_model(args: argparse.Namespace) -> tuple[TinyLlama, Any]:
