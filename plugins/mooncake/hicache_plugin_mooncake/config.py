@@ -54,6 +54,9 @@ class MooncakeStoreConfig:
     extra_backend_tag: Optional[str] = option(None, text, "prefix of every key (separates deployments)")
     connect_timeout_s: float = option(30.0, number(0, above=True), "seconds to wait for the master when connecting")
     reconnect_after_s: float = option(10.0, number(0, above=True), "rebuild the client after calls fail this long")
+    not_ready_wait_s: float = option(
+        0.5, number(0), "how long a read waits for a page another writer is still putting (0: a miss at once)"
+    )
     source: str = "extra config"
 
     def __attrs_post_init__(self) -> None:

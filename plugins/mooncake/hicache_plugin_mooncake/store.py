@@ -6,6 +6,8 @@ sharded (MHA) -- the tp rank, so deployments never read each other's pages.
 
 A page counts as stored or read only when every part of it is; a read whose byte count is not the part's size is
 a miss. The master refuses a put of an existing key before any byte moves, so no existence query precedes a put.
+That refusal also answers a put of a key another writer is still putting, and the client counts it as stored:
+so a read that finds a page not ready yet (-703) asks again for up to ``not_ready_wait_s`` before it is a miss.
 While the master is down every call fails fast as a miss; the client re-mounts its segment once the master is back,
 and if calls keep failing past ``reconnect_after_s`` the plugin rebuilds the client.
 """
@@ -25,6 +27,8 @@ from hicache_core.storage import HiCacheStorage
 from hicache_plugin_mooncake.config import MooncakeStoreConfig
 
 logger = logging.getLogger(__name__)
+
+NOT_READY = -703  # the key exists but its put has not finished (another writer is still moving its bytes)
 
 
 def _import_store():
@@ -63,6 +67,7 @@ class MooncakeStore(HiCacheStorage):
                 "set_failed",
                 "errors",
                 "reconnects",
+                "not_ready_retries",
                 "bytes_read",
                 "bytes_written",
             ),
@@ -236,13 +241,9 @@ class MooncakeStore(HiCacheStorage):
         if not keys:
             return []
         ptrs, sizes = self._meta(host_indices)
-        try:
-            rc = self.store.batch_get_into(self._keys(keys), ptrs, sizes)
-        except Exception as e:
-            logger.warning("mooncake backend: batch_get_into raised %s", e)
-            rc = [-1] * len(ptrs)
+        rc = self._get_into(self._keys(keys), ptrs, sizes)
         n = len(self.parts)
-        if list(rc) == sizes:  # every part whole: one C-level comparison
+        if rc == sizes:  # every part whole: one C-level comparison
             self._health(True)
             with self._lock:
                 self._stats["get_pages"] += len(keys)
@@ -264,6 +265,32 @@ class MooncakeStore(HiCacheStorage):
         self._count("get_misses", len(keys) - good)
         self._count("bytes_read", good * self.mem_pool_host.page_bytes)
         return out
+
+    def _get_into(self, parts: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
+        """batch_get_into, asking again for the parts another writer is still putting (bounded wait)."""
+        try:
+            rc = list(self.store.batch_get_into(parts, ptrs, sizes))
+        except Exception as e:
+            logger.warning("mooncake backend: batch_get_into raised %s", e)
+            return [-1] * len(ptrs)
+        deadline = time.monotonic() + self.cfg.not_ready_wait_s
+        pause = 0.002
+        while True:
+            waiting = [i for i, r in enumerate(rc) if r == NOT_READY]
+            if not waiting or time.monotonic() >= deadline:
+                return rc
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            self._count("not_ready_retries")
+            try:
+                again = self.store.batch_get_into(
+                    [parts[i] for i in waiting], [ptrs[i] for i in waiting], [sizes[i] for i in waiting]
+                )
+            except Exception as e:
+                logger.warning("mooncake backend: batch_get_into raised %s", e)
+                return rc
+            for i, r in zip(waiting, again):
+                rc[i] = r
 
     def batch_exists(self, keys) -> int:
         if not keys:

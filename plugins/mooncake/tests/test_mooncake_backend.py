@@ -17,7 +17,7 @@ from hicache_core.config import HiCacheConfig
 from hicache_core.errors import BackendLoadError, ConfigError
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import make_storage_config
-from hicache_core.testing import BackendConformance, random_keys
+from hicache_core.testing import BackendConformance, fill_random, page_bytes, random_keys
 from hicache_core.testing.cli import backend_check
 from hicache_plugin_mooncake import MooncakeStore, MooncakeStoreConfig
 
@@ -62,8 +62,8 @@ SPEC = KVSpec(layer_num=2, head_num=2, head_dim=16, dtype=torch.bfloat16)
 PS = 8
 
 
-def make(master, layout="page_first_direct", spec=SPEC, **extra):
-    pool = HostPool(spec, 32 * PS, PS, layout, pin_memory=False)
+def make(master, layout="page_first_direct", spec=SPEC, pool_pages=32, **extra):
+    pool = HostPool(spec, pool_pages * PS, PS, layout, pin_memory=False)
     cfg = HiCacheConfig(page_size=PS, hicache_mem_layout=layout, model_name="mc-test")
     be = MooncakeStore(make_storage_config(cfg, spec), master.extra(**extra))
     be.register_mem_pool_host(pool)
@@ -325,6 +325,43 @@ WORKER = textwrap.dedent("""
         print(json.dumps({"ok": ok, "same": got == data["pages"]}))
     be.close()
 """)
+
+
+def test_writers_racing_on_one_key_each_read_what_they_stored(master):
+    """Six threads put the same pages and read them back at once, twenty times over. The master answers a put of a
+    key whose first put is still in flight as stored; the read then finds it not ready (-703). Found in CI: the
+    plugin counted that as a miss right after saying the page was stored. Now it waits for the other writer."""
+    import threading
+
+    be, pool = make(master, pool_pages=64)
+    try:
+        misses, wrong = [], []
+        for trial in range(20):
+            keys = random_keys(2, PS)
+            src = pool.alloc(2 * PS)
+            fill_random(pool, src)
+            want = page_bytes(pool, src)
+            dsts = [pool.alloc(2 * PS) for _ in range(6)]
+
+            def work(dst, trial=trial, keys=keys, src=src, want=want):
+                if be.batch_set_v1(keys, src) != [True, True]:
+                    misses.append((trial, "set"))
+                elif be.batch_get_v1(keys, dst) != [True, True]:
+                    misses.append((trial, "get"))
+                elif page_bytes(pool, dst) != want:
+                    wrong.append(trial)
+
+            threads = [threading.Thread(target=work, args=(d,)) for d in dsts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            for idx in [src, *dsts]:
+                pool.free(idx)
+        assert wrong == [], f"WRONG BYTES read in trials {wrong}"
+        assert misses == [], f"a page its writer was told was stored read as a miss: {misses[:5]}"
+    finally:
+        be.close()
 
 
 def test_two_processes_share_pages(master, tmp_path):
