@@ -79,6 +79,9 @@ class StorageNamespace:
     head_dim: int = 1
     tp_size: int = 1
     tp_rank: int = 0
+    # whose byte order a page is in when it is not hicache's own pool's: "vllm/cpu/CPU_ATTN/amx" for vLLM's paged KV
+    # (its attention kernels pack a block their own way); empty for hicache's pools, so their tags do not change
+    page_format: str = ""
 
     def fields(self) -> dict:
         d = {
@@ -95,6 +98,8 @@ class StorageNamespace:
             d["tp"] = f"{self.tp_rank}of{self.tp_size}"
         if self.fingerprint:
             d["fingerprint"] = self.fingerprint
+        if self.page_format:
+            d["page_format"] = self.page_format
         return d
 
     @property

