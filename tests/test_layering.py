@@ -13,7 +13,7 @@ LAYERS = [
     ["plugins", "storage", "memory", "transfer"],
     ["registry"],
     ["controller", "integrations"],
-    ["cache", "sglang"],
+    ["cache", "sglang", "vllm"],
     ["engine", "testing", "faults"],
     ["bench", "certify", "serve"],
     ["cli"],

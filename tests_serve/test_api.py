@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+
 from conftest import REPO, serve
 
 PROMPT = "a prompt long enough to fill several pages of sixteen tokens, so that the cache has something to keep. " * 2

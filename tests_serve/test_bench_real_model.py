@@ -8,8 +8,9 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
 from test_real_checkpoint import smollm2_gguf
+
+from conftest import REPO
 
 
 def test_bench_multiturn_runs_on_a_real_model_and_reports_its_text(tmp_path):

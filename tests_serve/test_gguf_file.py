@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, hf_generate, serve
 from test_real_checkpoint import smollm2_gguf
+
+from conftest import REPO, hf_generate, serve
 
 N = 12
 

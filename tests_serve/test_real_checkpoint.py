@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from conftest import hf_generate, serve
 
 N = 10

@@ -7,8 +7,9 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, serve
 from test_parity import DISTINCT, PS, run_all
+
+from conftest import REPO, serve
 
 
 def test_two_ranks_serve_transformers_tokens_through_every_tier(tmp_path, checkpoint, hf):

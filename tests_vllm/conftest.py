@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,16 @@ def _helpers(name: str, path: Path):
     return mod
 
 
-def run_vllm(tmp_path: Path, model: Path, connector: dict | None, conversations, **more) -> list[list[dict]]:
+def run_vllm(
+    tmp_path: Path, model: Path, connector: dict | None, conversations, env: dict | None = None, **more
+) -> list[list[dict]]:
     """Serve ``conversations`` with one real vLLM process; its rounds (see run_vllm.py). Fails with vLLM's log."""
     spec = {"model": str(model), "connector": connector, "conversations": conversations, **more}
     spec_path = tmp_path / f"spec-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(
         os.environ,
+        **(env or {}),
         PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]),
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # EngineCore in this process: one process spawn less per run
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -52,6 +56,24 @@ def run_vllm(tmp_path: Path, model: Path, connector: dict | None, conversations,
             return json.loads(line[len("RESULT ") :])["rounds"]
     log = (proc.stdout + proc.stderr)[-6000:]
     pytest.fail(f"vLLM exited with {proc.returncode} and no result:\n{log}")
+
+
+def run_many(tmp_path: Path, model: Path, conversations, jobs: dict, prefix_caching=None, **more) -> dict:
+    """Several vLLM runs, two at a time (vLLM serves with one torch thread; this machine has two cores):
+    ``jobs`` maps a name to (connector config, environment); returns each name's rounds."""
+    prefix_caching = prefix_caching or {}
+
+    def one(name):
+        where = tmp_path / name
+        where.mkdir()
+        connector, env = jobs[name]
+        return run_vllm(
+            where, model, connector, conversations, env, prefix_caching=prefix_caching.get(name, False), **more
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(one, name) for name in jobs}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def tokens(rounds) -> list[list[list[int]]]:
@@ -96,6 +118,24 @@ def mooncake_master(tmp_path_factory):
     m.start()
     yield m
     m.stop()
+
+
+@pytest.fixture(scope="session")
+def mooncake_holder(mooncake_master):
+    """A client in this process that lends the store its memory (64 MB), so pages outlive the vLLM processes."""
+    import torch
+
+    from hicache_core.config import HiCacheConfig
+    from hicache_core.memory import HostPool, KVSpec
+    from hicache_core.registry import make_storage_config
+    from hicache_plugin_mooncake import MooncakeStore
+
+    spec = KVSpec(layer_num=1, head_num=1, head_dim=8, dtype=torch.float32)
+    cfg = HiCacheConfig(page_size=8, hicache_mem_layout="page_first_direct", model_name="holder")
+    holder = MooncakeStore(make_storage_config(cfg, spec), mooncake_master.extra())
+    holder.register_mem_pool_host(HostPool(spec, 64, 8, "page_first_direct", pin_memory=False))
+    yield mooncake_master
+    holder.close()
 
 
 @pytest.fixture(scope="session")

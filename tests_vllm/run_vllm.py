@@ -31,7 +31,7 @@ def main() -> None:
         dtype=spec.get("dtype", "float32"),
         max_model_len=spec.get("max_model_len", 1024),
         block_size=spec.get("block_size", 32),
-        enable_prefix_caching=False,
+        enable_prefix_caching=spec.get("prefix_caching", False),
         enforce_eager=True,
         kv_transfer_config=ktc,
         seed=0,

@@ -25,5 +25,8 @@ BENCHMARKS: dict = {
     "storage": _lazy("storage", "storage backend set/get/exists beside its plugin's raw baseline"),
     "tree": _lazy("tree", "radix tree cost per request (match_prefix, insert) beside the KV load time"),
     "fingerprint": _lazy("fingerprint", "the model fingerprint's cost at start per GB, beside reading the weights"),
+    "vllm": _lazy(
+        "vllm", "multi-turn chat against real vllm serve: alone, with HiCacheConnector, with ExampleConnector"
+    ),
     "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
 }

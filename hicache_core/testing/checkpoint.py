@@ -78,6 +78,9 @@ def smollm2_directory(out: Path) -> Path:
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # dequantized already: save plain float32 weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out

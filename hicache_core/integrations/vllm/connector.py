@@ -43,7 +43,7 @@ from hicache_core.metrics import CacheMetrics
 from hicache_core.registry import create_backend
 from hicache_core.storage.guard import GuardedStorage
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.hicache")  # under vLLM's logger: its handlers show our lines
 
 TESTED_VLLM = ("0.32.",)
 
@@ -56,13 +56,16 @@ class HiCacheStepMeta(KVConnectorMetadata):
 
 
 class HiCacheWorkerMeta(KVConnectorWorkerMetadata):
-    """Keys storage turned out not to hold (failed backups and failed reads), from every worker."""
+    """What storage turned out not to hold, from every worker: keys whose backup failed, and (request, keys) of
+    reads that failed."""
 
-    def __init__(self, failed_keys: list[str]) -> None:
-        self.failed_keys = failed_keys
+    def __init__(self, failed_keys: list[str], unread: list[tuple[str, list[str]]]) -> None:
+        self.failed_keys, self.unread = failed_keys, unread
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        return HiCacheWorkerMeta(self.failed_keys + list(getattr(other, "failed_keys", [])))
+        if not isinstance(other, HiCacheWorkerMeta):
+            return self
+        return HiCacheWorkerMeta(self.failed_keys + other.failed_keys, self.unread + other.unread)
 
 
 def geometry(kv_cache_config: Any, tp_rank: int, tp_size: int) -> Geometry:
@@ -126,7 +129,8 @@ class HiCacheConnector(KVConnectorBase_V1):
         if not vllm.__version__.startswith(TESTED_VLLM) and os.environ.get("HICACHE_VLLM_ANY_VERSION") != "1":
             raise ConfigError(
                 f"HiCacheConnector is tested with vLLM {', '.join(v + 'x' for v in TESTED_VLLM)}, this is "
-                f"{vllm.__version__}: vLLM's connector API is experimental; set HICACHE_VLLM_ANY_VERSION=1 to try anyway"
+                f"{vllm.__version__}: vLLM's connector API is experimental; set HICACHE_VLLM_ANY_VERSION=1 to try "
+                "anyway"
             )
         ktc = vllm_config.kv_transfer_config
         extra = dict(ktc.kv_connector_extra_config or {})
@@ -144,6 +148,7 @@ class HiCacheConnector(KVConnectorBase_V1):
         self.scheduler: Optional[SchedulerHalf] = None
         self.worker: Optional[WorkerHalf] = None
         self._storage: Optional[GuardedStorage] = None
+        self._load_errors: set[int] = set()  # blocks that failed to load, reported with the step's finished loads
         if role == KVConnectorRole.SCHEDULER:
             if ktc.kv_load_failure_policy != "recompute":
                 logger.info(
@@ -171,6 +176,7 @@ class HiCacheConnector(KVConnectorBase_V1):
         )
 
     def _open(self, pool: HostPool) -> GuardedStorage:
+        assert self.config.hicache_storage_backend
         handle = create_backend(self.config.hicache_storage_backend, self.storage_config, pool)
         return GuardedStorage(handle, CacheMetrics(), timeout_s=self.config.io_timeout_s, max_abandoned=3)
 
@@ -202,8 +208,10 @@ class HiCacheConnector(KVConnectorBase_V1):
         assert self.scheduler is not None
         self.scheduler.loaded(set(connector_output.finished_recving or ()))
         meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, HiCacheWorkerMeta) and meta.failed_keys:
+        if isinstance(meta, HiCacheWorkerMeta):
             self.scheduler.forget_stored(meta.failed_keys)
+            if meta.unread:
+                self.scheduler.load_failed([r for r, _ in meta.unread], [k for _, ks in meta.unread for k in ks])
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
         assert self.scheduler is not None
@@ -240,18 +248,18 @@ class HiCacheConnector(KVConnectorBase_V1):
         if self.worker is None:
             return None, None
         done, bad = self.worker.finished_loads()
-        self._load_errors = getattr(self, "_load_errors", set()) | bad
+        self._load_errors |= bad
         return None, (done or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        bad, self._load_errors = getattr(self, "_load_errors", set()), set()
+        bad, self._load_errors = self._load_errors, set()
         return bad
 
     def build_connector_worker_meta(self) -> Optional[KVConnectorWorkerMetadata]:
         if self.worker is None:
             return None
-        failed = self.worker.take_failed_keys()
-        return HiCacheWorkerMeta(failed) if failed else None
+        failed, unread = self.worker.take_failures()
+        return HiCacheWorkerMeta(failed, unread) if failed or unread else None
 
     def shutdown(self) -> None:
         if self.worker is not None:

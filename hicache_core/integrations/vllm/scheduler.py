@@ -6,7 +6,8 @@ by attribute only."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import attrs
 
@@ -28,6 +29,7 @@ class Tracked:
     hit: Optional[tuple[int, list[int], int]] = None  # (first page, host slots, storage pages) of the last match
     loading: Optional[list[int]] = None  # host slots pinned by its load, until the workers report it loaded
     done: bool = False  # finished while loading: forgotten once the workers report the load
+    no_storage: bool = False  # a load from storage failed: vLLM recomputes it, and storage is not asked again
 
 
 def request_seed(request: Any) -> tuple[bool, Optional[str]]:
@@ -47,6 +49,7 @@ class SchedulerHalf:
         self.config, self.bs = config, block_size
         self.index = HostIndex(host_pages)
         self.stored = StoredKeys()
+        self.unreadable = StoredKeys(limit=1 << 16)  # keys storage claimed and then failed to deliver
         self.exists = exists
         self.tracked: dict[str, Tracked] = {}
         self._pending_loads: list[LoadJob] = []
@@ -88,7 +91,12 @@ class SchedulerHalf:
         slots = self.index.run(keys[first:])
         stored = 0
         rest = keys[first + len(slots) :]
-        if rest and self.exists is not None and len(rest) * self.bs >= self.config.prefetch_threshold:
+        for i, k in enumerate(rest):
+            if k in self.unreadable:
+                rest = rest[:i]
+                break
+        wanted = rest and not t.no_storage and len(rest) * self.bs >= self.config.prefetch_threshold
+        if wanted and self.exists is not None:
             if t.hit is not None and t.hit[0] == first and len(t.hit[1]) == len(slots):
                 stored = t.hit[2]  # asked already for this request: the answer stands until it is scheduled
             else:
@@ -140,6 +148,8 @@ class SchedulerHalf:
         after: list[tuple[int, str]] = list(self._selective_backups)
         self._selective_backups = []
         policy = self.config.hicache_write_policy
+        placed: list[int] = []  # slots this step writes: not evicted again within the step (a backup would read a
+        # slot before the forward fills it, or after another page overwrote it)
         for rid, n in out.num_scheduled_tokens.items():
             t = self.tracked.get(rid)
             if t is None:
@@ -153,7 +163,9 @@ class SchedulerHalf:
                     continue
                 slot, evicted = self.index.place(key)
                 if slot is None:
-                    break  # every slot pinned by loads: this page is not kept
+                    break  # every slot pinned (loads, this step's saves): this page is not kept
+                self.index.pin([slot])
+                placed.append(slot)
                 saves.append((t.blocks[p], slot))
                 self.stats["saved_pages"] += 1
                 if evicted is not None and policy == "write_back" and evicted[0] not in self.stored:
@@ -162,6 +174,7 @@ class SchedulerHalf:
                 if policy == "write_through" and key not in self.stored:
                     after.append((slot, key))
                     self.stored.add([key])
+        self.index.unpin(placed)
         if self.exists is None:
             before, after = [], []
         self.stats["backup_pages"] += len(before) + len(after)
@@ -179,8 +192,18 @@ class SchedulerHalf:
                 del self.tracked[rid]
 
     def forget_stored(self, keys: list[str]) -> None:
-        """Backups or loads that failed: storage does not hold these after all."""
+        """Backups that failed: storage does not hold these after all."""
         self.stored.discard(keys)
+
+    def load_failed(self, req_ids: list[str], keys: list[str]) -> None:
+        """Loads from storage that failed: vLLM recomputes these requests, which must not be offered storage again
+        (a backend that claims pages it cannot deliver would otherwise loop them forever), nor these keys."""
+        for rid in req_ids:
+            t = self.tracked.get(rid)
+            if t is not None:
+                t.no_storage = True
+        self.stored.discard(keys)
+        self.unreadable.add(keys)
 
     def finished(self, req_id: str) -> None:
         t = self.tracked.get(req_id)

@@ -51,7 +51,8 @@ class WorkerHalf:
         self._loads: dict[str, tuple[Future, list[int]]] = {}
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="hicache-vllm-load")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hicache-vllm-backup")
-        self._failed_keys: list[str] = []
+        self._failed_keys: list[str] = []  # backups that failed
+        self._unread: list[tuple[str, list[str]]] = []  # (request, keys) of storage reads that failed
         self._plan: Optional[StepPlan] = None
         self._saved_layers: set[int] = set()
         self.stats = dict.fromkeys(
@@ -176,7 +177,7 @@ class WorkerHalf:
             got = 0 if outcome is None else outcome.ok
             if got < len(keys):
                 with self._lock:
-                    self._failed_keys.extend(keys[got:])
+                    self._unread.append((job.req_id, keys[got:]))
         try:
             if slots:
                 self._to_blocks(job.blocks[: len(slots)], slots)
@@ -203,9 +204,11 @@ class WorkerHalf:
                 bad.update(blocks)
         return done, bad
 
-    def take_failed_keys(self) -> list[str]:
+    def take_failures(self) -> tuple[list[str], list[tuple[str, list[str]]]]:
+        """(keys whose backup failed, (request, keys) of failed storage reads) since the last call."""
         with self._lock:
-            out, self._failed_keys = self._failed_keys, []
+            out = self._failed_keys, self._unread
+            self._failed_keys, self._unread = [], []
         return out
 
     def close(self) -> None:

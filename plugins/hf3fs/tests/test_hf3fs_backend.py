@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import MetadataServer
 
 from hicache_core.config import HiCacheConfig
 from hicache_core.errors import BackendLoadError, ConfigError
@@ -22,6 +21,8 @@ from hicache_core.testing import BackendConformance, fill_random, page_bytes, ra
 from hicache_core.testing.cli import backend_check
 from hicache_plugin_hf3fs import Hf3fsConfig, Hf3fsStorage
 from hicache_plugin_hf3fs.metadata import MetadataStore, RankMetadata
+
+from conftest import MetadataServer
 
 
 @contextlib.contextmanager

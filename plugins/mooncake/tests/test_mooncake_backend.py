@@ -218,10 +218,10 @@ def test_master_hung_after_connect_costs_at_most_a_deadline(tmp_path):
     of never-written keys gave 0 at once, with the master stopped; both answers are true."""
     import signal
 
-    from conftest import Master
-
     from hicache_core.metrics import CacheMetrics
     from hicache_core.storage.guard import GuardedStorage
+
+    from conftest import Master
 
     m = Master(str(tmp_path))
     m.start()
