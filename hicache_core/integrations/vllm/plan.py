@@ -92,7 +92,7 @@ class HostIndex:
 class StoredKeys:
     """Keys storage was asked to keep (or was found to hold), bounded: forgetting one only costs a second write."""
 
-    def __init__(self, limit: int = 1 << 20) -> None:
+    def __init__(self, limit: int = 1 << 17) -> None:
         self.limit = limit
         self._keys: OrderedDict[str, None] = OrderedDict()
 
