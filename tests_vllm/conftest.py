@@ -30,10 +30,10 @@ def _helpers(name: str, path: Path):
     return mod
 
 
-def run_vllm(
+def start_vllm(
     tmp_path: Path, model: Path, connector: dict | None, conversations, env: dict | None = None, **more
-) -> list[list[dict]]:
-    """Serve ``conversations`` with one real vLLM process; its rounds (see run_vllm.py). Fails with vLLM's log."""
+) -> subprocess.CompletedProcess:
+    """One real vLLM process serving ``conversations`` (see run_vllm.py), finished."""
     spec = {"model": str(model), "connector": connector, "conversations": conversations, **more}
     spec_path = tmp_path / f"spec-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps(spec))
@@ -44,13 +44,20 @@ def run_vllm(
         VLLM_ENABLE_V1_MULTIPROCESSING="0",  # EngineCore in this process: one process spawn less per run
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     )
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(HERE / "run_vllm.py"), str(spec_path)],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
+
+
+def run_vllm(
+    tmp_path: Path, model: Path, connector: dict | None, conversations, env: dict | None = None, **more
+) -> list[list[dict]]:
+    """Serve ``conversations`` with one real vLLM process; its rounds (see run_vllm.py). Fails with vLLM's log."""
+    proc = start_vllm(tmp_path, model, connector, conversations, env, **more)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])["rounds"]

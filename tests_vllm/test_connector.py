@@ -9,9 +9,11 @@ the runs of a wave go two at a time (``run_many``), and the tests below read the
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from conftest import cached, conversations, run_many, tokens
+from conftest import cached, conversations, run_many, start_vllm, tokens
 
 TINY_VOCAB = 300
 CONVS = conversations(2, 3, TINY_VOCAB)
@@ -132,3 +134,35 @@ def test_smollm2_through_host_and_storage_gives_vllms_own_tokens(smol, tmp_path)
     assert tokens(out["hicache"]) == tokens(out["alone"])
     assert cached(out["hicache"], 0) == [0, 128]  # the shared 150-token system prompt: one whole block
     assert all(c >= 256 for k in (1, 2) for c in cached(out["hicache"], k)), [cached(out["hicache"], k) for k in (1, 2)]
+
+
+BAD = {
+    "unknown option": ({"hicache_sise": 1}, "unknown HiCache option 'hicache_sise'"),
+    "block size": ({"page_size": 64}, "block size 32"),
+    "missing module": (
+        {
+            "hicache_storage_backend": "dynamic",
+            "hicache_storage_backend_extra_config": {
+                "backend_name": "x",
+                "module_path": "no_such_mod",
+                "class_name": "X",
+            },
+        },
+        "no_such_mod",
+    ),
+}
+
+
+def test_bad_settings_stop_vllm_at_start_with_hicaches_message(tiny, tmp_path):
+    """A real vLLM given a bad kv_connector_extra_config does not start, and says which setting and why."""
+
+    def one(name):
+        where = tmp_path / name.replace(" ", "-")
+        where.mkdir()
+        return start_vllm(where, tiny, BAD[name][0], [[[5, 6, 7]]])
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = dict(zip(BAD, pool.map(one, BAD)))
+    for name, proc in procs.items():
+        assert proc.returncode != 0 and "RESULT " not in proc.stdout, name
+        assert BAD[name][1] in proc.stderr, f"{name}: {proc.stderr[-3000:]}"

@@ -183,8 +183,8 @@ def workload(args: argparse.Namespace, vocab: int = 49152, seed: int = 0) -> tup
 
 def run_config(server: VllmServer, args: argparse.Namespace, unique, convs) -> dict:
     miss = [server.complete(p, args.answer) for p in unique]
-    history = [[] for _ in convs]
-    rounds = []
+    history: list[list[int]] = [[] for _ in convs]
+    rounds: list[list[dict]] = []
     for r in range(args.rounds):
         out = []
         for i, conv in enumerate(convs):
