@@ -38,6 +38,7 @@ class CacheMetrics:
             self.backuped_tokens = 0
             self.loaded_back_tokens = 0
             self.storage_errors: dict[str, int] = defaultdict(int)
+            self.prefetch_outcomes: dict[str, int] = defaultdict(int)  # cache/prefetch.py's OUTCOMES
             self.transfer_bytes = dict.fromkeys(DIRECTIONS, 0)
             self.transfer_seconds = dict.fromkeys(DIRECTIONS, 0.0)
             self.per_salt: dict[str, dict[str, Any]] = {}
@@ -83,6 +84,13 @@ class CacheMetrics:
         if self._prom:
             self._prom.count("storage_errors", 1, kind=kind)
 
+    def record_prefetch_outcome(self, outcome: str) -> None:
+        """How one request's storage prefetch ended: hit, partial, miss, cut, timed_out, ... (cache/prefetch.py)."""
+        with self._lock:
+            self.prefetch_outcomes[outcome] += 1
+        if self._prom:
+            self._prom.count("prefetch_outcomes", 1, outcome=outcome)
+
     def add(self, name: str, n: int) -> None:
         """Bump a scalar counter: prefetched_tokens, backuped_tokens, loaded_back_tokens, prefetch_revoked, ..."""
         with self._lock:
@@ -108,6 +116,7 @@ class CacheMetrics:
                 "backuped_tokens": self.backuped_tokens,
                 "loaded_back_tokens": self.loaded_back_tokens,
                 "storage_errors": dict(self.storage_errors),
+                "prefetch_outcomes": dict(self.prefetch_outcomes),
                 "per_salt": {k: {**v, "hit_tokens": dict(v["hit_tokens"])} for k, v in self.per_salt.items()},
                 "transfer_bytes": dict(self.transfer_bytes),
                 "transfer_seconds": dict(self.transfer_seconds),

@@ -81,6 +81,7 @@ def run_request(cache: HiRadixCache, tokens, rid="r", salt=None) -> dict:
         "host": c["host"] + c["storage"],
         "storage": c["storage"],
         "computed": (len(tokens) - len(adm.prefix)) // PS * PS,
+        "prefetch": adm.prefetch,
     }
 
 

@@ -153,6 +153,11 @@ def test_metrics_move(server):
         before, "sglang:cached_tokens_total", cache_source="device"
     )
     assert 0 < metric(after, "sglang:cache_hit_rate") <= 1
+    for phase in ("queued", "prefetch_wait", "load", "compute"):  # where each TTFT went
+        assert (
+            metric(after, "hicache_ttft_phase_seconds_count", phase=phase)
+            >= metric(before, "hicache_ttft_phase_seconds_count", phase=phase) + 2
+        ), phase
     assert "sglang:num_running_reqs" in after and "sglang:token_usage" in after
 
 
@@ -232,6 +237,9 @@ def test_attach_and_detach_storage_at_runtime(server, tmp_path):
     assert list((tmp_path / "attached").rglob("*.page")), "nothing reached the attached backend"
     again = server.generate({"text": prompt, "sampling_params": {"max_new_tokens": 4}})
     assert again["output_ids"] == first["output_ids"] and again["meta_info"]["cached_tokens_details"]["storage"] > 0
+    meta = again["meta_info"]
+    assert meta["prefetch"] in ("hit", "partial"), meta
+    assert abs(sum(meta["ttft_phases"].values()) - meta["ttft"]) < 1e-6 and meta["ttft_phases"]["prefetch_wait"] > 0
     status, out = server.post("/hicache/storage-backend", {}, method="DELETE")
     assert status == 200 and out["hicache_storage_backend"] is None, out
     status, out = server.post("/hicache/storage-backend", {}, method="DELETE")

@@ -30,6 +30,7 @@ class Admission:
     salt: Optional[str] = None  # the request's cache_salt
     extra_key: Optional[str] = None  # and extra_key: prefixes are shared only among requests with both the same
     seed: Optional[str] = None  # their namespace_seed (None: the shared, unseeded namespace)
+    prefetch: Optional[str] = None  # how its storage prefetch ended (cache/prefetch.py's OUTCOMES); None: no storage
 
     @property
     def ready(self) -> bool:

@@ -243,7 +243,10 @@ class HiRadixCache:
         self.metrics.record_request(
             len(tokens), cached["device"], cached["host"], cached["storage"], salt=None if seed is None else seed[:12]
         )
-        return Admission(rid, READY, prefix, own, cached, node, salt=salt, extra_key=extra_key, seed=seed)
+        outcome = self.prefetcher.outcome(rid) if self.prefetcher is not None else None
+        return Admission(
+            rid, READY, prefix, own, cached, node, salt=salt, extra_key=extra_key, seed=seed, prefetch=outcome
+        )
 
     def release(self, admission: Admission, tokens: Tokens, computed: int) -> None:
         """The request is done (or cancelled): ``tokens`` is the sequence whose KV it wrote, ``computed`` how many

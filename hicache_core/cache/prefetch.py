@@ -3,11 +3,19 @@
 Storage is asked first (the prefetch worker's ``batch_exists``); host pages are granted only for pages storage
 holds; when the request may stop waiting (the controller's prefetch policy), what landed joins the tree as
 host-only nodes. The policy decides; this part applies its decisions to the tree, agreed between ranks.
+
+Each request's prefetch ends with one outcome (:data:`OUTCOMES`), which the request's admission carries and the
+metrics count: ``hit`` (every page asked for came), ``partial``, ``miss`` (storage held none, or none came),
+``skipped_cost`` (cost_aware: recomputing was expected to be faster), ``cut`` (cost_aware: stopped waiting once
+recomputing would have been done), ``timed_out`` (the timeout policy, or a stall), ``below_threshold`` (fewer
+pages than ``prefetch_threshold``, asked or found), ``no_host_room`` (the host tier, or the namespace's host quota,
+had no room), ``rate_limited`` (prefetches in flight filled the policy's capacity), ``local`` (nothing past the
+local hit to fetch), ``not_ready`` (best_effort: the request went on before any page had landed).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 import torch
@@ -21,12 +29,27 @@ from hicache_core.controller import HiCacheController, StorageController
 from hicache_core.controller.operations import PrefetchOperation
 from hicache_core.metrics import CacheMetrics
 
+OUTCOMES = (
+    "hit",
+    "partial",
+    "miss",
+    "skipped_cost",
+    "cut",
+    "timed_out",
+    "below_threshold",
+    "no_host_room",
+    "rate_limited",
+    "local",
+    "not_ready",
+)
+
 
 @attrs.define
 class _Prefetch:
     anchor: TreeNode
     op: PrefetchOperation
     queried: bool = False  # storage has answered (on every rank), and op.hash_value holds the pages all found
+    found: int = -1  # pages storage said it holds (every rank), before the host grant trimmed them
 
 
 class StoragePrefetcher:
@@ -51,6 +74,15 @@ class StoragePrefetcher:
         )
         self.page_size = tree.page_size
         self.ongoing: dict[Any, _Prefetch] = {}
+        self.outcomes: dict[Any, str] = {}  # request -> how its prefetch ended, until its admission takes it
+
+    def outcome(self, request_id: Any) -> Optional[str]:
+        """How the request's prefetch ended (:data:`OUTCOMES`), once; None when none was tried."""
+        return self.outcomes.pop(request_id, None)
+
+    def _record(self, request_id: Any, outcome: str) -> None:
+        self.outcomes[request_id] = outcome
+        self.metrics.record_prefetch_outcome(outcome)
 
     @property
     def io(self) -> StorageController:
@@ -81,10 +113,16 @@ class StoragePrefetcher:
         if io is None or request_id in self.ongoing:
             return False
         n = self.tree._page_align(len(new_tokens))
-        if io.policy.refuses(n):
+        if n == 0:
+            self._record(request_id, "local")
+            return False
+        refused = io.policy.refuses(n)
+        if refused:
+            self._record(request_id, refused)
             return False
         if io.policy.cost_aware and self.agree.all(io.policy.too_costly(n)):
             self.metrics.add("prefetch_skipped_cost", 1)  # recomputing is expected to be faster
+            self._record(request_id, "skipped_cost")
             return False
         self.tree.inc_lock_ref(anchor)  # the anchor's hash chains the keys; it must stay in the tree
         prefix = self.tree.storage_keys_above(anchor) if io.config.pass_prefix_keys else None
@@ -98,6 +136,7 @@ class StoragePrefetcher:
         quota takes only what the quota leaves (cache/quota.py)."""
         op, io, pool = pf.op, self.io, self.host.pool
         threshold = io.policy.threshold
+        pf.found = len(op.hash_value)
         want = self.quota.room(pf.anchor, len(op.hash_value) * self.page_size)
         if self.agree.active:  # decided on what every rank has room for: the same grant everywhere
             avail = self.host.room(want) if want >= threshold else 0
@@ -124,16 +163,15 @@ class StoragePrefetcher:
         if pf is None:
             return True
         op, io = pf.op, self.io
-        may_stop = io.prefetch_may_stop(op)
-        cut = not may_stop and io.policy.cut(op, pf.queried)
-        stop = self.agree.all(may_stop or cut)
+        why = io.prefetch_may_stop(op)
+        cut = why is None and io.policy.cut(op, pf.queried)
+        stop = self.agree.all(why is not None or cut)
         if not stop and not op.granted and not op.revoked:
             self._agree_queried([pf])
             if pf.queried:
                 self._grant(pf)
         if op.revoked:
-            self._end(request_id, pf)
-            self.metrics.add("prefetch_revoked", 1)
+            self._end_revoked(request_id, pf)
             return True
         if not stop:
             return False
@@ -155,6 +193,17 @@ class StoragePrefetcher:
                 if matched:
                     pool.free(host[:matched])  # already in the tree: drop the duplicates
                 self.metrics.add("prefetched_tokens", completed - matched)
+        if cut:
+            outcome = "cut"
+        elif why in ("timeout", "stalled") and not op.io_done.is_set():
+            outcome = "timed_out"
+        elif completed == 0 and not op.io_done.is_set():
+            outcome = "not_ready"  # best_effort: the request went on before any page had landed
+        elif completed == 0:
+            outcome = "miss"
+        else:
+            outcome = "hit" if completed >= len(op.token_ids) else "partial"
+        self._record(request_id, outcome)
         self._end(request_id, pf)
         return True
 
@@ -165,8 +214,19 @@ class StoragePrefetcher:
             if not pf.op.granted and not pf.op.revoked and pf.queried:
                 self._grant(pf)
             if pf.op.revoked:
-                self._end(rid, pf)
-                self.metrics.add("prefetch_revoked", 1)
+                self._end_revoked(rid, pf)
+
+    def _end_revoked(self, request_id: Any, pf: _Prefetch) -> None:
+        """No host page was ever granted: storage held none, fewer than the threshold, or the host had no room."""
+        self._end(request_id, pf)
+        self.metrics.add("prefetch_revoked", 1)
+        if pf.found <= 0:
+            outcome = "miss"
+        elif pf.found * self.page_size < self.io.policy.threshold:
+            outcome = "below_threshold"
+        else:
+            outcome = "no_host_room"
+        self._record(request_id, outcome)
 
     def _end(self, request_id: Any, pf: _Prefetch) -> None:
         self.tree.dec_lock_ref(pf.anchor)
@@ -175,6 +235,7 @@ class StoragePrefetcher:
 
     def abort(self, request_id: Any) -> None:
         """Stop a request's prefetch and hand its pages back."""
+        self.outcomes.pop(request_id, None)
         pf = self.ongoing.get(request_id)
         if pf is None:
             return

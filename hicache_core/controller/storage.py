@@ -91,12 +91,13 @@ class StorageController:
         """Too little in storage, or no host room: no page will be granted."""
         op.revoked = True
 
-    def prefetch_may_stop(self, op: PrefetchOperation) -> bool:
-        """The prefetch policy: may the request stop waiting for this prefetch now? (A stall is counted.)"""
+    def prefetch_may_stop(self, op: PrefetchOperation) -> Optional[str]:
+        """The prefetch policy: why the request may stop waiting for this prefetch now (``done``,
+        ``best_effort``, ``stalled``, ``timeout``), or None while it waits. (A stall is counted.)"""
         why = self.policy.may_stop(op)
         if why == "stalled":
             self.metrics.record_storage_error("prefetch_stalled")
-        return why is not None
+        return why
 
     def terminate_prefetch(self, op: PrefetchOperation) -> tuple[int, list[str]]:
         """Stop accepting progress; (tokens completed, their page hashes). Pages past those are the worker's to

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 MODES = ("none", "radix", "hicache", "hicache+storage")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 HANDOFF_TIMEOUT_S = 30.0  # a prefill request whose pages have not reached storage by then is answered anyway
+# TTFT's phases: queued (arrived, not admitted: no room, the running batch full, other requests first),
+# prefetch_wait (admission waited for its storage prefetch), load (host -> device: starting the loads, and the
+# forward pass blocked on a layer still landing), compute (the prefill forward, less those waits; its batch's)
+PHASES = ("queued", "prefetch_wait", "load", "compute")
 
 
 @attrs.define(eq=False)
@@ -65,6 +69,10 @@ class Request:
     params: Any = None  # what the server built it from (tensor-parallel followers rebuild it from these)
     salt: Optional[str] = None  # cache_salt and extra_key: prefixes are shared only among requests with the same
     extra_key: Optional[str] = None
+    # where its TTFT went (seconds; they sum to ttft): see PHASES. prefetch: how its storage prefetch ended
+    phases: dict = attrs.field(factory=lambda: dict.fromkeys(PHASES, 0.0))
+    prefetch: Optional[str] = None
+    wait_since: Optional[float] = None  # first answered 'wait' (its storage prefetch in flight), until admitted
 
     @property
     def ttft(self) -> float:
@@ -187,8 +195,14 @@ class Engine:
         if need > self.pool.size:
             raise ConfigError(f"request {r.rid} needs {need} device tokens; the device pool holds {self.pool.size}")
         adm = self.cache.admit(r.rid, r.prompt, r.max_new_tokens, salt=r.salt, extra_key=r.extra_key)
+        now = time.perf_counter()
+        if adm.status == "wait":
+            r.wait_since = r.wait_since or now
+        elif r.wait_since is not None:
+            r.phases["prefetch_wait"] += now - r.wait_since
+            r.wait_since = None
         if adm.ready:
-            r.admission, r.cached = adm, adm.cached
+            r.admission, r.cached, r.prefetch = adm, adm.cached, adm.prefetch
         return adm.status
 
     def _finish(self, r: Request) -> None:
@@ -239,8 +253,9 @@ class Engine:
         self.cache.poll()
         admitted = self._admit_waiting(self.waiting, self.running)
         if admitted:
+            start = time.perf_counter()
             self.cache.ready_to_load_host_cache()
-            self._prefill(admitted)
+            self._prefill(admitted, start)
             self.running += admitted
         decoding = [r for r in self.running if r.finish_reason is None and r not in admitted]
         if decoding:
@@ -322,7 +337,8 @@ class Engine:
                 break
         return admitted
 
-    def _prefill(self, batch: list[Request]) -> None:
+    def _prefill(self, batch: list[Request], start: float) -> None:
+        """Prefill ``batch``, admitted at ``start`` (its host loads started since): first tokens, TTFT phases."""
         seqs = []
         for r in batch:
             assert r.admission is not None
@@ -330,13 +346,19 @@ class Engine:
             r.used = len(new)
             seqs.append((new, r.admission.own[: len(new)], r.slots()))
         t0 = time.perf_counter()
+        blocked = self.pool.layer_wait_s
         logits = self.model.forward(self.pool, seqs)
         now = time.perf_counter()
+        load = (t0 - start) + (self.pool.layer_wait_s - blocked)
         self.cache.record_prefill(  # what a storage load is weighed against (cost_aware prefetch)
-            sum(len(s[0]) for s in seqs), now - t0
+            sum(len(s[0]) for s in seqs), now - t0 - (self.pool.layer_wait_s - blocked)
         )
         for r, tok in zip(batch, logits.argmax(-1).tolist()):
             r.first_token_time = now
+            ph = r.phases
+            ph["queued"] = max(0.0, start - r.arrival - ph["prefetch_wait"])
+            ph["load"] = load
+            ph["compute"] = max(0.0, now - start - load)
             r._emit(tok)
 
     def _decode(self, batch: list[Request]) -> None:

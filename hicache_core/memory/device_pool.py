@@ -7,6 +7,7 @@ attention of layer N waits only for layer N of a load in flight.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Optional
 
@@ -43,6 +44,7 @@ class DevicePool:
             self.kv_buffer = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         self.allocator = PageAllocator(num_tokens, page_size)
         self._layer_waiter: Optional[Callable[[int], None]] = None
+        self.layer_wait_s = 0.0  # seconds the forward passes spent blocked on loads in flight (TTFT's load phase)
 
     # --- per-layer access ----------------------------------------------------------------------------------------
     def set_layer_waiter(self, waiter: Optional[Callable[[int], None]]) -> None:
@@ -51,7 +53,9 @@ class DevicePool:
 
     def wait_layer(self, layer_id: int) -> None:
         if self._layer_waiter is not None:
+            t0 = time.perf_counter()
             self._layer_waiter(layer_id)
+            self.layer_wait_s += time.perf_counter() - t0
 
     def k_buffer(self, layer_id: int) -> torch.Tensor:
         return self.kv_buffer[layer_id] if self.is_mla else self.kv_buffer[0, layer_id]

@@ -53,6 +53,9 @@ def meta_info(r: Request) -> dict:
         "cached_tokens_details": dict(r.cached),
         "e2e_latency": (r.finish_time or time.perf_counter()) - r.arrival,
         "ttft": r.ttft if r.first_token_time else None,
+        # where the TTFT went (they sum to it) and how the storage prefetch ended; engine/engine.py's PHASES
+        "ttft_phases": dict(r.phases) if r.first_token_time else None,
+        "prefetch": r.prefetch,
     }
 
 

@@ -5,7 +5,8 @@ Request-level series (``sglang:time_to_first_token_seconds``, ``sglang:e2e_reque
 counters at scrape time (``sglang:cached_tokens_total{cache_source=device|host|storage}``,
 ``sglang:cache_hit_rate``, ``sglang:prefetched_tokens_total``, ``sglang:backuped_tokens_total``), with every
 counter of ours as ``hicache_*`` and the storage backend's ``get_stats()`` fields as
-``hicache_storage_backend_stat{field=...}``.
+``hicache_storage_backend_stat{field=...}``. Where each TTFT went: ``hicache_ttft_phase_seconds{phase=queued|
+prefetch_wait|load|compute}``; how each storage prefetch ended: ``hicache_prefetch_outcomes_total{outcome=...}``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class ServerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=self.registry,
         )
+        self.phase = Histogram(
+            "hicache_ttft_phase_seconds",
+            "time to first token by phase: queued, prefetch_wait, load, compute (they sum to the TTFT)",
+            m + ["phase"],
+            buckets=(0.001,) + LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.prompt = Counter("sglang:prompt_tokens", "prompt tokens of finished requests", m, registry=self.registry)
         self.generated = Counter("sglang:generation_tokens", "generated tokens", m, registry=self.registry)
         self.requests = Counter(
@@ -72,6 +80,8 @@ class ServerMetrics:
         if r.first_token_time is None:
             return
         self.ttft.labels(**lab).observe(max(0.0, r.ttft))
+        for phase, seconds in r.phases.items():
+            self.phase.labels(phase=phase, **lab).observe(seconds)
         if r.finish_time is not None:
             self.e2e.labels(**lab).observe(max(0.0, r.finish_time - r.arrival))
             if len(r.output) > 1:
