@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from hicache_core.bench import multiturn
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
+from hicache_core.engine.engine import PHASES
 from hicache_core.errors import ConfigError
 
 SMALL = [
@@ -89,7 +91,8 @@ def test_every_configuration_matches_no_cache(tmp_path, layout, policy, capsys):
         for r in c["rounds"]:
             assert sum(r["cached"].values()) <= r["prompt_tokens"]
     assert (tmp_path / "report" / "report.png").stat().st_size > 1000
-    assert "same tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "same tokens" in out and "where rounds 2+ TTFT goes" in out
 
 
 @pytest.mark.parametrize("layout, policy", [("layer_first", "wait_complete"), ("page_first_direct", "timeout")])
@@ -122,6 +125,9 @@ def test_storage_serves_what_device_and_host_cannot_hold(tmp_path, layout, polic
         "hicache+storage"
     ]
     assert run["hit_tokens"]["storage"] > 0 and run["backuped_tokens"] > 0
+    for rr in run["rounds"]:  # the phases of each round's mean TTFT add up to it
+        assert abs(sum(rr["ttft_phases_ms"].values()) - rr["ttft_mean_ms"]) < 1e-3, rr
+    assert run["prefetch_outcomes"].get("hit", 0) + run["prefetch_outcomes"].get("partial", 0) > 0
 
 
 def test_warm_restart_in_a_second_process(tmp_path, capsys):
@@ -142,7 +148,24 @@ def test_warm_restart_in_a_second_process(tmp_path, capsys):
     assert summary["warm_outputs_identical"]
     warm = json.loads(Path(tmp_path / "r" / "report.json").read_text())["warm"]
     assert warm["hit_tokens"]["storage"] > 0 and warm["rounds"][0]["cached"]["storage"] > 0
+    # the restart read the store cold: its page files were dropped from the page cache first
+    pages = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert 0 < warm["page_cache_dropped_files"] <= len(pages)
+    assert "dropped from the page cache first" in capsys.readouterr().out
     assert os.path.isdir(tmp_path / "store")  # a given directory is kept
+
+
+def test_all_miss_reports_what_a_miss_costs_against_recompute(tmp_path, capsys):
+    args = parse(
+        SMALL + ["--no-warm", "--all-miss", "--configs", "radix,hicache+storage", "--report-dir", str(tmp_path)]
+    )
+    args.hicache_storage_backend_extra_config = json.dumps({"storage_dir": str(tmp_path / "s")})
+    assert multiturn.run(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for c in report["configs"]:  # no prompt is seen twice: nothing hits anywhere
+        assert sum(c["hit_tokens"].values()) == 0, c["config"]
+    assert set(report["summary"]["ttft_speedup_vs_recompute"]) == {"radix", "hicache+storage"}
+    assert "what a miss costs" in capsys.readouterr().out
 
 
 def test_engine_decodes_like_a_full_recompute():
@@ -171,6 +194,47 @@ def test_engine_decodes_like_a_full_recompute():
     again = plain.generate([Request("d", prompt + first.output + [5, 6, 7], 4)])[0].output
     assert second.output == again
     cached.close()
+
+
+def test_ttft_phases_sum_to_ttft_and_show_the_prefetch_wait():
+    """A second engine on a slow store (every read 0.3 s): the request waits for its prefetch (wait_complete), is
+    served from storage, and its phases -- queued, prefetch wait, load, compute -- add up to its TTFT."""
+    model = TinyLlama(
+        ModelConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            vocab_size=256,
+        )
+    )
+    extra = {"store": f"phases-{os.getpid()}", "prefetch_threshold": 8, "read_latency_s": 0.3}
+    cfg = HiCacheConfig(
+        page_size=8,
+        hicache_io_backend="direct",
+        hicache_storage_backend="memory",
+        hicache_storage_backend_extra_config=extra,
+        hicache_storage_prefetch_policy="wait_complete",
+    )
+    prompt = list(range(3, 67))
+    writer = Engine(model, cfg, "hicache+storage", device_tokens=256)
+    first = writer.generate([Request("w", prompt, 4)])[0]
+    writer.flush()
+    writer.close()
+    assert first.prefetch == "miss"  # storage was asked (a query is not slowed: only reads are); it held nothing
+    reader = Engine(model, cfg, "hicache+storage", device_tokens=256)
+    try:
+        late = time.perf_counter() + 0.05
+        r, queued = reader.generate([Request("r", prompt, 4), Request("q", list(range(100, 140)), 4, arrival=late)])
+    finally:
+        reader.close()
+    assert r.prefetch == "hit" and r.cached["storage"] == 56 and r.output == first.output
+    assert r.phases["prefetch_wait"] >= 0.25 and r.phases["compute"] > 0 and r.phases["load"] >= 0
+    for req in (first, r, queued):
+        assert set(req.phases) == set(PHASES)
+        assert abs(sum(req.phases.values()) - req.ttft) < 1e-6, (req.phases, req.ttft)
 
 
 def test_bad_engine_input():

@@ -152,7 +152,9 @@ def run_server(
     in_tokens = out_tokens = 0
     t_start = time.perf_counter()
     for rnd in range(args.num_rounds):
-        calls = send_round(work, rnd, lambda client: _Call(url, list(history[client]), args), progress, label)
+        calls = send_round(
+            work, rnd, lambda client: _Call(url, work.prompt(history, client, rnd), args), progress, label
+        )
         failed = [c.error for _, c in calls if c.error]
         if failed:
             raise HiCacheError(f"{label} ({url}): {len(failed)} requests failed, e.g. {failed[0]}")
@@ -175,9 +177,13 @@ def run_server(
                 "prompt_tokens": sum(len(c.ids) for _, c in calls),
             }
         )
+        phases = [p for p in (c.meta.get("ttft_phases") for _, c in calls) if isinstance(p, dict)]
+        if phases and len(phases) == len(calls):  # hicache serve says where each TTFT went (server-side)
+            per_round[-1]["ttft_phases_ms"] = {k: statistics.mean(p[k] for p in phases) * 1e3 for k in phases[0]}
         outputs.append([by_client[c].output for c in sorted(by_client)])
     wall = time.perf_counter() - t_start
     later = [r["ttft_mean_ms"] for r in per_round[1:]]
+    phased = [r["ttft_phases_ms"] for r in per_round[1:] if "ttft_phases_ms" in r]
     stats = _delta((_get(url + "/get_server_info") or {}).get("cache_stats") or {}, before)
     return {
         "config": mode,
@@ -193,6 +199,10 @@ def run_server(
         "prefetched_tokens": stats.get("prefetched_tokens", 0),
         "backuped_tokens": stats.get("backuped_tokens", 0),
         "storage_errors": stats.get("storage_errors", {}),
+        "prefetch_outcomes": stats.get("prefetch_outcomes", {}),
+        "ttft_phases_rounds2plus_ms": {k: statistics.mean(p[k] for p in phased) for k in phased[0]}
+        if phased and len(phased) == len(later)
+        else None,
         "wall_s": wall,
         "throughput_req_s": args.num_rounds * args.num_clients / wall,
         "throughput_in_tok_s": in_tokens / wall,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Any
 
 from hicache_core.bench.common import Progress
@@ -58,6 +59,16 @@ class Workload:
                 self.gaps.append([rng.expovariate(args.request_rate) for _ in order])
             else:
                 self.gaps.append([1.0 / args.request_rate for _ in order])
+        self.all_miss = bool(getattr(args, "all_miss", False))
+        if self.all_miss:  # drawn after the rest, so the conversations above stay the seed's
+            grow = args.question_length + args.output_length
+            self.fresh = [
+                [first(args.request_length + r * grow) for _ in range(args.num_clients)] for r in range(args.num_rounds)
+            ]
+
+    def prompt(self, history: list[list[int]], client: int, rnd: int) -> list[int]:
+        """What ``client`` sends in round ``rnd``: its history so far, or (``--all-miss``) a prompt never seen."""
+        return list(self.fresh[rnd][client] if self.all_miss else history[client])
 
 
 def run_config(
@@ -71,6 +82,7 @@ def run_config(
     tp: Any = None,
 ) -> dict[str, Any]:
     from hicache_core.engine import Engine, Request
+    from hicache_core.engine.engine import PHASES
 
     mode, _, policy = name.partition("@")  # "hicache+storage@cost_aware": one prefetch policy of --prefetch-policies
     label = LABELS[mode] + (f", {policy}" if policy else "")
@@ -99,7 +111,9 @@ def run_config(
             start = time.perf_counter() + 0.01
             reqs, at = [], start
             for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
-                reqs.append(Request(f"{name}-{rnd}-{client}", list(history[client]), args.output_length, arrival=at))
+                reqs.append(
+                    Request(f"{name}-{rnd}-{client}", work.prompt(history, client, rnd), args.output_length, arrival=at)
+                )
                 at += gap
             engine.generate(reqs, on_finish=lambda r: progress.step(label))
             by_client = {int(r.rid.rsplit("-", 1)[1]): r for r in reqs}
@@ -116,6 +130,9 @@ def run_config(
                     "ttft_p90_ms": _pct(ttfts, 0.9) * 1e3,
                     "cached": {t: sum(r.cached[t] for r in reqs) for t in ("device", "host", "storage")},
                     "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                    # where the mean TTFT went (the phases sum to it) and how the prefetches ended
+                    "ttft_phases_ms": {p: statistics.mean(r.phases[p] for r in reqs) * 1e3 for p in PHASES},
+                    "prefetch": dict(Counter(r.prefetch for r in reqs if r.prefetch)),
                 }
             )
             outputs.append([by_client[c].output for c in sorted(by_client)])
@@ -139,6 +156,12 @@ def run_config(
         "prefetched_tokens": stats["prefetched_tokens"],
         "backuped_tokens": stats["backuped_tokens"],
         "storage_errors": stats["storage_errors"],
+        "ttft_phases_rounds2plus_ms": {
+            p: statistics.mean(r["ttft_phases_ms"][p] for r in per_round[1:]) for p in PHASES
+        }
+        if len(per_round) > 1
+        else None,
+        "prefetch_outcomes": stats["prefetch_outcomes"],
         "prefetch_skipped_cost": stats["prefetch_skipped_cost"],
         "prefetch_cut_cost": stats["prefetch_cut_cost"],
         "wall_s": wall,
@@ -223,13 +246,39 @@ def _replies(tokenizer: Any, reference: dict) -> list[str]:
     return [tokenizer.decode(r[0]) for r in reference["outputs"]]
 
 
+def drop_page_cache(root: str) -> int:
+    """Evict every file under ``root`` from the OS page cache (written back first, then POSIX_FADV_DONTNEED), so
+    the next reads come from the disk, as after a machine restart; returns how many files were dropped."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    dropped = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fdatasync(fd)  # dirty pages cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                dropped += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return dropped
+
+
 def _warm_child(args: argparse.Namespace) -> int:
-    """Round 1 only, hicache+storage, on storage someone else filled: a restarted server."""
+    """Round 1 only, hicache+storage, on storage someone else filled: a restarted server (by default with the
+    store's files out of the page cache, so its reads come from the disk)."""
     work = Workload(args, _tokenizer(args))
     base = _base_config(args, args.storage_dir)
     model = _model(args)
     warm_up(model, args.page_size)  # a restarted server has warmed up before its first request is timed
+    dropped = 0 if args.keep_page_cache else drop_page_cache(args.storage_dir)
     result = run_config("hicache+storage", args, work, model, base, 1, Progress(0, False))
+    result["page_cache_dropped_files"] = dropped
     with open(args.child_out, "w") as f:
         json.dump(result, f)
     return 0

@@ -67,10 +67,60 @@ def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) 
     w.add_argument(
         "--seed", type=arg_int(0), default=0, help="seeds prompts, order and model weights (default %(default)s)"
     )
+    w.add_argument(
+        "--all-miss",
+        action="store_true",
+        help="every request a prompt never seen before, of the length its turn would have: nothing can hit, so "
+        "each configuration's TTFT against no cache is what the cache costs when it misses",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
+    add_engine_arguments(p)
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--repeat",
+        type=arg_int(1, 100),
+        default=1,
+        help="run everything N times (fresh storage each time) and report the spread (default %(default)s)",
+    )
+    o.add_argument(
+        "--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after the run)"
+    )
+    o.add_argument(
+        "--warm",
+        dest="warm",
+        action="store_true",
+        default=True,
+        help="replay round 1 in a second process on the first one's storage (default)",
+    )
+    o.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-restart replay")
+    o.add_argument(
+        "--keep-page-cache",
+        action="store_true",
+        help="let the warm restart read the store's files from the OS page cache (default: dropped first, with "
+        "posix_fadvise DONTNEED, so its reads come from the disk as after a machine restart)",
+    )
+    o.add_argument(
+        "--report-dir", default="hicache-report", help="where report.json and report.png go (default %(default)s)"
+    )
+    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
+    o.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        metavar="[LABEL=]URL",
+        help="drive running servers (SGLang's /generate, e.g. hicache serve) instead of the in-process "
+        "engine; repeat to compare them, the first is the reference",
+    )
+    o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The reference engine, its model and its cache (shared by ``bench multiturn`` and ``bench trace``)."""
     e = p.add_argument_group("engine (the reference engine and its tiny random llama, or --model-path)")
     e.add_argument(
         "--model-path",
@@ -125,39 +175,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("--vocab-size", 4096, "vocabulary"),
     ):
         e.add_argument(flag, type=arg_int(1, 1 << 16), default=default, help=f"{what} (default %(default)s)")
-    o = p.add_argument_group("output")
-    o.add_argument(
-        "--repeat",
-        type=arg_int(1, 100),
-        default=1,
-        help="run everything N times (fresh storage each time) and report the spread (default %(default)s)",
-    )
-    o.add_argument(
-        "--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after the run)"
-    )
-    o.add_argument(
-        "--warm",
-        dest="warm",
-        action="store_true",
-        default=True,
-        help="replay round 1 in a second process on the first one's storage (default)",
-    )
-    o.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm-restart replay")
-    o.add_argument(
-        "--report-dir", default="hicache-report", help="where report.json and report.png go (default %(default)s)"
-    )
-    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
-    o.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        metavar="[LABEL=]URL",
-        help="drive running servers (SGLang's /generate, e.g. hicache serve) instead of the in-process "
-        "engine; repeat to compare them, the first is the reference",
-    )
-    o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
-    o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     add_hicache_args(p)
     # the demo's own defaults (help above shows these, not the library's)
     p.set_defaults(

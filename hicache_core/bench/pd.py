@@ -198,7 +198,7 @@ def run_config(
             calls = send_round(
                 work,
                 rnd,
-                lambda c, u=url: _PDCall(u, inst.urls["decode"], list(history[c]), args.output_length),
+                lambda c, u=url: _PDCall(u, inst.urls["decode"], work.prompt(history, c, rnd), args.output_length),
                 progress,
                 label,
             )
@@ -291,7 +291,9 @@ def single_process(args: argparse.Namespace, work: Workload) -> dict[str, Any]:
     history = [list(p) for p in work.first]
     outputs = []
     for rnd in range(args.num_rounds):
-        reqs = [Request(f"ref-{rnd}-{c}", list(history[c]), args.output_length) for c in range(args.num_clients)]
+        reqs = [
+            Request(f"ref-{rnd}-{c}", work.prompt(history, c, rnd), args.output_length) for c in range(args.num_clients)
+        ]
         engine.generate(reqs)
         for c, r in enumerate(reqs):
             history[c] += r.output + work.questions[rnd][c]

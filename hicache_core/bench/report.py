@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Any, Optional
 
@@ -22,7 +23,9 @@ def chart(report: dict, path: str) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install 'hicache-core[bench]'): no chart"
     runs = [r for r in report["configs"] if r.get("rounds")]  # not a reference that only gave tokens
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    phased = [r for r in runs if r.get("ttft_phases_rounds2plus_ms")]
+    fig, axes = plt.subplots(1, 3 if phased else 2, figsize=(18 if phased else 12, 4.5))
+    a, b = axes[0], axes[1]
     for run in runs:
         a.plot(
             [r["round"] for r in run["rounds"]],
@@ -56,6 +59,18 @@ def chart(report: dict, path: str) -> str | None:
     b.set_title("Cache hits by tier")
     b.legend()
     b.tick_params(axis="x", labelrotation=15)
+    if phased:
+        c = axes[2]
+        bottom = [0.0] * len(phased)
+        colors = {"queued": "#8172b3", "prefetch_wait": "#c44e52", "load": "#55a868", "compute": "#4c72b0"}
+        for phase, color in colors.items():
+            vals = [r["ttft_phases_rounds2plus_ms"][phase] for r in phased]
+            c.bar([r["label"] for r in phased], vals, bottom=bottom, color=color, label=phase.replace("_", " "))
+            bottom = [x + y for x, y in zip(bottom, vals)]
+        c.set_ylabel("mean TTFT, rounds 2+ (ms)")
+        c.set_title("Where TTFT goes")
+        c.legend()
+        c.tick_params(axis="x", labelrotation=15)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -73,6 +88,13 @@ def summarize(results: list[dict], warm: Optional[dict]) -> dict[str, Any]:
         s["ttft_rounds2plus_speedup_storage_vs_radix"] = (
             by["radix"]["ttft_mean_rounds2plus_ms"] / by["hicache+storage"]["ttft_mean_rounds2plus_ms"]
         )
+    if "none" in by and by["none"].get("rounds"):  # recompute: the baseline every cache is measured against
+        mean_all = lambda r: statistics.mean(x["ttft_mean_ms"] for x in r["rounds"])  # noqa: E731
+        s["ttft_speedup_vs_recompute"] = {
+            r["config"]: mean_all(by["none"]) / mean_all(r)
+            for r in results
+            if r["config"] != "none" and r.get("rounds")
+        }
     local = (by.get("pd-local") or {}).get("ttft_mean_rounds2plus_ms")
     if local:
         s["ttft_rounds2plus_speedup_vs_pd_local"] = {
@@ -213,6 +235,28 @@ def _print(
             f"  {r['label']:<20} "
             + "  ".join(f"r{x['round']} {x['ttft_p50_ms']:.0f}/{x['ttft_p90_ms']:.0f}" for x in r["rounds"])
         )
+    vs = summary.get("ttft_speedup_vs_recompute") or {}
+    if vs:
+        labels = {r["config"]: r["label"] for r in results}
+        if getattr(args, "all_miss", False):
+            print("\nall-miss (no prompt seen twice): mean TTFT over every round against no cache, what a miss costs:")
+            for c, x in vs.items():
+                print(f"  {labels[c]:<20} {(1 / x - 1) * 100:+.1f}% ({x:.2f}x)")
+        else:
+            print(
+                "\nmean TTFT over every round against recompute (no cache): "
+                + ", ".join(f"{labels[c]} {x:.2f}x" for c, x in vs.items())
+            )
+    phased = [r for r in results if r.get("ttft_phases_rounds2plus_ms")]
+    if phased:
+        print("\nwhere rounds 2+ TTFT goes (mean ms; the phases sum to it) and how storage prefetches ended:")
+        for r in phased:
+            ph = r["ttft_phases_rounds2plus_ms"]
+            outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.get("prefetch_outcomes") or {}).items()))
+            print(
+                f"  {r['label']:<20} queued {ph['queued']:.1f}  prefetch wait {ph['prefetch_wait']:.1f}  "
+                f"load {ph['load']:.1f}  compute {ph['compute']:.1f}" + (f"   prefetch: {outcomes}" if outcomes else "")
+            )
     ranks = [r for r in results if r.get("per_rank_hit_tokens")]
     if ranks:
         print(
@@ -261,7 +305,12 @@ def _print(
             f"warm restart: round 1 mean TTFT {summary['warm_round1_ttft_ms']:.1f} ms vs cold "
             f"{summary['cold_round1_ttft_ms']:.1f} ms ({summary['warm_round1_speedup']:.1f}x), "
             f"{summary['warm_storage_tokens']} tokens from storage; "
-            f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}"
+            f"tokens {'identical' if summary['warm_outputs_identical'] else 'DIFFER'}; "
+            + (
+                f"{warm['page_cache_dropped_files']} store files dropped from the page cache first"
+                if warm.get("page_cache_dropped_files")
+                else "the store's page cache kept (or none to drop)"
+            )
         )
     rep = summary.get("repeats")
     if rep:
