@@ -28,5 +28,8 @@ BENCHMARKS: dict = {
     "vllm": _lazy(
         "vllm", "multi-turn chat against real vllm serve: alone, with HiCacheConnector, with ExampleConnector"
     ),
+    "trace": _lazy(
+        "trace", "replay a Mooncake-format trace (JSONL) beside recompute: hit rate against ideal, TTFT p50/p90/p99"
+    ),
     "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
 }
