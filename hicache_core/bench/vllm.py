@@ -58,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hicache-size", type=float, default=1.0, help="host tier in GB")
     p.add_argument("--output", default="hicache-report/vllm.json")
     p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument(
+        "--reserved-cpus",
+        type=int,
+        default=1,
+        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every server alike (vLLM reserves one more when a connector is set: "
+        "the same count keeps the compute threads equal; default %(default)s)",
+    )
+    p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and stores (printed at the end)")
 
 
 def default_model() -> Path:
@@ -115,7 +123,10 @@ class VllmServer:
         if transfer is not None:
             argv += ["--kv-transfer-config", json.dumps(transfer)]
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+            # vLLM's CPU platform reserves one more core for the scheduler when a KV connector is configured (for
+            # NIXL): on a small machine that changes how many threads compute, and the comparison with it
+            env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU=str(args.reserved_cpus))
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + args.startup_timeout
         while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -276,7 +287,10 @@ def run(args: argparse.Namespace) -> int:
                 server.stop()
             print(f"{name}: done in {time.monotonic() - t0:.0f}s", flush=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep_logs:
+            print(f"vLLM logs and stores kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     ref = names[0]
     same = {
         n: [[x["tokens"] for x in rnd] for rnd in results[n]["rounds"]]
