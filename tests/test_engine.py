@@ -12,7 +12,7 @@ import torch
 from hicache_core.bench import multiturn
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
-from hicache_core.engine.engine import PHASES
+from hicache_core.engine.request import PHASES
 from hicache_core.errors import ConfigError
 
 SMALL = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hicache_core.bench import trace
+from hicache_core.bench import trace, trace_format
 from hicache_core.errors import ConfigError
 
 ENGINE = [
@@ -61,15 +61,15 @@ def write(path: Path, records) -> str:
 )
 def test_a_bad_record_is_named_with_its_line(tmp_path, line, message):
     with pytest.raises(ConfigError, match=message) as e:
-        trace.load(write(tmp_path / "t.jsonl", [line]))
+        trace_format.load(write(tmp_path / "t.jsonl", [line]))
     assert "each line is like" in str(e.value)
 
 
 def test_empty_and_missing_traces(tmp_path):
     with pytest.raises(ConfigError, match="holds no requests"):
-        trace.load(write(tmp_path / "t.jsonl", [""]))
+        trace_format.load(write(tmp_path / "t.jsonl", [""]))
     with pytest.raises(ConfigError, match="No such file"):
-        trace.load(str(tmp_path / "absent.jsonl"))
+        trace_format.load(str(tmp_path / "absent.jsonl"))
 
 
 def test_ideal_hits_follow_shared_leading_blocks():
@@ -80,20 +80,20 @@ def test_ideal_hits_follow_shared_leading_blocks():
         {"timestamp": 3, "input_length": 1024, "output_length": 1, "hash_ids": [1, 2]},  # all: one token computed
         {"timestamp": 4, "input_length": 512, "output_length": 1, "hash_ids": [7, 1]},  # block 1 elsewhere: no hit
     ]
-    assert trace.ideal_hits(recs, 512) == [0, 1024, 512, 1023, 0]
-    assert trace.ideal_hits(recs, 16) == [0, 32, 16, 31, 0]  # scaled: 16 tokens a block
+    assert trace_format.ideal_hits(recs, 512) == [0, 1024, 512, 1023, 0]
+    assert trace_format.ideal_hits(recs, 16) == [0, 32, 16, 31, 0]  # scaled: 16 tokens a block
 
 
-@pytest.mark.parametrize("shape", trace.SHAPES)
+@pytest.mark.parametrize("shape", trace_format.SHAPES)
 def test_generated_traces_are_valid_and_share_prefixes(shape):
-    recs = trace.generate(shape, sessions=5, turns=4, seed=3)
-    assert len(recs) == 20 and all(trace._problem(r) is None for r in recs)
+    recs = trace_format.generate(shape, sessions=5, turns=4, seed=3)
+    assert len(recs) == 20 and all(trace_format._problem(r) is None for r in recs)
     assert [r["timestamp"] for r in recs] == sorted(r["timestamp"] for r in recs)
     firsts = {tuple(r["hash_ids"][: 6 if shape == "agent" else 1]) for r in recs}
     assert len(firsts) == 1  # every session starts with the same system blocks
-    ideal = sum(trace.ideal_hits(recs, 512)) / sum(r["input_length"] for r in recs)
+    ideal = sum(trace_format.ideal_hits(recs, 512)) / sum(r["input_length"] for r in recs)
     assert 0.3 < ideal < 1
-    assert trace.generate(shape, 5, 4, 3) == recs and trace.generate(shape, 5, 4, 4) != recs
+    assert trace_format.generate(shape, 5, 4, 3) == recs and trace_format.generate(shape, 5, 4, 4) != recs
 
 
 def test_replay_through_the_engine_beside_recompute(tmp_path, capsys):

@@ -31,5 +31,8 @@ BENCHMARKS: dict = {
     "trace": _lazy(
         "trace", "replay a Mooncake-format trace (JSONL) beside recompute: hit rate against ideal, TTFT p50/p90/p99"
     ),
+    "prefill": _lazy(
+        "prefill", "the reference engine's prefill per compute dtype beside vllm serve on the same checkpoint"
+    ),
     "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
 }

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from hicache_core.bench.common import Progress
+from hicache_core.bench.common import Progress, drop_page_cache
 from hicache_core.bench.common import pct as _pct
 from hicache_core.bench.measure import CpuMeter, warm_up
 from hicache_core.bench.multiturn_args import CONFIGS, LABELS
@@ -82,7 +82,7 @@ def run_config(
     tp: Any = None,
 ) -> dict[str, Any]:
     from hicache_core.engine import Engine, Request
-    from hicache_core.engine.engine import PHASES
+    from hicache_core.engine.request import PHASES
 
     mode, _, policy = name.partition("@")  # "hicache+storage@cost_aware": one prefetch policy of --prefetch-policies
     label = LABELS[mode] + (f", {policy}" if policy else "")
@@ -197,11 +197,13 @@ def _config_on_rank(
 
 def _model(args: argparse.Namespace):
     from hicache_core.engine import ModelConfig, TinyLlama
+    from hicache_core.engine.model import COMPUTE_DTYPES
 
+    compute = COMPUTE_DTYPES[getattr(args, "compute_dtype", "float64")]
     if args.model_path:
         from hicache_core.engine.checkpoint import load_model
 
-        return load_model(args.model_path, dtype=args.dtype)
+        return load_model(args.model_path, dtype=args.dtype, compute_dtype=compute)
     return TinyLlama(
         ModelConfig(
             vocab_size=args.vocab_size,
@@ -212,6 +214,7 @@ def _model(args: argparse.Namespace):
             head_dim=args.head_dim,
             intermediate_size=args.intermediate_size,
             seed=args.seed,
+            compute_dtype=compute,
         )
     )
 
@@ -244,29 +247,6 @@ def _tokenizer(args: argparse.Namespace) -> Any:
 def _replies(tokenizer: Any, reference: dict) -> list[str]:
     """Client 0's reply in each round of the reference run, as text (every configuration must give the same)."""
     return [tokenizer.decode(r[0]) for r in reference["outputs"]]
-
-
-def drop_page_cache(root: str) -> int:
-    """Evict every file under ``root`` from the OS page cache (written back first, then POSIX_FADV_DONTNEED), so
-    the next reads come from the disk, as after a machine restart; returns how many files were dropped."""
-    if not hasattr(os, "posix_fadvise"):
-        return 0
-    dropped = 0
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fdatasync(fd)  # dirty pages cannot be dropped
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                dropped += 1
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return dropped
 
 
 def _warm_child(args: argparse.Namespace) -> int:

@@ -137,6 +137,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="KV dtype with --model-path (default: the checkpoint's)",
     )
     e.add_argument(
+        "--compute-dtype",
+        default="float64",
+        choices=("float64", "float32"),
+        help="the model's weights and activations: float64 (default) gives tokens that do not depend on what was "
+        "cached, so every configuration must equal the reference; float32 is about twice as fast and its tokens "
+        "may differ in near ties: the report then counts the requests that agree instead",
+    )
+    e.add_argument(
         "--configs",
         default=",".join(CONFIGS),
         help="configurations to run, comma separated; 'none' always runs as the reference (default %(default)s)",

@@ -22,11 +22,8 @@ definitions), many short turns adding tool output, seconds apart.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import os
-import random
 import shutil
 import statistics
 import sys
@@ -34,16 +31,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hicache_core.bench.common import Progress, print_table
 from hicache_core.bench.common import pct as _pct
 from hicache_core.bench.measure import warm_up
 from hicache_core.bench.multiturn_args import CONFIGS, LABELS, add_engine_arguments
+from hicache_core.bench.report import agreement, strict_tokens
+from hicache_core.bench.trace_format import SHAPES, TRACE_BLOCK, generate, ideal_hits, load, prompt_of, scaled
 from hicache_core.errors import ConfigError, HiCacheError
-
-TRACE_BLOCK = 512  # tokens per hash id in the Mooncake format
-SHAPES = ("conversation", "agent")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,116 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
 
 
-# --- the trace ----------------------------------------------------------------------------------------------------
-def load(path: str, max_requests: Optional[int] = None) -> list[dict]:
-    """The trace's records, checked: a bad line is named with what is wrong and how it should look."""
-    shape = '{"timestamp": 0, "input_length": 1024, "output_length": 16, "hash_ids": [0, 1]}'
-    out: list[dict] = []
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"trace {path!r}: {e.strerror or e}") from None
-    with fh:
-        for n, line in enumerate(fh, 1):
-            if max_requests is not None and len(out) >= max_requests:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"trace {path}, line {n}: not JSON ({e}); each line is like {shape}") from None
-            problem = _problem(rec)
-            if problem:
-                raise ConfigError(f"trace {path}, line {n}: {problem}; each line is like {shape}")
-            out.append(rec)
-    if not out:
-        raise ConfigError(f"trace {path!r} holds no requests")
-    return out
-
-
-def _problem(rec: Any) -> Optional[str]:
-    if not isinstance(rec, dict):
-        return "not an object"
-    for key in ("timestamp", "input_length", "output_length"):
-        v = rec.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            return f"{key} must be a number >= 0, not {v!r}"
-    if rec["input_length"] < 1:
-        return "input_length must be at least 1"
-    ids = rec.get("hash_ids")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        return f"hash_ids must be a list of integers, not {ids!r}"
-    if len(ids) * TRACE_BLOCK < rec["input_length"]:
-        return (
-            f"{len(ids)} hash_ids cover {len(ids) * TRACE_BLOCK} tokens, fewer than input_length {rec['input_length']}"
-        )
-    return None
-
-
-def scaled(n: float, block: int) -> int:
-    return max(1, math.ceil(n * block / TRACE_BLOCK))
-
-
-def prompt_of(rec: dict, block: int, vocab: int, seed: int, blocks: dict[int, list[int]]) -> list[int]:
-    """The request's token ids: its blocks' contents (each hash id's, the same everywhere), cut to its length."""
-    length = scaled(rec["input_length"], block)
-    out: list[int] = []
-    for h in rec["hash_ids"]:
-        if len(out) >= length:
-            break
-        content = blocks.get(h)
-        if content is None:
-            rng = random.Random(f"{seed}:{h}")
-            content = blocks[h] = [rng.randrange(vocab) for _ in range(block)]
-        out += content
-    return out[:length]
-
-
-def ideal_hits(records: list[dict], block: int) -> list[int]:
-    """Per request, the tokens an infinite prefix cache would serve: the leading blocks whose ids an earlier
-    request already had at the same place (ids name the prefix), leaving at least one token to compute."""
-    seen: set[tuple[int, int]] = set()
-    out = []
-    for rec in records:
-        length = scaled(rec["input_length"], block)
-        ids = rec["hash_ids"][: math.ceil(length / block)]
-        hit = 0
-        for i, h in enumerate(ids):
-            if (i, h) not in seen:
-                break
-            hit = min((i + 1) * block, length - 1)
-        out.append(hit)
-        seen.update(enumerate(ids))
-    return out
-
-
-# --- synthetic traces ---------------------------------------------------------------------------------------------
-def generate(shape: str, sessions: int, turns: int, seed: int) -> list[dict]:
-    """A trace of ``shape`` (see the module's docstring), records sorted by timestamp. A turn adds tokens (a
-    question, tool output) to the session's context, whose full blocks keep their ids; the partial last block
-    changes, so it and every block after it get new ids; the answer then joins the context."""
-    rng = random.Random(seed)
-    ids_from = itertools.count(1)
-    agent = shape == "agent"
-    system = [next(ids_from) for _ in range(6 if agent else 1)]  # tool definitions; a short preamble
-    records = []
-    for _ in range(sessions):
-        t = rng.uniform(0, 5_000 if agent else 30_000)
-        ids, length = list(system), len(system) * TRACE_BLOCK
-        for _ in range(turns):
-            keep = length // TRACE_BLOCK
-            length += rng.randint(128, 2048) if agent else rng.randint(64, 1024)
-            ids = ids[:keep]
-            while len(ids) * TRACE_BLOCK < length:
-                ids.append(next(ids_from))
-            out_len = rng.randint(16, 120) if agent else rng.randint(64, 400)
-            records.append({"timestamp": int(t), "input_length": length, "output_length": out_len, "hash_ids": ids})
-            length += out_len
-            t += rng.expovariate(1 / (4_000 if agent else 60_000))  # a tool call; a user thinking
-    return sorted(records, key=lambda r: int(r["timestamp"]))
-
-
 # --- replay -------------------------------------------------------------------------------------------------------
 class Replay:
     """The requests of a trace, as every configuration replays them."""
@@ -208,7 +94,7 @@ class Replay:
 
 def run_engine_config(name: str, args: argparse.Namespace, replay: Replay, model: Any, base: Any) -> dict[str, Any]:
     from hicache_core.engine import Engine, Request
-    from hicache_core.engine.engine import PHASES
+    from hicache_core.engine.request import PHASES
 
     engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running)
     start = time.perf_counter() + 0.05
@@ -339,6 +225,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
     reference = results[0]["outputs"]
     for r in results:
         r["outputs_identical"] = r["outputs"] == reference
+        r["requests_with_reference_tokens"] = agreement(r["outputs"], reference)
     base = results[0]["ttft_mean_ms"]
     for r in results:
         r["ttft_speedup_vs_reference"] = base / r["ttft_mean_ms"] if r["ttft_mean_ms"] else None
@@ -350,7 +237,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
     path = os.path.join(args.report_dir, "trace.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2, default=str)
-    ok = all(r["outputs_identical"] for r in results)
+    ok = all(r["outputs_identical"] for r in results) or not strict_tokens(args)  # float32: counted, not required
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0 if ok else 1
@@ -371,7 +258,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
             "p90": r["ttft_p90_ms"],
             "p99": r["ttft_p99_ms"],
             "x": r["ttft_speedup_vs_reference"] or 0.0,
-            "same": "yes" if r["outputs_identical"] else "NO",
+            "same": "yes" if r["outputs_identical"] else "{}/{}".format(*r["requests_with_reference_tokens"]),
         }
         for r in results
     ]
@@ -406,4 +293,10 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
     print(f"\nreport: {path}")
     if not ok:
         print("ERROR: a configuration produced different tokens from the reference run", file=sys.stderr)
+    elif not all(r["outputs_identical"] for r in results):
+        print(
+            "note: --compute-dtype float32 tokens may differ from the reference's in near ties ('same tokens' "
+            "counts the requests that agree)",
+            file=sys.stderr,
+        )
     return 0 if ok else 1

@@ -3,7 +3,8 @@ reference model.
 
 A model directory holds ``config.json``, the weights as ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) and ``tokenizer.json``. Weights are read with ``safetensors`` and kept in the
-model's float64 compute dtype; the KV pool holds the checkpoint's dtype (float32, bfloat16 or float16).
+model's compute dtype (float64 unless ``compute_dtype`` says float32); the KV pool holds the checkpoint's dtype
+(float32, bfloat16 or float16).
 Every way a directory can fail to be one (missing file, another architecture, a missing tensor, a shape that does
 not match the config) is a :class:`~hicache_core.errors.ConfigError` naming the file and what to fix.
 """
@@ -153,8 +154,14 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype: str = "auto") -> TinyLlama:
-    """The reference model with a checkpoint's weights: a Hugging Face directory or a llama GGUF file."""
+def load_model(
+    model_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: str = "auto",
+    compute_dtype: torch.dtype = COMPUTE,
+) -> TinyLlama:
+    """The reference model with a checkpoint's weights: a Hugging Face directory or a llama GGUF file. ``dtype`` is
+    the KV dtype; ``compute_dtype`` the weights' and activations'."""
     path = Path(model_path).expanduser()
     if gguf.is_gguf(path):
         cfg, t = gguf.read(path)
@@ -167,7 +174,8 @@ def load_model(model_path: str | Path, device: torch.device | str = "cpu", dtype
             )
         cfg = _read_config(path)
         c, t = config_from_dict(cfg, path / "config.json", dtype, name=path.name), _tensors(path)
-    c = attrs.evolve(c, content_digest=checkpoint_fingerprint(path))  # after the reads: a bad file fails first
+    # after the reads: a bad file fails first
+    c = attrs.evolve(c, content_digest=checkpoint_fingerprint(path), compute_dtype=compute_dtype)
     return _assemble(c, t, cfg, device)
 
 
@@ -182,7 +190,7 @@ def _assemble(c: ModelConfig, t: dict[str, torch.Tensor], cfg: dict, device: tor
             raise ConfigError(f"--model-path: the weights lack {name!r} (is this a LlamaForCausalLM checkpoint?)")
         if tuple(w.shape) != shape:
             raise ConfigError(f"--model-path: {name} has shape {tuple(w.shape)}; config.json implies {shape}")
-        w = w.to(COMPUTE)
+        w = w.to(c.compute_dtype)
         return (w.t() if transpose else w).contiguous().to(device)
 
     h, q, kv, inter = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size

@@ -1,9 +1,15 @@
 """A tiny llama-style decoder with random weights (seeded, no download): RMSNorm, rotary embeddings, grouped-query
 attention over the paged device KV pool, SwiGLU.
 
-Activations run in float64 and only K/V are rounded to the pool's dtype, so the result of a token does not depend
-on how many rows a matmul had (prefill vs decode, batch size): a cached prefix and a recomputed one give the same
-greedy tokens. That is what lets the benchmark check every cache configuration against the no-cache run.
+Activations run in float64 by default and only K/V are rounded to the pool's dtype, so the result of a token does
+not depend on how many rows a matmul had (prefill vs decode, batch size): a cached prefix and a recomputed one give
+the same greedy tokens. That is what lets the benchmark check every cache configuration against the no-cache run.
+
+``compute_dtype=float32`` (``--compute-dtype float32``) is the fast path: float32 weights and activations, and
+attention by ``scaled_dot_product_attention``. A float32 matmul's rounding depends on its shape, so a cached prefix
+and a recomputed one may differ in the last bits, and now and then in a greedy token where two logits nearly tie:
+the benchmarks then report how many requests' tokens agree instead of requiring all. Its pages carry the compute
+dtype in the model's fingerprint, apart from float64's.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import torch
 
 from hicache_core.memory import KVSpec
 
-COMPUTE = torch.float64
+COMPUTE = torch.float64  # the default compute dtype (bit-stable across batch shapes)
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @attrs.frozen(kw_only=True)
@@ -31,6 +38,7 @@ class ModelConfig:
     rms_eps: float = 1e-6
     seed: int = 0
     kv_dtype: torch.dtype = torch.bfloat16
+    compute_dtype: torch.dtype = COMPUTE  # weights and activations (float64, or float32: see the module doc)
     max_position_embeddings: int = 1 << 20
     # llama3 / linear rope scaling from a checkpoint's config.json (None: plain rotary)
     rope_scaling: Optional[dict] = attrs.field(default=None, eq=False, hash=False)
@@ -47,17 +55,18 @@ class ModelConfig:
     def fingerprint(self) -> str:
         """The weights' identity for the storage namespace: the checkpoint's content digest, or the random
         model's seed and shape."""
-        if self.content_digest:
-            return self.content_digest
         from hicache_core.identity import random_fingerprint
 
-        return random_fingerprint(
+        base = self.content_digest or random_fingerprint(
             {
                 f.name: getattr(self, f.name)
                 for f in attrs.fields(ModelConfig)
-                if f.name not in ("kv_dtype", "content_digest", "checkpoint")
+                if f.name not in ("kv_dtype", "content_digest", "checkpoint", "compute_dtype")
             }
         )
+        if self.compute_dtype == COMPUTE:
+            return base
+        return f"{base}+act-{str(self.compute_dtype).replace('torch.', '')}"  # its KV differs in the last bits
 
     @property
     def name(self) -> str:
@@ -107,12 +116,14 @@ class TinyLlama:
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", weights: Optional[dict] = None) -> None:
         self.config = c = config
         self.device = torch.device(device)
+        self.dtype = c.compute_dtype
         self._inv_freq = rope_inv_freq(c).to(self.device)
         self.tp_shard = False  # a rank's shard (engine/tp.py): partial outputs are summed over tp_group
         self.tp_group: Any = None  # None: the default group
         if weights is not None:
             self.embed, self.layers = weights["embed"], weights["layers"]
             self.final_norm, self.lm_head = weights["final_norm"], weights["lm_head"]
+            self._cast()
             return
         g = torch.Generator().manual_seed(c.seed)
 
@@ -138,11 +149,27 @@ class TinyLlama:
         ]
         self.final_norm = torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device)
         self.lm_head = w(c.hidden_size, c.vocab_size)
+        self._cast()  # drawn in float64 whatever the compute dtype: the same model at every precision
+
+    def _cast(self) -> None:
+        """Every weight in the compute dtype."""
+        to = self.dtype
+        self.embed, self.final_norm, self.lm_head = (t.to(to) for t in (self.embed, self.final_norm, self.lm_head))
+        self.layers = [{k: v.to(to) for k, v in p.items()} for p in self.layers]
+
+    def with_compute_dtype(self, dtype: torch.dtype) -> TinyLlama:
+        """The same model computing in ``dtype`` (weights cast; a no-op when it already does)."""
+        if dtype == self.dtype:
+            return self
+        weights = {"embed": self.embed, "layers": self.layers, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        other = TinyLlama(attrs.evolve(self.config, compute_dtype=dtype), self.device, weights=weights)
+        other.tp_shard, other.tp_group = self.tp_shard, self.tp_group
+        return other
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, dim); rotate pairs (first half, second half) by position * inv_freq."""
-        ang = positions.to(COMPUTE)[:, None] * self._inv_freq[None, :]
-        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        ang = positions.to(COMPUTE)[:, None] * self._inv_freq[None, :]  # angles in float64 at every precision
+        cos, sin = ang.cos()[:, None, :].to(self.dtype), ang.sin()[:, None, :].to(self.dtype)
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -153,6 +180,24 @@ class TinyLlama:
 
             dist.all_reduce(partial, group=self.tp_group)
         return partial
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence's attention: its n new queries (n, hq, d) over all its T keys and values (T, hk, d), the
+        queries at the last n positions (causal). Returns (n, hq * d)."""
+        c = self.config
+        n, total, hq, hk, d = q.shape[0], k.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        qpos = torch.arange(total - n, total, device=q.device)[:, None]
+        causal = torch.arange(total, device=q.device)[None, :] <= qpos  # (n, T): True where it may attend
+        qi = q.transpose(0, 1)  # (hq, n, d)
+        if self.dtype != COMPUTE:  # the fast path: one fused kernel, the KV heads shared by their query groups
+            ki, vi = (t.to(self.dtype).transpose(0, 1) for t in (k, v))  # (hk, T, d)
+            out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal, enable_gqa=hq != hk)
+            return out.transpose(0, 1).reshape(n, hq * d)
+        ki = k.to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)  # (hq, T, d)
+        vi = v.to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)
+        scores = (qi @ ki.transpose(1, 2)) * d**-0.5
+        scores = scores.masked_fill(~causal, float("-inf"))
+        return (scores.softmax(-1) @ vi).transpose(0, 1).reshape(n, hq * d)
 
     def forward(self, pool, seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One step for several sequences. Each entry: (new token ids, their slots, all slots so far incl. new).
@@ -177,16 +222,8 @@ class TinyLlama:
             v_buf[new_slots] = v.to(pool.dtype)
             outs, start = [], 0
             for (_, _, all_slots), n in zip(seqs, lens):
-                qi = q[start : start + n].transpose(0, 1)  # (hq, n, d)
                 idx = all_slots.to(pool.device)
-                ki = k_buf[idx].to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)  # (hq, T, d)
-                vi = v_buf[idx].to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)
-                scores = (qi @ ki.transpose(1, 2)) * d**-0.5
-                total = len(idx)
-                qpos = torch.arange(total - n, total, device=scores.device)[:, None]
-                kpos = torch.arange(total, device=scores.device)[None, :]
-                scores = scores.masked_fill(kpos > qpos, float("-inf"))
-                outs.append((scores.softmax(-1) @ vi).transpose(0, 1).reshape(n, hq * d))
+                outs.append(self._attend(q[start : start + n], k_buf[idx], v_buf[idx]))
                 start += n
             x = x + self._reduce(_lin(torch.cat(outs), p, "wo"))
             h = _rms(x, p["mlp_norm"], c.rms_eps)

@@ -38,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="KV dtype of a checkpoint (default: its torch_dtype)",
     )
+    s.add_argument(
+        "--compute-dtype",
+        default="float64",
+        choices=("float64", "float32"),
+        help="the reference model's weights and activations (default float64: tokens do not depend on what was "
+        "cached; float32 is about twice as fast, its tokens may differ in near ties)",
+    )
     s.add_argument("--seed", type=arg_int(0), default=0, help="the random model's seed (default %(default)s)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     s.add_argument("--port", type=arg_int(0, 65535), default=30000, help="port (default %(default)s; 0: any free one)")
@@ -113,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_roles(args: argparse.Namespace, config) -> None:
-    from hicache_core.engine.engine import role_config
+    from hicache_core.engine.request import role_config
     from hicache_core.serve.state import engine_mode
 
     role_config(config, engine_mode(args), args.disaggregation_mode, args.disaggregation_decode_enable_offload_kvcache)

@@ -35,16 +35,17 @@ def engine_mode(args: argparse.Namespace) -> str:
 
 
 def load_model(args: argparse.Namespace) -> tuple[TinyLlama, Any]:
+    from hicache_core.engine.model import COMPUTE_DTYPES
     from hicache_core.engine.tokenizer import load_tokenizer
 
     if args.model_path:
         from hicache_core.engine.checkpoint import load_model as load_checkpoint
 
-        model = load_checkpoint(args.model_path, dtype=args.dtype)
+        model = load_checkpoint(args.model_path, dtype=args.dtype, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
     else:
         from hicache_core.engine import ModelConfig
 
-        model = TinyLlama(ModelConfig(seed=args.seed))
+        model = TinyLlama(ModelConfig(seed=args.seed, compute_dtype=COMPUTE_DTYPES[args.compute_dtype]))
     return model, load_tokenizer(args.model_path)
 
 
