@@ -78,7 +78,7 @@ def smollm2_directory(out: Path) -> Path:
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # type: ignore[assignment]  # dequantized already: save plain float32 weights
+    model.hf_quantizer = None  # type: ignore[assignment,unused-ignore]  # dequantized already: save plain float32 weights
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
