@@ -39,7 +39,8 @@ class DevicePool:
         if self.device.type == "cpu":
             require_host_memory(num_tokens * spec.size_per_token, f"the device pool ({num_tokens} tokens, on the CPU)")
         if self.device.type == "cpu":  # huge pages where possible (memory/buffer.py)
-            self.kv_buffer = cpu_buffer(num_tokens * spec.size_per_token, zero=True).view(spec.dtype).view(shape)
+            raw = cpu_buffer(num_tokens * spec.size_per_token, zero=True, prefault=True)
+            self.kv_buffer = raw.view(spec.dtype).view(shape)
         else:
             self.kv_buffer = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         self.allocator = PageAllocator(num_tokens, page_size)

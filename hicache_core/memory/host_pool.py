@@ -99,7 +99,10 @@ class HostPool:
         self.pinned = pin_memory
         total = num_tokens * spec.size_per_token
         require_host_memory(total, f"the host pool ({num_tokens} tokens x {spec.size_per_token} bytes)")
-        self.raw = torch.empty(total, dtype=torch.uint8, pin_memory=True) if pin_memory else cpu_buffer(total)
+        if pin_memory:
+            self.raw = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        else:
+            self.raw = cpu_buffer(total, prefault=True)
         self.raw_np: np.ndarray = self.raw.numpy()
         L, ps, H, D = spec.layer_num, page_size, spec.head_num, spec.head_dim
         shapes = {

@@ -69,22 +69,31 @@ class WorkerHalf:
                 raise ValueError(
                     f"layer {n}: a block holds {v[0].numel() * v.element_size()} bytes, expected {self.g.block_bytes}"
                 )
+        for n, v in zip(self.g.layer_names, views):
+            try:
+                v[0].view(2, self.half)
+            except RuntimeError:
+                raise ValueError(
+                    f"layer {n}: a block of shape {tuple(v[0].shape)} and strides {v[0].stride()} is not two "
+                    "contiguous halves; the connector copies whole blocks"
+                ) from None
         self.views = views
 
     # --- copies ------------------------------------------------------------------------------------------------------
+    def _block(self, layer: int, block: int) -> torch.Tensor:
+        """One vLLM block of one layer as (2, half) -- a view, so a write lands in vLLM's cache."""
+        return self.views[layer][block].view(2, self.half)
+
     def _to_host(self, layer: int, blocks: list[int], slots: list[int]) -> None:
-        v = self.views[layer]
-        idx = torch.tensor(blocks, device=v.device)
-        src = v.index_select(0, idx).reshape(len(blocks), 2, self.half).to("cpu")
-        self.host[:, torch.tensor(slots), layer] = src.transpose(0, 1).view(self.host.dtype)
+        # one contiguous copy per block and half: an advanced-index assignment moved the bytes element by element
+        # (6% of vLLM's forward on SmolLM2, most of the connector's all-miss overhead)
+        for b, s in zip(blocks, slots):
+            self.host[:, s, layer].copy_(self._block(layer, b).view(self.host.dtype))
 
     def _to_blocks(self, blocks: list[int], slots: list[int]) -> None:
-        s = torch.tensor(slots)
         for layer, v in enumerate(self.views):
-            data = self.host[:, s, layer].transpose(0, 1).contiguous().view(v.dtype)
-            v.index_copy_(
-                0, torch.tensor(blocks, device=v.device), data.reshape(len(blocks), *v.shape[1:]).to(v.device)
-            )
+            for b, s in zip(blocks, slots):
+                self._block(layer, b).copy_(self.host[:, s, layer].view(v.dtype))
 
     def _copy_slots(self, src: list[int], dst: list[int]) -> None:
         self.host[:, torch.tensor(dst)] = self.host[:, torch.tensor(src)]
