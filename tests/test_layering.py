@@ -8,7 +8,7 @@ from core_helpers import REPO
 # Lower layers never import higher ones (DESIGN.md's arrows). Same-layer modules do not import each other.
 LAYERS = [
     ["errors"],
-    ["parse", "hookspecs"],
+    ["parse", "hookspecs", "threads"],
     ["config", "metrics", "keys", "identity"],
     ["plugins", "storage", "memory", "transfer"],
     ["registry"],

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from hicache_core.storage.base import ExtraInfo
+from hicache_core.threads import background_thread
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Worker:
         self._q.put(job)
 
     def _loop(self) -> None:
+        background_thread()
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         sync: Callable[[], None] = stream.synchronize if stream is not None else (lambda: None)
         while True:

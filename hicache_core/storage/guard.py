@@ -30,6 +30,8 @@ from typing import Any, Optional
 
 import torch
 
+from hicache_core.threads import background_thread
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -107,6 +109,7 @@ class _Threads:
         self._q.put(call)
 
     def _loop(self) -> None:
+        background_thread()
         me = threading.current_thread()
         while True:
             call = self._q.get()

@@ -20,6 +20,7 @@ import torch
 from hicache_core.integrations.vllm.plan import LoadJob, StepPlan
 from hicache_core.integrations.vllm.settings import Geometry
 from hicache_core.memory import HostPool
+from hicache_core.threads import background_thread
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class WorkerHalf:
         self._free_staging = list(range(host_pages + staging_pages - 1, host_pages - 1, -1))
         self._lock = threading.Lock()
         self._loads: dict[str, tuple[Future, list[int]]] = {}
-        self._loader = ThreadPoolExecutor(2, thread_name_prefix="hicache-vllm-load")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="hicache-vllm-backup")
+        self._loader = ThreadPoolExecutor(2, thread_name_prefix="hicache-vllm-load", initializer=background_thread)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="hicache-vllm-backup", initializer=background_thread)
         self._failed_keys: list[str] = []  # backups that failed
         self._unread: list[tuple[str, list[str]]] = []  # (request, keys) of storage reads that failed
         self._plan: Optional[StepPlan] = None
