@@ -77,6 +77,21 @@ def chart(report: dict, path: str) -> str | None:
     return None
 
 
+def print_phases(results: list[dict], key: str, what: str) -> None:
+    """Where each configuration's TTFT went (``r[key]``: mean ms per phase) and how its storage prefetches ended."""
+    phased = [r for r in results if r.get(key)]
+    if not phased:
+        return
+    print(f"\nwhere {what} goes (mean ms; the phases sum to it) and how storage prefetches ended:")
+    for r in phased:
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.get("prefetch_outcomes") or {}).items()))
+        print(
+            f"  {r['label']:<20} "
+            + "  ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in r[key].items())
+            + (f"   prefetch: {outcomes}" if outcomes else "")
+        )
+
+
 def _requests(outputs: Any) -> list:
     """The token lists of every request in a run's outputs (nested by round and client)."""
     if isinstance(outputs, list) and outputs and isinstance(outputs[0], list):
@@ -274,16 +289,7 @@ def _print(
                 "\nmean TTFT over every round against recompute (no cache): "
                 + ", ".join(f"{labels[c]} {x:.2f}x" for c, x in vs.items())
             )
-    phased = [r for r in results if r.get("ttft_phases_rounds2plus_ms")]
-    if phased:
-        print("\nwhere rounds 2+ TTFT goes (mean ms; the phases sum to it) and how storage prefetches ended:")
-        for r in phased:
-            ph = r["ttft_phases_rounds2plus_ms"]
-            outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.get("prefetch_outcomes") or {}).items()))
-            print(
-                f"  {r['label']:<20} queued {ph['queued']:.1f}  prefetch wait {ph['prefetch_wait']:.1f}  "
-                f"load {ph['load']:.1f}  compute {ph['compute']:.1f}" + (f"   prefetch: {outcomes}" if outcomes else "")
-            )
+    print_phases(results, "ttft_phases_rounds2plus_ms", "rounds 2+ TTFT")
     ranks = [r for r in results if r.get("per_rank_hit_tokens")]
     if ranks:
         print(

@@ -37,7 +37,7 @@ from hicache_core.bench.common import Progress, print_table
 from hicache_core.bench.common import pct as _pct
 from hicache_core.bench.measure import warm_up
 from hicache_core.bench.multiturn_args import CONFIGS, LABELS, add_engine_arguments
-from hicache_core.bench.report import agreement, strict_tokens
+from hicache_core.bench.report import agreement, print_phases, strict_tokens
 from hicache_core.bench.trace_format import SHAPES, TRACE_BLOCK, generate, ideal_hits, load, prompt_of, scaled
 from hicache_core.errors import ConfigError, HiCacheError
 
@@ -279,17 +279,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
             ("same", "same tokens", "s"),
         ],
     )
-    phased = [r for r in results if r.get("ttft_phases_ms")]
-    if phased:
-        print("\nwhere TTFT goes (mean ms; the phases sum to it) and how storage prefetches ended:")
-        for r in phased:
-            ph = r["ttft_phases_ms"]
-            outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.get("prefetch_outcomes") or {}).items()))
-            print(
-                f"  {r['label']:<20} "
-                + "  ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in ph.items())
-                + (f"   prefetch: {outcomes}" if outcomes else "")
-            )
+    print_phases(results, "ttft_phases_ms", "TTFT")
     print(f"\nreport: {path}")
     if not ok:
         print("ERROR: a configuration produced different tokens from the reference run", file=sys.stderr)
