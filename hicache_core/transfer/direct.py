@@ -22,7 +22,6 @@ import torch
 from numpy.lib.stride_tricks import as_strided
 
 from hicache_core.errors import ConfigError
-from hicache_core.threads import background_thread
 
 _THREADS = max(1, min(int(os.environ.get("HICACHE_DIRECT_THREADS", os.cpu_count() or 1)), 8))
 # layers a layer-wise load moves per call between CPU pools: a few layers at once read a page-first pool's tokens
@@ -37,7 +36,7 @@ _POOL: cf.ThreadPoolExecutor | None = None
 def _executor() -> cf.ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(_THREADS, thread_name_prefix="hicache-direct", initializer=background_thread)
+        _POOL = cf.ThreadPoolExecutor(_THREADS, thread_name_prefix="hicache-direct")
     return _POOL
 
 
