@@ -17,6 +17,7 @@ from hicache_core.cache.host_tier import HostTier
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.radix import EMPTY, RadixTree
 from hicache_core.controller import HiCacheController
+from hicache_core.events import GPU
 from hicache_core.metrics import CacheMetrics
 
 LOAD_BACK_THRESHOLD = 10  # tokens: shorter host spans are recomputed rather than loaded (SGLang's value)
@@ -86,7 +87,11 @@ class DeviceTier:
                 if n:
                     pending.add(x.id)
                     written.append(x)
-                return n
+                    return n
+                if x.children:
+                    return 0  # its host-only children hang from it: it stays until they go
+            # no host copy, and none to be had (host full, or its namespace at its host quota): dropped, or its
+            # device pages would be held for good
             return self.tree._drop_leaf(x, "device")
 
         freed = self.tree.evict_leaves(num_tokens, candidate, evict_one)
@@ -101,6 +106,7 @@ class DeviceTier:
         n = len(x.value)
         self.pool.free(x.value)
         x.value = None
+        self.tree.withdraw(x, GPU, "demoted")
         self.metrics.record_evicted("device", n)
         return n
 
@@ -131,6 +137,7 @@ class DeviceTier:
             size = len(n.host_value)  # type: ignore[arg-type]
             n.value = device[offset : offset + size]
             offset += size
+            self.tree.announce(n, GPU)  # its slots are taken and its copy is queued: a request here waits on it
         self.ongoing_load_back[node.id] = node  # stays locked until the copy has landed
         self.metrics.add("loaded_back_tokens", len(host_indices))
         return device
