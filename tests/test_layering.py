@@ -9,7 +9,7 @@ from core_helpers import REPO
 LAYERS = [
     ["errors"],
     ["parse", "hookspecs", "threads"],
-    ["config", "metrics", "keys", "identity"],
+    ["config", "metrics", "keys", "identity", "events"],
     ["plugins", "storage", "memory", "transfer"],
     ["registry"],
     ["controller", "integrations"],

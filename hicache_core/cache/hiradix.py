@@ -37,6 +37,7 @@ from hicache_core.cache.radix import EMPTY, MatchResult, RadixTree
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
 from hicache_core.errors import ConfigError
+from hicache_core.events import EventBatch, KVEvents
 from hicache_core.keys import hash_chain, namespace_seed
 from hicache_core.memory import DevicePool, HostPool
 from hicache_core.metrics import CacheMetrics
@@ -70,6 +71,7 @@ class HiRadixCache:
         self.page_size = config.page_size
         self.tree = RadixTree(device_pool, config.page_size, config.radix_eviction_policy, host_pool)
         self.tree.on_new, self.tree.on_evicted = self._on_new, self.metrics.record_evicted
+        self.events = self.tree.events = KVEvents(config.page_size)  # subscribe_events() turns them on
         self.quota = HostQuota(self.tree, config.hicache_salt_host_pages, config.page_size)
         self.controller: Optional[HiCacheController] = None
         self.host: Optional[HostTier] = None
@@ -125,9 +127,27 @@ class HiRadixCache:
         return self.host.ongoing_backup if self.host is not None else {}
 
     def _on_new(self, node: TreeNode) -> None:
-        if self.storage_enabled:  # storage keys chain from the parent's last page
+        if self.storage_enabled or self.events.active:  # storage keys (and event ids) chain from the parent's
             assert node.parent is not None
             node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
+
+    def _rehash(self) -> None:
+        """Give every node its page keys, chained from its namespace's root (nodes made while nothing needed them
+        have none)."""
+        for node in self.nodes():  # parents first
+            assert node.parent is not None
+            if node.seed is None:  # a namespace's root keeps its seed
+                node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
+
+    # --- events ------------------------------------------------------------------------------------------------------
+    def subscribe_events(self, fn: Callable[[EventBatch], None]) -> Callable[[], None]:
+        """Call ``fn(batch)`` (on the owner thread, once per :meth:`poll` that has news) with the cache's KV events
+        (:mod:`hicache_core.events`): pages stored in and removed from each tier. A
+        :class:`~hicache_core.events.publisher.ZmqPublisher` puts them on the wire as vLLM does. Returns a function
+        that unsubscribes. Pages cached before the first subscriber are not replayed."""
+        if not self.events.active and not self.storage_enabled:
+            self._rehash()
+        return self.events.subscribe(fn)
 
     # --- the tree ----------------------------------------------------------------------------------------------------
     def match_prefix(self, tokens: Tokens, seed: Optional[str] = None) -> MatchResult:
@@ -207,6 +227,7 @@ class HiRadixCache:
             if v is not None and (not isinstance(v, str) or not v):
                 raise ValueError(f"{name} must be a non-empty string, not {v!r}")
         seed = namespace_seed(extra_key, salt)
+        self.events.name_namespace(seed, salt, extra_key)
         m = self.match_prefix(tokens, seed)
         storage_hit = 0
         if self.storage_enabled:
@@ -282,10 +303,7 @@ class HiRadixCache:
                 f"storage backend {self.config.hicache_storage_backend!r} is attached already; detach it first"
             )
         self.flush()
-        for node in self.nodes():  # parents first: nodes made before storage get their keys, chained from the root
-            assert node.parent is not None
-            if node.seed is None:  # a namespace's root keeps its seed
-                node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
+        self._rehash()  # nodes made before storage get their keys, chained from the root
         self.controller.attach_storage(backend, config)
         self.config = config
 
@@ -297,19 +315,21 @@ class HiRadixCache:
             raise ConfigError(f"{len(self.ongoing_prefetch)} storage prefetches are in flight; retry when idle")
         self.flush()
         self.controller.detach_storage()
+        self.events.storage_detached()
+        self.events.flush()
         self.config = self.config.replace(hicache_storage_backend=None, hicache_storage_backend_extra_config=None)
 
     # --- background work -------------------------------------------------------------------------------------------
     def poll(self) -> None:
         """Apply what background work finished: writes, loads, backups, queried prefetches, returned pages."""
-        if self.controller is None or self.host is None or self.prefetcher is None:
-            return
-        self.host.writing_check()
-        self.device.loading_check()
-        self.host.backups_check()
-        if self.controller.io is not None:
-            self.prefetcher.advance()
-        self.controller.poll()
+        if self.controller is not None and self.host is not None and self.prefetcher is not None:
+            self.host.writing_check()
+            self.device.loading_check()
+            self.host.backups_check()
+            if self.controller.io is not None:
+                self.prefetcher.advance()
+            self.controller.poll()
+        self.events.flush()
 
     def busy(self) -> bool:
         """Whether a device<->host copy or a storage backup is still running (on any rank)."""
@@ -339,15 +359,16 @@ class HiRadixCache:
     def empty_local_tiers(self, timeout: float = 60.0) -> None:
         """Drop every unpinned page from device and host (storage keeps its pages), as SGLang's /flush_cache: the
         copies and backups in flight land first, and since write_back copies an evicted page to host first, it
-        repeats until nothing more is freed."""
-        for _ in range(8):
-            self.flush(timeout)
-            freed = self.evict(self.device_pool.size)
-            if self.host is not None:
+        repeats until nothing more is freed. Their removal events say ``flushed``."""
+        with self.events.reason("flushed"):
+            for _ in range(8):
                 self.flush(timeout)
-                freed += self.host.evict(self.host_pool.size)
-            if not freed:
-                break
+                freed = self.evict(self.device_pool.size)
+                if self.host is not None:
+                    self.flush(timeout)
+                    freed += self.host.evict(self.host_pool.size)
+                if not freed:
+                    break
         self.poll()
 
     def storage_stats(self) -> Optional[dict]:
@@ -373,6 +394,7 @@ class HiRadixCache:
         call past its deadline return (each bounded by it) and give every unpinned page back, so the pools can be
         checked for leaks afterwards."""
         self._admitting.clear()
+        self.events.close()
         if drain_timeout is not None:
             self._drain(drain_timeout)
         if self.controller is not None:

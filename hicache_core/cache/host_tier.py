@@ -18,6 +18,7 @@ from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import RadixTree
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
+from hicache_core.events import CPU, STORAGE
 from hicache_core.metrics import CacheMetrics
 
 
@@ -43,6 +44,7 @@ class HostTier:
         self._write_locked: set[int] = set()  # nodes pinned on device until their host copy lands
         self._landed_writes: list[int] = []  # finished here, not yet everywhere
         self._backed_up: dict[int, Any] = {}
+        self._backing_up: dict[int, tuple] = {}  # node id -> (parent key, tokens, seed) for its storage event
 
     def on_hit(self, node: TreeNode) -> None:
         """The tree's ``on_hit``: write-through (selective or not) starts a node's host copy."""
@@ -82,11 +84,15 @@ class HostTier:
             if node_id in self._write_locked:
                 self._write_locked.discard(node_id)
                 self.tree.dec_lock_ref(node)
+            self.tree.announce(node, CPU)
             if io is not None and self.storage_writes and node.hash_value and node.host_value is not None:
                 prefix = self.tree.storage_keys_above(node.parent) if io.config.pass_prefix_keys else None
                 io.write_storage(node.host_value, node.hash_value, node.id, prefix, self._storage_extra(node))
                 node.protect_host()  # the backup worker reads these host pages
                 self.ongoing_backup[node.id] = node
+                if self.tree.events is not None and self.tree.events.active:
+                    parent = node.parent.last_hash() if node.parent is not None else None
+                    self._backing_up[node.id] = (parent, list(node.key), self.tree.seed_of(node))
 
     def _storage_extra(self, node: TreeNode) -> Optional[dict]:
         """What a backup of ``node`` tells the backend besides its keys: its namespace's seed and storage quota
@@ -112,6 +118,10 @@ class HostTier:
             if node is not None:
                 node.release_host()
             self.metrics.add("backuped_tokens", op.completed_tokens)
+            meta = self._backing_up.pop(node_id, None)
+            if meta is not None and self.tree.events is not None:  # in storage everywhere: now a router may know
+                pages = op.completed_tokens // self.tree.page_size
+                self.tree.events.stored(op.hash_value[:pages], meta[0], meta[1], STORAGE, meta[2])
 
     def backup_in_flight(self, tokens, seed: Optional[str] = None) -> bool:
         """Whether a page of ``tokens``' cached path is still on its way to storage (its device->host copy or its

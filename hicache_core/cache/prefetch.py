@@ -27,6 +27,7 @@ from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import RadixTree
 from hicache_core.controller import HiCacheController, StorageController
 from hicache_core.controller.operations import PrefetchOperation
+from hicache_core.events import CPU
 from hicache_core.metrics import CacheMetrics
 
 OUTCOMES = (
@@ -257,4 +258,5 @@ class StoragePrefetcher:
             new = tree._attach(node, key[matched:])
             new.host_value = host_indices[matched:].clone()
             new.hash_value = list(hashes[matched // self.page_size :])
+            tree.announce(new, CPU)
         return matched

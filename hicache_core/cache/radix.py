@@ -17,6 +17,7 @@ import torch
 
 from hicache_core.cache.node import TreeNode
 from hicache_core.cache.policies import EVICTION_KEYS
+from hicache_core.events import CPU, GPU, KVEvents
 
 EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -48,6 +49,7 @@ class RadixTree:
         self.on_hit: Callable[[TreeNode], None] = _ignore  # a node was inserted (again): write policies count hits
         self.on_new: Callable[[TreeNode], None] = _ignore  # a node was just made by insert (its storage keys)
         self.on_evicted: Callable[[str, int], None] = lambda tier, tokens: None  # metrics
+        self.events: Optional[KVEvents] = None  # what each tier holds, for routers (hicache_core/events)
         self.reset()
 
     def reset(self) -> None:
@@ -213,6 +215,7 @@ class RadixTree:
             child.last_access_time = now
             if child.value is None:
                 child.value = device_indices[at : at + n].clone()
+                self.announce(child, GPU)
             else:
                 prefix += n
             child.hit_count += 1
@@ -222,6 +225,7 @@ class RadixTree:
             new = self._attach(node, key[at:n_all])
             new.value = device_indices[at:n_all].clone()
             self.on_new(new)
+            self.announce(new, GPU)
             new.hit_count += 1
             self.on_hit(new)
         return prefix
@@ -264,6 +268,7 @@ class RadixTree:
         assert idx is not None and pool is not None
         pool.free(idx)
         setattr(x, attr, None)
+        self.withdraw(x, GPU if tier == "device" else CPU, "evicted")
         self._delete_leaf(x)
         self.on_evicted(tier, len(idx))
         return len(idx)
@@ -284,6 +289,24 @@ class RadixTree:
             chain.append(node.hash_value or [])
             node = node.parent
         return [k for keys in reversed(chain) for k in keys]
+
+    # --- events -----------------------------------------------------------------------------------------------------
+    def seed_of(self, node: TreeNode) -> Optional[str]:
+        """The namespace seed ``node`` lives under (None for the unseeded prefixes)."""
+        while node.parent is not None and node.parent is not self.root:
+            node = node.parent
+        return node.seed
+
+    def announce(self, node: TreeNode, medium: str) -> None:
+        """Tell event subscribers that ``node``'s pages are now in ``medium``."""
+        ev = self.events
+        if ev is not None and ev.active and node.hash_value and node.parent is not None:
+            ev.stored(node.hash_value, node.parent.last_hash(), node.key, medium, self.seed_of(node))
+
+    def withdraw(self, node: TreeNode, medium: str, reason: str) -> None:
+        ev = self.events
+        if ev is not None and ev.active and node.hash_value:
+            ev.removed(node.hash_value, medium, reason)
 
     # --- introspection -----------------------------------------------------------------------------------------------
     def total_size(self) -> tuple[int, int]:
