@@ -57,6 +57,11 @@ def _non_negative(inst, attribute, value):
         raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a finite number >= 0")
 
 
+def _at_most_one(inst, attribute, value):
+    if value > 1:
+        raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it is a share: between 0 and 1")
+
+
 def _positive_int(inst, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a whole number > 0")
@@ -172,6 +177,10 @@ class HiCacheConfig:
     hicache_model_fingerprint: Optional[str] = attrs.field(default=None, validator=_fingerprint)
     hicache_salt_host_pages: int = attrs.field(default=0, validator=_non_negative)  # per namespace; 0: no cap
     hicache_salt_storage_pages: int = attrs.field(default=0, validator=_non_negative)  # likewise, in storage
+    # soft retention (cache/retention.py): the share of the host tier retained prefixes may hold, and the longest
+    # retention a request may ask for
+    hicache_retention_ratio: float = attrs.field(default=0.5, validator=[_non_negative, _at_most_one])
+    hicache_retention_max_seconds: float = attrs.field(default=600.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.hicache_storage_backend == "":
@@ -329,6 +338,21 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="storage pages one cache_salt / extra_key namespace may hold, across every "
         "process on the store; past it, its own oldest go (a backend that can count "
         "them: file) (default %(default)s: no cap)",
+    )
+    g.add_argument(
+        "--hicache-retention-ratio",
+        type=arg_float(0),
+        default=d.hicache_retention_ratio,
+        metavar="R",
+        help="share of the host tier (the device tier without one) that prefixes retained by requests' "
+        "retention_seconds hints may hold; hints past it are clipped (default %(default)s; 0: no retention)",
+    )
+    g.add_argument(
+        "--hicache-retention-max-seconds",
+        type=arg_float(0),
+        default=d.hicache_retention_max_seconds,
+        metavar="S",
+        help="the longest retention_seconds a request may ask for; more is clipped (default %(default)s)",
     )
     g.add_argument(
         "--hicache-model-fingerprint",

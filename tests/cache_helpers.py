@@ -30,6 +30,7 @@ def make_cache(
     model="t",
     salt_host_pages=0,
     salt_storage_pages=0,
+    **more,
 ) -> HiRadixCache:
     extra = {"prefetch_threshold": PS, **(extra or {})}
     if storage == "memory":
@@ -46,6 +47,7 @@ def make_cache(
         model_name=model,
         hicache_salt_host_pages=salt_host_pages,
         hicache_salt_storage_pages=salt_storage_pages,
+        **more,
     )
     tiers = "hicache+storage" if storage else "hicache" if host_pages else "radix"
     return build_cache(

@@ -77,11 +77,12 @@ class DeviceTier:
             )
 
         written: list[TreeNode] = []
+        retained = self.tree.retained()  # a retained prefix's pages go to host rather than away
 
         def evict_one(x: TreeNode) -> int:
             if x.backuped:
                 return self._demote(x)
-            if self.write_policy == "write_back" or x.children:
+            if self.write_policy == "write_back" or x.children or x.id in retained:
                 # write_back copies on eviction; a node with host-only children must keep a host copy too
                 n = host.write_backup(x, write_back=True)
                 if n:

@@ -21,7 +21,7 @@ under them. Only the thread that owns the cache calls it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -29,15 +29,18 @@ import torch
 from hicache_core.cache.admission import FULL, READY, WAIT, Admission, trim_tiers
 from hicache_core.cache.agree import Solo
 from hicache_core.cache.device_tier import LOAD_BACK_THRESHOLD, DeviceTier
+from hicache_core.cache.fleet import FleetDoor
 from hicache_core.cache.host_tier import HostTier
 from hicache_core.cache.node import TreeNode
+from hicache_core.cache.operator import OperatorDoor
 from hicache_core.cache.prefetch import StoragePrefetcher
 from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import EMPTY, MatchResult, RadixTree
+from hicache_core.cache.restore import Restore, Restorer
+from hicache_core.cache.retention import Retention
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
-from hicache_core.errors import ConfigError
-from hicache_core.events import EventBatch, KVEvents
+from hicache_core.events import KVEvents
 from hicache_core.keys import hash_chain, namespace_seed
 from hicache_core.memory import DevicePool, HostPool
 from hicache_core.metrics import CacheMetrics
@@ -48,7 +51,7 @@ __all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache", "Tokens"]
 Tokens = Sequence[int]  # a prompt: a list of token ids (or any sequence of them)
 
 
-class HiRadixCache:
+class HiRadixCache(FleetDoor, OperatorDoor):
     """The prefix cache. Without a host pool it is a device-only radix cache (no write policies, no storage)."""
 
     def __init__(
@@ -91,6 +94,9 @@ class HiRadixCache:
             self.tree, self.controller, self.host, self.metrics, self.agree, config.hicache_write_policy
         )
         self._admitting: dict[Any, int] = {}  # request id -> matched length before its storage prefetch
+        self._joined: dict[Any, Optional[Restore]] = {}  # request id -> the restore it waits on (None: waited)
+        self.restorer = Restorer(self.tree, self.prefetcher, self.agree)
+        self.retention = Retention(self.tree, config, host_pool.size if host_pool is not None else device_pool.size)
 
     # --- what the parts hold -----------------------------------------------------------------------------------------
     @property
@@ -138,16 +144,6 @@ class HiRadixCache:
             assert node.parent is not None
             if node.seed is None:  # a namespace's root keeps its seed
                 node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
-
-    # --- events ------------------------------------------------------------------------------------------------------
-    def subscribe_events(self, fn: Callable[[EventBatch], None]) -> Callable[[], None]:
-        """Call ``fn(batch)`` (on the owner thread, once per :meth:`poll` that has news) with the cache's KV events
-        (:mod:`hicache_core.events`): pages stored in and removed from each tier. A
-        :class:`~hicache_core.events.publisher.ZmqPublisher` puts them on the wire as vLLM does. Returns a function
-        that unsubscribes. Pages cached before the first subscriber are not replayed."""
-        if not self.events.active and not self.storage_enabled:
-            self._rehash()
-        return self.events.subscribe(fn)
 
     # --- the tree ----------------------------------------------------------------------------------------------------
     def match_prefix(self, tokens: Tokens, seed: Optional[str] = None) -> MatchResult:
@@ -233,7 +229,18 @@ class HiRadixCache:
         if self.storage_enabled:
             if rid not in self._admitting:
                 self._admitting[rid] = m.matched_length
+                joined = self.restorer.joinable(tokens, seed, m.matched_length)
+                if joined is not None:  # its restore is fetching what it needs: wait for that, not a second fetch
+                    self._joined[rid] = joined
+                else:
+                    self.prefetch_from_storage(rid, m.last_node, tokens[m.matched_length :])
+            joined = self._joined.get(rid)
+            if joined is not None:
+                if joined.state == "running":
+                    return Admission(rid, WAIT, salt=salt, extra_key=extra_key, seed=seed)
+                m = self.match_prefix(tokens, seed)  # then fetch what the restore did not cover
                 self.prefetch_from_storage(rid, m.last_node, tokens[m.matched_length :])
+                self._joined[rid] = None
             if not self.check_prefetch_progress(rid):
                 return Admission(rid, WAIT, salt=salt, extra_key=extra_key, seed=seed)
             m = self.match_prefix(tokens, seed)
@@ -261,10 +268,14 @@ class HiRadixCache:
             self.ready_to_load_host_cache()  # the loads queued above pin device pages until they run
             return Admission(rid, FULL, salt=salt, extra_key=extra_key, seed=seed)
         self._admitting.pop(rid, None)
+        self.retention.touch(m.last_node)  # a hit refreshes the retention of the sessions whose prefix it is
         self.metrics.record_request(
             len(tokens), cached["device"], cached["host"], cached["storage"], salt=None if seed is None else seed[:12]
         )
         outcome = self.prefetcher.outcome(rid) if self.prefetcher is not None else None
+        if rid in self._joined:
+            del self._joined[rid]
+            outcome = "restored" if outcome in (None, "local") else outcome
         return Admission(
             rid, READY, prefix, own, cached, node, salt=salt, extra_key=extra_key, seed=seed, prefetch=outcome
         )
@@ -291,33 +302,8 @@ class HiRadixCache:
         """Forget a request that was never admitted ``ready`` (a client gone while it waited): its prefetch stops
         and its pages go back."""
         self._admitting.pop(rid, None)
+        self._joined.pop(rid, None)
         self.release_aborted_request(rid)
-
-    # --- storage at runtime (SGLang's attach/detach; the owner calls these only while no request is in flight) ---
-    def attach_storage(self, backend: StorageV1, config: HiCacheConfig) -> None:
-        """Start the storage tier on ``backend`` (built for this cache's host pool) with ``config``."""
-        if self.controller is None:
-            raise ConfigError("attaching a storage backend needs the host tier (--enable-hierarchical-cache)")
-        if self.storage_enabled:
-            raise ConfigError(
-                f"storage backend {self.config.hicache_storage_backend!r} is attached already; detach it first"
-            )
-        self.flush()
-        self._rehash()  # nodes made before storage get their keys, chained from the root
-        self.controller.attach_storage(backend, config)
-        self.config = config
-
-    def detach_storage(self) -> None:
-        """Wait for the backups in flight, then stop the storage tier and close its backend."""
-        if not self.storage_enabled or self.controller is None:
-            raise ConfigError("no storage backend is attached")
-        if self.ongoing_prefetch or self._admitting:
-            raise ConfigError(f"{len(self.ongoing_prefetch)} storage prefetches are in flight; retry when idle")
-        self.flush()
-        self.controller.detach_storage()
-        self.events.storage_detached()
-        self.events.flush()
-        self.config = self.config.replace(hicache_storage_backend=None, hicache_storage_backend_extra_config=None)
 
     # --- background work -------------------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -328,6 +314,7 @@ class HiRadixCache:
             self.host.backups_check()
             if self.controller.io is not None:
                 self.prefetcher.advance()
+                self.restorer.poll()
             self.controller.poll()
         self.events.flush()
 
@@ -354,40 +341,6 @@ class HiRadixCache:
             time.sleep(0.002)
             ctrl.wait_idle(max(0.0, deadline - time.monotonic()))
             self.poll()
-
-    # --- what upper rooms (serve, certify, faults) need, without reaching past the door -----------------------------
-    def empty_local_tiers(self, timeout: float = 60.0) -> None:
-        """Drop every unpinned page from device and host (storage keeps its pages), as SGLang's /flush_cache: the
-        copies and backups in flight land first, and since write_back copies an evicted page to host first, it
-        repeats until nothing more is freed. Their removal events say ``flushed``."""
-        with self.events.reason("flushed"):
-            for _ in range(8):
-                self.flush(timeout)
-                freed = self.evict(self.device_pool.size)
-                if self.host is not None:
-                    self.flush(timeout)
-                    freed += self.host.evict(self.host_pool.size)
-                if not freed:
-                    break
-        self.poll()
-
-    def storage_stats(self) -> Optional[dict]:
-        """The attached backend's ``get_stats()`` as a dict (bounded by its deadline); None without storage or
-        when it has none."""
-        io = self.controller.io if self.controller is not None else None
-        if io is None:
-            return None
-        raw = io.guard.call_bounded("get_stats", getattr(io.guard.backend, "get_stats", lambda: None))
-        return raw if isinstance(raw, dict) else getattr(raw, "__dict__", None)
-
-    def wrap_storage(self, wrap: Callable[[Any], Any]) -> Any:
-        """Put ``wrap(backend)`` between the controller and the backend it calls now (fault injection by certify,
-        the soak and tests; ``wrap_storage(lambda w: w.inner)`` takes a wrapper out again); returns what it put."""
-        io = self.controller.io if self.controller is not None else None
-        if io is None:
-            raise ConfigError("no storage backend is attached")
-        io.guard.backend = wrap(io.guard.backend)
-        return io.guard.backend
 
     def close(self, drain_timeout: Optional[float] = None) -> None:
         """Stop the background work and close the backend. ``drain_timeout``: first let every copy, backup and

@@ -107,9 +107,10 @@ class StoragePrefetcher:
                 self.io.keep_hits(pf.op, agreed[2 * i + 1])
 
     # --- storage -> host ---------------------------------------------------------------------------------------------
-    def start(self, request_id: Any, anchor: TreeNode, new_tokens) -> bool:
+    def start(self, request_id: Any, anchor: TreeNode, new_tokens, proactive: bool = False) -> bool:
         """Start fetching pages past the local hit (``anchor`` = match's last_node) from storage. Storage is asked
-        first; host pages are taken only once it has said which pages it holds."""
+        first; host pages are taken only once it has said which pages it holds. ``proactive``: a restore ahead of
+        its request (cache/restore.py), which nobody waits on: the cost_aware policy does not weigh it."""
         io = self.controller.io
         if io is None or request_id in self.ongoing:
             return False
@@ -121,7 +122,7 @@ class StoragePrefetcher:
         if refused:
             self._record(request_id, refused)
             return False
-        if io.policy.cost_aware and self.agree.all(io.policy.too_costly(n)):
+        if io.policy.cost_aware and not proactive and self.agree.all(io.policy.too_costly(n)):
             self.metrics.add("prefetch_skipped_cost", 1)  # recomputing is expected to be faster
             self._record(request_id, "skipped_cost")
             return False
@@ -158,14 +159,18 @@ class StoragePrefetcher:
             return
         io.grant_prefetch(op, host)
 
-    def check(self, request_id: Any) -> bool:
-        """True when the request may be scheduled: no prefetch, or it has ended and its pages joined the tree."""
+    def check(self, request_id: Any, complete: bool = False) -> bool:
+        """True when the request may be scheduled: no prefetch, or it has ended and its pages joined the tree.
+        ``complete``: wait for every page whatever the policy says (a restore)."""
         pf = self.ongoing.get(request_id)
         if pf is None:
             return True
         op, io = pf.op, self.io
-        why = io.prefetch_may_stop(op)
-        cut = why is None and io.policy.cut(op, pf.queried)
+        if complete:
+            why, cut = ("done" if op.io_done.is_set() else None), False
+        else:
+            why = io.prefetch_may_stop(op)
+            cut = why is None and io.policy.cut(op, pf.queried)
         stop = self.agree.all(why is not None or cut)
         if not stop and not op.granted and not op.revoked:
             self._agree_queried([pf])

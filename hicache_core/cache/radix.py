@@ -50,6 +50,8 @@ class RadixTree:
         self.on_new: Callable[[TreeNode], None] = _ignore  # a node was just made by insert (its storage keys)
         self.on_evicted: Callable[[str, int], None] = lambda tier, tokens: None  # metrics
         self.events: Optional[KVEvents] = None  # what each tier holds, for routers (hicache_core/events)
+        # node id -> eviction rank of retained nodes (cache/retention.py): rank 0 (unretained) goes first
+        self.retained: Callable[[], dict[int, int]] = dict
         self.reset()
 
     def reset(self) -> None:
@@ -241,7 +243,9 @@ class RadixTree:
         """The one eviction loop: pop ``candidate`` nodes (checked again when popped) in eviction-policy order and
         ``evict_one`` each (returns tokens freed) until ``num_tokens`` are freed; a parent that becomes a
         candidate joins the heap. ``nodes``: where to look (default: the whole tree)."""
-        heap = [(self._evict_key(n), n.id, n) for n in (self.nodes() if nodes is None else nodes) if candidate(n)]
+        rank = self.retained()
+        key = self._evict_key if not rank else lambda n: (rank.get(n.id, 0), self._evict_key(n))
+        heap = [(key(n), n.id, n) for n in (self.nodes() if nodes is None else nodes) if candidate(n)]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
@@ -251,7 +255,7 @@ class RadixTree:
             freed += evict_one(x)
             p = x.parent
             if p is not None and p is not self.root and candidate(p):
-                heapq.heappush(heap, (self._evict_key(p), p.id, p))
+                heapq.heappush(heap, (key(p), p.id, p))
         self.drop_idle_namespaces()
         return freed
 

@@ -125,7 +125,14 @@ class Engine:
     def _finish(self, r: Request) -> None:
         r.finish_time = time.perf_counter()
         assert r.admission is not None
-        self.cache.release(r.admission, r.prompt + r.output[:-1], r.used)
+        tokens = r.prompt + r.output[:-1]
+        self.cache.release(r.admission, tokens, r.used)
+        if r.retention is not None:
+            if isinstance(self.cache, HiRadixCache):
+                answer = self.cache.retain(r.rid, tokens, r.retention, r.salt, r.extra_key)
+                r.retention_answer = answer.as_dict()
+            else:
+                r.retention_answer = {"status": "rejected", "reason": "this engine runs without a prefix cache"}
 
     # --- the loop ----------------------------------------------------------------------------------------------------
     def generate(self, requests: list[Request], on_finish: Optional[Callable[[Request], None]] = None) -> list[Request]:

@@ -10,6 +10,7 @@ import attrs
 import torch
 
 from hicache_core.cache import Admission
+from hicache_core.cache.retention import RetentionHint
 from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError
 
@@ -43,6 +44,9 @@ class Request:
     phases: dict = attrs.field(factory=lambda: dict.fromkeys(PHASES, 0.0))
     prefetch: Optional[str] = None
     wait_since: Optional[float] = None  # first answered 'wait' (its storage prefetch in flight), until admitted
+    # keep this request's prefix through churn (cache/retention.py), and how the cache answered that hint
+    retention: Optional[RetentionHint] = None
+    retention_answer: Optional[dict] = None
 
     @property
     def ttft(self) -> float:

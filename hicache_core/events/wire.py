@@ -79,7 +79,7 @@ def decode_event(obj: Any) -> Event:
                 obj.get("extra_keys"),
             )
         if kind == "BlockRemoved":
-            return BlockRemoved(list(obj["block_hashes"]), obj.get("medium"), obj.get("reason", "evicted"))
+            return BlockRemoved(list(obj["block_hashes"]), obj["medium"], obj.get("reason", "evicted"))
         if kind == "AllBlocksCleared":
             return AllBlocksCleared()
         raise ValueError(f"unknown KV event type {kind!r}")

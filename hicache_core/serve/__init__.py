@@ -89,6 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="SGLang's flag, accepted so its command lines run: KV always goes through the storage tier",
     )
     d.add_argument("--disaggregation-ib-device", default=None, help="SGLang's flag, accepted and not used")
+    s.add_argument(
+        "--kv-events-config",
+        default=None,
+        metavar="JSON",
+        help="publish KV events (pages stored in and removed from each tier) over ZMQ as vLLM does; vLLM's JSON, "
+        'e.g. \'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
+        "(needs the events extra)",
+    )
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default %(default)s)")
     s.add_argument("--port-file", default=None, help="write the bound port here once serving (tests, scripts)")
 
@@ -107,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(args.log_level.upper())
     logging.getLogger("hicache_core").setLevel(args.log_level.upper())
     config = HiCacheConfig.from_args(args)
+    if args.kv_events_config:  # a bad one fails here, before the model loads
+        from hicache_core.events.publisher import KVEventsConfig
+
+        KVEventsConfig.from_json(args.kv_events_config)
     check_roles(args, config)  # flag combinations first: a clear error before anything starts
     if args.tp_size > 1:
         from hicache_core.engine.tp import check_divisible

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from hicache_core.engine import Request
 from hicache_core.errors import HiCacheError
+from hicache_core.serve.fleet import add_fleet_routes
 from hicache_core.serve.protocol import (
     BadRequest,
     Params,
@@ -56,6 +57,7 @@ def meta_info(r: Request) -> dict:
         # where the TTFT went (they sum to it) and how the storage prefetch ended; engine/engine.py's PHASES
         "ttft_phases": dict(r.phases) if r.first_token_time else None,
         "prefetch": r.prefetch,
+        "retention": r.retention_answer,  # how a retention_seconds hint was answered (None without one)
     }
 
 
@@ -341,6 +343,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
             return error(400, f"cannot detach the storage backend now: {e}")
         return {"success": True, **info}
 
+    add_fleet_routes(app, state, body_of, error)
     return app
 
 

@@ -32,6 +32,10 @@ class Params:
     # vLLM's cache_salt; SGLang's extra_key)
     cache_salt: Optional[str] = None
     extra_key: Optional[str] = None
+    # soft retention of the request's prefix (cache/retention.py): seconds, priority, and the session it belongs to
+    retention_seconds: Optional[float] = None
+    retention_priority: int = 0
+    session_id: Optional[str] = None
 
 
 def _obj(body: Any, what: str) -> dict:
@@ -175,7 +179,20 @@ def with_namespace(params: Params, body: dict) -> Params:
         v = body.get(k)
         if v is not None and (not isinstance(v, str) or not 0 < len(v) <= 1024):
             raise BadRequest(f"{k} must be a non-empty string of at most 1024 characters, not {v!r}")
-    return attrs.evolve(params, cache_salt=body.get("cache_salt"), extra_key=body.get("extra_key"))
+    secs, prio, sid = body.get("retention_seconds"), body.get("retention_priority", 0), body.get("session_id")
+    if secs is not None and (isinstance(secs, bool) or not isinstance(secs, (int, float)) or not 0 < secs < math.inf):
+        raise BadRequest(f"retention_seconds must be a number > 0, not {secs!r}")
+    prio = _int(prio, "retention_priority", -(2**31), 2**31)  # clipped by the cache, and the answer says so
+    if sid is not None and (not isinstance(sid, str) or not 0 < len(sid) <= 256):
+        raise BadRequest(f"session_id must be a non-empty string of at most 256 characters, not {sid!r}")
+    return attrs.evolve(
+        params,
+        cache_salt=body.get("cache_salt"),
+        extra_key=body.get("extra_key"),
+        retention_seconds=None if secs is None else float(secs),
+        retention_priority=prio,
+        session_id=sid,
+    )
 
 
 def check_fits(ids: list[int], params: Params, limit: int, why: str) -> None:

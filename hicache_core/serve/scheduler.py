@@ -103,7 +103,9 @@ class Scheduler:
         cache = self.engine.cache
         # idle with copies or backups in flight: poll often, so each next one starts soon (a PD decode's offload
         # should be in storage before the next turn reaches prefill)
-        wait = 0.002 if cache.ongoing_write_through or cache.ongoing_backup else 0.05
+        # (a restore's prefetch too: the next turn may be on its way)
+        busy = cache.ongoing_write_through or cache.ongoing_backup or getattr(cache, "ongoing_prefetch", None)
+        wait = 0.002 if busy else 0.05
         try:
             items.append(self._inbox.get(timeout=wait) if block else self._inbox.get_nowait())
             while True:

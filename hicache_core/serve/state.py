@@ -15,10 +15,13 @@ from typing import Any, Optional
 
 import attrs
 
+from hicache_core.cache import HiRadixCache
 from hicache_core.cache.build import tiers_from_flags
+from hicache_core.cache.retention import RetentionHint
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, Request, TinyLlama
 from hicache_core.engine.engine import warm_up
+from hicache_core.errors import ConfigError
 from hicache_core.serve.metrics import ServerMetrics
 from hicache_core.serve.protocol import BadRequest, Params, check_fits
 from hicache_core.serve.scheduler import Scheduler, Stream
@@ -78,6 +81,48 @@ class ServerState:
         self.scheduler.target = self
         self.created = int(time.time())
         self.context = min(self.engine.pool.size, self.model.config.max_position_embeddings)
+        self._publish_events(getattr(args, "kv_events_config", None), tp)
+
+    def _publish_events(self, text: Optional[str], tp: Any) -> None:
+        """``--kv-events-config``: rank 0 publishes the cache's KV events over ZMQ as vLLM does."""
+        if not text:
+            return
+        from hicache_core.events.publisher import KVEventsConfig, ZmqPublisher
+
+        cfg = KVEventsConfig.from_json(text)
+        if not cfg.enabled or (tp is not None and tp.rank != 0):
+            return
+        cache = self.engine.cache
+        if not isinstance(cache, HiRadixCache):
+            raise ConfigError("--kv-events-config needs a prefix cache: drop --disable-radix-cache")
+        publisher = ZmqPublisher(cfg, data_parallel_rank=0)
+        cache.subscribe_events(publisher)
+        logger.info("kv events: publishing on %s (replay: %s)", publisher.endpoint, publisher.replay_endpoint)
+
+    # --- the fleet: proactive restore, session retention (serve/fleet.py) -------------------------------------------
+    def _cache(self) -> HiRadixCache:
+        cache = self.engine.cache
+        if not isinstance(cache, HiRadixCache):
+            raise BadRequest("this server runs without a prefix cache (--disable-radix-cache)")
+        return cache
+
+    def restore(self, op_id: str, ids: list[int], ttl: Optional[float], salt: Any, extra_key: Any) -> dict:
+        r, note = self._cache().restore(op_id, ids, ttl, salt, extra_key)
+        return {**r.as_dict(), "notes": [note] if note else []}
+
+    def restore_status(self, op_id: str) -> Optional[dict]:
+        r = self._cache().restore_status(op_id)
+        return None if r is None else r.as_dict()
+
+    def cancel_restore(self, op_id: str) -> Optional[dict]:
+        r = self._cache().cancel_restore(op_id)
+        return None if r is None else r.as_dict()
+
+    def sessions(self) -> list[dict]:
+        return self._cache().retention.describe()
+
+    def close_session(self, session_id: str) -> dict:
+        return self._cache().release_retention(session_id).as_dict()
 
     # --- requests -----------------------------------------------------------------------------------------------------
     def new_request(self, ids: list[int], params: Params, rid: Optional[str] = None) -> Request:
@@ -100,6 +145,8 @@ class ServerState:
             salt=params.cache_salt,
             extra_key=params.extra_key,
         )
+        if params.retention_seconds is not None:
+            r.retention = RetentionHint(params.retention_seconds, params.retention_priority, params.session_id)
         if params.stop:
             stops, tok = params.stop, self.tokenizer
 

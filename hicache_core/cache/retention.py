@@ -1,0 +1,179 @@
+"""Soft retention: a session's prefix outlives churn while it pauses (an agent waiting on a tool call).
+
+A request may carry a hint -- ``retention_seconds``, a ``priority`` and a ``session_id`` -- asking the cache to keep
+the prefix it just wrote. The hint is granted, clipped or rejected, and always answered (:class:`RetentionAnswer`):
+
+* ``seconds`` past ``--hicache-retention-max-seconds`` are clipped to it; ``priority`` to ``[0, MAX_PRIORITY]``.
+* Every retained prefix together may hold at most ``--hicache-retention-ratio`` of the host tier (of the device
+  tier without one). A prefix that does not fit is retained only as far as its leading nodes fit (clipped), or not
+  at all (rejected).
+
+Retention is soft, never a pin: eviction (device and host) takes unretained pages first, then retained ones by
+priority (lowest first) and the eviction policy; a retained page is never lost to make room while an unretained
+one could go instead. A device page of a retained prefix without a host copy is written to host rather than
+dropped, and granting a hint writes the prefix to host (and so, with a storage tier, to storage). A grant lasts
+``seconds`` from its last use: any request that hits the prefix refreshes it. Closing the session releases it;
+a later hint of the same session replaces its grant (the conversation moved on).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import attrs
+
+from hicache_core.cache.node import TreeNode
+from hicache_core.cache.radix import RadixTree
+
+MAX_PRIORITY = 100
+MAX_GRANTS = 4096
+
+
+@attrs.frozen
+class RetentionHint:
+    seconds: float
+    priority: int = 0
+    session_id: Optional[str] = None
+
+
+@attrs.frozen
+class RetentionAnswer:
+    status: str  # accepted | clipped | rejected | released
+    seconds: float = 0.0
+    priority: int = 0
+    tokens: int = 0  # prompt tokens retained
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define(eq=False)
+class Grant:
+    key: Any
+    node: TreeNode
+    seconds: float
+    priority: int
+    until: float
+    tokens: int
+
+
+class Retention:
+    """The grants of one cache; owner thread only."""
+
+    def __init__(self, tree: RadixTree, config: Any, tier_tokens: int) -> None:
+        self.tree = tree
+        self.budget = int(config.hicache_retention_ratio * tier_tokens)
+        self.max_seconds = float(config.hicache_retention_max_seconds)
+        self.grants: dict[Any, Grant] = {}
+        tree.retained = self.ranks
+
+    def _path(self, node: TreeNode) -> list[TreeNode]:
+        """``node`` and its ancestors up to its namespace's root (excluded), deepest first."""
+        out = []
+        while node.parent is not None and node is not self.tree.root and node.seed is None:
+            out.append(node)
+            node = node.parent
+        return out
+
+    def active(self) -> list[Grant]:
+        now = time.monotonic()
+        for key in [k for k, g in self.grants.items() if g.until < now]:
+            del self.grants[key]
+        return list(self.grants.values())
+
+    def retained_tokens(self, skip: Any = None) -> tuple[set[int], int]:
+        seen: set[int] = set()
+        total = 0
+        for g in self.active():
+            if g.key == skip:
+                continue
+            for n in self._path(g.node):
+                if n.id not in seen:
+                    seen.add(n.id)
+                    total += len(n.key)
+        return seen, total
+
+    def retain(self, key: Any, node: TreeNode, hint: RetentionHint) -> tuple[RetentionAnswer, list[TreeNode]]:
+        """Grant ``hint`` for the prefix ending at ``node`` under ``key`` (its session, or its request); returns
+        the answer and the nodes now retained (deepest first)."""
+        if not isinstance(hint.seconds, (int, float)) or not math.isfinite(hint.seconds) or hint.seconds <= 0:
+            return RetentionAnswer("rejected", reason="retention_seconds must be a number > 0"), []
+        if self.budget <= 0 or self.max_seconds <= 0:
+            return RetentionAnswer("rejected", reason="retention is off on this server (--hicache-retention-ratio)"), []
+        notes = []
+        seconds = float(hint.seconds)
+        if seconds > self.max_seconds:
+            seconds = self.max_seconds
+            notes.append(f"retention_seconds clipped to {self.max_seconds:g} (--hicache-retention-max-seconds)")
+        priority = min(max(int(hint.priority), 0), MAX_PRIORITY)
+        if priority != hint.priority:
+            notes.append(f"priority clipped to {priority} (0..{MAX_PRIORITY})")
+        path = self._path(node)
+        if not path:
+            return RetentionAnswer("rejected", reason="nothing of the prompt is cached in whole pages"), []
+        if key not in self.grants and len(self.active()) >= MAX_GRANTS:
+            return RetentionAnswer("rejected", reason=f"{MAX_GRANTS} prefixes are retained already"), []
+        seen, used = self.retained_tokens(skip=key)
+        keep: list[TreeNode] = []
+        want = sum(len(n.key) for n in path)
+        for n in reversed(path):  # from the top: a retained prefix is a prefix
+            extra = 0 if n.id in seen else len(n.key)
+            if used + extra > self.budget:
+                room = self.tree._page_align(self.budget - used)
+                if room > 0:  # the pages that fit: the node's upper part
+                    keep.append(self.tree._split(n, room))
+                break
+            used += extra
+            keep.append(n)
+        if not keep:
+            self.grants.pop(key, None)
+            reason = f"the retention budget ({self.budget} tokens, --hicache-retention-ratio) is full"
+            return RetentionAnswer("rejected", reason=reason), []
+        tokens = sum(len(n.key) for n in keep)
+        if tokens < want:
+            notes.append(f"{tokens} of {want} tokens retained: the retention budget ({self.budget} tokens) is full")
+        now = time.monotonic()
+        self.grants[key] = Grant(key, keep[-1], seconds, priority, now + seconds, tokens)
+        status = "clipped" if notes else "accepted"
+        return RetentionAnswer(status, seconds, priority, tokens, "; ".join(notes)), keep[::-1]
+
+    def touch(self, node: TreeNode) -> None:
+        """A request matched up to ``node``: grants on that path (above or below it) last ``seconds`` from now."""
+        if not self.grants:
+            return
+        path_ids = {n.id for n in self._path(node)}
+        now = time.monotonic()
+        for g in self.active():
+            if g.node.id in path_ids or any(n is node for n in self._path(g.node)):
+                g.until = now + g.seconds
+
+    def release(self, key: Any) -> RetentionAnswer:
+        g = self.grants.pop(key, None)
+        if g is None:
+            return RetentionAnswer("rejected", reason=f"no retention is held for {key!r}")
+        return RetentionAnswer("released", 0.0, g.priority, g.tokens)
+
+    def ranks(self) -> dict[int, int]:
+        """Node id -> eviction rank for retained nodes (1 + the highest priority retaining it); others rank 0 and
+        go first."""
+        out: dict[int, int] = {}
+        for g in self.active():
+            for n in self._path(g.node):
+                out[n.id] = max(out.get(n.id, 0), 1 + g.priority)
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "key": g.key,
+                "tokens": g.tokens,
+                "priority": g.priority,
+                "seconds": g.seconds,
+                "remaining_seconds": round(g.until - now, 3),
+            }
+            for g in self.active()
+        ]

@@ -1,0 +1,171 @@
+"""Proactive restore and soft retention at the cache's door, on the file backend (real files): a restore started
+during a tool gap makes the next turn a host hit, a request joins a restore in flight, every restore ends in a
+state that says why; retention keeps a session's prefix through churn that evicts others, hints past their budget
+are clipped or rejected, and closing the session releases it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from cache_helpers import PS, SENTINEL, empty_and_check, make_cache, run_request
+
+from hicache_core.cache.retention import MAX_PRIORITY, RetentionHint
+
+PROMPT = list(range(100, 100 + 6 * PS))
+
+
+def settle(cache, op_id, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while (r := cache.restore_status(op_id)).state == "running":
+        assert time.monotonic() < deadline, "the restore never ended"
+        time.sleep(0.005)
+        cache.poll()
+    return r
+
+
+def stored(tmp_path):
+    """A cache whose storage holds PROMPT's pages and whose device and host tiers are empty (a tool gap's churn)."""
+    cache = make_cache(device_pages=12, host_pages=16, storage="file", extra={"storage_dir": str(tmp_path)})
+    run_request(cache, PROMPT, rid="turn1")
+    cache.flush()
+    cache.empty_local_tiers()
+    assert cache.match_prefix(PROMPT + [SENTINEL]).matched_length == 0
+    return cache
+
+
+def test_a_restore_during_the_gap_makes_the_next_turn_a_host_hit(tmp_path):
+    cache = stored(tmp_path)
+    r, note = cache.restore("gap-1", PROMPT + [SENTINEL], ttl=30)
+    assert note == "" and r.state == "running"
+    r = settle(cache, "gap-1")
+    assert r.state == "success" and r.restored_tokens == len(PROMPT), r.as_dict()
+    got = run_request(cache, PROMPT, rid="turn2")
+    assert got["host"] == len(PROMPT) and got["storage"] == 0, got  # loaded from host: storage was not waited on
+    assert cache.restore("gap-1", PROMPT)[0] is r  # the same operation id answers the same restore
+    cache.flush()
+    assert cache.restore("gap-2", PROMPT + [SENTINEL])[0].state == "cached"
+    empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
+
+
+class Gated:
+    """The file backend with reads held until the gate opens (and counted), or failing."""
+
+    def __init__(self, inner, fail=False) -> None:
+        self.inner, self.gate, self.fail, self.gets = inner, threading.Event(), fail, 0
+
+    def batch_get_v1(self, keys, host_indices, extra_info=None):
+        self.gets += 1
+        assert self.gate.wait(30)
+        if self.fail:
+            return [False] * len(keys)
+        return self.inner.batch_get_v1(keys, host_indices, extra_info)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_request_joins_the_restore_in_flight(tmp_path):
+    cache = stored(tmp_path)  # best_effort: the request still waits for the restore it joined
+    gated = cache.wrap_storage(Gated)
+    cache.restore("gap", PROMPT + [SENTINEL])
+    prompt = PROMPT + [SENTINEL]
+    for _ in range(20):
+        cache.poll()
+        assert cache.admit("turn2", prompt).status == "wait"
+    assert list(cache.ongoing_prefetch) == [("restore", "gap")], "the request started a second fetch"
+    gated.gate.set()
+    while (adm := cache.admit("turn2", prompt)).status == "wait":
+        cache.poll()
+    # it waited on storage (through the restore): its pages count as storage hits, and were read once
+    assert adm.prefetch == "restored" and adm.cached["storage"] == len(PROMPT) and gated.gets == 1
+    assert cache.restore_status("gap").state == "success"
+    cache.release(adm, prompt, 0)
+    empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
+
+
+def test_every_restore_ends_in_a_state_that_says_why(tmp_path):
+    cache = stored(tmp_path)
+    assert settle(cache, cache.restore("unknown", list(range(5000, 5000 + 4 * PS)))[0].op_id).state == "miss"
+    gated = cache.wrap_storage(Gated)
+    cache.restore("cancel-me", PROMPT)
+    cache.poll()
+    assert cache.cancel_restore("cancel-me").state == "cancelled"
+    cache.restore("late", PROMPT, ttl=0.2)
+    r = settle(cache, "late")
+    assert r.state == "expired" and "TTL" in r.detail
+    gated.fail = True
+    gated.gate.set()
+    r = settle(cache, cache.restore("broken", PROMPT)[0].op_id)
+    assert r.state == "failure" and "none could be read" in r.detail, r.as_dict()
+    assert cache.restore("long", [1, 2, 3], ttl=10**6)[1] == "ttl clipped to 3600 s"
+    cache.wrap_storage(lambda w: w.inner)
+    empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
+    no_storage = make_cache(device_pages=8, host_pages=8)
+    r, _ = no_storage.restore("x", PROMPT)
+    assert r.state == "declined" and "no storage tier" in r.detail
+    no_storage.close()
+
+
+def churn(cache, n=8, base=10_000):
+    for i in range(n):
+        run_request(cache, [base * (i + 1) + j for j in range(5 * PS)], rid=f"churn{i}")
+        cache.flush()
+
+
+def held(cache, tokens) -> int:
+    return cache.match_prefix(tokens).matched_length
+
+
+def test_retention_keeps_a_session_through_churn_that_evicts_others():
+    cache = make_cache(device_pages=8, host_pages=16)  # write_through: the churn fills the host tier too
+    session, other = PROMPT + [SENTINEL], [7000 + j for j in range(6 * PS)] + [SENTINEL]
+    run_request(cache, PROMPT, rid="a1")  # an engine asks as it releases the request (engine.Engine._finish)
+    answer = cache.retain("a1", session, RetentionHint(120, priority=3, session_id="agent-a"))
+    assert answer.status == "accepted" and answer.tokens == len(PROMPT), answer
+    run_request(cache, other[:-1], rid="b1")
+    cache.flush()
+    churn(cache)  # device and host both turn over: every unretained prefix goes
+    assert held(cache, other) == 0
+    assert held(cache, session) == len(PROMPT)  # demoted to host, never dropped
+    got = run_request(cache, PROMPT, rid="a2")
+    assert got["host"] + got["device"] == len(PROMPT)
+    # the session is over: its prefix is evicted like any other
+    assert cache.release_retention("agent-a").status == "released"
+    churn(cache, base=20_000)
+    assert held(cache, session) == 0
+    cache.close()
+
+
+def test_hints_past_their_budget_are_clipped_not_obeyed():
+    # retained prefixes may hold a quarter of the host tier (16 pages): 4 pages
+    cache = make_cache(
+        device_pages=8,
+        host_pages=16,
+        hicache_retention_ratio=0.25,
+        hicache_retention_max_seconds=30,
+    )
+    run_request(cache, PROMPT, rid="a")
+    a = cache.retain("a", PROMPT + [SENTINEL], RetentionHint(10**6, priority=10**6, session_id="a"))
+    assert a.status == "clipped" and a.seconds == 30 and a.priority == MAX_PRIORITY
+    assert a.tokens <= 4 * PS < len(PROMPT), a
+    assert "clipped to 30" in a.reason and "budget" in a.reason
+    other = [9000 + j for j in range(3 * PS)]
+    run_request(cache, other, rid="b")
+    b = cache.retain("b", other + [SENTINEL], RetentionHint(5, session_id="b"))
+    assert b.status == "rejected" and "budget" in b.reason
+    assert cache.retain("c", [1, 2], RetentionHint(5)).status == "rejected"  # nothing cached in whole pages
+    assert cache.retain("d", other, RetentionHint(-1)).status == "rejected"
+    cache.flush()
+    churn(cache)
+    assert held(cache, PROMPT) == a.tokens  # the part granted survived; the rest went like any other page
+    cache.close()
+
+
+@pytest.mark.parametrize("ratio", [0.0])
+def test_retention_can_be_off(ratio):
+    cache = make_cache(device_pages=8, host_pages=8, hicache_retention_ratio=ratio)
+    run_request(cache, PROMPT[: 2 * PS], rid="a")
+    assert cache.retain("a", PROMPT[: 2 * PS], RetentionHint(5)).status == "rejected"
+    cache.close()
