@@ -169,3 +169,18 @@ def test_retention_can_be_off(ratio):
     run_request(cache, PROMPT[: 2 * PS], rid="a")
     assert cache.retain("a", PROMPT[: 2 * PS], RetentionHint(5)).status == "rejected"
     cache.close()
+
+
+def test_a_grant_lapses_after_its_seconds_unless_a_hit_refreshes_it():
+    cache = make_cache(device_pages=8, host_pages=16)
+    run_request(cache, PROMPT, rid="a")
+    assert cache.retain("a", PROMPT + [SENTINEL], RetentionHint(0.4, session_id="s")).status == "accepted"
+    time.sleep(0.25)
+    run_request(cache, PROMPT, rid="a2")  # a hit on the prefix: another 0.4 s from now
+    time.sleep(0.25)
+    cache.poll()
+    assert "s" in cache.retention.grants
+    time.sleep(0.3)
+    cache.poll()
+    assert not cache.retention.grants
+    cache.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from test_parity import DISTINCT, PS, run_all
 
@@ -41,6 +42,19 @@ def test_two_ranks_serve_transformers_tokens_through_every_tier(tmp_path, checkp
         assert s.post("/flush_cache", {})[0] == 200  # a control call: every rank flushes
         out = run_all(s, hf, expect_cached="storage", prompts=DISTINCT)
         assert all(o["meta_info"]["cached_tokens_details"]["storage"] >= 64 for o in out)
+        # the fleet at TP=2: both ranks restore, both retain, and their caches still agree (the tokens hold)
+        assert s.post("/flush_cache", {})[0] == 200
+        status, op = s.post("/hicache/prefetch", {"text": DISTINCT[0], "operation_id": "tp-restore"})
+        deadline = time.monotonic() + 60
+        while status == 200 and op["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            op = s.get("/hicache/prefetch/tp-restore")
+        assert status == 200 and op["state"] == "success", op
+        body = {"text": DISTINCT[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+        m = s.generate({**body, "retention_seconds": 30, "session_id": "tp"})["meta_info"]
+        assert m["cached_tokens_details"]["host"] >= 64 and m["retention"]["status"] == "accepted", m
+        run_all(s, hf, prompts=DISTINCT)
+        assert s.post("/hicache/sessions/tp", {}, method="DELETE")[0] == 200
         status, info = s.post("/hicache/storage-backend", {}, method="DELETE")
         assert status == 200 and info["hicache_storage_backend"] is None
         run_all(s, hf, prompts=DISTINCT)  # still serving, now without storage

@@ -34,5 +34,8 @@ BENCHMARKS: dict = {
     "prefill": _lazy(
         "prefill", "the reference engine's prefill per compute dtype beside vllm serve on the same checkpoint"
     ),
+    "toolgap": _lazy(
+        "toolgap", "agent sessions pausing for tool calls amid churn: post-gap TTFT with restore, retention, neither"
+    ),
     "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
 }

@@ -308,6 +308,7 @@ class HiRadixCache(FleetDoor, OperatorDoor):
     # --- background work -------------------------------------------------------------------------------------------
     def poll(self) -> None:
         """Apply what background work finished: writes, loads, backups, queried prefetches, returned pages."""
+        self.retention.expire(self.agree)
         if self.controller is not None and self.host is not None and self.prefetcher is not None:
             self.host.writing_check()
             self.device.loading_check()

@@ -79,10 +79,21 @@ class Retention:
         return out
 
     def active(self) -> list[Grant]:
-        now = time.monotonic()
-        for key in [k for k, g in self.grants.items() if g.until < now]:
-            del self.grants[key]
         return list(self.grants.values())
+
+    def expire(self, agree: Any) -> None:
+        """Drop the grants whose time is up (the cache's ``poll``). Tensor-parallel ranks drop a grant once every
+        rank's clock says so: eviction order must be the same on every rank."""
+        if not self.grants:
+            return
+        now = time.monotonic()
+        keys = list(self.grants)
+        late = [int(self.grants[k].until < now) for k in keys]
+        if agree.active:
+            late = agree.min(late)
+        for key, gone in zip(keys, late):
+            if gone:
+                del self.grants[key]
 
     def retained_tokens(self, skip: Any = None) -> tuple[set[int], int]:
         seen: set[int] = set()

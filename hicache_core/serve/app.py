@@ -273,7 +273,10 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
             text = state.text_of(r, params.stop)
             choice: dict[str, Any] = {"index": 0, "finish_reason": _openai_reason(r), "logprobs": None}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return {**head, "object": kind, "choices": [choice], "usage": usage(state, r)}
+            out = {**head, "object": kind, "choices": [choice], "usage": usage(state, r)}
+            if r.retention_answer is not None:  # how its retention hint was answered (hicache's field)
+                out["retention"] = r.retention_answer
+            return out
         opts = body.get("stream_options") or {}
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
 
