@@ -39,6 +39,9 @@ class CacheMetrics:
             self.loaded_back_tokens = 0
             self.storage_errors: dict[str, int] = defaultdict(int)
             self.prefetch_outcomes: dict[str, int] = defaultdict(int)  # cache/prefetch.py's OUTCOMES
+            # how restores ended (cache/restore.py's STATES) and retention hints were answered (cache/retention.py)
+            self.restores: dict[str, int] = defaultdict(int)
+            self.retention: dict[str, int] = defaultdict(int)
             self.transfer_bytes = dict.fromkeys(DIRECTIONS, 0)
             self.transfer_seconds = dict.fromkeys(DIRECTIONS, 0.0)
             self.per_salt: dict[str, dict[str, Any]] = {}
@@ -91,6 +94,13 @@ class CacheMetrics:
         if self._prom:
             self._prom.count("prefetch_outcomes", 1, outcome=outcome)
 
+    def record_fleet(self, what: str, outcome: str) -> None:
+        """A restore ended (``what="restores"``) or a retention hint was answered (``"retention"``)."""
+        with self._lock:
+            getattr(self, what)[outcome] += 1
+        if self._prom:
+            self._prom.count(what, 1, outcome=outcome)
+
     def add(self, name: str, n: int) -> None:
         """Bump a scalar counter: prefetched_tokens, backuped_tokens, loaded_back_tokens, prefetch_revoked, ..."""
         with self._lock:
@@ -117,6 +127,8 @@ class CacheMetrics:
                 "loaded_back_tokens": self.loaded_back_tokens,
                 "storage_errors": dict(self.storage_errors),
                 "prefetch_outcomes": dict(self.prefetch_outcomes),
+                "restores": dict(self.restores),
+                "retention": dict(self.retention),
                 "per_salt": {k: {**v, "hit_tokens": dict(v["hit_tokens"])} for k, v in self.per_salt.items()},
                 "transfer_bytes": dict(self.transfer_bytes),
                 "transfer_seconds": dict(self.transfer_seconds),

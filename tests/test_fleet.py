@@ -101,6 +101,7 @@ def test_every_restore_ends_in_a_state_that_says_why(tmp_path):
     assert r.state == "failure" and "none could be read" in r.detail, r.as_dict()
     assert cache.restore("long", [1, 2, 3], ttl=10**6)[1] == "ttl clipped to 3600 s"
     cache.wrap_storage(lambda w: w.inner)
+    assert cache.metrics.stats()["restores"] == {"miss": 1, "cancelled": 1, "expired": 1, "failure": 1, "declined": 1}
     empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
     no_storage = make_cache(device_pages=8, host_pages=8)
     r, _ = no_storage.restore("x", PROMPT)
@@ -157,6 +158,7 @@ def test_hints_past_their_budget_are_clipped_not_obeyed():
     assert b.status == "rejected" and "budget" in b.reason
     assert cache.retain("c", [1, 2], RetentionHint(5)).status == "rejected"  # nothing cached in whole pages
     assert cache.retain("d", other, RetentionHint(-1)).status == "rejected"
+    assert cache.metrics.stats()["retention"] == {"clipped": 1, "rejected": 3}
     cache.flush()
     churn(cache)
     assert held(cache, PROMPT) == a.tokens  # the part granted survived; the rest went like any other page

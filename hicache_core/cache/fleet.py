@@ -22,11 +22,13 @@ if TYPE_CHECKING:
     from hicache_core.cache.restore import Restorer
     from hicache_core.cache.retention import Retention
     from hicache_core.events import KVEvents
+    from hicache_core.metrics import CacheMetrics
 
 
 class FleetDoor:
     if TYPE_CHECKING:  # what it uses of the cache it is part of
         host: Optional[HostTier]
+        metrics: CacheMetrics
         events: KVEvents
         restorer: Restorer
         retention: Retention
@@ -86,6 +88,7 @@ class FleetDoor:
         eviction demotes it rather than drops it (and a storage tier backs it up)."""
         m = self.match_prefix(tokens, namespace_seed(extra_key, salt))
         answer, nodes = self.retention.retain(hint.session_id or key, m.last_node, hint)
+        self.metrics.record_fleet("retention", answer.status)
         if self.host is not None:
             for n in nodes:
                 if n.value is not None and not n.backuped:

@@ -95,7 +95,7 @@ class HiRadixCache(FleetDoor, OperatorDoor):
         )
         self._admitting: dict[Any, int] = {}  # request id -> matched length before its storage prefetch
         self._joined: dict[Any, Optional[Restore]] = {}  # request id -> the restore it waits on (None: waited)
-        self.restorer = Restorer(self.tree, self.prefetcher, self.agree)
+        self.restorer = Restorer(self.tree, self.prefetcher, self.agree, self.metrics)
         self.retention = Retention(self.tree, config, host_pool.size if host_pool is not None else device_pool.size)
 
     # --- what the parts hold -----------------------------------------------------------------------------------------

@@ -72,8 +72,8 @@ class Restore:
 class Restorer:
     """The restores of one cache; owner thread only. ``match(tokens, seed)`` is the cache's prefix match."""
 
-    def __init__(self, tree: RadixTree, prefetcher: Optional[StoragePrefetcher], agree: Any) -> None:
-        self.tree, self.prefetcher, self.agree = tree, prefetcher, agree
+    def __init__(self, tree: RadixTree, prefetcher: Optional[StoragePrefetcher], agree: Any, metrics: Any) -> None:
+        self.tree, self.prefetcher, self.agree, self.metrics = tree, prefetcher, agree, metrics
         self.ops: dict[str, Restore] = {}
 
     def running(self) -> list[Restore]:
@@ -91,6 +91,8 @@ class Restorer:
         m = self.tree.match_prefix(tokens, seed)
         want = self.tree._page_align(len(tokens))
         r.cached_tokens = m.matched_length
+        if want == 0:
+            return self._end(r, "declined", f"the prompt is shorter than one page ({self.tree.page_size} tokens)")
         if m.matched_length >= want:
             return self._end(r, "cached", f"all {want} tokens in whole pages are on device or host")
         if not storage or self.prefetcher is None:
@@ -144,6 +146,7 @@ class Restorer:
 
     def _end(self, r: Restore, state: str, detail: str) -> Restore:
         r.state, r.detail, r.ended = state, detail, time.monotonic()
+        self.metrics.record_fleet("restores", state)
         return r
 
     def cancel(self, op_id: str) -> Optional[Restore]:

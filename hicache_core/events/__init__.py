@@ -34,6 +34,7 @@ MEDIA = (GPU, CPU, STORAGE)
 REASONS = ("evicted", "demoted", "flushed", "detached")
 
 BlockHash = Union[int, bytes]
+MAX_TRACKED_STORAGE = 4_000_000  # storage pages remembered for a detach's BlockRemoved (~0.3 GB of ints at most)
 
 
 @attrs.frozen
@@ -91,7 +92,7 @@ class KVEvents:
         self._pending: list[Event] = []
         self._reason: Optional[str] = None
         self._namespaces: dict[str, list[str]] = {}  # seed -> [cache_salt, extra_key] as sent by requests
-        self._in_storage: dict[str, None] = {}  # storage pages announced (ordered), for a detach's removal
+        self._in_storage: dict[BlockHash, None] = {}  # storage pages announced (ordered), for a detach's removal
         self.published = 0  # batches handed out
 
     @property
@@ -150,7 +151,9 @@ class KVEvents:
             )
         )
         if medium == STORAGE:
-            self._in_storage.update(dict.fromkeys(keys))
+            self._in_storage.update(dict.fromkeys(self._pending[-1].block_hashes))  # type: ignore[union-attr]
+            while len(self._in_storage) > MAX_TRACKED_STORAGE:  # the oldest go untracked (a detach omits them)
+                del self._in_storage[next(iter(self._in_storage))]
 
     def removed(self, keys: list[str], medium: str, reason: str) -> None:
         if not self._subscribers or not keys:
@@ -161,8 +164,9 @@ class KVEvents:
 
     def storage_detached(self) -> None:
         """The storage backend went away: every storage page announced is no longer reachable from here."""
-        keys, self._in_storage = list(self._in_storage), {}
-        self.removed(keys, STORAGE, "detached")
+        hashes, self._in_storage = list(self._in_storage), {}
+        if self._subscribers and hashes:
+            self._pending.append(BlockRemoved(hashes, STORAGE, "detached"))
 
     def cleared(self) -> None:
         if self._subscribers:
