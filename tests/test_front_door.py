@@ -20,6 +20,8 @@ from cache_helpers import (
 from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
+from hicache_core.cache.retention import RetentionHint
+
 PAGES = st.lists(st.integers(0, 4), min_size=1, max_size=4)
 SALTS = st.sampled_from([None, None, "tenant-a", "tenant-b"])  # the KV of a salted prompt encodes its salt
 
@@ -102,6 +104,30 @@ class FrontDoorMachine(RuleBasedStateMachine):
         computed = int(round((len(prompt) - len(adm.prefix)) * computed_part))
         write_kv(self.cache.device_pool, adm.slots(computed), prompt, adm.salt)
         self.cache.release(adm, prompt, computed)
+
+    @rule(
+        pages=PAGES,
+        secs=st.sampled_from([0.01, 5.0, 1e9]),
+        prio=st.integers(-2, 200),
+        session=st.sampled_from([None, "s1", "s2"]),
+    )
+    def retain(self, pages, secs, prio, session):
+        """An agent asks to keep a prefix (cached or not): always answered, never a pin (teardown evicts it all)."""
+        self.n += 1
+        answer = self.cache.retain(f"k{self.n}", prompt_of(pages), RetentionHint(secs, prio, session))
+        assert answer.status in ("accepted", "clipped", "rejected"), answer
+        event(f"retain: {answer.status}")
+
+    @rule(session=st.sampled_from(["s1", "s2"]))
+    def close_session(self, session):
+        assert self.cache.release_retention(session).status in ("released", "rejected")
+
+    @rule(pages=PAGES, ttl=st.sampled_from([0.001, 30.0]), salt=SALTS)
+    def restore(self, pages, ttl, salt):
+        """A restore of a prompt (in flight beside requests, some of which join it); it may expire at once."""
+        self.n += 1
+        r, _ = self.cache.restore(f"op{self.n}", prompt_of(pages), ttl, salt=salt)
+        event(f"restore: {r.state}")
 
     @rule()
     def poll(self):

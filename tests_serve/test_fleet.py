@@ -105,3 +105,20 @@ def test_events_restore_and_retention_over_http(tmp_path):
     finally:
         sub.close(0)
         ctx.term()
+
+
+def test_bad_kv_events_flags_fail_before_serving(capsys):
+    from hicache_core.cli import main
+    from hicache_core.testing.cli import assert_clear_cli_error
+
+    bad = '{"enable_kv_cache_events": true, "endpont": "tcp://*:5557"}'
+    assert_clear_cli_error(main, ["serve", "--kv-events-config", bad], "unknown key(s) endpont", capsys)
+    assert_clear_cli_error(main, ["serve", "--kv-events-config", "{"], "not valid JSON", capsys)
+    ok = '{"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:5999"}'
+    assert_clear_cli_error(
+        main,
+        ["serve", "--disable-radix-cache", "--port", "0", "--kv-events-config", ok],
+        "needs a prefix cache",
+        capsys,
+    )
+    assert_clear_cli_error(main, ["serve", "--hicache-retention-ratio", "2"], "between 0 and 1", capsys)
