@@ -46,7 +46,8 @@ class RankAgreement(Solo):
 
     active = True
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, comm: Any = None) -> None:
+        """``comm``: the ranks' shared-memory exchange (engine/shm.py), used instead of the group when given."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -57,6 +58,7 @@ class RankAgreement(Solo):
         self.size = dist.get_world_size(group)
         self._owner: Optional[int] = None
         self.collectives = 0  # how many were issued (tests, metrics)
+        self.comm = comm
 
     def min(self, values: list[int]) -> list[int]:
         me = threading.get_ident()
@@ -72,9 +74,12 @@ class RankAgreement(Solo):
             empty = True
         else:
             empty = False
+        self.collectives += 1
+        if self.comm is not None:
+            out = self.comm.min(values)
+            return [] if empty else out
         t = torch.tensor(values, dtype=torch.int64)
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
-        self.collectives += 1
         return [] if empty else [int(x) for x in t.tolist()]
 
     def all(self, flag: bool) -> bool:

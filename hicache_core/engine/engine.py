@@ -83,7 +83,7 @@ class Engine:
             if tp is not None:
                 from hicache_core.cache.agree import RankAgreement
 
-                agree = RankAgreement(tp.cache_group)
+                agree = RankAgreement(tp.cache_group, comm=tp.comm)
             self.cache = build_cache(
                 config,
                 spec,

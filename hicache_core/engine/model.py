@@ -120,6 +120,7 @@ class TinyLlama:
         self._inv_freq = rope_inv_freq(c).to(self.device)
         self.tp_shard = False  # a rank's shard (engine/tp.py): partial outputs are summed over tp_group
         self.tp_group: Any = None  # None: the default group
+        self.tp_comm: Any = None  # the ranks' shared-memory all-reduce (engine/shm.py), when they have one
         if weights is not None:
             self.embed, self.layers = weights["embed"], weights["layers"]
             self.final_norm, self.lm_head = weights["final_norm"], weights["lm_head"]
@@ -163,7 +164,7 @@ class TinyLlama:
             return self
         weights = {"embed": self.embed, "layers": self.layers, "final_norm": self.final_norm, "lm_head": self.lm_head}
         other = TinyLlama(attrs.evolve(self.config, compute_dtype=dtype), self.device, weights=weights)
-        other.tp_shard, other.tp_group = self.tp_shard, self.tp_group
+        other.tp_shard, other.tp_group, other.tp_comm = self.tp_shard, self.tp_group, self.tp_comm
         return other
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -176,6 +177,9 @@ class TinyLlama:
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: sum the ranks' partial outputs (row-parallel o_proj and down_proj)."""
         if self.tp_shard:
+            if self.tp_comm is not None and self.tp_comm.fits(partial):
+                self.tp_comm.all_reduce_sum(partial)
+                return partial
             import torch.distributed as dist
 
             dist.all_reduce(partial, group=self.tp_group)
