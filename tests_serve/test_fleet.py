@@ -34,6 +34,24 @@ def drain(sock, events, until, timeout=20.0):
     raise AssertionError(f"the events never came: {events}")
 
 
+def replay(ctx, endpoint: str) -> list:
+    """Every batch the server keeps, from sequence 0, as a dropped subscriber would ask for them."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+    out = []
+    try:
+        while True:
+            assert dealer.poll(10_000), "no replay answer"
+            _, topic, seq, payload = dealer.recv_multipart()
+            if seq == END_SEQ:
+                return out
+            assert topic == b"kv"
+            out.append((int.from_bytes(seq, "big"), decode_batch(payload).events))
+    finally:
+        dealer.close(0)
+
+
 def test_events_restore_and_retention_over_http(tmp_path):
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
@@ -61,7 +79,9 @@ def test_events_restore_and_retention_over_http(tmp_path):
             m = s.generate(body(retention_seconds=120, retention_priority=2, session_id="agent-1"))["meta_info"]
             assert m["retention"]["status"] == "accepted" and m["retention"]["tokens"] > 0, m["retention"]
             n = m["prompt_tokens"] // 16 * 16
-            evs = drain(sub, got, lambda ev: any(isinstance(e, BlockStored) and e.medium == STORAGE for e in ev))
+            drain(sub, got, lambda ev: any(isinstance(e, BlockStored) and e.medium == STORAGE for e in ev))
+            # the publisher connects to us: batches sent before the connection was up are the replay's to give
+            evs = [e for _, batch in replay(ctx, replay_ep) for e in batch]
             gpu = [e for e in evs if isinstance(e, BlockStored) and e.medium == GPU]
             assert gpu[0].parent_block_hash is None and len(gpu[0].token_ids) == len(gpu[0].block_hashes) * 16
             assert sum(len(e.token_ids) for e in gpu) >= n
@@ -88,20 +108,10 @@ def test_events_restore_and_retention_over_http(tmp_path):
             status, ans = s.post("/hicache/sessions/agent-1", {}, method="DELETE")
             assert status == 200 and ans["status"] == "released", ans
             assert s.post("/hicache/sessions/agent-1", {}, method="DELETE")[0] == 404
-            # a subscriber that dropped replays what it missed from the server's replay socket
-            dealer = ctx.socket(zmq.DEALER)
-            dealer.connect(replay_ep)
-            dealer.send_multipart([b"", (0).to_bytes(8, "big")])
-            replayed = []
-            while True:
-                assert dealer.poll(10_000), "no replay answer"
-                _, topic, seq, payload = dealer.recv_multipart()
-                if seq == END_SEQ:
-                    break
-                assert topic == b"kv"
-                replayed.append((int.from_bytes(seq, "big"), decode_batch(payload).events))
-            dealer.close(0)
-            assert replayed[: len(got)] == got and [q for q, _ in replayed] == list(range(len(replayed)))
+            # what the live stream gave is what the replay socket keeps under the same sequence numbers
+            replayed = replay(ctx, replay_ep)
+            assert [q for q, _ in replayed] == list(range(len(replayed)))
+            assert all(replayed[q][1] == events for q, events in got)
     finally:
         sub.close(0)
         ctx.term()

@@ -3,9 +3,9 @@
 gloo's all-reduce goes through loopback TCP: about 0.7 ms for a decode step's ``(batch, hidden)`` tensor on a
 2-core VM, eight of them per step for a 4-layer model, plus the cache's agreements -- a TP=2 decode step took 31-40
 ms where one process took 20. Here each rank copies its part into its slot of a shared file, raises its sequence
-number, waits (spinning, then yielding) until every rank has raised theirs, and sums the slots in rank order, so
-every rank gets bit-identical results (about 0.08 ms). Two buffers alternate, so a rank that is ahead never
-overwrites a slot another is still reading. A tensor larger than a slot goes through gloo.
+number, waits (spinning briefly, then yielding, then napping) until every rank has raised theirs, and sums the
+slots in rank order, so every rank gets bit-identical results (about 0.08 ms). Two buffers alternate, so a rank
+that is ahead never overwrites a slot another is still reading. A tensor larger than a slot goes through gloo.
 
 It relies on x86's ordering of stores (a slot's bytes are visible before the sequence number that follows them),
 so it is used on x86-64 only; ``HICACHE_TP_SHM=0`` turns it off. A rank that dies is noticed (its pid is gone)
@@ -26,6 +26,9 @@ import torch
 
 HEADER = 4096  # sequence numbers, then pids
 SLOT_BYTES = 4 << 20  # per rank and buffer: a (1024, 512) float64 all-reduce fits
+SPINS = 2000  # ~0.1 ms of spinning, then yielding the core
+YIELDS = 20000  # then napping
+NAP_S = 50e-6
 TIMEOUT_S = 1800.0  # as gloo's default: a live rank that does not answer for this long is a bug
 
 
@@ -77,13 +80,18 @@ class ShmComm:
         return [buf[r, :n].view(t.dtype).view(t.shape) for r in range(self.size)]
 
     def _wait(self, r: int, seq: int) -> None:
+        """Spin briefly (a peer on another core arrives within microseconds), then sleep in short naps: on a
+        machine with more runnable processes than cores the peer may be waiting for this very core, and spinning
+        would starve it and everything else."""
         spins, start = 0, time.monotonic()
         while self._seqs[r] < seq:
             spins += 1
-            if spins > 2000:
-                os.sched_yield()  # the peer may need this core
-            if spins % 4096 == 0:
-                self._check_alive(r, start)
+            if spins > SPINS:
+                os.sched_yield()  # let a peer waiting for this core run
+                if spins > YIELDS:
+                    time.sleep(NAP_S)
+                if spins % 256 == 0:
+                    self._check_alive(r, start)
 
     def _check_alive(self, r: int, start: float) -> None:
         pid = int(self._pids[r])
