@@ -7,9 +7,8 @@ on 2 cores the reference engine's forward ran 50% slower beside the host tier's 
 forward calls, 3.19 s against 2.09 s). A background thread runs its torch ops on one thread: it moves memory,
 where more threads gain little, and it must not slow the compute it serves.
 
-Not the direct mover's pool (transfer/direct.py): its whole-page copies lean on torch's parallel copy, and with
-one thread each its device->host all-layer copies fell from 0.90x to 0.60x of a contiguous copy (bench transfer)
-while the engine's TTFT did not change measurably either way.
+The direct mover's own pool (transfer/direct.py) runs no torch ops: its copies are the C copier's or numpy's, each
+call one thread's memcpy with the GIL released.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_sdist_ships_tests_that_run(tmp_path):
     root = unpacked_sdist(REPO, tmp_path)
     assert (root / "hicache_core" / "py.typed").is_file()  # PEP 561: typed for its users
+    assert (root / "hicache_core" / "transfer" / "ntcopy.c").is_file()  # the streaming copier is built from it
     assert (root / "tests" / "core_helpers.py").is_file() and (root / "tests" / "cache_helpers.py").is_file()
     # every test module imports from the unpacked tree (a collection error fails the run): helpers included
     assert re.search(r"\d+ tests collected", run_pytest(root, "--collect-only", "tests"))

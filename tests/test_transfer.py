@@ -39,8 +39,8 @@ CASES = {
 }
 
 
-def make(mla, layout, gen):
-    s = spec(mla)
+def make(mla, layout, gen, kv: KVSpec | None = None):
+    s = kv or spec(mla)
     host = HostPool(s, 16 * PS, PS, layout, pin_memory=PIN)
     dev = DevicePool(s, 14 * PS, PS, DEV)
     randomize(host.raw, gen)
@@ -57,11 +57,15 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
 def test_matches_reference(mla, layout, io, case):
+    check_against_reference(mla, layout, io, case, spec(mla))
+
+
+def check_against_reference(mla, layout, io, case, kv: KVSpec):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{mla}{layout}{io}{case}".encode()))
     hp, dp = CASES[case]
     hi, di = pages(*hp), pages(*dp)
-    host, dev = make(mla, layout, gen)
-    host2, dev2 = make(mla, layout, gen)
+    host, dev = make(mla, layout, gen, kv)
+    host2, dev2 = make(mla, layout, gen, kv)
     host2.raw.copy_(host.raw)
     dev2.kv_buffer.copy_(dev.kv_buffer)
     mover = HostDeviceTransfer(host2, dev2, io, force_kernel=True)
@@ -84,8 +88,13 @@ def test_matches_reference(mla, layout, io, case):
     host2.raw.copy_(host.raw)
     for layer in range(3):
         reference.load_layer(host, dev, hi, di, layer)
-    for first, end in ((0, 2), (2, 3)):
-        mover.load_layers(hi, di, first, end)
+    def layer_of(buf, layer):
+        return buf[layer] if mla else buf[:, layer]
+
+    before = layer_of(dev2.kv_buffer, 2).clone()
+    mover.load_layers(hi, di, 0, 2)
+    assert same(layer_of(dev2.kv_buffer, 2), before), "a span of layers 0-1 wrote layer 2"
+    mover.load_layers(hi, di, 2, 3)
     assert same(dev.kv_buffer, dev2.kv_buffer), "load layers in spans"
     # device -> host, all layers
     randomize(dev.kv_buffer, gen)
@@ -93,6 +102,60 @@ def test_matches_reference(mla, layout, io, case):
     reference.backup_all_layers(dev, host, di, hi)
     mover.backup_all_layers(di, hi)
     assert same(host.raw, host2.raw), "backup"
+
+
+@pytest.fixture
+def copier_mode(request, monkeypatch):
+    """The direct io's CPU copier: the streaming C copier streaming (every transfer), the same copier through the
+    cache, or numpy's copyto (no copier built)."""
+    from hicache_core.transfer import direct, native
+
+    if request.param == "numpy":
+        monkeypatch.setattr(native, "_LIB", [None])
+    else:
+        assert native.copier() is not None, "the streaming copier did not build: is a C compiler on PATH?"
+        monkeypatch.setattr(direct, "STREAM_MIN_BYTES", 0 if request.param == "stream" else 1 << 62)
+    return request.param
+
+
+@pytest.mark.parametrize("copier_mode", ["stream", "cached", "numpy"], indirect=True)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+def test_direct_copiers_match_reference(mla, layout, case, copier_mode):
+    # wide items (600 B MHA, 400 B MLA) at offsets that are not 16-byte aligned: the streaming loop, its unaligned
+    # head and its tail all run; the odd 12-byte shape of spec() covers pieces shorter than one streamed block
+    wide = KVSpec(layer_num=3, head_num=1 if mla else 3, head_dim=200 if mla else 100, dtype=torch.bfloat16, is_mla=mla)
+    for kv in (wide, spec(mla)):
+        check_against_reference(mla, layout, "direct", case, kv)
+
+
+def test_direct_copier_refuses_pages_out_of_range():
+    from hicache_core.transfer import direct, native
+
+    if native.copier() is None:
+        pytest.fail("the streaming copier did not build: is a C compiler on PATH?")
+    host, dev = make(False, "layer_first", torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="destination pages out of range 0..13"):
+        direct.load_all_layers(host, dev, pages(1), pages(14))
+    with pytest.raises(ValueError, match="source pages out of range 0..15"):
+        direct.backup_all_layers(host, dev, pages(16), pages(1))
+
+
+def test_copier_build_failure_falls_back_to_numpy(monkeypatch, tmp_path, caplog):
+    from hicache_core.transfer import native
+
+    monkeypatch.setattr(native, "_LIB", [])
+    monkeypatch.setenv("HICACHE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    caplog.set_level(logging.WARNING)
+    assert native.copier() is None
+    assert "streaming copier could not be built" in caplog.text and "false exited 1" in caplog.text
+    assert native.copier() is None and caplog.text.count("could not be built") == 1  # tried and logged once
+    check_against_reference(False, "page_first", "direct", "runs", spec(False))  # numpy copies it
+    monkeypatch.setattr(native, "_LIB", [])
+    monkeypatch.setenv("HICACHE_NATIVE_COPY", "0")
+    assert native.copier() is None
 
 
 def test_layer_groups_cover_every_layer_once_in_order(monkeypatch):

@@ -32,12 +32,18 @@ def time_best(fn: Callable[[], Any], repeat: int, device: torch.device | None = 
     return statistics.median(times)
 
 
+SETTLE_S = 0.02  # idle before each timed call: torch's OpenMP threads spin for some ms after a parallel op
+
+
 def time_paired(
     base: Callable[[], Any], fn: Callable[[], Any], repeat: int, device: torch.device | None = None, warmup: int = 1
 ) -> tuple[float, float, float]:
     """``base`` and ``fn`` timed in alternation, ``repeat`` pairs after ``warmup``: (median base seconds, median
     fn seconds, median of the per-pair ratios base/fn). A pair shares the machine's state of the moment, so the
-    ratio holds still where the memory bandwidth of a shared machine drifts."""
+    ratio holds still where the memory bandwidth of a shared machine drifts. Each call starts on an idle machine
+    (``SETTLE_S``): a torch copy leaves its OpenMP team spinning on the other cores for a few ms, and whatever ran
+    next lost a core to it (measured on 2 cores: a 453 MB piece copy at 23.3 GB/s right after torch's copy, 27.3
+    GB/s 10 ms later, 28 alone)."""
     for _ in range(warmup):
         base()
         fn()
@@ -46,6 +52,7 @@ def time_paired(
     tf: list[float] = []
     for _ in range(repeat):
         for f, out in ((base, tb), (fn, tf)):
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             f()
             sync(device)

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--io", default="kernel,direct", help="io backends to measure (kernel needs CUDA; reference is slow)"
     )
-    p.add_argument("--repeat", type=arg_int(1, 1000), default=5)
+    p.add_argument("--repeat", type=arg_int(1, 1000), default=9, help="pairs timed per row (default 9)")
     p.add_argument("--device", default=None, help="device pool device (default: cuda if present, else cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -24,6 +24,7 @@ import torch
 from numpy.lib.stride_tricks import as_strided
 
 from hicache_core.errors import ConfigError
+from hicache_core.transfer import native
 
 _THREADS = max(1, min(int(os.environ.get("HICACHE_DIRECT_THREADS", os.cpu_count() or 1)), 8))
 # layers a layer-wise load moves per call between CPU pools: a few layers at once read a page-first pool's tokens
@@ -103,8 +104,73 @@ def _runs(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int) 
     return runs
 
 
+STREAM_MIN_BYTES = 4 << 20  # below this a transfer stays in the cache (what is loaded is read at once)
+
+
+def _pieces(dst: np.ndarray, src: np.ndarray, runs: np.ndarray, layers: slice):
+    """Byte offsets of every contiguous piece the copy ``dst[:, pages, layers] = src[:, pages, layers]`` is made
+    of, in both views, and the piece length. Inner dimensions merge while both sides are contiguous across them.
+    The pieces come in the source's address order (pages sorted, dimensions by source stride). Measured on 2
+    cores: MLA layer_first pieces page by page, hopping across layers, streamed at 26 GB/s where address order
+    made 42; small pieces (a ``page_first`` row's tokens) read in order made 17-18 GB/s, written in order 13-14."""
+    nkv, _, nlayer, ps, item = src.shape
+    l0, l1, step = layers.indices(nlayer)
+    if step != 1 or l1 <= l0:
+        raise ValueError(f"layers {layers} are not a non-empty range of 0..{nlayer - 1}")
+    for name, view, col in (("source", src, 0), ("destination", dst, 1)):
+        if len(runs) and (runs[:, col].min() < 0 or (runs[:, col] + runs[:, 2]).max() > view.shape[1]):
+            raise ValueError(f"{name} pages out of range 0..{view.shape[1] - 1}")
+    runs = runs[np.argsort(runs[:, 0], kind="stable")]
+    counts = runs[:, 2]
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    pages = (np.repeat(runs[:, 0], counts) + within, np.repeat(runs[:, 1], counts) + within)
+    piece = item
+    # (src stride, src offsets, dst offsets) of each dimension enumerated
+    dims = [(src.strides[1], pages[0] * src.strides[1], pages[1] * dst.strides[1])]
+    merging = True
+    for size, ss, ds in ((ps, src.strides[3], dst.strides[3]), (l1 - l0, src.strides[2], dst.strides[2])):
+        if merging and ss == piece and ds == piece:
+            piece *= size
+        else:
+            merging = False
+            ar = np.arange(size, dtype=np.int64)
+            dims.append((ss, ar * ss, ar * ds))
+    ar = np.arange(nkv, dtype=np.int64)
+    dims.append((src.strides[0], ar * src.strides[0], ar * dst.strides[0]))
+    src_off = np.full(1, l0 * src.strides[2], np.int64)
+    dst_off = np.full(1, l0 * dst.strides[2], np.int64)
+    for _, so, do in sorted(dims, key=lambda d: -d[0]):  # the largest source stride outermost
+        src_off = (src_off[:, None] + so[None, :]).ravel()
+        dst_off = (dst_off[:, None] + do[None, :]).ravel()
+    return dst_off, src_off, piece
+
+
+def _copy_native(lib, dst: np.ndarray, src: np.ndarray, runs: np.ndarray, layers: slice) -> None:
+    dst_off, src_off, piece = _pieces(dst, src, runs, layers)
+    count = len(src_off)
+    stream = int(count * piece >= STREAM_MIN_BYTES)
+    dptr, sptr = dst.ctypes.data, src.ctypes.data
+
+    def work(lo: int, hi: int) -> None:  # ctypes drops the GIL for the call
+        if hi > lo:
+            lib.hc_copy_pieces(dptr, sptr, dst_off[lo:].ctypes.data, src_off[lo:].ctypes.data, hi - lo, piece, stream)
+
+    parts = min(_THREADS, max(1, count * piece // (1 << 20)))  # a thread for each MiB, up to the pool's size
+    bounds = [count * i // parts for i in range(parts + 1)]
+    futures = [_executor().submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    work(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
 def _copy(dst_pool, src_pool, runs: np.ndarray, layer: int | slice | None) -> None:
     dst, src = byte_view(dst_pool), byte_view(src_pool)
+    if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray) and len(runs):
+        lib = native.copier()
+        if lib is not None:
+            layers = layer if isinstance(layer, slice) else slice(None) if layer is None else slice(layer, layer + 1)
+            _copy_native(lib, dst, src, runs, layers)
+            return
     layer_sel = slice(None) if layer is None else layer
     rows = runs.tolist()
     if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
