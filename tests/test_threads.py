@@ -37,3 +37,47 @@ def test_the_controllers_worker_thread_is_a_background_thread():
     assert done.wait(5)
     assert seen == [1]
     stream.stop()
+
+
+def test_work_nobody_waits_for_runs_at_low_priority_and_its_copier_threads_too():
+    import os
+
+    from hicache_core.memory import DevicePool, HostPool, KVSpec
+    from hicache_core.threads import LOW_PRIORITY, is_low_priority
+    from hicache_core.transfer import direct
+
+    spec = KVSpec(layer_num=2, head_num=2, head_dim=64, dtype=torch.bfloat16)
+    tokens = 4096  # 4 MiB: the copy is split over the copier threads
+    host = HostPool(spec, tokens, 16, "layer_first", pin_memory=False)
+    dev = DevicePool(spec, tokens, 16, torch.device("cpu"))
+    seen = {}
+    done = threading.Event()
+    copier_nice = []
+    real = direct._executor
+
+    def spy():  # the pool a copy from this thread draws its helpers from, and how nice they are
+        pool = real()
+        copier_nice.append(pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result())
+        return pool
+
+    def job(sync):
+        seen["low"], seen["torch"] = is_low_priority(), torch.get_num_threads()
+        direct._executor = spy
+        try:
+            idx = torch.arange(tokens)
+            direct.backup_all_layers(dev, host, idx, idx.reshape(-1, 16).flip(0).reshape(-1))
+        finally:
+            direct._executor = real
+        done.set()
+
+    for name, low in (("writer", True), ("loader", False)):  # each draws on a pool of its own priority
+        seen.clear()
+        done.clear()
+        worker = Worker(name, torch.device("cpu"), low_priority=low)
+        worker.submit(job)
+        assert done.wait(10)
+        worker.stop()
+        assert seen == {"low": low, "torch": 1}
+    assert not is_low_priority()  # the test's own thread is untouched
+    if direct._THREADS > 1:
+        assert len(copier_nice) == 2 and copier_nice[0] >= LOW_PRIORITY > copier_nice[1], copier_nice

@@ -88,6 +88,7 @@ def check_against_reference(mla, layout, io, case, kv: KVSpec):
     host2.raw.copy_(host.raw)
     for layer in range(3):
         reference.load_layer(host, dev, hi, di, layer)
+
     def layer_of(buf, layer):
         return buf[layer] if mla else buf[:, layer]
 

@@ -47,7 +47,7 @@ class HiCacheController:
         self.metrics = metrics or CacheMetrics()
         self.transfer = HostDeviceTransfer(host_pool, device_pool, config.hicache_io_backend, force_kernel=force_kernel)
         self.layer_num = device_pool.layer_num
-        self._write_worker = Worker("hicache-write", device_pool.device)
+        self._write_worker = Worker("hicache-write", device_pool.device, low_priority=True)  # nobody waits for it
         self._load_worker = Worker("hicache-load", device_pool.device)
         self._workers = [self._write_worker, self._load_worker]
         self._write_acks: list[TransferAck] = []

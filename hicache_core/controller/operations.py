@@ -59,8 +59,9 @@ class Worker:
     """One thread running submitted jobs in order (on a CUDA stream of its own when the device is CUDA).
     A job that raises is logged; the thread lives on."""
 
-    def __init__(self, name: str, device: torch.device) -> None:
+    def __init__(self, name: str, device: torch.device, low_priority: bool = False) -> None:
         self.name = name
+        self._low_priority = low_priority
         self._q: queue.Queue[Optional[Job]] = queue.Queue()
         self._device = device
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -71,7 +72,7 @@ class Worker:
         self._q.put(job)
 
     def _loop(self) -> None:
-        background_thread()
+        background_thread(self._low_priority)
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         sync: Callable[[], None] = stream.synchronize if stream is not None else (lambda: None)
         while True:

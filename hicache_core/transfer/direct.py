@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from numpy.lib.stride_tricks import as_strided
 
 from hicache_core.errors import ConfigError
+from hicache_core.threads import background_thread, is_low_priority
 from hicache_core.transfer import native
 
 _THREADS = max(1, min(int(os.environ.get("HICACHE_DIRECT_THREADS", os.cpu_count() or 1)), 8))
@@ -33,14 +35,23 @@ _THREADS = max(1, min(int(os.environ.get("HICACHE_DIRECT_THREADS", os.cpu_count(
 # page_first 1 -> 4 -> 8 layers 0.48x -> 0.60x -> 0.66x (MLA), 0.71x -> 0.79x -> 0.79x (MHA).
 _GROUP_ENV = os.environ.get("HICACHE_DIRECT_LAYER_GROUP")
 CPU_LAYER_GROUP = {"page_first": 8, "default": 4}
-_POOL: cf.ThreadPoolExecutor | None = None
+_POOLS: dict[bool, cf.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _executor() -> cf.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(_THREADS, thread_name_prefix="hicache-direct")
-    return _POOL
+    """The copier threads: a low-priority pool for a low-priority caller (a write-through nobody waits for must not
+    borrow full-priority threads), the other one for loads."""
+    low = is_low_priority()
+    with _POOLS_LOCK:
+        if low not in _POOLS:
+            _POOLS[low] = cf.ThreadPoolExecutor(
+                _THREADS,
+                thread_name_prefix="hicache-direct-low" if low else "hicache-direct",
+                initializer=background_thread,
+                initargs=(low,),
+            )
+        return _POOLS[low]
 
 
 def page_runs(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int) -> np.ndarray:
