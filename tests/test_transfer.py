@@ -220,3 +220,14 @@ def test_mismatched_pools_are_refused():
         HostDeviceTransfer(host, DevicePool(spec(False), 16, 8, "cpu"), "direct")
     with pytest.raises(ConfigError, match="invalid value 'dma'"):
         HostDeviceTransfer(host, DevicePool(spec(False), 8 * PS, PS, "cpu"), "dma")
+
+
+def test_kernel_without_triton_says_how_to_install_it(caplog, monkeypatch):
+    import hicache_core.transfer as t
+    from hicache_core.transfer import triton_kernels
+
+    monkeypatch.setattr(t, "_fallback_logged", False)
+    monkeypatch.setattr(triton_kernels, "triton_usable", lambda: False)  # as where Triton is not installed
+    caplog.set_level(logging.WARNING)
+    assert t.effective_io_backend("kernel", torch.device("cuda")) == "direct"
+    assert "needs Triton, which is not installed (pip install 'hicache-core[kernel]'); using direct" in caplog.text

@@ -56,7 +56,13 @@ def effective_io_backend(io_backend: str, device: torch.device, *, force_kernel:
     if force_kernel and triton_kernels.triton_usable():
         return "kernel"
     if not _fallback_logged:
-        logger.warning("--hicache-io-backend kernel needs a CUDA device; using direct on %s", device.type)
+        if device.type == "cuda":  # CUDA builds of torch bring Triton; a CPU build or a trimmed install may not
+            logger.warning(
+                "--hicache-io-backend kernel needs Triton, which is not installed (pip install 'hicache-core[kernel]');"
+                " using direct"
+            )
+        else:
+            logger.warning("--hicache-io-backend kernel needs a CUDA device; using direct on %s", device.type)
         _fallback_logged = True
     return "direct"
 
