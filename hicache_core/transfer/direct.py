@@ -5,11 +5,12 @@ layout only changes the strides: ``token_strides()``). Page-granular allocation 
 (pages consecutive on both sides); each run is one copy between two such views -- K and V and, for all-layer
 copies, every layer in the same call.
 
-On CPU the runs are spread over a small thread pool (the GIL is released while copying) as numpy ``copyto`` on
-byte views: one memcpy per contiguous piece, no OpenMP team per call. (Whole pages were torch ``copy_`` until
-2026-12-04: measured paired against a contiguous copy on 2 cores, 192 scattered pages of 32 layers, numpy took
-device->host from 0.83-0.90x to 0.95-1.00x (MHA) and from 0.64-0.73x to 0.89-0.98x (MLA), host->device whole pages
-from 0.60-0.89x to 0.89-1.00x, except MHA page_first 0.83x -> 0.77x.) The pools' CPU memory sits on huge pages
+On CPU a copy is a list of contiguous pieces (a page's layer, or in ``page_first`` one token's layer), in the
+source's address order, handed to the streaming C copier (``native.py``/``ntcopy.c``) on a small thread pool
+(the GIL is released while copying); where the copier cannot be built, numpy ``copyto`` on byte views, one memcpy
+per piece. No OpenMP team per call either way. (Measured in bench transfer, paired against a contiguous copy on 2
+cores, 192 scattered pages of 32 layers: torch ``copy_`` of whole pages 0.62-0.90x, numpy 0.74-1.00x, the
+streaming copier 0.76-1.28x and 0.71x at worst for ``page_first``.) The pools' CPU memory sits on huge pages
 (``memory/buffer.py``). With a CUDA device pool the copies are torch ``copy_`` calls on the current stream.
 """
 
