@@ -10,10 +10,12 @@ where more threads gain little, and it must not slow the compute it serves.
 The direct mover's own pool (transfer/direct.py) runs no torch ops: its copies are the C copier's or numpy's, each
 call one thread's memcpy with the GIL released.
 
-Work nobody waits for (device->host write-through, storage backups) also runs at a lower CPU priority
-(``LOW_PRIORITY``, a nice value of this thread alone), and so do the copier threads it borrows: on a busy CPU the
-forward pass goes first, on an idle one the copy runs at full speed. (Measured: the multi-turn benchmark's round 1,
-where nothing can hit, over 8 repeats: device-only radix median 319 ms, HiCache L1+L2 319 ms, no cache 317 ms.)
+Work nobody waits for (the device->host write-through copies) also runs at a lower CPU priority (``LOW_PRIORITY``, a
+nice value of this thread alone), and so do the copier threads it borrows: on a busy CPU the forward pass goes
+first, on an idle one the copy runs at full speed. Not storage backups: they call into a backend's own threads,
+which would inherit the low priority from whichever thread made them first, prefetch reads included. (Measured:
+the multi-turn benchmark's round 1, where nothing can hit, over 8 repeats: device-only radix median 319 ms, HiCache
+L1+L2 319 ms, no cache 317 ms.)
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class StorageController:
         self.policy = PrefetchPolicy.from_config(config, capacity, cost)
         self._give_back_to = give_back
         self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
-        self._backup_worker = Worker("hicache-backup", torch.device("cpu"), low_priority=True)
+        self._backup_worker = Worker("hicache-backup", torch.device("cpu"))
         self._detached: list[PrefetchOperation] = []  # ended prefetches whose worker still holds granted pages
         self._backup_acks: queue.Queue[BackupOperation] = queue.Queue()
         self._backups_in_flight = 0
