@@ -56,3 +56,28 @@ def test_certify_table_and_bad_flags(capsys):
     assert "--faults: unknown meteor" in capsys.readouterr().err
     assert main(["certify"]) == 2
     assert "name the backend to certify" in capsys.readouterr().err
+
+
+def test_a_fault_row_that_drew_no_fault_is_drawn_again_then_fails(monkeypatch):
+    from hicache_core import certify as c
+
+    draws = []
+
+    def row(mode, config, requests, seed, outcomes):
+        draws.append(seed)
+        return outcomes.pop(0)
+
+    lucky = [
+        c.Row("faults", "raise", "FAILED", f"{c.NO_FAULT} -- 120 requests, 0 faults"),
+        c.Row("faults", "raise", "passed", "1 faults"),
+    ]
+    monkeypatch.setattr(c, "_fault_row", lambda *a: row(*a, lucky))
+    assert [r.outcome for r in c.run_faults(None, 60, 7, ("raise",))] == ["passed"] and draws == [7, 1007]
+    draws.clear()
+    never = [c.Row("faults", "raise", "FAILED", f"{c.NO_FAULT} -- 0 faults")] * 3
+    monkeypatch.setattr(c, "_fault_row", lambda *a: row(*a, never))
+    assert [r.outcome for r in c.run_faults(None, 60, 7, ("raise",))] == ["FAILED"] and draws == [7, 1007, 2007]
+    draws.clear()
+    wrong = [c.Row("faults", "raise", "FAILED", "served wrong KV -- 3 faults")]  # any other failure stands at once
+    monkeypatch.setattr(c, "_fault_row", lambda *a: row(*a, wrong))
+    assert [r.outcome for r in c.run_faults(None, 60, 7, ("raise",))] == ["FAILED"] and draws == [7]

@@ -424,5 +424,6 @@ def test_hf3fs_backend_certifies(tmp_path, capsys, metadata, metadata_server):
     )
     report = json.loads(capsys.readouterr().out)
     not_passed = [r for r in report["rows"] if r["outcome"] != "passed"]
-    assert rc == 0 and report["passed"], not_passed
+    failed = "\n".join(f"{r['part']} {r['name']}: {r['detail']}" for r in not_passed if r["outcome"] == "FAILED")
+    assert rc == 0 and report["passed"], f"rc={rc}; failed rows:\n{failed}"
     assert [r["name"] for r in not_passed] == ["test_unserved_layout_is_refused"]
