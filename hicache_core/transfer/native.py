@@ -86,16 +86,8 @@ def copier():
                     raise OSError("no C compiler (cc, gcc, clang or $CC) on PATH")
                 lib = ctypes.CDLL(str(_build(cc)))
                 lib.hc_copy_pieces.restype = None
-                lib.hc_copy_pieces.argtypes = [
-                    ctypes.c_void_p,
-                    ctypes.c_void_p,
-                    ctypes.c_void_p,
-                    ctypes.c_void_p,
-                    ctypes.c_int64,
-                    ctypes.c_int64,
-                    ctypes.c_int,
-                ]
-                lib.hc_streams.restype = ctypes.c_int
+                # (dst, src, dst_off, src_off, count, piece, stream)
+                lib.hc_copy_pieces.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
             except OSError as e:
                 logger.warning(
                     "hicache: the streaming copier could not be built (%s); CPU pools copy with numpy instead "

@@ -37,9 +37,6 @@ static void copy_stream(char *dst, const char *src, size_t n) {
 #define HC_STREAMS 0
 #endif
 
-/* 1 when pieces are streamed, 0 when this build only has memcpy (not x86-64). */
-int hc_streams(void) { return HC_STREAMS; }
-
 /* Piece i: `piece` bytes from src + src_off[i] to dst + dst_off[i]; streamed when `stream` and supported. */
 void hc_copy_pieces(char *dst, const char *src, const int64_t *dst_off, const int64_t *src_off, int64_t count,
                     int64_t piece, int stream) {
