@@ -3,6 +3,7 @@ OpenMP team spinning beside the forward pass made it 50% slower on 2 cores)."""
 
 import threading
 
+import pytest
 import torch
 
 from hicache_core.controller.operations import Worker
@@ -81,3 +82,43 @@ def test_work_nobody_waits_for_runs_at_low_priority_and_its_copier_threads_too()
     assert not is_low_priority()  # the test's own thread is untouched
     if direct._THREADS > 1:
         assert len(copier_nice) == 2 and copier_nice[0] >= LOW_PRIORITY > copier_nice[1], copier_nice
+
+
+def test_copier_threads_keep_off_the_callers_cpu(monkeypatch):
+    """Linux may wake a copier thread on its waker's CPU and leave it there: the two halves of a copy then ran one
+    after the other on one CPU while the other idled. Helpers are kept to the caller's other CPUs."""
+    import os
+
+    from hicache_core.transfer import direct
+
+    allowed = direct._allowed_cpus()
+    if len(allowed) < 2 or direct._GETCPU is None:
+        pytest.fail(f"needs Linux and 2 CPUs to place threads on (this process may use {allowed})")
+    here, getcpu = allowed[0], direct._GETCPU
+    monkeypatch.setattr(direct, "_GETCPU", lambda: here)  # the caller "runs" on the first CPU
+    seen = []
+
+    def where():
+        seen.append((frozenset(os.sched_getaffinity(0)), getcpu()))
+
+    direct._in_parallel([lambda: None] + [where] * 3)
+    assert len(seen) == 3
+    for mask, cpu in seen:
+        assert mask == frozenset(allowed) - {here} and cpu != here
+    # a caller that may run on one CPU only leaves its helpers where they were allowed before
+    monkeypatch.setattr(direct, "_allowed_cpus", lambda: [here])
+    assert direct._helper_cpus() is None
+    assert set(os.sched_getaffinity(0)) == set(allowed)  # the caller's own mask is never touched
+
+
+def test_copier_thread_count_comes_from_the_environment(monkeypatch, caplog):
+    from hicache_core.transfer import direct
+
+    monkeypatch.setenv("HICACHE_DIRECT_THREADS", "3")
+    assert direct._thread_count() == 3
+    monkeypatch.setenv("HICACHE_DIRECT_THREADS", "99")
+    assert direct._thread_count() == 8
+    monkeypatch.setenv("HICACHE_DIRECT_THREADS", "two")
+    with caplog.at_level("WARNING"):
+        assert direct._thread_count() == max(1, min(len(direct._allowed_cpus()), 8))
+    assert "HICACHE_DIRECT_THREADS='two'" in caplog.text
