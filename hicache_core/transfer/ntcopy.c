@@ -41,10 +41,12 @@ static void copy_stream(char *dst, const char *src, size_t n) {
 void hc_copy_pieces(char *dst, const char *src, const int64_t *dst_off, const int64_t *src_off, int64_t count,
                     int64_t piece, int stream) {
 #if HC_STREAMS
+    /* pieces lie at random: ask for the first lines of a piece some 4 KiB ahead while this one copies (measured
+     * on small page_first pieces, 1152 B: 1 piece ahead 26.7 GB/s, 2 ahead 29, 4 ahead 29.8, 8 ahead 26.8) */
+    int64_t ahead = piece >= 4096 ? 1 : (4096 + piece - 1) / piece;
     for (int64_t i = 0; i < count; i++) {
-        /* pieces lie at random: ask for the next one's first lines while this one copies */
-        if (i + 1 < count)
-            for (int k = 0; k < 2048 && k < piece; k += 64) _mm_prefetch(src + src_off[i + 1] + k, _MM_HINT_T0);
+        if (i + ahead < count)
+            for (int k = 0; k < 2048 && k < piece; k += 64) _mm_prefetch(src + src_off[i + ahead] + k, _MM_HINT_T0);
         if (stream)
             copy_stream(dst + dst_off[i], src + src_off[i], (size_t)piece);
         else
