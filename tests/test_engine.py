@@ -275,8 +275,12 @@ def test_repeat_reports_spread_cpu_and_warm_restarts(tmp_path, capsys):
     rep = report["summary"]["repeats"]
     assert rep["n"] == 2 and len(report["repeats"]) == 1
     assert len(rep["speedup_storage_vs_radix"]["values"]) == 2 and len(rep["warm_round1_speedup"]["values"]) == 2
-    sp = rep["ttft_rounds2plus_ms"]["hicache+storage"]
-    assert sp["min"] <= sp["median"] <= sp["max"]
+    for key in ("ttft_rounds2plus_ms", "ttft_round1_ms"):
+        sp = rep[key]["hicache+storage"]
+        assert len(sp["values"]) == 2 and sp["min"] <= sp["median"] <= sp["max"]
+    for runs, i in ((report["configs"], 0), (report["repeats"][0]["configs"], 1)):
+        for c in runs:  # each repeat's round 1, configuration by configuration
+            assert rep["ttft_round1_ms"][c["config"]]["values"][i] == c["rounds"][0]["ttft_mean_ms"]
     assert all(c["cpu"]["own_cores"] > 0 for c in report["configs"])
     assert report["warm"]["cpu"]["own_cores"] > 0
     assert sorted(os.listdir(tmp_path / "store")) == ["repeat-1", "repeat-2"]  # each repeat starts cold
