@@ -356,11 +356,13 @@ def _print(
         print(f"\nover {rep['n']} repeats (median, min-max):")
         for r in results:
             sp, r1 = rep["ttft_rounds2plus_ms"][r["config"]], rep["ttft_round1_ms"][r["config"]]
-            if sp["median"] is not None:
-                line = f"  {r['label']:<20} r2+ mean TTFT {sp['median']:.1f} ms ({sp['min']:.1f}-{sp['max']:.1f})"
-                if r1["median"] is not None:
-                    line += f"   r1 {r1['median']:.1f} ms ({r1['min']:.1f}-{r1['max']:.1f})"
-                print(line)
+            parts = [
+                f"{what} {s['median']:.1f} ms ({s['min']:.1f}-{s['max']:.1f})"
+                for what, s in (("r2+ mean TTFT", sp), ("r1", r1))
+                if s["median"] is not None
+            ]
+            if parts:
+                print(f"  {r['label']:<20} " + "   ".join(parts))
         for c, sp in rep.get("speedup_vs_pd_local", {}).items():
             if sp["median"] is not None:
                 print(f"  {c} vs pd-local, rounds 2+: {sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})")
