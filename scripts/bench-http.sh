@@ -2,7 +2,8 @@
 # The main job over HTTP: `hicache bench multiturn --base-url` against two `hicache serve` processes started here
 # with the in-process bench's cache settings (device pool 1024 tokens, page 32, 4 running, host ratio 3, file
 # storage in a temp directory, wait_complete): the device-only radix cache, then HiCache L1+L2+L3.
-# Usage: scripts/bench-http.sh [extra bench multiturn flags]   (e.g. --repeat 2; TP=2 via HICACHE_TP=2)
+# Usage: scripts/bench-http.sh [extra bench multiturn flags]   (TP=2 via HICACHE_TP=2). The servers start cold once:
+# run the script again for another cold figure (--repeat replays to the same, by then warm, servers).
 set -euo pipefail
 tp="${HICACHE_TP:-1}"
 work="$(mktemp -d)"

@@ -377,6 +377,11 @@ def _run_servers(args: argparse.Namespace) -> int:
         servers.append((label or LABELS.get(mode, mode), mode, url))
     tokenizer = _tokenizer(args)  # prompts as text the servers' model reads, when they serve --model-path's
     work = Workload(args, tokenizer)
+    if args.repeat > 1:
+        sys.stderr.write(
+            "note: servers keep their caches between repeats: repeat 2 on replays conversations they have seen "
+            "(restart them between runs to repeat a cold start)\n"
+        )
     progress = Progress(args.repeat * len(servers) * args.num_rounds * args.num_clients, not args.no_progress)
     reps: list[tuple[list[dict], dict | None]] = []
     for _ in range(args.repeat):
