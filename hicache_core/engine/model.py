@@ -194,8 +194,12 @@ class TinyLlama:
         causal = torch.arange(total, device=q.device)[None, :] <= qpos  # (n, T): True where it may attend
         qi = q.transpose(0, 1)  # (hq, n, d)
         if self.dtype != COMPUTE:  # the fast path: one fused kernel, the KV heads shared by their query groups
-            ki, vi = (t.to(self.dtype).transpose(0, 1) for t in (k, v))  # (hk, T, d)
-            out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal, enable_gqa=hq != hk)
+            # with a batch dimension (4-D) torch takes its flash kernel on CPU; 3-D inputs fall back to the math
+            # path (bmm, softmax, mask checks): SmolLM2-135M float32 512-token prefill 770 -> 690 ms on 2 cores
+            ki, vi = (t.to(self.dtype).transpose(0, 1)[None] for t in (k, v))  # (1, hk, T, d)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qi[None], ki, vi, attn_mask=causal, enable_gqa=hq != hk
+            )[0]
             return out.transpose(0, 1).reshape(n, hq * d)
         ki = k.to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)  # (hq, T, d)
         vi = v.to(COMPUTE).transpose(0, 1).repeat_interleave(hq // hk, 0)
