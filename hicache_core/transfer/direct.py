@@ -110,9 +110,9 @@ def _run_pinned(cpus: frozenset[int] | None, task) -> None:
     if cpus is not None and getattr(_PINNED, "cpus", None) != cpus:  # a syscall only when the set changes
         try:
             os.sched_setaffinity(0, cpus)
-            _PINNED.cpus = cpus
-        except OSError:
+        except OSError:  # not allowed here: not tried again for the same set on every call
             pass
+        _PINNED.cpus = cpus
     task()
 
 
