@@ -4,6 +4,9 @@ the last bits), and a benchmark that counts token agreement instead of failing o
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -70,3 +73,89 @@ def test_bench_multiturn_float32_counts_token_agreement(tmp_path, capsys):
     assert agree["none"] == [12, 12]  # 4 clients x 3 rounds, the reference against itself
     assert all(0 <= a <= n == 12 for a, n in agree.values())
     assert report["args"]["compute_dtype"] == "float32"
+
+
+def _with_biases(model: TinyLlama) -> TinyLlama:
+    """The model with biases on q, k and v only (as Qwen's checkpoints have), drawn at random."""
+    g = torch.Generator().manual_seed(5)
+    layers = [dict(p) for p in model.layers]
+    for p in layers:
+        for name in ("wq", "wk", "wv"):
+            p[name + "_b"] = torch.randn(p[name].shape[1], generator=g, dtype=p[name].dtype)
+    weights = {"embed": model.embed, "layers": layers, "final_norm": model.final_norm, "lm_head": model.lm_head}
+    return TinyLlama(model.config, weights=weights)
+
+
+def _logits(model: TinyLlama, prompt: list[int]) -> torch.Tensor:
+    """The last token's logits after a prefill of ``prompt`` then one decode step: (2, vocab)."""
+    from hicache_core.memory import DevicePool
+
+    pool = DevicePool(model.config.kv_spec(), 64, 8, "cpu")
+    slots = torch.arange(len(prompt) + 1)
+    first = model.forward(pool, [(torch.tensor(prompt[:-1]), slots[:-2], slots[:-2])])
+    step = model.forward(pool, [(torch.tensor(prompt[-1:]), slots[-2:-1], slots[:-1])])
+    return torch.cat([first, step])
+
+
+def test_float32_runs_its_projections_through_onednn_fused_and_gets_the_plain_matmul_result():
+    """On CPU the float32 path runs q/k/v and gate/up as one oneDNN matmul each (MKL's sgemm runs its AVX2
+    kernels on AMD CPUs: 2.3x slower on this project's machines). The fused weights must be the model's own: the
+    per-name matrices become views of them, biases (here on q/k/v only) ride along, and the logits equal the
+    unfused x @ w path's to float32 precision."""
+    from hicache_core.engine import model as model_mod
+
+    assert model_mod._ONEDNN is not None, (
+        "torch.ops.mkldnn._linear_pointwise is missing or failed its probe in this torch build: the float32 path "
+        "fell back to MKL's matmul (2.3x slower on AMD CPUs)"
+    )
+    c = ModelConfig(vocab_size=256, **SHAPE)
+    f64 = _with_biases(TinyLlama(c))
+    f32 = f64.with_compute_dtype(torch.float32)
+    assert f32._fused is not None and f64._fused is None  # float64 keeps its bit-stable x @ w
+    for p64, p32, fused in zip(f64.layers, f32.layers, f32._fused):
+        assert set(p32) == set(p64)
+        for name, w in p64.items():
+            torch.testing.assert_close(p32[name].double(), w, rtol=1e-6, atol=1e-7)
+        wq = p32["wq"]
+        assert wq.untyped_storage().data_ptr() == fused["qkv"][0].untyped_storage().data_ptr()  # a view: not held twice
+        assert fused["qkv"][1] is not None and fused["gate_up"][1] is None
+    prompt = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    got = _logits(f32, prompt)
+    plain = f64.with_compute_dtype(torch.float32)
+    plain._fused = None  # the x @ w path over the same weights
+    torch.testing.assert_close(got, _logits(plain, prompt), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), _logits(f64, prompt), rtol=1e-3, atol=1e-3)
+
+
+def test_keep_activations_in_heap_stops_the_page_faults_of_each_op(tmp_path):
+    """glibc hands activations over a few hundred KiB out by mmap and returns them on free, so each op's output is
+    faulted in afresh; the model tells malloc to keep them in its heap (``$HICACHE_MALLOC_TUNE=0`` leaves malloc
+    alone). Counted in fresh processes: minor page faults of a forward pass after a warm-up."""
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import resource, torch\n"
+        "from hicache_core.engine import ModelConfig, TinyLlama\n"
+        "from hicache_core.memory import DevicePool\n"
+        "torch.set_num_threads(1)\n"
+        "c = ModelConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_layers=2, num_heads=9,\n"
+        "                num_kv_heads=3, head_dim=64, compute_dtype=torch.float32)  # SmolLM2-135M's shapes\n"
+        "m = TinyLlama(c)\n"
+        "def run():\n"
+        "    pool = DevicePool(c.kv_spec(), 1024, 8, 'cpu')\n"
+        "    for n in (512, 7):\n"
+        "        s = torch.arange(n)\n"
+        "        m.forward(pool, [(torch.randint(0, 512, (n,)), s, s)])\n"
+        "run()\n"
+        "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(3):\n"
+        "    run()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n"
+    )
+    faults = {}
+    for tune in ("1", "0"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env["HICACHE_MALLOC_TUNE"] = tune
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        faults[tune] = int(out.stdout.split()[-1])
+    assert faults["1"] * 4 < faults["0"], faults
