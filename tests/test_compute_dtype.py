@@ -20,11 +20,12 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, n
 
 def test_fused_float32_attention_equals_the_explicit_float64_one():
     """Queries at the last n of T positions (a cached prefix of T - n), grouped KV heads: the fast path's
-    scaled_dot_product_attention gives the explicit softmax(QK^T)V of the float64 path."""
+    scaled_dot_product_attention, in blocks of ATTN_BLOCK queries, gives the explicit softmax(QK^T)V of the float64
+    path."""
     c = ModelConfig(vocab_size=64, **SHAPE)
     f64, f32 = TinyLlama(c), TinyLlama(c).with_compute_dtype(torch.float32)
     g = torch.Generator().manual_seed(0)
-    for n, total in ((1, 1), (1, 37), (5, 5), (7, 40)):
+    for n, total in ((1, 1), (1, 37), (5, 5), (7, 40), (150, 150), (130, 200)):  # past ATTN_BLOCK: blocks
         q = torch.randn(n, c.num_heads, c.head_dim, generator=g, dtype=torch.float64)
         k = torch.randn(total, c.num_kv_heads, c.head_dim, generator=g, dtype=torch.float64)
         v = torch.randn(total, c.num_kv_heads, c.head_dim, generator=g, dtype=torch.float64)
