@@ -178,6 +178,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("transfer mla negative", ["bench", "transfer", "--mla-dim", "-1"], "out of range"),
     ("tree prompt 0", ["bench", "tree", "--prompt-tokens", "0"], "out of range"),
     ("tree page size 0", ["bench", "tree", "--page-size", "0"], "out of range"),
+    ("serve hidden 0", ["serve", "--hidden-size", "0"], "out of range"),
+    (
+        "serve shape with a checkpoint",
+        ["serve", "--model-path", "{tmp}", "--num-layers", "2"],
+        "--num-layers shape the random model; --model-path",
+    ),
     # --- commands
     ("no command", [], "required: command"),
     ("unknown command", ["serve-me"], "invalid choice: 'serve-me'"),
@@ -217,3 +223,21 @@ def test_the_cli_needs_no_test_tools():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "CERTIFIED" in r.stdout, r.stderr[-2000:]
+
+
+def test_serve_takes_the_benchmarks_random_model_shape():
+    """scripts/bench-http.sh serves the in-process benchmark's random model, so HTTP runs its workload; without the
+    flags serve keeps ModelConfig's."""
+    from hicache_core.bench.multiturn_args import BENCH_SHAPE
+    from hicache_core.cli import build_parser
+    from hicache_core.engine import ModelConfig
+    from hicache_core.serve import _model_config
+
+    flags = [a for f, v in BENCH_SHAPE.items() for a in ("--" + f.replace("_", "-"), str(v))]
+    got = _model_config(build_parser().parse_args(["serve", *flags]))
+    assert (
+        {f: getattr(got, f) for f in BENCH_SHAPE} == BENCH_SHAPE != {f: getattr(ModelConfig(), f) for f in BENCH_SHAPE}
+    )
+    assert _model_config(build_parser().parse_args(["serve"])) == ModelConfig()
+    script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "bench-http.sh")).read()
+    assert all(f"{flag} {v}" in script for flag, v in zip(flags[::2], flags[1::2]))

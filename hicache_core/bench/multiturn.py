@@ -197,26 +197,14 @@ def _config_on_rank(
 
 def _model(args: argparse.Namespace):
     from hicache_core.engine import ModelConfig, TinyLlama
-    from hicache_core.engine.model import COMPUTE_DTYPES
+    from hicache_core.engine.model import COMPUTE_DTYPES, shape_from_args
 
     compute = COMPUTE_DTYPES[getattr(args, "compute_dtype", "float64")]
     if args.model_path:
         from hicache_core.engine.checkpoint import load_model
 
         return load_model(args.model_path, dtype=args.dtype, compute_dtype=compute)
-    return TinyLlama(
-        ModelConfig(
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            num_kv_heads=args.num_kv_heads,
-            head_dim=args.head_dim,
-            intermediate_size=args.intermediate_size,
-            seed=args.seed,
-            compute_dtype=compute,
-        )
-    )
+    return TinyLlama(ModelConfig(**shape_from_args(args), seed=args.seed, compute_dtype=compute))
 
 
 def _model_config(args: argparse.Namespace):

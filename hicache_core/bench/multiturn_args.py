@@ -16,6 +16,12 @@ LABELS = {
     "hicache+storage": "HiCache L1+L2+L3",
 }
 
+# the benchmark's random model (serve's default random model is ModelConfig's, smaller; scripts/bench-http.sh passes
+# these to its servers so that HTTP runs the same workload)
+BENCH_SHAPE = dict(
+    hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, vocab_size=4096
+)
+
 
 def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) -> None:
     w = p.add_argument_group("workload (every configuration replays the same conversations)")
@@ -173,16 +179,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor-parallel rank processes (gloo on CPU; heads and KV sharded; default %(default)s)",
     )
-    for flag, default, what in (
-        ("--hidden-size", 512, "model width"),
-        ("--intermediate-size", 1536, "MLP width"),
-        ("--num-layers", 4, "layers"),
-        ("--num-heads", 8, "attention heads"),
-        ("--num-kv-heads", 2, "KV heads"),
-        ("--head-dim", 64, "head dimension"),
-        ("--vocab-size", 4096, "vocabulary"),
-    ):
-        e.add_argument(flag, type=arg_int(1, 1 << 16), default=default, help=f"{what} (default %(default)s)")
+    from hicache_core.engine.model import SHAPE_FLAGS
+
+    for flag, field, what in SHAPE_FLAGS:
+        e.add_argument(flag, type=arg_int(1, 1 << 16), default=BENCH_SHAPE[field], help=f"{what} (default %(default)s)")
     add_hicache_args(p)
     # the demo's own defaults (help above shows these, not the library's)
     p.set_defaults(

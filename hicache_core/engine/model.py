@@ -82,6 +82,24 @@ class ModelConfig:
         )
 
 
+# the random model's shape as command-line flags: (flag, ModelConfig field, what); `hicache bench multiturn` and
+# `hicache serve` both take them, so a served random model can be the benchmark's own
+SHAPE_FLAGS = (
+    ("--hidden-size", "hidden_size", "model width"),
+    ("--intermediate-size", "intermediate_size", "MLP width"),
+    ("--num-layers", "num_layers", "layers"),
+    ("--num-heads", "num_heads", "attention heads"),
+    ("--num-kv-heads", "num_kv_heads", "KV heads"),
+    ("--head-dim", "head_dim", "head dimension"),
+    ("--vocab-size", "vocab_size", "vocabulary"),
+)
+
+
+def shape_from_args(args: Any) -> dict[str, Any]:
+    """The SHAPE_FLAGS given in ``args`` (None: not given), as ModelConfig fields."""
+    return {f: getattr(args, f) for _, f, _ in SHAPE_FLAGS if getattr(args, f, None) is not None}
+
+
 def _lin(x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
     y = x @ p[name]
     b = p.get(name + "_b")
