@@ -130,6 +130,12 @@ def _onednn_linear_op() -> Any:
 
 _ONEDNN: Any = _onednn_linear_op()
 
+
+def _dnn(x: torch.Tensor, wb: tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+    """``x @ w.T + b`` by oneDNN, for a fused (weight, bias) of ``TinyLlama._fuse``."""
+    return _ONEDNN(x, wb[0], wb[1], "none", [], "")
+
+
 ATTN_BLOCK = 64  # float32 attention: queries per scaled_dot_product_attention call
 
 # float32 projections that run as one matmul each, their parts in this order along the output dimension
@@ -348,7 +354,7 @@ class TinyLlama:
         for layer_id, p in enumerate(self.layers):
             h = _rms(x, p["attn_norm"], c.rms_eps)
             if fused is not None:
-                qkv = _ONEDNN(h, *fused[layer_id]["qkv"], "none", [], "")
+                qkv = _dnn(h, fused[layer_id]["qkv"])
                 q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
                 q = self._rope(q.reshape(-1, hq, d), positions)
                 k = self._rope(k.reshape(-1, hk, d), positions)
@@ -368,10 +374,10 @@ class TinyLlama:
             attn = torch.cat(outs) if len(outs) > 1 else outs[0]
             if fused is not None:
                 f = fused[layer_id]
-                x = x + self._reduce(_ONEDNN(attn, *f["wo"], "none", [], ""))
+                x = x + self._reduce(_dnn(attn, f["wo"]))
                 h = _rms(x, p["mlp_norm"], c.rms_eps)
-                gate, up = _ONEDNN(h, *f["gate_up"], "none", [], "").chunk(2, dim=-1)
-                x = x + self._reduce(_ONEDNN(torch.nn.functional.silu(gate) * up, *f["w_down"], "none", [], ""))
+                gate, up = _dnn(h, f["gate_up"]).chunk(2, dim=-1)
+                x = x + self._reduce(_dnn(torch.nn.functional.silu(gate) * up, f["w_down"]))
                 continue
             x = x + self._reduce(_lin(attn, p, "wo"))
             h = _rms(x, p["mlp_norm"], c.rms_eps)
@@ -379,5 +385,5 @@ class TinyLlama:
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
         h = _rms(x[last], self.final_norm, c.rms_eps)
         if fused is not None:
-            return _ONEDNN(h, self._lm_head_t, None, "none", [], "")
+            return _dnn(h, (self._lm_head_t, None))
         return h @ self.lm_head

@@ -108,8 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hicache_core.engine.model import shape_from_args
 
-    if args.model_path and shape_from_args(args):
-        flags = ", ".join("--" + f.replace("_", "-") for f in shape_from_args(args))
+    shape = shape_from_args(args)
+    if args.model_path and shape:
+        flags = ", ".join("--" + f.replace("_", "-") for f in shape)
         raise ConfigError(f"{flags} shape the random model; --model-path {args.model_path} brings its own shape")
     try:
         import fastapi  # noqa: F401

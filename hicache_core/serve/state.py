@@ -46,11 +46,9 @@ def load_model(args: argparse.Namespace) -> tuple[TinyLlama, Any]:
 
         model = load_checkpoint(args.model_path, dtype=args.dtype, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
     else:
-        from hicache_core.engine import ModelConfig
-        from hicache_core.engine.model import shape_from_args
+        from hicache_core.serve import _model_config
 
-        config = ModelConfig(**shape_from_args(args), seed=args.seed, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
-        model = TinyLlama(config)
+        model = TinyLlama(attrs.evolve(_model_config(args), compute_dtype=COMPUTE_DTYPES[args.compute_dtype]))
     return model, load_tokenizer(args.model_path)
 
 
