@@ -18,7 +18,7 @@ from typing import Any, Optional
 import attrs
 
 from hicache_core.errors import ConfigError
-from hicache_core.parse import arg_float, arg_int, parse_bool
+from hicache_core.parse import arg_float, arg_int
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +127,18 @@ def require_dynamic_keys(extra: Mapping[str, Any]) -> None:
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        return parse_bool(value, f"--hicache-storage-backend-extra-config: {key}")
+    """A reserved key's JSON value, strictly: a string where a boolean or a number belongs is refused, never read."""
     what = f"--hicache-storage-backend-extra-config: {key}={value!r}"
-    try:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(value)
-        out = kind(value)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"{what} is not a valid {'whole number' if kind is int else 'number'}") from e
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} is not a boolean; write JSON true or false, without quotes")
+        return value
+    name = "whole number" if kind is int else "number"
+    if isinstance(value, str):
+        raise ConfigError(f"{what} is a string; write a {name} as a JSON number, without quotes")
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise ConfigError(f"{what} is not a valid {name}")
+    out = kind(value)
     if not math.isfinite(out) or out < 0:
         raise ConfigError(f"{what} must be a finite number >= 0")
     return out

@@ -77,7 +77,7 @@ def test_extra_config_from_file(tmp_path):
         (["--hicache-storage-backend-extra-config", "@/no/such/file.json"], "cannot read JSON file"),
         (
             ["--hicache-storage-backend-extra-config", '{"prefetch_threshold": "lots"}'],
-            "prefetch_threshold='lots' is not a valid whole number",
+            "prefetch_threshold='lots' is a string; write a whole number as a JSON number",
         ),
         (
             ["--hicache-storage-backend", "dynamic"],

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import attrs
 
 from hicache_core.errors import ConfigError
-from hicache_core.parse import parse_bool, parse_size
+from hicache_core.parse import parse_size
 
 Parser = Callable[[Any, str], Any]
 # Keys the core's dynamic loader reads from the same JSON: a plugin class loaded through ``dynamic`` sees them.
@@ -45,19 +45,40 @@ def text(value: Any, what: str) -> str:
     return value
 
 
+# JSON has booleans and numbers: a string where one belongs is a mistake to name ("fsync": "false" once turned
+# fsync on in a hand-written config elsewhere), never a value to guess at. Environment variables, which are all
+# strings, are parsed where they are read (hicache_core.parse), not here.
 def boolean(value: Any, what: str) -> bool:
-    return parse_bool(value, what)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}={value!r} is not a boolean; write JSON true or false, without quotes")
+    return value
 
 
 def size(value: Any, what: str) -> int:
+    """Bytes as a JSON number, or a string with its unit (``"4gb"``, SGLang's Mooncake config spells sizes so); a
+    string of digits alone is refused, as every other number is."""
+    if isinstance(value, str) and _plain_number(value):
+        raise ConfigError(f"{what}={value!r} is a string; write the bytes as a number ({value.strip()}) or with a unit")
     return parse_size(value, what)
+
+
+def _plain_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _not_text(value: Any, what: str, kind: str) -> None:
+    if isinstance(value, str):
+        raise ConfigError(f"{what}={value!r} is a string; write {kind} as a JSON number, without quotes")
 
 
 def whole(minimum: int = 0, maximum: Optional[int] = None) -> Parser:
     def parse(value: Any, what: str) -> int:
+        _not_text(value, what, "a whole number")
         ok = isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(value, str) and value.strip().isdigit():
-            value, ok = int(value), True
         if not ok or value < minimum or (maximum is not None and value > maximum):
             bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
             raise ConfigError(f"{what}={value!r} must be a whole number {bounds}")
@@ -68,6 +89,7 @@ def whole(minimum: int = 0, maximum: Optional[int] = None) -> Parser:
 
 def number(minimum: float = 0.0, *, above: bool = False) -> Parser:
     def parse(value: Any, what: str) -> float:
+        _not_text(value, what, "a number")
         try:
             if isinstance(value, bool):
                 raise ValueError
@@ -130,3 +152,25 @@ def parse_options(
 def describe_options(cls: type) -> list[tuple[str, Any, str]]:
     """(key, default, help) per option, for docs and ``--help`` texts."""
     return [(f.name, f.default, f.metadata.get("help", "")) for f in attrs.fields(cls) if "parse" in f.metadata]
+
+
+_NUMERIC = ("boolean", "size", "whole.<locals>.parse", "number.<locals>.parse")
+_STRINGS = ("true", "false", "1", "0", "12", "0.5", " 7 ")
+
+
+def string_holes(cls: type) -> list[str]:
+    """The boolean and number keys of a schema that take a JSON string for their value (each should refuse it):
+    what a backend's tests assert is empty, for their own schema classes as much as for the core's parsers."""
+    holes = []
+    for f in attrs.fields(cls):
+        parse = f.metadata.get("parse")
+        if parse is None or getattr(parse, "__qualname__", "") not in _NUMERIC:
+            continue
+        for probe in _STRINGS:
+            try:
+                parse(probe, f.name)
+            except ConfigError:
+                continue
+            holes.append(f"{f.name}={probe!r}")
+            break
+    return holes

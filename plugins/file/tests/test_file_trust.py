@@ -132,8 +132,11 @@ def test_extra_config_schema_errors(tmp_path, extra, message):
         make({"storage_dir": str(tmp_path), **extra})
 
 
-def test_fsync_false_is_false_and_dynamic_loader_keys_pass(tmp_path):
-    be, _ = make({"storage_dir": str(tmp_path), "fsync": "false", "backend_name": "x", "interface_v1": 1})
+def test_fsync_string_is_refused_and_dynamic_loader_keys_pass(tmp_path):
+    # "false" in quotes is a string, which once read as true elsewhere: refused, never guessed at
+    with pytest.raises(ConfigError, match=r"fsync='false' is not a boolean; write JSON true or false"):
+        make({"storage_dir": str(tmp_path), "fsync": "false"})
+    be, _ = make({"storage_dir": str(tmp_path), "fsync": False, "backend_name": "x", "interface_v1": 1})
     assert be.fsync is False
 
 

@@ -427,3 +427,13 @@ def test_hf3fs_backend_certifies(tmp_path, capsys, metadata, metadata_server):
     failed = "\n".join(f"{r['part']} {r['name']}: {r['detail']}" for r in not_passed if r["outcome"] == "FAILED")
     assert rc == 0 and report["passed"], f"rc={rc}; failed rows:\n{failed}"
     assert [r["name"] for r in not_passed] == ["test_unserved_layout_is_refused"]
+
+
+def test_extra_config_refuses_strings_for_numbers():
+    from hicache_core.errors import ConfigError
+    from hicache_core.storage.options import string_holes
+    from hicache_plugin_hf3fs.config import Hf3fsConfig
+
+    assert string_holes(Hf3fsConfig) == []
+    with pytest.raises(ConfigError, match=r"numjobs='16' is a string; write a whole number as a JSON number"):
+        Hf3fsConfig.load({"numjobs": "16"})

@@ -536,3 +536,13 @@ def test_mooncake_backend_certifies(master, capsys):
     assert rows["none"]["outcome"] == "passed" and "wrong KV 0, leaked pages 0" in rows["hang"]["detail"]
     # pages live in the client's segment and carry no checksum; failing writes needs the master stopped
     assert {n for n, r in rows.items() if r["outcome"] == "n/a"} >= {"corrupt", "test_failed_write_is_not_visible"}
+
+
+def test_extra_config_refuses_strings_for_booleans_and_numbers():
+    from hicache_core.storage.options import string_holes
+
+    assert string_holes(MooncakeStoreConfig) == []
+    with pytest.raises(ConfigError, match=r"check_server='false' is not a boolean"):
+        MooncakeStoreConfig.load({"master_server_address": "127.0.0.1:1", "check_server": "false"})
+    with pytest.raises(ConfigError, match=r"connect_timeout_s='5' is a string"):
+        MooncakeStoreConfig.load({"master_server_address": "127.0.0.1:1", "connect_timeout_s": "5"})
