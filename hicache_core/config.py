@@ -8,16 +8,22 @@ flag, the bad value and the allowed ones. The documented auto-adjustments live i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import attrs
 
 from hicache_core.errors import ConfigError
+from hicache_core.extra_config import (  # noqa: F401 (their home was here: importers keep these names)
+    DYNAMIC_KEYS,
+    RESERVED_EXTRA_KEYS,
+    coerce_reserved,
+    parse_extra_config,
+    read_json_object,
+    require_dynamic_keys,
+)
 from hicache_core.parse import arg_float, arg_int
 
 logger = logging.getLogger(__name__)
@@ -28,16 +34,6 @@ MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout", "cost_aware")
 EVICTION_POLICIES = ("lru", "lfu", "fifo")
 MAX_PAGE_SIZE = 1 << 16  # tokens per page; SGLang's pages are 1-256
-
-# Keys SGLang pops out of --hicache-storage-backend-extra-config before the rest reaches the backend.
-RESERVED_EXTRA_KEYS = {
-    "prefetch_threshold": int,
-    "prefetch_timeout_base": float,
-    "prefetch_timeout_per_ki_token": float,
-    "hicache_storage_pass_prefix_keys": bool,
-    "io_timeout_s": float,  # ours: the deadline of each backend call (0 = none)
-}
-DYNAMIC_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 
 
 def _flag(name: str) -> str:
@@ -67,81 +63,6 @@ def _positive_int(inst, attribute, value):
         raise ConfigError(f"{_flag(attribute.name)}: invalid value {value!r}; it must be a whole number > 0")
     if attribute.name == "page_size" and value > MAX_PAGE_SIZE:
         raise ConfigError(f"--page-size: invalid value {value!r}; it must be <= {MAX_PAGE_SIZE} tokens")
-
-
-def read_json_object(path: str, source: str) -> dict[str, Any]:
-    """A JSON object from a file; errors name ``source``, the file and what is wrong with it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except RecursionError:
-        raise ConfigError(f"{source}: file {path!r} holds JSON nested too deeply") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{source}: file {path!r} is not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read JSON file {path!r}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{source}: file {path!r} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        ) from e
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: file {path!r} must hold a JSON object, not {type(value).__name__}")
-    return value
-
-
-def parse_extra_config(raw: Optional[str | Mapping[str, Any]]) -> dict[str, Any]:
-    """Parse ``--hicache-storage-backend-extra-config``: a JSON object, ``@path`` or a path to a JSON file."""
-    if raw is None or raw == "":
-        return {}
-    if isinstance(raw, Mapping):
-        return dict(raw)
-    text = raw.strip()
-    source = "--hicache-storage-backend-extra-config"
-    path = text[1:] if text.startswith("@") else text
-    if not text.startswith("{") and (text.startswith("@") or os.path.isfile(path)):
-        return read_json_object(path, source)
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ConfigError(f"{source}: JSON nested too deeply; give a flat JSON object of keys and values") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-            "give a JSON object such as '{\"prefetch_threshold\": 256}' or a path to a JSON file"
-        ) from e
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def require_dynamic_keys(extra: Mapping[str, Any]) -> None:
-    """The one home of the rule: ``dynamic`` needs backend_name, module_path and class_name."""
-    missing = [k for k in DYNAMIC_KEYS[:3] if not extra.get(k)]
-    if missing:
-        raise ConfigError(
-            "--hicache-storage-backend dynamic needs --hicache-storage-backend-extra-config with "
-            f"{', '.join(missing)}; for example "
-            '\'{"backend_name": "my_store", "module_path": "my_pkg.store", "class_name": "MyStore", '
-            '"interface_v1": 0}\''
-        )
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """A reserved key's JSON value, strictly: a string where a boolean or a number belongs is refused, never read."""
-    what = f"--hicache-storage-backend-extra-config: {key}={value!r}"
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{what} is not a boolean; write JSON true or false, without quotes")
-        return value
-    name = "whole number" if kind is int else "number"
-    if isinstance(value, str):
-        raise ConfigError(f"{what} is a string; write a {name} as a JSON number, without quotes")
-    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
-        raise ConfigError(f"{what} is not a valid {name}")
-    out = kind(value)
-    if not math.isfinite(out) or out < 0:
-        raise ConfigError(f"{what} must be a finite number >= 0")
-    return out
 
 
 def _fingerprint(_inst: Any, _attr: Any, value: Optional[str]) -> None:
@@ -184,6 +105,10 @@ class HiCacheConfig:
     # retention a request may ask for
     hicache_retention_ratio: float = attrs.field(default=0.5, validator=[_non_negative, _at_most_one])
     hicache_retention_max_seconds: float = attrs.field(default=600.0, validator=_non_negative)
+    # the share of the host tier one tenant's (namespace's) retained prefixes may hold (None: the whole budget)
+    hicache_retention_tenant_ratio: Optional[float] = attrs.field(
+        default=None, validator=attrs.validators.optional([_non_negative, _at_most_one])
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.hicache_storage_backend == "":
@@ -191,14 +116,14 @@ class HiCacheConfig:
         extra = self.hicache_storage_backend_extra_config
         for key, kind in RESERVED_EXTRA_KEYS.items():
             if key in extra:
-                _coerce(key, extra[key], kind)
+                coerce_reserved(key, extra[key], kind)
         if self.hicache_storage_backend == "dynamic":
             require_dynamic_keys(extra)
 
     # --- storage knobs SGLang reads out of the extra-config JSON -------------------------------------------------
     def _reserved(self, key: str, default: Any) -> Any:
         extra = self.hicache_storage_backend_extra_config
-        return _coerce(key, extra[key], RESERVED_EXTRA_KEYS[key]) if key in extra else default
+        return coerce_reserved(key, extra[key], RESERVED_EXTRA_KEYS[key]) if key in extra else default
 
     @property
     def prefetch_threshold(self) -> int:
@@ -356,6 +281,14 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default=d.hicache_retention_max_seconds,
         metavar="S",
         help="the longest retention_seconds a request may ask for; more is clipped (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-retention-tenant-ratio",
+        type=arg_float(0),
+        default=d.hicache_retention_tenant_ratio,
+        metavar="R",
+        help="the share of the host tier one tenant's (cache_salt/extra_key's) retained prefixes may hold; hints "
+        "past it are clipped (default: all of --hicache-retention-ratio)",
     )
     g.add_argument(
         "--hicache-model-fingerprint",

@@ -74,7 +74,7 @@ def test_a_request_joins_the_restore_in_flight(tmp_path):
     for _ in range(20):
         cache.poll()
         assert cache.admit("turn2", prompt).status == "wait"
-    assert list(cache.ongoing_prefetch) == [("restore", "gap")], "the request started a second fetch"
+    assert list(cache.ongoing_prefetch) == [("restore", None, "gap")], "the request started a second fetch"
     gated.gate.set()
     while (adm := cache.admit("turn2", prompt)).status == "wait":
         cache.poll()
@@ -181,8 +181,68 @@ def test_a_grant_lapses_after_its_seconds_unless_a_hit_refreshes_it():
     run_request(cache, PROMPT, rid="a2")  # a hit on the prefix: another 0.4 s from now
     time.sleep(0.25)
     cache.poll()
-    assert "s" in cache.retention.grants
+    assert (None, "s") in cache.retention.grants
     time.sleep(0.3)
     cache.poll()
     assert not cache.retention.grants
+    cache.close()
+
+
+# --- tenants: a request's cache_salt / extra_key is its tenant ---------------------------------------------------
+def test_two_tenants_with_one_session_id_never_meet():
+    cache = make_cache(device_pages=12, host_pages=16)
+    mine, theirs = PROMPT[: 2 * PS], [8000 + j for j in range(2 * PS)]
+    run_request(cache, mine, rid="a", salt="tenant-a")
+    run_request(cache, theirs, rid="b", salt="tenant-b")
+    a = cache.retain("a", mine + [SENTINEL], RetentionHint(60, session_id="agent"), salt="tenant-a")
+    b = cache.retain("b", theirs + [SENTINEL], RetentionHint(60, session_id="agent"), salt="tenant-b")
+    assert a.status == b.status == "accepted"  # b's hint did not replace a's grant: the keys are (tenant, session)
+    assert len(cache.retention.grants) == 2
+    assert [s["key"] for s in cache.sessions(salt="tenant-a")] == ["agent"]
+    assert cache.sessions() == []  # the unsalted tenant holds nothing
+    # neither another tenant nor the unsalted one can release a's session
+    assert cache.release_retention("agent", salt="tenant-b").status == "released"  # b's own
+    assert cache.release_retention("agent", salt="tenant-b").status == "rejected"
+    assert cache.release_retention("agent").status == "rejected"
+    assert [s["key"] for s in cache.sessions(salt="tenant-a")] == ["agent"]
+    assert cache.release_retention("agent", salt="tenant-a").status == "released"
+    cache.close()
+
+
+def test_one_tenants_retention_budget_leaves_room_for_the_others():
+    # retention may hold half of the host tier (8 of 16 pages), one tenant a quarter (4 pages)
+    cache = make_cache(device_pages=12, host_pages=16, hicache_retention_ratio=0.5, hicache_retention_tenant_ratio=0.25)
+    greedy = PROMPT  # 6 pages
+    run_request(cache, greedy, rid="g", salt="greedy")
+    g = cache.retain("g", greedy + [SENTINEL], RetentionHint(60, session_id="s1"), salt="greedy")
+    assert g.status == "clipped" and g.tokens == 4 * PS and "--hicache-retention-tenant-ratio" in g.reason, g
+    more = [6000 + j for j in range(2 * PS)]
+    run_request(cache, more, rid="g2", salt="greedy")
+    g2 = cache.retain("g2", more + [SENTINEL], RetentionHint(60, session_id="s2"), salt="greedy")
+    assert g2.status == "rejected" and "this tenant's retention budget" in g2.reason, g2
+    other = [7000 + j for j in range(3 * PS)]
+    run_request(cache, other, rid="o", salt="other")
+    o = cache.retain("o", other + [SENTINEL], RetentionHint(60, session_id="s1"), salt="other")
+    assert o.status == "accepted" and o.tokens == 3 * PS, o
+    cache.close()
+
+
+def test_restores_belong_to_their_tenant(tmp_path):
+    cache = make_cache(device_pages=12, host_pages=16, storage="file", extra={"storage_dir": str(tmp_path)})
+    run_request(cache, PROMPT, rid="turn1", salt="a")
+    cache.flush()
+    cache.empty_local_tiers()
+    ra, _ = cache.restore("op", PROMPT + [SENTINEL], salt="a")
+    rb, _ = cache.restore("op", PROMPT + [SENTINEL], salt="b")  # the same id from another tenant: its own op
+    assert ra is not rb
+    assert cache.restore_status("op", salt="b") is rb and cache.restore_status("op") is None
+    assert cache.cancel_restore("op") is None  # the unsalted tenant cannot cancel a's
+    while (r := cache.restore_status("op", salt="a")).state == "running":
+        cache.poll()
+        time.sleep(0.005)
+    assert r.state == "success" and r.restored_tokens == len(PROMPT), r.as_dict()
+    while cache.restore_status("op", salt="b").state == "running":
+        cache.poll()
+        time.sleep(0.005)
+    assert cache.restore_status("op", salt="b").state == "miss"  # b's namespace holds none of a's pages
     cache.close()

@@ -8,7 +8,7 @@ from core_helpers import REPO
 # Lower layers never import higher ones (DESIGN.md's arrows). Same-layer modules do not import each other.
 LAYERS = [
     ["errors"],
-    ["parse", "hookspecs", "threads"],
+    ["parse", "hookspecs", "threads", "extra_config"],
     ["config", "metrics", "keys", "identity", "events"],
     ["plugins", "storage", "memory", "transfer"],
     ["registry"],

@@ -66,6 +66,20 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read().decode())
 
+    def call(self, method: str, path: str, body=None, key=None, headers=None):
+        """(status, parsed body, response headers) of one request, with ``key`` as its bearer key."""
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            h["Authorization"] = f"Bearer {key}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                text, status, got = r.read().decode(), r.status, r.headers
+        except urllib.error.HTTPError as e:
+            text, status, got = e.read().decode(), e.code, e.headers
+        return status, (json.loads(text) if text.startswith(("{", "[")) else text), got
+
     def generate(self, body) -> dict:
         status, out = self.post("/generate", body)
         assert status == 200, out
@@ -73,7 +87,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(tmp_path: Path, *flags: str):
+def serve(tmp_path: Path, *flags: str, cwd: Path | None = None):
     """Start `hicache serve` on a free port; yield a :class:`Server`; stop it (its log is shown on failure)."""
     port_file = tmp_path / f"port-{time.monotonic_ns()}"
     log = tmp_path / f"server-{time.monotonic_ns()}.log"
@@ -96,6 +110,7 @@ def serve(tmp_path: Path, *flags: str):
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=cwd,
         )
     try:
         deadline = time.monotonic() + 120

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from hicache_core.cache.restore import DEFAULT_TTL_S, MAX_TTL_S, Restore
-from hicache_core.cache.retention import RetentionAnswer, RetentionHint
+from hicache_core.cache.retention import RetentionAnswer, RetentionHint, grant_key
 from hicache_core.events import EventBatch
 from hicache_core.keys import namespace_seed
 
@@ -68,11 +68,16 @@ class FleetDoor:
         self.events.name_namespace(seed, salt, extra_key)
         return self.restorer.start(op_id, list(tokens), seed, float(ttl), self.storage_enabled), note
 
-    def restore_status(self, op_id: str) -> Optional[Restore]:
-        return self.restorer.ops.get(op_id)
+    def restore_status(
+        self, op_id: str, salt: Optional[str] = None, extra_key: Optional[str] = None
+    ) -> Optional[Restore]:
+        """The restore ``op_id`` of this namespace (a tenant sees only its own: another's is None, as unknown)."""
+        return self.restorer.ops.get((namespace_seed(extra_key, salt), op_id))
 
-    def cancel_restore(self, op_id: str) -> Optional[Restore]:
-        return self.restorer.cancel(op_id)
+    def cancel_restore(
+        self, op_id: str, salt: Optional[str] = None, extra_key: Optional[str] = None
+    ) -> Optional[Restore]:
+        return self.restorer.cancel(op_id, namespace_seed(extra_key, salt))
 
     # --- soft retention --------------------------------------------------------------------------------------------
     def retain(
@@ -86,8 +91,9 @@ class FleetDoor:
         """Keep the cached prefix of ``tokens`` through churn for ``hint.seconds`` (cache/retention.py), under
         ``hint.session_id`` (or ``key``, the request, without one). The prefix gets a host copy now, so device
         eviction demotes it rather than drops it (and a storage tier backs it up)."""
-        m = self.match_prefix(tokens, namespace_seed(extra_key, salt))
-        answer, nodes = self.retention.retain(hint.session_id or key, m.last_node, hint)
+        seed = namespace_seed(extra_key, salt)
+        m = self.match_prefix(tokens, seed)
+        answer, nodes = self.retention.retain(grant_key(seed, hint.session_id or key), m.last_node, hint)
         self.metrics.record_fleet("retention", answer.status)
         if self.host is not None:
             for n in nodes:
@@ -95,6 +101,12 @@ class FleetDoor:
                     self.host.write_backup(n)
         return answer
 
-    def release_retention(self, session_id: Any) -> RetentionAnswer:
-        """The session is over: its prefix is evicted like any other from now on."""
-        return self.retention.release(session_id)
+    def release_retention(
+        self, session_id: Any, salt: Optional[str] = None, extra_key: Optional[str] = None
+    ) -> RetentionAnswer:
+        """The session (of this namespace: its tenant) is over: its prefix is evicted like any other from now on."""
+        return self.retention.release(grant_key(namespace_seed(extra_key, salt), session_id))
+
+    def sessions(self, salt: Optional[str] = None, extra_key: Optional[str] = None) -> list[dict[str, Any]]:
+        """The retained prefixes of this namespace (its tenant) alone."""
+        return self.retention.describe(namespace_seed(extra_key, salt))

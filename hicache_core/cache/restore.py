@@ -53,8 +53,13 @@ class Restore:
     found_pages: int = -1
 
     @property
-    def rid(self) -> tuple[str, str]:
-        return ("restore", self.op_id)
+    def key(self) -> tuple[Optional[str], str]:
+        """Restores are the namespace's (its tenant's): two tenants' ``op_id``s never meet."""
+        return (self.seed, self.op_id)
+
+    @property
+    def rid(self) -> tuple[str, Optional[str], str]:
+        return ("restore", self.seed, self.op_id)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,7 +79,7 @@ class Restorer:
 
     def __init__(self, tree: RadixTree, prefetcher: Optional[StoragePrefetcher], agree: Any, metrics: Any) -> None:
         self.tree, self.prefetcher, self.agree, self.metrics = tree, prefetcher, agree, metrics
-        self.ops: dict[str, Restore] = {}
+        self.ops: dict[tuple[Optional[str], str], Restore] = {}
 
     def running(self) -> list[Restore]:
         return [r for r in self.ops.values() if r.state == "running"]
@@ -83,11 +88,11 @@ class Restorer:
         """Begin restoring ``tokens`` (in the namespace ``seed``) for ``ttl`` seconds. The same ``op_id`` again
         answers the restore it names."""
         self._prune()
-        if op_id in self.ops:
-            return self.ops[op_id]
+        if (seed, op_id) in self.ops:
+            return self.ops[(seed, op_id)]
         now = time.monotonic()
         r = Restore(op_id, list(tokens), seed, ttl, now + ttl, started=now)
-        self.ops[op_id] = r
+        self.ops[r.key] = r
         m = self.tree.match_prefix(tokens, seed)
         want = self.tree._page_align(len(tokens))
         r.cached_tokens = m.matched_length
@@ -149,8 +154,8 @@ class Restorer:
         self.metrics.record_fleet("restores", state)
         return r
 
-    def cancel(self, op_id: str) -> Optional[Restore]:
-        r = self.ops.get(op_id)
+    def cancel(self, op_id: str, seed: Optional[str] = None) -> Optional[Restore]:
+        r = self.ops.get((seed, op_id))
         if r is not None and r.state == "running":
             if self.prefetcher is not None:
                 self.prefetcher.abort(r.rid)
@@ -172,4 +177,4 @@ class Restorer:
 
     def close(self) -> None:
         for r in self.running():
-            self.cancel(r.op_id)
+            self.cancel(r.op_id, r.seed)

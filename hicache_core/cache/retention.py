@@ -5,8 +5,11 @@ the prefix it just wrote. The hint is granted, clipped or rejected, and always a
 
 * ``seconds`` past ``--hicache-retention-max-seconds`` are clipped to it; ``priority`` to ``[0, MAX_PRIORITY]``.
 * Every retained prefix together may hold at most ``--hicache-retention-ratio`` of the host tier (of the device
-  tier without one). A prefix that does not fit is retained only as far as its leading nodes fit (clipped), or not
-  at all (rejected).
+  tier without one), and one tenant's (a namespace: ``cache_salt`` and ``extra_key``) at most
+  ``--hicache-retention-tenant-ratio``. A prefix that does not fit is retained only as far as its leading nodes fit
+  (clipped), or not at all (rejected).
+* Grants belong to their tenant: a grant's key is ``(tenant, session)``, so two tenants' ``session_id``s never
+  meet, and one tenant cannot release, replace or list another's.
 
 Retention is soft, never a pin: eviction (device and host) takes unretained pages first, then retained ones by
 priority (lowest first) and the eviction policy; a retained page is never lost to make room while an unretained
@@ -66,6 +69,8 @@ class Retention:
     def __init__(self, tree: RadixTree, config: Any, tier_tokens: int) -> None:
         self.tree = tree
         self.budget = int(config.hicache_retention_ratio * tier_tokens)
+        tenant_ratio = getattr(config, "hicache_retention_tenant_ratio", None)
+        self.tenant_budget = self.budget if tenant_ratio is None else min(self.budget, int(tenant_ratio * tier_tokens))
         self.max_seconds = float(config.hicache_retention_max_seconds)
         self.grants: dict[Any, Grant] = {}
         tree.retained = self.ranks
@@ -95,11 +100,12 @@ class Retention:
             if gone:
                 del self.grants[key]
 
-    def retained_tokens(self, skip: Any = None) -> tuple[set[int], int]:
+    def retained_tokens(self, skip: Any = None, tenant: Any = ...) -> tuple[set[int], int]:
+        """Node ids and tokens retained by every grant but ``skip`` (only ``tenant``'s grants, when given)."""
         seen: set[int] = set()
         total = 0
         for g in self.active():
-            if g.key == skip:
+            if g.key == skip or (tenant is not ... and tenant_of(g.key) != tenant):
                 continue
             for n in self._path(g.node):
                 if n.id not in seen:
@@ -128,24 +134,34 @@ class Retention:
         if key not in self.grants and len(self.active()) >= MAX_GRANTS:
             return RetentionAnswer("rejected", reason=f"{MAX_GRANTS} prefixes are retained already"), []
         seen, used = self.retained_tokens(skip=key)
+        mine_seen, mine = self.retained_tokens(skip=key, tenant=tenant_of(key))
         keep: list[TreeNode] = []
         want = sum(len(n.key) for n in path)
+        full = ""
         for n in reversed(path):  # from the top: a retained prefix is a prefix
             extra = 0 if n.id in seen else len(n.key)
-            if used + extra > self.budget:
-                room = self.tree._page_align(self.budget - used)
+            extra_mine = 0 if n.id in mine_seen else len(n.key)
+            room = min(self.budget - used, self.tenant_budget - mine)
+            if extra > self.budget - used or extra_mine > self.tenant_budget - mine:
+                full = (
+                    f"the retention budget ({self.budget} tokens, --hicache-retention-ratio)"
+                    if extra > self.budget - used
+                    else f"this tenant's retention budget ({self.tenant_budget} tokens, "
+                    "--hicache-retention-tenant-ratio)"
+                )
+                room = self.tree._page_align(min(room, len(n.key)))
                 if room > 0:  # the pages that fit: the node's upper part
                     keep.append(self.tree._split(n, room))
                 break
             used += extra
+            mine += extra_mine
             keep.append(n)
         if not keep:
             self.grants.pop(key, None)
-            reason = f"the retention budget ({self.budget} tokens, --hicache-retention-ratio) is full"
-            return RetentionAnswer("rejected", reason=reason), []
+            return RetentionAnswer("rejected", reason=f"{full} is full"), []
         tokens = sum(len(n.key) for n in keep)
         if tokens < want:
-            notes.append(f"{tokens} of {want} tokens retained: the retention budget ({self.budget} tokens) is full")
+            notes.append(f"{tokens} of {want} tokens retained: {full} is full")
         now = time.monotonic()
         self.grants[key] = Grant(key, keep[-1], seconds, priority, now + seconds, tokens)
         status = "clipped" if notes else "accepted"
@@ -176,15 +192,37 @@ class Retention:
                 out[n.id] = max(out.get(n.id, 0), 1 + g.priority)
         return out
 
-    def describe(self) -> list[dict[str, Any]]:
+    def describe(self, tenant: Any = ...) -> list[dict[str, Any]]:
+        """The grants (of ``tenant`` alone, when given): each one's session (or request), tenant, tokens, priority
+        and time left."""
         now = time.monotonic()
         return [
             {
-                "key": g.key,
+                "key": session_of(g.key),
+                "tenant": tenant_label(tenant_of(g.key)),
                 "tokens": g.tokens,
                 "priority": g.priority,
                 "seconds": g.seconds,
                 "remaining_seconds": round(g.until - now, 3),
             }
             for g in self.active()
+            if tenant is ... or tenant_of(g.key) == tenant
         ]
+
+
+def grant_key(tenant: Optional[str], session: Any) -> tuple[Optional[str], Any]:
+    """A grant's key: the tenant (its namespace seed; None for unsalted requests) and the session (or request)."""
+    return (tenant, session)
+
+
+def tenant_of(key: Any) -> Optional[str]:
+    return key[0] if isinstance(key, tuple) and len(key) == 2 else None
+
+
+def session_of(key: Any) -> Any:
+    return key[1] if isinstance(key, tuple) and len(key) == 2 else key
+
+
+def tenant_label(tenant: Optional[str]) -> str:
+    """How a tenant is named to operators: a prefix of its namespace seed (never the salt), or ``default``."""
+    return "default" if tenant is None else tenant[:16]

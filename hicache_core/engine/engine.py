@@ -298,7 +298,10 @@ class Engine:
 
     # --- what a server asks of the engine (serve's scheduler and its TP followers) ----------------------------------
     def submit(self, r: Request) -> None:
-        """Queue ``r``; the next :meth:`step` admits it when it fits."""
+        """Queue ``r``; the next :meth:`step` admits it when it fits. A request with no prompt has nothing to
+        condition on (and would wait forever for a first prefill): refused here, whoever built it."""
+        if not r.prompt:
+            raise ValueError(f"request {r.rid!r} has an empty prompt: give at least one token")
         self.waiting.append(r)
 
     def forget(self, r: Request) -> None:

@@ -16,6 +16,7 @@ from typing import Optional
 
 from hicache_core.errors import ConfigError
 from hicache_core.parse import arg_int
+from hicache_core.serve.auth import Keys
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -101,6 +102,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         'e.g. \'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
         "(needs the events extra)",
     )
+    a = p.add_argument_group("access (serve/auth.py)")
+    a.add_argument(
+        "--api-key",
+        default=None,
+        help="every route but /health needs Authorization: Bearer <key> (default: $HICACHE_API_KEY; none: open)",
+    )
+    a.add_argument(
+        "--admin-api-key",
+        default=None,
+        help="the operator routes (attach/detach/read the storage backend, /flush_cache, other tenants' sessions) "
+        "need this key rather than --api-key (default: $HICACHE_ADMIN_API_KEY)",
+    )
+    a.add_argument("--admin-metrics", action="store_true", help="/metrics needs the operator's key too")
+    from hicache_core.serve.tenants import add_tenant_arguments
+
+    add_tenant_arguments(a)
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default %(default)s)")
     s.add_argument("--port-file", default=None, help="write the bound port here once serving (tests, scripts)")
 
@@ -125,6 +142,13 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(args.log_level.upper())
     logging.getLogger("hicache_core").setLevel(args.log_level.upper())
     config = HiCacheConfig.from_args(args)
+    keys = Keys.from_args(args)  # a bad key fails here, before the model loads
+    if not keys.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger(__name__).warning(
+            "hicache serve listens on %s without --api-key: anyone who reaches the port can generate, flush the cache "
+            "and detach its storage (set --api-key and --admin-api-key, or $HICACHE_API_KEY)",
+            args.host,
+        )
     if args.kv_events_config:  # a bad one fails here, before the model loads
         from hicache_core.events.publisher import KVEventsConfig
 
@@ -189,7 +213,11 @@ def serve_state(args: argparse.Namespace, state, sock: Optional[socket.socket] =
 
     sock = sock or _bind(args)
     port = sock.getsockname()[1]
-    app = build_app(state, on_ready=(lambda: _write_port(args.port_file, port)) if args.port_file else None)
+    app = build_app(
+        state,
+        on_ready=(lambda: _write_port(args.port_file, port)) if args.port_file else None,
+        keys=Keys.from_args(args),
+    )
     state.scheduler.start()
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", timeout_graceful_shutdown=5)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from hicache_core.engine import Request
 from hicache_core.errors import HiCacheError
+from hicache_core.serve.auth import BEARER_CHALLENGE, KeyMiddleware, Keys
 from hicache_core.serve.fleet import add_fleet_routes
 from hicache_core.serve.protocol import (
     BadRequest,
@@ -31,7 +32,9 @@ from hicache_core.serve.protocol import (
     prompt_ids,
 )
 from hicache_core.serve.scheduler import Busy, Stream
+from hicache_core.serve.schemas import ATTACH, CHAT, COMPLETION, GENERATE, body
 from hicache_core.serve.state import ServerState
+from hicache_core.serve.tenants import RETRY_AFTER_S
 
 
 def _finish(r: Request) -> Optional[dict]:
@@ -110,7 +113,19 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None) -> Any:
+ERROR_TYPES = {401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError"}  # OpenAI's names
+
+
+def error(status: int, message: str) -> JSONResponse:
+    """The server's one error body (OpenAI's shape, with SGLang's top-level ``message``)."""
+    kind = ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "ServerError")
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": status}, "object": "error", "message": message},
+        status_code=status,
+    )
+
+
+def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None, keys: Optional[Keys] = None) -> Any:
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
         if on_ready is not None:
@@ -118,24 +133,17 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
         yield
 
     app = FastAPI(title="hicache serve", version="1", lifespan=lifespan)
-
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse(
-            {
-                "error": {
-                    "message": message,
-                    "type": "BadRequestError" if status < 500 else "ServerError",
-                    "code": status,
-                },
-                "object": "error",
-                "message": message,
-            },
-            status_code=status,
-        )
+    if keys is not None and keys.enabled:
+        app.add_middleware(KeyMiddleware, keys=keys, error=error)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: HTTPRequest, e: BadRequest) -> JSONResponse:
-        return error(e.status, str(e))
+        out = error(e.status, str(e))
+        if e.status == 429:
+            out.headers["Retry-After"] = str(RETRY_AFTER_S)
+        elif e.status == 401:
+            out.headers["WWW-Authenticate"] = BEARER_CHALLENGE
+        return out
 
     @app.exception_handler(HiCacheError)
     async def hicache_error(_: HTTPRequest, e: HiCacheError) -> JSONResponse:
@@ -151,9 +159,10 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
             raise BadRequest("the body must be a JSON object")
         return body
 
-    def start(ids: list[int], params: Params) -> Stream:
-        r = state.new_request(ids, params)
-        return state.submit(r, asyncio.get_running_loop())
+    def start(prompts: list[list[int]], params: Params) -> list[Stream]:
+        """Every prompt checked first, then all submitted or none: a bad or refused batch leaves nothing running."""
+        requests = [state.new_request(ids, params) for ids in prompts]
+        return state.submit(requests, asyncio.get_running_loop())
 
     def stream_flag(body: dict) -> bool:
         s = body.get("stream", False)
@@ -210,7 +219,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
             return error(400, f"cannot flush the cache now: {e}")
         return PlainTextResponse("Cache flushed.\n")
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=body(GENERATE))
     async def generate(req: HTTPRequest) -> Any:
         body = await body_of(req)
         prompts, batch = prompt_ids(body, state.tokenizer, state.model.config.vocab_size)
@@ -218,7 +227,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
         if stream_flag(body):
             if batch:
                 raise BadRequest("stream takes one prompt, not a batch")
-            stream = start(prompts[0], params)
+            (stream,) = start(prompts[:1], params)
 
             async def chunks() -> AsyncIterator[str]:
                 async for kind, r in events(state, stream):
@@ -227,7 +236,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
-        streams = [start(ids, params) for ids in prompts]
+        streams = start(prompts, params)
         try:
             done = await asyncio.gather(*(run_to_end(state, s) for s in streams))
         except asyncio.CancelledError:
@@ -263,7 +272,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
         else:
             ids = openai_prompt(body, state.tokenizer, state.model.config.vocab_size)
         params = openai_params(body, chat)
-        stream = start(ids, params)
+        (stream,) = start([ids], params)
         rid = ("chatcmpl-" if chat else "cmpl-") + stream.request.rid
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": int(time.time()), "model": state.model_name}
@@ -310,11 +319,11 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body(COMPLETION))
     async def completions(req: HTTPRequest) -> Any:
         return await openai(await body_of(req), chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body(CHAT))
     async def chat_completions(req: HTTPRequest) -> Any:
         return await openai(await body_of(req), chat=True)
 
@@ -329,7 +338,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None)
     async def storage_get() -> dict:
         return state.storage_info()
 
-    @app.put("/hicache/storage-backend")
+    @app.put("/hicache/storage-backend", openapi_extra=body(ATTACH))
     async def storage_put(req: HTTPRequest) -> Any:
         body = await body_of(req)
         try:

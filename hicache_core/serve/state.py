@@ -18,6 +18,7 @@ import attrs
 from hicache_core.cache import HiRadixCache
 from hicache_core.cache.build import tiers_from_flags
 from hicache_core.cache.retention import RetentionHint
+from hicache_core.cache.retention import tenant_label as retention_tenant_label
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, Request, TinyLlama
 from hicache_core.engine.engine import warm_up
@@ -25,6 +26,7 @@ from hicache_core.errors import ConfigError
 from hicache_core.serve.metrics import ServerMetrics
 from hicache_core.serve.protocol import BadRequest, Params, check_fits
 from hicache_core.serve.scheduler import Scheduler, Stream
+from hicache_core.serve.tenants import TenantLimits, tenant
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ class ServerState:
         self.config = self.engine.config
         self.model_name = args.served_model_name or self.model.config.name
         self.metrics = ServerMetrics(self)
-        self.scheduler = Scheduler(self.engine, on_finish=self.metrics.finished, tp=tp)
+        self.limits = TenantLimits(args)
+        self.scheduler = Scheduler(self.engine, on_finish=self._finished, tp=tp)
         self.scheduler.target = self
         self.created = int(time.time())
         self.context = min(self.engine.pool.size, self.model.config.max_position_embeddings)
@@ -107,25 +110,46 @@ class ServerState:
         return cache
 
     def restore(self, op_id: str, ids: list[int], ttl: Optional[float], salt: Any, extra_key: Any) -> dict:
-        r, note = self._cache().restore(op_id, ids, ttl, salt, extra_key)
+        cache = self._cache()
+        who = tenant(salt, extra_key)
+        if (who, op_id) not in cache.restorer.ops:  # joining one's own running restore is never refused
+            ps = self.engine.page_size
+            need = max(0, len(ids) // ps * ps - cache.match_prefix(ids, who).matched_length)
+            host = cache.host_pool.size if cache.host_pool is not None else 0
+            self.limits.check_restore(cache.restorer.running(), who, need, host)
+        r, note = cache.restore(op_id, ids, ttl, salt, extra_key)
         return {**r.as_dict(), "notes": [note] if note else []}
 
-    def restore_status(self, op_id: str) -> Optional[dict]:
-        r = self._cache().restore_status(op_id)
+    def restore_status(self, op_id: str, salt: Any, extra_key: Any) -> Optional[dict]:
+        r = self._cache().restore_status(op_id, salt, extra_key)
         return None if r is None else r.as_dict()
 
-    def cancel_restore(self, op_id: str) -> Optional[dict]:
-        r = self._cache().cancel_restore(op_id)
+    def cancel_restore(self, op_id: str, salt: Any, extra_key: Any) -> Optional[dict]:
+        r = self._cache().cancel_restore(op_id, salt, extra_key)
         return None if r is None else r.as_dict()
 
-    def sessions(self) -> list[dict]:
-        return self._cache().retention.describe()
+    def sessions(self, salt: Any, extra_key: Any, all_tenants: bool = False) -> list[dict]:
+        """The caller's tenant's retained prefixes; an operator's ``all_tenants`` lists every tenant's."""
+        cache = self._cache()
+        return cache.retention.describe() if all_tenants else cache.sessions(salt, extra_key)
 
-    def close_session(self, session_id: str) -> dict:
-        return self._cache().release_retention(session_id).as_dict()
+    def close_session(self, session_id: str, salt: Any, extra_key: Any, tenant_label: Optional[str] = None) -> dict:
+        """Release the caller's tenant's session; an operator names another tenant by its label (as listed)."""
+        cache = self._cache()
+        if tenant_label is not None:
+            for key in list(cache.retention.grants):
+                if key[1] == session_id and retention_tenant_label(key[0]) == tenant_label:
+                    return cache.retention.release(key).as_dict()
+            return {"status": "rejected", "reason": f"no retention is held for session {session_id!r}"}
+        answer = cache.release_retention(session_id, salt, extra_key).as_dict()
+        if answer["status"] != "released":  # the same words whether another tenant holds it or nobody does
+            answer["reason"] = f"no retention is held for session {session_id!r}"
+        return answer
 
     # --- requests -----------------------------------------------------------------------------------------------------
     def new_request(self, ids: list[int], params: Params, rid: Optional[str] = None) -> Request:
+        if not ids:
+            raise BadRequest("the prompt is empty: it encodes to no tokens; send at least one")
         why = (
             "the device pool"
             if self.engine.pool.size <= self.model.config.max_position_embeddings
@@ -157,10 +181,19 @@ class ServerState:
             r.on_token = on_token
         return r
 
-    def submit(self, r: Request, loop: Any) -> Stream:
+    def submit(self, requests: list[Request], loop: Any) -> list[Stream]:
+        """Hand ``requests`` (one tenant's: one body's) to the scheduler, or none of them (the tenant is at its limit,
+        the scheduler has stopped)."""
         if not self.scheduler.alive:
             raise BadRequest(f"the scheduler has stopped ({self.scheduler.last_error or 'shutting down'})", 503)
-        return self.scheduler.submit(r, loop)
+        if requests:
+            self.limits.take(tenant(requests[0].salt, requests[0].extra_key), len(requests))
+        return [self.scheduler.submit(r, loop) for r in requests]
+
+    def _finished(self, r: Request) -> None:
+        """The scheduler's finish hook (finished, aborted or failed): its tenant's slot back, then metrics."""
+        self.limits.give_back(tenant(r.salt, r.extra_key))
+        self.metrics.finished(r)
 
     def text_of(self, r: Request, stop: Optional[list[str]] = None) -> str:
         """The output text; with a stop string matched, cut before it (as SGLang and OpenAI do)."""
