@@ -142,11 +142,12 @@ def test_tenants_see_only_their_own_sessions_and_restores(tmp_path):
         )
         t.start()
         try:
-            for _ in range(200):
-                status, out, headers = s.call("POST", "/generate", gen_body(cache_salt="tenant-a"), key=API)
-                if status == 429:
+            for _ in range(2000):  # until the long request is in flight
+                info = s.call("GET", "/get_server_info", key=API)[1]
+                if info["num_running_reqs"] + info["num_queue_reqs"]:
                     break
-                assert "r" not in first, "the long request finished before a second one was refused"
+            status, out, headers = s.call("POST", "/generate", gen_body(cache_salt="tenant-a"), key=API)
+            assert "r" not in first, "the long request finished before a second one was sent"
             assert status == 429 and out["error"]["type"] == "RateLimitError", out
             assert "(--tenant-max-requests)" in out["message"] and headers.get("Retry-After") == "1", out
             assert s.call("POST", "/generate", gen_body(cache_salt="tenant-b"), key=API)[0] == 200

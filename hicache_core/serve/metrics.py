@@ -124,6 +124,11 @@ class _Live:
         yield gauge(
             "sglang:token_usage", "fraction of the device KV pool in use", 1 - pool.available_size() / pool.size
         )
+        host = state.engine.cache.host_pool
+        if host is not None:
+            yield gauge(
+                "hicache:host_token_usage", "fraction of the host KV pool in use", 1 - host.available_size() / host.size
+            )
         yield gauge("sglang:cache_hit_rate", "prompt tokens served from cache / prompt tokens", stats["cache_hit_rate"])
         c = CounterMetricFamily(
             "sglang:cached_tokens", "prompt tokens served from cache, by tier", labels=names + ["cache_source"]
