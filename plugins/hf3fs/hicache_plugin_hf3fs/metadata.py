@@ -137,7 +137,25 @@ class RankMetadata:
 
     def clear(self) -> None:
         with self.lock:
+            self.free_pages.extend(self.key_to_index.values())  # the slots go back, or they were lost for good
             self.key_to_index.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Where every slot is: holding a key, reserved, free, or none of these (``lost``, a bug) -- and how many
+        slots are counted twice (``doubled``, a bug: two keys would share bytes). ``keys + reserved + free`` is
+        ``num_pages`` when the accounting is right."""
+        with self.lock:
+            self._expire(time.monotonic())
+            held = list(self.key_to_index.values()) + list(self.reserved) + self.free_pages
+            fresh = self.num_pages - self.next_fresh
+            return {
+                "num_pages": self.num_pages,
+                "keys": len(self.key_to_index),
+                "reserved": len(self.reserved),
+                "free": len(self.free_pages) + fresh,
+                "doubled": len(held) - len(set(held)),
+                "lost": self.num_pages - fresh - len(set(held)),
+            }
             self.reserved.clear()
             self._answers.clear()
             self.free_pages, self.next_fresh = [], 0

@@ -437,3 +437,19 @@ def test_extra_config_refuses_strings_for_numbers():
     assert string_holes(Hf3fsConfig) == []
     with pytest.raises(ConfigError, match=r"numjobs='16' is a string; write a whole number as a JSON number"):
         Hf3fsConfig.load({"numjobs": "16"})
+
+
+def test_slot_accounting_survives_clear_and_dead_writers():
+    import time as _time
+
+    from hicache_plugin_hf3fs.metadata import RankMetadata
+
+    m = RankMetadata(8, lease_s=0.2)
+    got = m.reserve_and_allocate_page_indices([f"k{i}" for i in range(5)])
+    m.confirm_write([(f"k{i}", slot) for i, (_, slot) in enumerate(got[:3])], [])  # k3, k4: their writer died
+    assert m.stats() == {"num_pages": 8, "keys": 3, "reserved": 2, "free": 3, "doubled": 0, "lost": 0}
+    _time.sleep(0.3)  # the dead writer's leases run out: their slots come back
+    assert m.stats() == {"num_pages": 8, "keys": 3, "reserved": 0, "free": 5, "doubled": 0, "lost": 0}
+    m.clear()  # clear once forgot the keys' slots: they were neither free nor held, lost until a restart
+    assert m.stats() == {"num_pages": 8, "keys": 0, "reserved": 0, "free": 8, "doubled": 0, "lost": 0}
+    assert len({slot for _, slot in m.reserve_and_allocate_page_indices([f"n{i}" for i in range(8)])}) == 8
