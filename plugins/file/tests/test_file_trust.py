@@ -229,3 +229,26 @@ def test_a_process_starting_on_the_directory_keeps_anothers_namespace_file(tmp_p
     be, pool = make({"storage_dir": str(tmp_path)})
     write(be, pool, random_keys(2))
     assert started and be.batch_exists(random_keys(1)) == 0
+
+
+def test_the_usage_counter_loses_no_update_between_threads(tmp_path):
+    import threading
+
+    from hicache_plugin_file.directory import SharedUsage
+
+    usage, other = SharedUsage(str(tmp_path)), SharedUsage(str(tmp_path))  # another process's descriptor too
+    usage.set(10_000)
+
+    def churn(u, n):
+        for _ in range(n):
+            u.add(3)
+            u.add(-1)
+
+    threads = [threading.Thread(target=churn, args=(usage if i % 2 else other, 400)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert usage.value() == 10_000 + 8 * 400 * 2
+    usage.close()
+    other.close()
