@@ -177,7 +177,8 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None,
             return error(503, f"the scheduler has stopped ({state.scheduler.last_error})")
         return PlainTextResponse("")
 
-    @app.get("/get_model_info")
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang 0.5.23 serves both names (get_: deprecated there)
     async def model_info() -> dict:
         c = state.model.config
         return {
@@ -190,6 +191,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None,
             "context_length": state.context,
         }
 
+    @app.get("/server_info")  # what SGLang's bench_serving asks at its end
     @app.get("/get_server_info")
     async def server_info() -> dict:
         running, waiting = state.scheduler.counts()

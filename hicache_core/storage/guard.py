@@ -6,7 +6,11 @@ Every backend call the controller makes goes through :class:`GuardedStorage`:
   it is *abandoned*: the caller treats the batch as failed (the request recomputes) and gets the call's
   :class:`Call` back, so it can keep the host pages that call targets out of reuse until the call really returns
   (a late write must never land in memory that holds another page by then). While ``max_abandoned`` calls are still
-  out, the backend counts as hung and new calls fail at once instead of waiting out the deadline again.
+  out, the backend counts as hung and new calls fail at once instead of waiting out the deadline again -- but for
+  one *probe* call now and then (after ``timeout_s``, then twice as long each time, at most :data:`MAX_PROBE_S`). A
+  call that returns in time shows the backend answers again: calls flow, while the ones still out keep their pages
+  quarantined until they return (a client whose server died mid-call may never return them; its plugin may have
+  rebuilt the client meanwhile, and the backend must not stay shut for the old client's sake).
 * **Results.** ``batch_exists`` must give an int in ``[0, len(keys)]``; ``batch_get_v1`` / ``batch_set_v1`` a list
   or tuple of exactly ``len(keys)`` booleans. Anything else fails the whole batch.
 
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_ABANDONED = 2
+MAX_PROBE_S = 300.0  # while a backend counts as hung, one call goes through at most this far apart
 
 
 class Call:
@@ -163,7 +168,10 @@ class GuardedStorage:
         self.name = name or getattr(backend, "name", None) or type(backend).__name__
         self._threads = _Threads("hicache-storage-call")
         self._lock = threading.Lock()
-        self._abandoned: set[Call] = set()
+        self._abandoned: dict[Call, float] = {}  # -> when it was abandoned
+        self._revived_at = 0.0  # when a probe last returned in time: calls abandoned before it do not count
+        self._probe_at = 0.0  # while hung: when the next probe may go
+        self._probe_gap = timeout_s
         self._logged: set[str] = set()
         self._closing = threading.Event()
         self.last_failure: Optional[str] = None  # the latest failure, in words (``hicache check`` prints it)
@@ -186,17 +194,39 @@ class GuardedStorage:
 
     def _forget(self, call: Call) -> None:
         with self._lock:
-            self._abandoned.discard(call)
+            self._abandoned.pop(call, None)
+
+    def _hung(self) -> tuple[bool, bool]:
+        """(hung, this call is a probe): hung while ``max_abandoned`` calls abandoned since the last revival are out;
+        then one call now and then goes as a probe."""
+        with self._lock:
+            late = sum(1 for t in self._abandoned.values() if t >= self._revived_at)
+            if late < self.max_abandoned:
+                return False, False
+            now = time.monotonic()
+            if not self._probe_at:
+                self._probe_at = now + self._probe_gap
+            if now < self._probe_at:
+                return True, False
+            self._probe_gap = min(MAX_PROBE_S, self._probe_gap * 2)
+            self._probe_at = now + self._probe_gap
+            return False, True
+
+    def _revived(self) -> None:
+        """A probe returned in time: the backend answers again (its old calls still out stay quarantined)."""
+        with self._lock:
+            self._revived_at = time.monotonic()
+            self._probe_at, self._probe_gap = 0.0, self.timeout_s
+        logger.warning("storage backend %s: a probe call returned in time: calls go to it again", self.name)
 
     def _call(self, op: str, fn: Callable, *args: Any, force: bool = False) -> tuple[bool, Any, Optional[Call]]:
         """(returned in time without raising, result, the call if abandoned). ``force``: try even a hung backend."""
-        with self._lock:
-            hung = len(self._abandoned) >= self.max_abandoned
+        hung, probe = self._hung() if self.timeout_s else (False, False)
         if hung and not force:
             self._fail(
                 "backend_hung",
                 f"{self.max_abandoned} calls past the {self.timeout_s:g} s deadline have "
-                "not returned: failing calls at once until they do",
+                "not returned: failing calls at once until they do, or a probe call returns in time",
             )
             return False, None, None
         if self._closing.is_set():
@@ -213,7 +243,7 @@ class GuardedStorage:
                     break
             if not call.done.is_set():
                 with self._lock:
-                    self._abandoned.add(call)
+                    self._abandoned[call] = time.monotonic()
                 call.on_done(self._forget)
                 self._fail(
                     f"{op}_deadline",
@@ -221,6 +251,8 @@ class GuardedStorage:
                     "request recomputes; its host pages stay reserved until the call returns)",
                 )
                 return False, None, call
+        if probe:
+            self._revived()
         result, e = call.take()
         if e is not None:
             self._fail(f"{op}_exception", f"{op} raised {type(e).__name__}: {e}")

@@ -1,11 +1,13 @@
 """``hicache-hf3fs-metadata``: the HTTP metadata service several hicache instances share (FastAPI + uvicorn).
 
-Endpoints (POST and JSON but for the stats; SGLang's mini 3FS metadata server's shape): ``/{rank}/initialize {num_pages}``,
-``/{rank}/exists {keys}``, ``/{rank}/reserve_and_allocate_page_indices {keys: [[key, prefix], ...]}``,
+Endpoints (POST and JSON but for the stats; SGLang's mini 3FS metadata server's shape):
+``/{rank}/initialize {num_pages}``, ``/{rank}/exists {keys}``,
+``/{rank}/reserve_and_allocate_page_indices {keys: [[key, prefix], ...]}``,
 ``/{rank}/confirm_write {written_keys_to_confirm, pages_to_release}``, ``/{rank}/get_page_indices {keys}``,
-``GET /{rank}/stats`` (where every slot is: keys, reserved, free; ``lost`` and ``doubled`` are 0 unless a bug),
-``/{rank}/delete_keys {keys}``, ``/{rank}/clear``. Unknown rank: 404; a bad body: 422 naming the field (at most
-4096 keys a request, ``num_pages`` up to 2**40); a rank re-initialized with another size: 409. With ``--auth-token``
+``GET /ranks`` (the ranks initialized), ``GET /{rank}/stats`` (where every slot is: keys, reserved, free; ``lost``
+and ``doubled`` are 0 unless a bug), ``/{rank}/delete_keys {keys}``, ``/{rank}/clear``. Unknown rank: 404; a bad
+body: 422 naming the field (at most 4096 keys a request, ``num_pages`` up to 2**40); a rank re-initialized with
+another size: 409. With ``--auth-token``
 (or ``$HICACHE_HF3FS_METADATA_TOKEN``) every request needs ``Authorization: Bearer <token>`` (else 401).
 
 Reservations are leases (``--lease-s``, default 60): a slot reserved and not confirmed in time goes back, and its
@@ -118,6 +120,11 @@ def create_app(store: MetadataStore, save_interval: float = 60.0, auth_token: Op
     @app.post("/{rank}/delete_keys", status_code=204)
     def delete(rank: str, body: KeysBody):
         rank_of(rank).delete_keys(body.keys)
+
+    @app.get("/ranks")
+    def ranks():
+        with store.lock:
+            return {"ranks": sorted(store.ranks)}
 
     @app.get("/{rank}/stats")
     def stats(rank: str):

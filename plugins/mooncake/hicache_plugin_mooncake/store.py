@@ -14,12 +14,14 @@ and if calls keep failing past ``reconnect_after_s`` the plugin rebuilds the cli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from hicache_core.errors import BackendLoadError
@@ -58,6 +60,9 @@ class MooncakeStore(HiCacheStorage):
         self.parts = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
         self.tp_size = max(1, storage_config.tp_size)
         self._lock = threading.Lock()
+        self._reconnecting = threading.Event()
+        self._users: dict[int, int] = {}  # id(client) -> calls inside it now
+        self._retired: dict[int, Any] = {}  # replaced clients, closed once no call is inside them
         self._stats = dict.fromkeys(
             (
                 "get_pages",
@@ -166,20 +171,53 @@ class MooncakeStore(HiCacheStorage):
         return store
 
     def _reconnect(self) -> None:
+        """Build a new client and swap it in; on a thread of its own (:meth:`_health` starts it), so no call waits
+        for the master's connect. The old client is closed on another daemon thread: with its master gone, its
+        close (and any call still inside it) may never return, and nothing may wait on that."""
         logger.warning("mooncake backend: calls failing for %.0f s: rebuilding the client", self.reconnect_after_s)
         try:
-            new = self._connect()
-        except Exception as e:
-            logger.warning("mooncake backend: reconnect failed: %s", e)
-            self._failing_since = time.monotonic()  # try again after another interval
-            return
-        old, self.store = self.store, new
-        self._count("reconnects")
-        self._failing_since = None
+            try:
+                new = self._connect()
+            except Exception as e:
+                logger.warning("mooncake backend: reconnect failed: %s", e)
+                self._failing_since = time.monotonic()  # try again after another interval
+                return
+            with self._lock:
+                old, self.store = self.store, new
+                self._retired[id(old)] = old
+                idle = not self._users.get(id(old))
+            self._count("reconnects")
+            self._failing_since = None
+            if idle:
+                self._close_retired(id(old))
+        finally:
+            self._reconnecting.clear()
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Any]:
+        """The client for one call. A client replaced while calls are inside it is closed when the last one leaves
+        (closing it under them crashed the process in the C++ client); one that never leaves keeps it open."""
+        with self._lock:
+            client = self.store
+            self._users[id(client)] = self._users.get(id(client), 0) + 1
         try:
-            old.close()
-        except Exception:
-            pass
+            yield client
+        finally:
+            with self._lock:
+                left = self._users[id(client)] - 1
+                if left:
+                    self._users[id(client)] = left
+                else:
+                    del self._users[id(client)]
+                last_out = not left and id(client) in self._retired
+            if last_out:
+                self._close_retired(id(client))
+
+    def _close_retired(self, key: int) -> None:
+        with self._lock:
+            old = self._retired.pop(key, None)
+        if old is not None:  # off the call path: with its master gone, a close can take long
+            threading.Thread(target=_close_quietly, args=(old,), name="mooncake-close-old", daemon=True).start()
 
     def _health(self, ok: bool) -> None:
         if ok:
@@ -189,10 +227,12 @@ class MooncakeStore(HiCacheStorage):
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
-        elif now - self._failing_since > self.reconnect_after_s:
+        elif now - self._failing_since > self.reconnect_after_s and not self._reconnecting.is_set():
             with self._lock:
-                if self._failing_since is not None and now - self._failing_since > self.reconnect_after_s:
-                    self._reconnect()
+                if self._reconnecting.is_set():
+                    return
+                self._reconnecting.set()
+            threading.Thread(target=self._reconnect, name="mooncake-reconnect", daemon=True).start()
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -221,7 +261,8 @@ class MooncakeStore(HiCacheStorage):
             return []
         ptrs, sizes = self._meta(host_indices)
         try:
-            rc = self.store.batch_put_from(self._keys(keys), ptrs, sizes)
+            with self._client() as store:
+                rc = store.batch_put_from(self._keys(keys), ptrs, sizes)
         except Exception as e:
             logger.warning("mooncake backend: batch_put_from raised %s", e)
             rc = [-1] * len(ptrs)
@@ -230,7 +271,8 @@ class MooncakeStore(HiCacheStorage):
             ok = [True] * len(keys)
         else:
             ok = [all(r == 0 for r in rc[i * n : (i + 1) * n]) for i in range(len(keys))]
-        self._health(any(ok))
+        if any(ok):  # a put refused (a full store, a key being put) proves nothing about the master: no failure
+            self._health(True)
         good = sum(ok)
         self._count("set_pages", good)
         self._count("set_failed", len(keys) - good)
@@ -269,7 +311,8 @@ class MooncakeStore(HiCacheStorage):
     def _get_into(self, parts: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
         """batch_get_into, asking again for the parts another writer is still putting (bounded wait)."""
         try:
-            rc = list(self.store.batch_get_into(parts, ptrs, sizes))
+            with self._client() as store:
+                rc = list(store.batch_get_into(parts, ptrs, sizes))
         except Exception as e:
             logger.warning("mooncake backend: batch_get_into raised %s", e)
             return [-1] * len(ptrs)
@@ -283,9 +326,10 @@ class MooncakeStore(HiCacheStorage):
             pause = min(pause * 2, 0.05)
             self._count("not_ready_retries")
             try:
-                again = self.store.batch_get_into(
-                    [parts[i] for i in waiting], [ptrs[i] for i in waiting], [sizes[i] for i in waiting]
-                )
+                with self._client() as store:
+                    again = store.batch_get_into(
+                        [parts[i] for i in waiting], [ptrs[i] for i in waiting], [sizes[i] for i in waiting]
+                    )
             except Exception as e:
                 logger.warning("mooncake backend: batch_get_into raised %s", e)
                 return rc
@@ -296,7 +340,8 @@ class MooncakeStore(HiCacheStorage):
         if not keys:
             return 0
         try:
-            rc = self.store.batch_is_exist(self._keys(keys))
+            with self._client() as store:
+                rc = store.batch_is_exist(self._keys(keys))
         except Exception as e:
             logger.warning("mooncake backend: batch_is_exist raised %s", e)
             rc = [-1]
@@ -383,3 +428,10 @@ class RawMooncakeLoop:
         if self.keys:  # force: a just-read key may still hold a lease, and a full segment slows every later put
             self.b.store.remove_by_regex("^raw-", True)
         self.keys = []
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:
+        pass

@@ -497,9 +497,9 @@ CLI_CASES = [
         "choose one of tcp, rdma",
     ),
     (
-        "mooncake timeout NaN",
+        "mooncake timeout as a string",
         backend_check("mooncake", {"master_server_address": "127.0.0.1:9", "connect_timeout_s": "nan"}),
-        "must be a finite number > 0",
+        "connect_timeout_s='nan' is a string; write a number as a JSON number",
     ),
     (
         "mooncake segment text",
