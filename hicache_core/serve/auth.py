@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import attrs
@@ -121,7 +121,7 @@ BEARER_CHALLENGE = 'Bearer realm="hicache"'
 ROLE = "hicache_role"  # where the middleware leaves the caller's role, in the request's scope
 
 
-def is_admin(scope: dict) -> bool:
+def is_admin(scope: Mapping[str, Any]) -> bool:
     return scope.get(ROLE) == "admin"
 
 

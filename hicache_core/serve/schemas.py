@@ -72,19 +72,20 @@ _CONTENT = {
         },
     ]
 }
+_MESSAGES = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {"role": {"type": "string"}, "content": _CONTENT},
+    },
+}
 CHAT = {
     "type": "object",
     "required": ["messages"],
     "properties": {
-        "messages": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["role", "content"],
-                "properties": {"role": {"type": "string"}, "content": _CONTENT},
-            },
-        },
+        "messages": _MESSAGES,
         "max_completion_tokens": {"type": "integer", "minimum": 1},
         **_OPENAI,
     },
@@ -95,7 +96,7 @@ RESTORE = {
     "properties": {
         "input_ids": _IDS,
         "text": {"type": "string", "minLength": 1},
-        "messages": CHAT["properties"]["messages"],
+        "messages": _MESSAGES,
         "operation_id": {"type": "string", "maxLength": 256},
         "ttl_seconds": {"type": "number", "exclusiveMinimum": 0},
         "cache_salt": _SALT,
