@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from hicache_core.testing.server import serve
+from hicache_core.testing.server import TINY_MODEL, serve
 
 SECONDS = float(os.environ.get("HICACHE_HTTP_SOAK_SECONDS", "60"))
 TENANTS = [f"tenant-{i}" for i in range(8)]
@@ -127,18 +127,7 @@ def test_http_soak(tmp_path):
         "1024",
         "--max-running-requests",
         "8",
-        "--hidden-size",
-        "64",
-        "--intermediate-size",
-        "128",
-        "--num-layers",
-        "2",
-        "--num-heads",
-        "2",
-        "--num-kv-heads",
-        "1",
-        "--head-dim",
-        "32",
+        *TINY_MODEL,
         "--enable-metrics",
         "--enable-hierarchical-cache",
         "--hicache-ratio",

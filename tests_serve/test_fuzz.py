@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from conftest import serve
+from hicache_core.testing.server import TINY_MODEL, serve
 
 ADMIN = "fuzz-admin-key"
 CASES = int(os.environ.get("HICACHE_FUZZ_CASES", "60"))  # per route and kind of body
@@ -78,18 +78,7 @@ def test_every_route_survives_generated_and_arbitrary_input(tmp_path):
         "4",
         "--max-total-tokens",
         "384",
-        "--hidden-size",
-        "64",
-        "--intermediate-size",
-        "128",
-        "--num-layers",
-        "2",
-        "--num-heads",
-        "2",
-        "--num-kv-heads",
-        "1",
-        "--head-dim",
-        "32",
+        *TINY_MODEL,
         "--enable-metrics",
         "--enable-cache-report",
         "--enable-hierarchical-cache",

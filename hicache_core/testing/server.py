@@ -17,6 +17,21 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
+# a random model small enough that thousands of requests take seconds (the fuzz, the HTTP soak)
+TINY_MODEL = (
+    "--hidden-size",
+    "64",
+    "--intermediate-size",
+    "128",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "2",
+    "--num-kv-heads",
+    "1",
+    "--head-dim",
+    "32",
+)
 
 
 class Server:
