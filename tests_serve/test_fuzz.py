@@ -126,6 +126,8 @@ def test_every_route_survives_generated_and_arbitrary_input(tmp_path):
             if schema:  # bytes that are not JSON, and JSON that is not an object
                 for raw in (b"{", b"\xff\xfe", b"[]", b"null", b'"x"', b"1e999", b'{"text": "' + b"a" * 10_000):
                     surface.send(method, fill(path, dict.fromkeys(path_names, "x")), raw)
+        for method, path in (("GET", "/no/such/route"), ("PATCH", "/generate"), ("POST", "/health")):
+            surface.send(method, path, b"{}")  # Starlette's own 404 and 405, in the server's error body
         assert len(seen) >= 15 and "POST /generate" in seen and "PUT /hicache/storage-backend" in seen, seen
         print(f"\nfuzz: {surface.cases} cases over {len(seen)} routes, {surface.refused} refused (4xx), none 5xx")
         assert s.call("GET", "/health")[0] == 200

@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from hicache_core.engine import Request
-from hicache_core.errors import HiCacheError
-from hicache_core.serve.auth import BEARER_CHALLENGE, KeyMiddleware, Keys
+from hicache_core.serve.auth import KeyMiddleware, Keys
+from hicache_core.serve.errors import add_error_handlers, error
 from hicache_core.serve.fleet import add_fleet_routes
 from hicache_core.serve.protocol import (
     BadRequest,
@@ -34,7 +34,6 @@ from hicache_core.serve.protocol import (
 from hicache_core.serve.scheduler import Busy, Stream
 from hicache_core.serve.schemas import ATTACH, CHAT, COMPLETION, GENERATE, body
 from hicache_core.serve.state import ServerState
-from hicache_core.serve.tenants import RETRY_AFTER_S
 
 
 def _finish(r: Request) -> Optional[dict]:
@@ -113,18 +112,6 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-ERROR_TYPES = {401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError"}  # OpenAI's names
-
-
-def error(status: int, message: str) -> JSONResponse:
-    """The server's one error body (OpenAI's shape, with SGLang's top-level ``message``)."""
-    kind = ERROR_TYPES.get(status, "BadRequestError" if status < 500 else "ServerError")
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "code": status}, "object": "error", "message": message},
-        status_code=status,
-    )
-
-
 def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None, keys: Optional[Keys] = None) -> Any:
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -136,18 +123,7 @@ def build_app(state: ServerState, on_ready: Optional[Callable[[], None]] = None,
     if keys is not None and keys.enabled:
         app.add_middleware(KeyMiddleware, keys=keys, error=error)
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(_: HTTPRequest, e: BadRequest) -> JSONResponse:
-        out = error(e.status, str(e))
-        if e.status == 429:
-            out.headers["Retry-After"] = str(RETRY_AFTER_S)
-        elif e.status == 401:
-            out.headers["WWW-Authenticate"] = BEARER_CHALLENGE
-        return out
-
-    @app.exception_handler(HiCacheError)
-    async def hicache_error(_: HTTPRequest, e: HiCacheError) -> JSONResponse:
-        return error(400, str(e))
+    add_error_handlers(app)
 
     async def body_of(req: HTTPRequest) -> dict:
         raw = await req.body()
