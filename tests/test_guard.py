@@ -170,12 +170,14 @@ def test_a_backend_that_answers_again_is_used_again_while_its_hung_calls_stay_ou
     # and the guard must not keep the backend shut for the old client's sake
     seqs = [seq(40 + i, 6) for i in range(4)]
     store = stored_elsewhere(seqs[0])
-    writer = make_cache(storage="memory", store=store)
-    for i, s in enumerate(seqs[1:]):
-        run_request(writer, s, rid=f"w{i}")
-    writer.flush()
-    writer.close()
-    c = make_cache(storage="memory", store=store, prefetch="wait_complete", extra={"io_timeout_s": 0.3})
+    for s in seqs[1:]:  # each by a writer of its own, gone before the reader starts
+        writer = make_cache(storage="memory", store=store)
+        run_request(writer, s)
+        writer.flush()
+        writer.close()
+    # host room for three quarantined calls and the request after them: on a loaded machine a background backup
+    # can take the first probe while reads still hang, and that probe's read hangs too
+    c = make_cache(storage="memory", store=store, prefetch="wait_complete", host_pages=48, extra={"io_timeout_s": 0.3})
     c.controller.io.policy.stall_limit = 30
     never, hanging = threading.Event(), {"on": True}
     real_get = c.controller.io.guard.backend.batch_get_v1
@@ -186,16 +188,19 @@ def test_a_backend_that_answers_again_is_used_again_while_its_hung_calls_stay_ou
         return real_get(keys, idx)
 
     evil = swap(c, batch_get_v1=batch_get_v1)
-    run_request(c, seqs[0])
-    run_request(c, seqs[1], rid="r1")  # two calls out: hung
-    assert run_request(c, seqs[2], rid="r2")["storage"] == 0 and errors(c).get("backend_hung", 0) >= 1
-    hanging["on"] = False  # the client was rebuilt: new calls answer
-    time.sleep(0.4)  # a probe is due
-    got = run_request(c, seqs[3], rid="r3")
-    assert got["storage"] == 24, got  # the probe answered: the backend serves again
-    assert c.controller.io.guard.abandoned_calls() == 2  # the old calls are still out...
-    assert c.controller.io.quarantined_tokens() >= 24  # ...and what they target stays out of reuse
-    never.set()
+    try:
+        run_request(c, seqs[0])
+        run_request(c, seqs[1], rid="r1")  # two calls out: hung
+        assert run_request(c, seqs[2], rid="r2")["storage"] == 0 and errors(c).get("backend_hung", 0) >= 1
+        hanging["on"] = False  # the client was rebuilt: new calls answer
+        guard = c.controller.io.guard
+        time.sleep(max(0.0, guard._probe_at - time.monotonic()) + 0.05)  # a probe is due
+        got = run_request(c, seqs[3], rid="r3")
+        assert got["storage"] == 24, (got, errors(c))  # the probe answered: the backend serves again
+        assert c.controller.io.guard.abandoned_calls() >= 2  # the old calls are still out...
+        assert c.controller.io.quarantined_tokens() >= 24  # ...and what they target stays out of reuse
+    finally:
+        never.set()
     deadline = time.monotonic() + 10
     while c.controller.io.quarantined_tokens() and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -40,7 +40,8 @@ def test_string_holes_finds_a_lenient_parser():
         (whole(0), "12", "is a string; write a whole number as a JSON number"),
         (whole(0), 1.5, "must be a whole number"),
         (number(0), "0.5", "is a string; write a number as a JSON number"),
-        (size, "1073741824", "is a string; write the bytes as a number"),
+        (size, "0.5", "is not a whole number of bytes"),
+        (size, "true", "is not a size"),
     ],
 )
 def test_parsers_refuse_strings(parse, value, message):
@@ -49,7 +50,8 @@ def test_parsers_refuse_strings(parse, value, message):
 
 
 def test_sizes_with_units_and_real_values_still_parse():
-    assert size("4gb", "k") == 4 << 30 and size(1024, "k") == 1024
+    # SGLang's Mooncake config reads a size as a number, digits in a string, or a string with its unit: all load
+    assert size("4gb", "k") == 4 << 30 and size(1024, "k") == 1024 and size("1073741824", "k") == 1 << 30
     assert boolean(True, "k") is True and whole(1)(3, "k") == 3 and number(0)(0.5, "k") == 0.5
 
 

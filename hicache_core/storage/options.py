@@ -55,10 +55,10 @@ def boolean(value: Any, what: str) -> bool:
 
 
 def size(value: Any, what: str) -> int:
-    """Bytes as a JSON number, or a string with its unit (``"4gb"``, SGLang's Mooncake config spells sizes so); a
-    string of digits alone is refused, as every other number is."""
-    if isinstance(value, str) and _plain_number(value):
-        raise ConfigError(f"{what}={value!r} is a string; write the bytes as a number ({value.strip()}) or with a unit")
+    """Bytes: a JSON number, or a string of digits or with its unit (``"4gb"``) -- SGLang's Mooncake config takes
+    both, so its files load here unchanged. A string that is a fraction without a unit (``"0.5"``) is refused."""
+    if isinstance(value, str) and not value.strip().isdigit() and _plain_number(value):
+        raise ConfigError(f"{what}={value!r} is not a whole number of bytes; write a number of bytes or add a unit")
     return parse_size(value, what)
 
 
@@ -154,8 +154,13 @@ def describe_options(cls: type) -> list[tuple[str, Any, str]]:
     return [(f.name, f.default, f.metadata.get("help", "")) for f in attrs.fields(cls) if "parse" in f.metadata]
 
 
-_NUMERIC = ("boolean", "size", "whole.<locals>.parse", "number.<locals>.parse")
 _STRINGS = ("true", "false", "1", "0", "12", "0.5", " 7 ")
+_PROBES = {  # parser -> JSON strings it must refuse
+    "boolean": _STRINGS,
+    "whole.<locals>.parse": _STRINGS,
+    "number.<locals>.parse": _STRINGS,
+    "size": ("true", "false", "0.5", "1e3", "lots"),  # digits and units are SGLang's sizes: they stay
+}
 
 
 def string_holes(cls: type) -> list[str]:
@@ -164,9 +169,8 @@ def string_holes(cls: type) -> list[str]:
     holes = []
     for f in attrs.fields(cls):
         parse = f.metadata.get("parse")
-        if parse is None or getattr(parse, "__qualname__", "") not in _NUMERIC:
-            continue
-        for probe in _STRINGS:
+        probes = _PROBES.get(getattr(parse, "__qualname__", ""), ()) if parse is not None else ()
+        for probe in probes:
             try:
                 parse(probe, f.name)
             except ConfigError:

@@ -30,6 +30,9 @@ from hicache_plugin_mooncake.config import MooncakeStoreConfig
 
 logger = logging.getLogger(__name__)
 
+STATS = (
+    "get_pages get_misses short_reads set_pages set_failed errors reconnects not_ready_retries bytes_read bytes_written"
+).split()
 NOT_READY = -703  # the key exists but its put has not finished (another writer is still moving its bytes)
 
 
@@ -63,21 +66,7 @@ class MooncakeStore(HiCacheStorage):
         self._reconnecting = threading.Event()
         self._users: dict[int, int] = {}  # id(client) -> calls inside it now
         self._retired: dict[int, Any] = {}  # replaced clients, closed once no call is inside them
-        self._stats = dict.fromkeys(
-            (
-                "get_pages",
-                "get_misses",
-                "short_reads",
-                "set_pages",
-                "set_failed",
-                "errors",
-                "reconnects",
-                "not_ready_retries",
-                "bytes_read",
-                "bytes_written",
-            ),
-            0,
-        )
+        self._stats = dict.fromkeys(STATS, 0)
         self._failing_since: Optional[float] = None
         self._registered: Optional[tuple[int, int]] = None
         self.store = self._connect()
@@ -171,9 +160,8 @@ class MooncakeStore(HiCacheStorage):
         return store
 
     def _reconnect(self) -> None:
-        """Build a new client and swap it in; on a thread of its own (:meth:`_health` starts it), so no call waits
-        for the master's connect. The old client is closed on another daemon thread: with its master gone, its
-        close (and any call still inside it) may never return, and nothing may wait on that."""
+        """Build a new client and swap it in, on a thread of its own (:meth:`_health` starts it): no call waits for
+        the master's connect. The old one is closed once no call is inside it (:meth:`_client`)."""
         logger.warning("mooncake backend: calls failing for %.0f s: rebuilding the client", self.reconnect_after_s)
         try:
             try:
@@ -195,8 +183,8 @@ class MooncakeStore(HiCacheStorage):
 
     @contextlib.contextmanager
     def _client(self) -> Iterator[Any]:
-        """The client for one call. A client replaced while calls are inside it is closed when the last one leaves
-        (closing it under them crashed the process in the C++ client); one that never leaves keeps it open."""
+        """The client for one call; a client replaced under calls is closed when the last leaves (closing it under
+        them crashed the process)."""
         with self._lock:
             client = self.store
             self._users[id(client)] = self._users.get(id(client), 0) + 1
@@ -216,7 +204,7 @@ class MooncakeStore(HiCacheStorage):
     def _close_retired(self, key: int) -> None:
         with self._lock:
             old = self._retired.pop(key, None)
-        if old is not None:  # off the call path: with its master gone, a close can take long
+        if old is not None:  # on a daemon thread: with its master gone, a close may never return
             threading.Thread(target=_close_quietly, args=(old,), name="mooncake-close-old", daemon=True).start()
 
     def _health(self, ok: bool) -> None:
@@ -271,7 +259,7 @@ class MooncakeStore(HiCacheStorage):
             ok = [True] * len(keys)
         else:
             ok = [all(r == 0 for r in rc[i * n : (i + 1) * n]) for i in range(len(keys))]
-        if any(ok):  # a put refused (a full store, a key being put) proves nothing about the master: no failure
+        if any(ok):  # a refused put (a full store) proves nothing about the master
             self._health(True)
         good = sum(ok)
         self._count("set_pages", good)
@@ -390,44 +378,9 @@ class MooncakeStore(HiCacheStorage):
             logger.warning("mooncake backend: close failed: %s", e)
 
     def bench_baseline(self):
+        from hicache_plugin_mooncake.baseline import RawMooncakeLoop
+
         return RawMooncakeLoop(self)
-
-
-class RawMooncakeLoop:
-    """The raw client doing the same batch_put_from / batch_get_into on the same buffer (no plugin in between)."""
-
-    name = "raw Mooncake client batch_put_from/batch_get_into"
-
-    def __init__(self, backend: MooncakeStore) -> None:
-        self.b = backend
-        self.keys: list[str] = []
-
-    def set(self, keys, host_indices) -> None:
-        ps = self.b.mem_pool_host.page_size
-        self.keys = []
-        for i in range(0, len(keys), 128):
-            idx = host_indices[i * ps : (i + 128) * ps]
-            ptrs, sizes = self.b.mem_pool_host.get_page_buffer_meta(idx)
-            raw = [f"raw-{k}{p}" for k in keys[i : i + 128] for p in self.b.parts]
-            rc = self.b.store.batch_put_from(raw, ptrs, sizes)
-            if any(r != 0 for r in rc):
-                raise RuntimeError(f"raw batch_put_from failed: {sorted(set(rc))}")
-            self.keys += raw
-
-    def get(self, keys, host_indices) -> None:
-        ps = self.b.mem_pool_host.page_size
-        for i in range(0, len(keys), 128):
-            idx = host_indices[i * ps : (i + 128) * ps]
-            ptrs, sizes = self.b.mem_pool_host.get_page_buffer_meta(idx)
-            raw = [f"raw-{k}{p}" for k in keys[i : i + 128] for p in self.b.parts]
-            rc = self.b.store.batch_get_into(raw, ptrs, sizes)
-            if any(r <= 0 for r in rc):
-                raise RuntimeError(f"raw batch_get_into failed: {sorted(set(rc))}")
-
-    def cleanup(self) -> None:
-        if self.keys:  # force: a just-read key may still hold a lease, and a full segment slows every later put
-            self.b.store.remove_by_regex("^raw-", True)
-        self.keys = []
 
 
 def _close_quietly(client: Any) -> None:
