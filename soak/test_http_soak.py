@@ -4,7 +4,7 @@ closing its sessions, while tiny pools churn. Every answer's tokens must equal w
 prompt under a fresh salt: nothing cached can touch it); at the end, with sessions closed and the cache flushed,
 no page is in use on device or host, and the server's resident memory stayed flat.
 
-``HICACHE_HTTP_SOAK_SECONDS`` sets the load's length (default 60; ``tox -e soak -- -k http`` with it set to 1800
+``HICACHE_HTTP_SOAK_SECONDS`` sets the load's length (default 45; ``tox -e soak -- -k http`` with it set to 1800
 for a long run). The figures print with ``-s`` (the soak env runs so).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hicache_core.testing.server import TINY_MODEL, serve
 
-SECONDS = float(os.environ.get("HICACHE_HTTP_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("HICACHE_HTTP_SOAK_SECONDS", "45"))
 TENANTS = [f"tenant-{i}" for i in range(8)]
 CLIENTS = 12
 ADMIN, API = "soak-admin", "soak-user"
