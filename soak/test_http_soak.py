@@ -177,15 +177,17 @@ def test_http_soak(tmp_path):
             for i in range(4):
                 s.call("DELETE", f"/hicache/sessions/s{i}", key=API, headers={"X-Hicache-Cache-Salt": t})
         assert s.call("GET", "/hicache/sessions?all_tenants=true", key=ADMIN)[1]["retained"] == []
+        # restores still fetching (TTL 5 s) and calls past their deadline (back within fault_hang_s) hold host
+        # pages until they end; then every page must be free
         deadline = time.monotonic() + 30
         while True:
-            status, out, _ = s.call("POST", "/flush_cache", key=ADMIN)
-            if status == 200 or time.monotonic() > deadline:
+            status, out, _ = s.call("POST", "/flush_cache", key=ADMIN)  # only when idle
+            device = s.metric("sglang:token_usage", key=ADMIN)
+            host = s.metric("hicache:host_token_usage", key=ADMIN)
+            if (status == 200 and device == 0 and host == 0) or time.monotonic() > deadline:
                 break
-            time.sleep(0.2)  # restores still landing: flush waits for an idle engine
+            time.sleep(0.5)
         assert status == 200, out
-        device = s.metric("sglang:token_usage", key=ADMIN)
-        host = s.metric("hicache:host_token_usage", key=ADMIN)
         print(
             f"\nhttp soak: {soak.counts['generate']} generations in {elapsed:.0f} s ({CLIENTS} clients, "
             f"{len(TENANTS)} tenants), {dict(sorted(soak.counts.items()))}; faults injected {injected}; "
