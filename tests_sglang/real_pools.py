@@ -2,12 +2,17 @@
 ``MHATokenToKVPoolHost`` and ``MLATokenToKVPoolHost`` over device buffers of SGLang's shapes (MHA: per-layer
 ``[tokens, heads, head_dim]`` K and V; MLA: per-layer ``[tokens, 1, kv_lora_rank + qk_rope_head_dim]``)."""
 
+import os
+
 import torch
 from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo, MLABufferInfo
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 from hicache_core.memory import KVSpec
+from hicache_core.sglang import HiCacheForSGLang
 
 LAYERS, HEADS, HEAD_DIM, LORA, ROPE = 3, 2, 8, 16, 8
 DEVICE_TOKENS = 64
@@ -59,3 +64,149 @@ def spec_of(mla: bool, dtype=torch.bfloat16) -> KVSpec:
     if mla:
         return KVSpec(layer_num=LAYERS, head_num=1, head_dim=LORA + ROPE, dtype=dtype, is_mla=True)
     return KVSpec(layer_num=LAYERS, head_num=HEADS, head_dim=HEAD_DIM, dtype=dtype)
+
+
+# --- the other kinds a hybrid model's HostPoolGroup holds (SGLang's own constructors, on the CPU) -----------------
+V_HEAD_DIM, SWA_LAYERS, MAMBA_LAYERS, MAMBA_SLOTS = 4, 2, 2, 12
+
+
+def _fill(*buffers) -> None:
+    for buf in buffers:
+        b = buf.view(-1).view(torch.uint8)
+        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8))
+
+
+def _mha_info(layers: int, head_dim: int, v_head_dim: int, page_size: int, dtype) -> MHABufferInfo:
+    k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, head_dim, dtype=dtype) for _ in range(layers))
+    v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, v_head_dim, dtype=dtype) for _ in range(layers))
+    return MHABufferInfo(
+        buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v), layout=KVBufferLayout.NHD),
+        page_size=page_size,
+        head_num=HEADS,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        dtype=dtype,
+        device=torch.device("cpu"),
+    )
+
+
+def asymmetric_pool(layout: str, *, page_size: int = 4, dtype=torch.bfloat16):
+    """``AsymmetricMHATokenToKVPoolHost`` (K head dim 8, V head dim 4: MiMo-V2's kind), page_first layouts only."""
+    from sglang.srt.mem_cache.pool_host.mha import AsymmetricMHATokenToKVPoolHost
+
+    info = _mha_info(LAYERS, HEAD_DIM, V_HEAD_DIM, page_size, dtype)
+    pool = AsymmetricMHATokenToKVPoolHost(
+        info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS,
+        start_layer=0, end_layer=LAYERS,
+    )  # fmt: skip
+    _fill(pool.k_buffer, pool.v_buffer)
+    return pool
+
+
+def swa_pool(layout: str, *, page_size: int = 4, dtype=torch.bfloat16):
+    """The sliding-window layers' pool of a hybrid SWA model: an ``MHATokenToKVPoolHost`` over those layers."""
+    info = _mha_info(SWA_LAYERS, HEAD_DIM, HEAD_DIM, page_size, dtype)
+    pool = MHATokenToKVPoolHost(
+        info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS,
+        start_layer=0, end_layer=SWA_LAYERS,
+    )  # fmt: skip
+    _fill(pool.kv_buffer)
+    return pool
+
+
+def k_only_pool(anchor, layout: str):
+    """``MHATokenToKOnlyPoolHost`` (MiniMax's sparse index K) sized by its anchor, as SGLang builds it."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKOnlyPool
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKOnlyPoolHost
+
+    device = MHATokenToKOnlyPool(DEVICE_TOKENS, anchor.page_size, torch.bfloat16, HEADS, HEAD_DIM, LAYERS, "cpu", False)
+    pool = MHATokenToKOnlyPoolHost(device, anchor, layout, pin_memory=False, device="cpu")
+    _fill(pool.k_buffer)
+    return pool
+
+
+def mamba_pool(layout: str, *, conv_shapes=((6, 3),), temporal_shape=(2, 4, 4)):
+    """``MambaPoolHost``: one state slot (temporal SSM state + conv states, every Mamba layer) per request."""
+    from sglang.srt.mem_cache.device_pool_info import MambaStateBufferInfo
+    from sglang.srt.mem_cache.pool_host.mamba import MambaPoolHost
+
+    temporal = torch.zeros(MAMBA_LAYERS, MAMBA_SLOTS, *temporal_shape)
+    conv = tuple(torch.zeros(MAMBA_LAYERS, MAMBA_SLOTS, *s, dtype=torch.bfloat16) for s in conv_shapes)
+    info = MambaStateBufferInfo(temporal=temporal, conv=conv)
+    pool = MambaPoolHost(info, 2.0, 0, device_capacity=MAMBA_SLOTS, pin_memory=False, device="cpu", layout=layout)
+    _fill(pool.temporal_buffer, *pool.conv_buffer)
+    return pool
+
+
+def group(anchor, **side):
+    """SGLang's ``HostPoolGroup``: the KV anchor and side pools by SGLang's pool names (``swa=``, ``mamba=``, ...)."""
+    from sglang.srt.mem_cache.hicache_storage import PoolName
+    from sglang.srt.mem_cache.pool_host import HostPoolGroup, PoolEntry
+
+    entries = [PoolEntry(name=PoolName.KV, host_pool=anchor, device_pool=None, layer_mapper=lambda i: i,
+                         is_primary_index_anchor=True)]  # fmt: skip
+    entries += [
+        PoolEntry(name=PoolName(n), host_pool=p, device_pool=None, layer_mapper=lambda i: i) for n, p in side.items()
+    ]
+    return HostPoolGroup(entries)
+
+
+# --- SGLang's way in: its factory, its storage config -------------------------------------------------------------
+LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+PS = 4  # the tests' page size
+
+
+def bridge(pool, extra: dict, *, mla: bool, tp_rank: int = 0, tp_size: int = 1) -> HiCacheForSGLang:
+    """Exactly SGLang's path: its factory builds the class by dynamic JSON, then the pool is registered."""
+    sc = HiCacheStorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=False,
+        is_page_first_layout=pool.layout != "layer_first",
+        model_name="real-pools",
+        extra_config={
+            "backend_name": "hicache",
+            "module_path": "hicache_core.sglang",
+            "class_name": "HiCacheForSGLang",
+            "interface_v1": 1,
+            **extra,
+        },
+    )
+    backend = StorageBackendFactory.create_backend("dynamic", sc, pool)
+    assert isinstance(backend, HiCacheForSGLang)
+    backend.register_mem_pool_host(pool)
+    return backend
+
+
+def store(name: str, tmp_path) -> dict:
+    if name == "file":
+        return {"hicache_backend": "file", "storage_dir": str(tmp_path / "file")}
+    if name == "hf3fs":
+        return {
+            "hicache_backend": "hf3fs",
+            "file_path_prefix": str(tmp_path / "hf3fs" / "kv"),
+            "file_size": 1 << 24,
+            "numjobs": 2,
+            "entries": 4,
+        }
+    return {"hicache_backend": name}
+
+
+def indices(pages) -> torch.Tensor:
+    return torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in pages])
+
+
+def page_bytes(pool, host_indices) -> list[bytes]:
+    return [
+        pool.get_data_page(int(i), flat=True).contiguous().view(torch.uint8).numpy().tobytes()
+        for i in host_indices[::PS]
+    ]
+
+
+def keys(n: int) -> list[str]:
+    return [os.urandom(32).hex() for _ in range(n)]

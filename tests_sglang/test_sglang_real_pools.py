@@ -8,75 +8,11 @@ all K then all V; the bridge stored pages in the listing order, so such pages ca
 same pool and layout (same-pool round trips passed; everything else was wrong KV).
 """
 
-import os
-
 import pytest
 import torch
-from real_pools import real_host_pool, spec_of
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
-from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+from real_pools import LAYOUTS, PS, bridge, indices, keys, page_bytes, real_host_pool, spec_of, store
 
 from hicache_core.memory import HostPool
-from hicache_core.sglang import HiCacheForSGLang
-
-LAYOUTS = ("layer_first", "page_first", "page_first_direct")
-PS = 4
-
-
-def bridge(pool, extra: dict, *, mla: bool, tp_rank: int = 0, tp_size: int = 1) -> HiCacheForSGLang:
-    """Exactly SGLang's path: its factory builds the class by dynamic JSON, then the pool is registered."""
-    sc = HiCacheStorageConfig(
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=mla,
-        enable_storage_metrics=False,
-        is_page_first_layout=pool.layout != "layer_first",
-        model_name="real-pools",
-        extra_config={
-            "backend_name": "hicache",
-            "module_path": "hicache_core.sglang",
-            "class_name": "HiCacheForSGLang",
-            "interface_v1": 1,
-            **extra,
-        },
-    )
-    backend = StorageBackendFactory.create_backend("dynamic", sc, pool)
-    assert isinstance(backend, HiCacheForSGLang)
-    backend.register_mem_pool_host(pool)
-    return backend
-
-
-def store(name: str, tmp_path) -> dict:
-    if name == "file":
-        return {"hicache_backend": "file", "storage_dir": str(tmp_path / "file")}
-    if name == "hf3fs":
-        return {
-            "hicache_backend": "hf3fs",
-            "file_path_prefix": str(tmp_path / "hf3fs" / "kv"),
-            "file_size": 1 << 24,
-            "numjobs": 2,
-            "entries": 4,
-        }
-    return {"hicache_backend": name}
-
-
-def indices(pages) -> torch.Tensor:
-    return torch.cat([torch.arange(p * PS, (p + 1) * PS) for p in pages])
-
-
-def page_bytes(pool, host_indices) -> list[bytes]:
-    return [
-        pool.get_data_page(int(i), flat=True).contiguous().view(torch.uint8).numpy().tobytes()
-        for i in host_indices[::PS]
-    ]
-
-
-def keys(n: int) -> list[str]:
-    return [os.urandom(32).hex() for _ in range(n)]
 
 
 @pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])

@@ -13,21 +13,25 @@ installed works, constructing the class says what to install.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 from typing import Any, Optional
 
+import attrs
 import torch
 
 from hicache_core.config import DYNAMIC_KEYS, HiCacheConfig
 from hicache_core.errors import BackendLoadError
-from hicache_core.memory import KVSpec
+from hicache_core.integrations.sglang_pools import SGLangHostPool, kind_of, kv_spec_of, namespace_fields
+from hicache_core.integrations.sglang_v2 import SidePool, SidePools
 from hicache_core.registry import StorageBackendHandle, create_backend, make_storage_config
 from hicache_core.storage.base import ExtraInfo
 from hicache_core.storage.foreign import sglang_storage_config
 
 logger = logging.getLogger(__name__)
+
+# the SGLang pool kinds that hold a model's KV (the others sit beside it in a HostPoolGroup)
+ANCHOR_KINDS = ("MHATokenToKVPoolHost", "MLATokenToKVPoolHost", "AsymmetricMHATokenToKVPoolHost")
 
 _SGLangStorage: Any = object  # SGLang's factory requires its own base class, when sglang imports
 _SGLANG_ERROR: Optional[BaseException] = None
@@ -35,99 +39,6 @@ try:
     _SGLangStorage = importlib.import_module("sglang.srt.mem_cache.hicache_storage").HiCacheStorage
 except Exception as e:  # any import failure means "not usable here"
     _SGLANG_ERROR = e
-
-
-class SGLangHostPool:
-    """An SGLang host pool seen through the interface hicache backends use, built from SGLang's own host-pool API
-    only (``get_page_buffer_meta``, ``get_data_page``, ``set_from_flat_data_page``, ``get_dummy_flat_data_page``,
-    ``layout``, ``page_size``, ``dtype``, ``kv_buffer``).
-
-    A page's segments are handed out in the page byte order hicache stores (the order of SGLang's own flat page,
-    ``get_data_page(i, flat=True)``), not in the order SGLang's ``get_page_buffer_meta`` lists them: for an MHA
-    layer_first pool SGLang lists ``[k_l0, v_l0, k_l1, v_l1, ...]`` while its flat page is all K layers, then all
-    V. Stored in SGLang's listing order, such a page reads back right only through the same pool and layout, and
-    is wrong KV for a v0 read, a page_first_direct pool or hicache's own engine sharing the store. A flat page is
-    a slice of one C-contiguous buffer, so its byte order is address order: the segments of a page, sorted by
-    address. The order is found once (it is the same for every page) and checked at registration."""
-
-    def __init__(self, pool: Any, spec: KVSpec) -> None:
-        self.pool, self.spec = pool, spec
-        self.layout, self.page_size, self.dtype = pool.layout, pool.page_size, pool.dtype
-        self.size = pool.size
-        ptrs, sizes = pool.get_page_buffer_meta(torch.arange(self.page_size))
-        self._order = sorted(range(len(ptrs)), key=lambda i: ptrs[i])
-        self.segments_per_page = len(ptrs)
-        self._reordered = self._order != list(range(len(ptrs)))  # only MHA layer_first today
-        self.page_bytes = sum(sizes)
-        self.raw = pool.kv_buffer.view(-1).view(torch.uint8)  # one contiguous buffer (zero-copy registration)
-        self._check_page_byte_order()
-
-    def get_page_buffer_meta(self, host_indices) -> tuple[list[int], list[int]]:
-        """SGLang's pointers and sizes, each page's segments in the page byte order (see the class docstring)."""
-        ptrs, sizes = self.pool.get_page_buffer_meta(host_indices)
-        if not self._reordered:
-            return ptrs, sizes
-        n, order = self.segments_per_page, self._order
-        if len(ptrs) % n:
-            raise ValueError(f"SGLang's host pool gave {len(ptrs)} segments, not a multiple of {n} per page")
-        out_p = [ptrs[base + i] for base in range(0, len(ptrs), n) for i in order]
-        out_s = [sizes[base + i] for base in range(0, len(sizes), n) for i in order]
-        return out_p, out_s
-
-    def page_memoryviews(self, host_indices) -> list[list[memoryview]]:
-        """Writable views of each page's segments, in the page byte order, from SGLang's pointers (host memory)."""
-        ptrs, sizes = self.get_page_buffer_meta(host_indices)
-        n = self.segments_per_page
-        views = [memoryview((ctypes.c_char * s).from_address(p)).cast("B") for p, s in zip(ptrs, sizes)]
-        return [views[i : i + n] for i in range(0, len(views), n)]
-
-    def _check_page_byte_order(self) -> None:
-        """Prove on page 0 (its bytes saved and put back) that the segments read in order are SGLang's flat page;
-        a pool whose flat page is not in address order is refused rather than stored in a byte order nobody else
-        reads the same way."""
-        saved = self.pool.get_data_page(0, flat=True).clone()
-        nbytes = saved.numel() * saved.element_size()
-        if nbytes != self.page_bytes:
-            raise BackendLoadError(
-                f"SGLang's host pool {type(self.pool).__name__}: its flat page has {nbytes} bytes "
-                f"but get_page_buffer_meta describes {self.page_bytes}; hicache cannot serve it"
-            )
-        pattern = torch.arange(nbytes, dtype=torch.int64).remainder(251).to(torch.uint8).view(saved.dtype)
-        try:
-            self.pool.set_from_flat_data_page(0, pattern)
-            got = b"".join(bytes(s) for s in self.page_memoryviews(torch.arange(self.page_size))[0])
-        finally:
-            self.pool.set_from_flat_data_page(0, saved)
-        if got != pattern.view(torch.uint8).numpy().tobytes():
-            raise BackendLoadError(
-                f"SGLang's host pool {type(self.pool).__name__} ({self.layout}): its page "
-                "segments in address order are not its flat page; hicache cannot store its "
-                "pages in one byte order"
-            )
-
-    def get_flat_page(self, index: int) -> torch.Tensor:
-        return self.pool.get_data_page(index, flat=True).clone()
-
-    def set_flat_page(self, index: int, data: torch.Tensor) -> None:
-        self.pool.set_from_flat_data_page(index, data)
-
-    def dummy_flat_page(self) -> torch.Tensor:
-        return self.pool.get_dummy_flat_data_page()
-
-
-def _spec_of(pool: Any, is_mla: bool) -> KVSpec:
-    """The KV geometry of an SGLang host pool (MHA: head_num x head_dim; MLA: kv_lora_rank + qk_rope_head_dim)."""
-    if getattr(pool, "spec", None) is not None:
-        return pool.spec
-    if is_mla:
-        return KVSpec(
-            layer_num=pool.layer_num,
-            head_num=1,
-            head_dim=pool.kv_lora_rank + pool.qk_rope_head_dim,
-            dtype=pool.dtype,
-            is_mla=True,
-        )
-    return KVSpec(layer_num=pool.layer_num, head_num=pool.head_num, head_dim=pool.head_dim, dtype=pool.dtype)
 
 
 class HiCacheForSGLang(_SGLangStorage):
@@ -147,6 +58,8 @@ class HiCacheForSGLang(_SGLangStorage):
         self.sglang_config = storage_config
         self.handle: Optional[StorageBackendHandle] = None
         self.mem_pool_host: Any = None
+        self.storage_config: Any = None
+        self.side = SidePools(self._open_side)
         # MLA: every rank reads, one rank writes (SGLang's rule; is_storage_writer where SGLang defines it)
         writer = getattr(storage_config, "is_storage_writer", None)
         self.writes = (
@@ -154,11 +67,30 @@ class HiCacheForSGLang(_SGLangStorage):
         )
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
-        """Build the hicache backend on SGLang's host pool: its layout, dtype, page size and pointers."""
+        """Build the hicache backend on SGLang's host pool: its layout, dtype, page size and pointers. A
+        ``HostPoolGroup`` (a hybrid model's pools) registers its anchor here and every other entry as a side pool,
+        as SGLang's hybrid controller does through ``register_mem_host_pool_v2``. A pool of a kind hicache does not
+        serve is refused here, naming its class."""
         sc = self.sglang_config
+        group = mem_pool_host if hasattr(mem_pool_host, "anchor_entry") else None
+        if group is not None:
+            mem_pool_host = group.anchor_entry.host_pool
         self.mem_pool_host = mem_pool_host
-        spec = _spec_of(mem_pool_host, bool(sc.is_mla_model))
-        pool = mem_pool_host if hasattr(mem_pool_host, "page_memoryviews") else SGLangHostPool(mem_pool_host, spec)
+        is_mla = bool(sc.is_mla_model)
+        fields: Optional[dict] = None
+        if hasattr(mem_pool_host, "page_memoryviews"):  # hicache's own host pool
+            pool: Any = mem_pool_host
+            spec = mem_pool_host.spec
+        else:
+            kind = kind_of(mem_pool_host)
+            if kind not in ANCHOR_KINDS:
+                raise BackendLoadError(
+                    f"SGLang host pool {kind} holds {'a state slot' if kind == 'MambaPoolHost' else 'side data'}, "
+                    "not a model's KV: it is a side pool (register_mem_host_pool_v2), never the anchor"
+                )
+            spec = kv_spec_of(mem_pool_host, is_mla)
+            fields = namespace_fields(mem_pool_host, kind, is_mla=is_mla)
+            pool = SGLangHostPool(mem_pool_host, spec if kind != "AsymmetricMHATokenToKVPoolHost" else None, kind=kind)
         config = HiCacheConfig(
             page_size=pool.page_size,
             hicache_mem_layout=pool.layout,
@@ -168,8 +100,41 @@ class HiCacheForSGLang(_SGLangStorage):
             hicache_storage_backend_extra_config=self.backend_extra,
         )
         storage_config = make_storage_config(config, spec, tp_rank=sc.tp_rank, tp_size=sc.tp_size)
+        if fields:
+            storage_config = attrs.evolve(storage_config, namespace=attrs.evolve(storage_config.namespace, **fields))
+        self.storage_config = storage_config
         self.handle = create_backend(self.backend_name, storage_config, pool)
+        self.side.anchor = SidePool(self.handle, replicated=is_mla)
         logger.info("hicache backend %s for SGLang at %s", self.backend_name, self.handle.describe())
+        for entry in getattr(group, "entries", ()):
+            if group is not None and entry is not group.anchor_entry:
+                self.register_mem_host_pool_v2(entry.host_pool, entry.name)
+
+    def _open_side(self, storage_config: Any, pool: Any) -> StorageBackendHandle:
+        return create_backend(self.backend_name, storage_config, pool)
+
+    # --- v2: the pools beside the KV of a hybrid model (hicache_core/integrations/sglang_v2.py) ---------------------
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        if self.handle is None:
+            raise BackendLoadError("HiCacheForSGLang: register_mem_pool_host() comes before register_mem_host_pool_v2")
+        self.side.register(host_pool, host_pool_name, self.storage_config)
+
+    def on_host_pools_registered(self) -> None:
+        logger.info("hicache for SGLang: side pools %s", sorted(self.side.pools) or "none")
+
+    def batch_exists_v2(self, keys: list[str], pool_transfers: Any = None, extra_info: Any = None) -> Any:
+        from sglang.srt.mem_cache.hicache_storage import PoolTransferResult
+
+        extra = ExtraInfo.of(extra_info)
+        kv_pages = self.backend.batch_exists(list(keys), extra)
+        final, hits = self.side.exists(list(keys), kv_pages, list(pool_transfers or []), extra)
+        return PoolTransferResult(final, hits)
+
+    def batch_get_v2(self, transfers: list, extra_info: Any = None) -> dict[str, list[bool]]:
+        return self.side.move(transfers, ExtraInfo.of(extra_info), write=False, writer=self.writes)
+
+    def batch_set_v2(self, transfers: list, extra_info: Any = None) -> dict[str, list[bool]]:
+        return self.side.move(transfers, ExtraInfo.of(extra_info), write=True, writer=self.writes)
 
     @property
     def backend(self) -> StorageBackendHandle:
@@ -218,11 +183,13 @@ class HiCacheForSGLang(_SGLangStorage):
     # --- housekeeping ----------------------------------------------------------------------------------------------
     def clear(self) -> None:
         self.backend.clear()
+        self.side.clear()
 
     def get_stats(self) -> Optional[dict]:
         return self.backend.get_stats() if self.handle is not None else None
 
     def close(self) -> None:
+        self.side.close()
         if self.handle is not None:
             self.handle.close()
 

@@ -60,7 +60,7 @@ class MooncakeStore(HiCacheStorage):
         self.connect_timeout_s, self.reconnect_after_s = self.cfg.connect_timeout_s, self.cfg.reconnect_after_s
         tag = self.cfg.extra_backend_tag
         self.prefix = (f"{tag}_" if tag else "") + self.namespace.tag + "_"
-        self.parts = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
+        self.parts: tuple[str, ...] = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
         self.tp_size = max(1, storage_config.tp_size)
         self._lock = threading.Lock()
         self._reconnecting = threading.Event()
@@ -68,7 +68,7 @@ class MooncakeStore(HiCacheStorage):
         self._retired: dict[int, Any] = {}  # replaced clients, closed once no call is inside them
         self._stats = dict.fromkeys(STATS, 0)
         self._failing_since: Optional[float] = None
-        self._registered: Optional[tuple[int, int]] = None
+        self._registered: list[tuple[int, int]] = []
         self.store = self._connect()
 
     # --- connection --------------------------------------------------------------------------------------------------
@@ -155,8 +155,8 @@ class MooncakeStore(HiCacheStorage):
                 f"{c.metadata_server}, protocol {c.protocol}) failed with code {rc}; check that the master runs "
                 f"and the metadata server answers (config from {c.source})"
             )
-        if self._registered:
-            store.register_buffer(*self._registered)
+        for buf in self._registered:
+            store.register_buffer(*buf)
         return store
 
     def _reconnect(self) -> None:
@@ -231,10 +231,17 @@ class MooncakeStore(HiCacheStorage):
         """Page-first layouts only (zero copy of whole K/V halves): declared by the plugin's record
         (``page_first_only``) and enforced by the core before this is called."""
         super().register_mem_pool_host(mem_pool_host)
-        self._registered = (mem_pool_host.raw.data_ptr(), mem_pool_host.raw.numel())
-        rc = self.store.register_buffer(*self._registered)
-        if rc != 0:
-            raise BackendLoadError(f"mooncake backend: registering the host pool buffer failed with code {rc}")
+        # a pool whose page spans several buffers (SGLang's asymmetric K/V, a Mamba state) names them all
+        self._registered = list(getattr(mem_pool_host, "buffers", None) or [])
+        if not self._registered:
+            self._registered = [(mem_pool_host.raw.data_ptr(), mem_pool_host.raw.numel())]
+        n = int(getattr(mem_pool_host, "segments_per_page", len(self.parts)))
+        if n != len(self.parts):  # one object per segment of a page: _k (_v) as before, else _s0, _s1, ...
+            self.parts = tuple(f"_s{i}" for i in range(n))
+        for buf in self._registered:
+            rc = self.store.register_buffer(*buf)
+            if rc != 0:
+                raise BackendLoadError(f"mooncake backend: registering the host pool buffer failed with code {rc}")
 
     # --- keys --------------------------------------------------------------------------------------------------------
     def _keys(self, keys: list[str]) -> list[str]:
