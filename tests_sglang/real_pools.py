@@ -6,10 +6,10 @@ import os
 
 import torch
 from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo, MLABufferInfo
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+from sglang_helpers import PS, storage_config
 
 from hicache_core.memory import KVSpec
 from hicache_core.sglang import HiCacheForSGLang
@@ -24,38 +24,27 @@ def _ptrs(tensors) -> torch.Tensor:
 
 def real_host_pool(layout: str, *, mla: bool = False, page_size: int = 4, dtype=torch.bfloat16):
     """A real SGLang host pool of 2x a 64-token device pool, unpinned, its buffer filled with random bytes."""
+    if not mla:
+        return _mha_host(
+            MHATokenToKVPoolHost, layout, layers=LAYERS, v_head_dim=HEAD_DIM, page_size=page_size, dtype=dtype
+        )
     cpu = torch.device("cpu")
     common = dict(pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS, start_layer=0, end_layer=LAYERS)
-    if mla:
-        rows = tuple(torch.zeros(DEVICE_TOKENS, 1, LORA + ROPE, dtype=dtype) for _ in range(LAYERS))
-        info = MLABufferInfo(
-            buffers=rows,
-            data_ptrs=_ptrs(rows),
-            layer_indices=tuple(range(LAYERS)),
-            device_layer_num=LAYERS,
-            page_size=page_size,
-            kv_lora_rank=LORA,
-            qk_rope_head_dim=ROPE,
-            kv_cache_dim=LORA + ROPE,
-            dtype=dtype,
-            device=cpu,
-        )
-        pool = MLATokenToKVPoolHost(info, 2.0, 0, page_size, layout, target_layer_num=LAYERS, **common)
-    else:
-        k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(LAYERS))
-        v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(LAYERS))
-        info = MHABufferInfo(
-            buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v), layout=KVBufferLayout.NHD),
-            page_size=page_size,
-            head_num=HEADS,
-            head_dim=HEAD_DIM,
-            v_head_dim=HEAD_DIM,
-            dtype=dtype,
-            device=cpu,
-        )
-        pool = MHATokenToKVPoolHost(info, 2.0, 0, page_size, layout, **common)
-    buf = pool.kv_buffer.view(torch.uint8)
-    buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8))
+    rows = tuple(torch.zeros(DEVICE_TOKENS, 1, LORA + ROPE, dtype=dtype) for _ in range(LAYERS))
+    info = MLABufferInfo(
+        buffers=rows,
+        data_ptrs=_ptrs(rows),
+        layer_indices=tuple(range(LAYERS)),
+        device_layer_num=LAYERS,
+        page_size=page_size,
+        kv_lora_rank=LORA,
+        qk_rope_head_dim=ROPE,
+        kv_cache_dim=LORA + ROPE,
+        dtype=dtype,
+        device=cpu,
+    )
+    pool = MLATokenToKVPoolHost(info, 2.0, 0, page_size, layout, target_layer_num=LAYERS, **common)
+    _fill(pool.kv_buffer)
     return pool
 
 
@@ -76,42 +65,37 @@ def _fill(*buffers) -> None:
         b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8))
 
 
-def _mha_info(layers: int, head_dim: int, v_head_dim: int, page_size: int, dtype) -> MHABufferInfo:
-    k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, head_dim, dtype=dtype) for _ in range(layers))
+def _mha_host(cls, layout: str, *, layers: int, v_head_dim: int, page_size: int = 4, dtype=torch.bfloat16):
+    """An SGLang MHA host pool of class ``cls`` over ``layers`` layers, 2x a 64-token device pool, random bytes."""
+    k = tuple(torch.zeros(DEVICE_TOKENS, HEADS, HEAD_DIM, dtype=dtype) for _ in range(layers))
     v = tuple(torch.zeros(DEVICE_TOKENS, HEADS, v_head_dim, dtype=dtype) for _ in range(layers))
-    return MHABufferInfo(
+    info = MHABufferInfo(
         buffers=KVBuffers(k=k, v=v, k_data_ptrs=_ptrs(k), v_data_ptrs=_ptrs(v), layout=KVBufferLayout.NHD),
         page_size=page_size,
         head_num=HEADS,
-        head_dim=head_dim,
+        head_dim=HEAD_DIM,
         v_head_dim=v_head_dim,
         dtype=dtype,
         device=torch.device("cpu"),
     )
+    pool = cls(
+        info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS,
+        start_layer=0, end_layer=layers,
+    )  # fmt: skip
+    _fill(*((pool.k_buffer, pool.v_buffer) if v_head_dim != HEAD_DIM else (pool.kv_buffer,)))
+    return pool
 
 
-def asymmetric_pool(layout: str, *, page_size: int = 4, dtype=torch.bfloat16):
+def asymmetric_pool(layout: str):
     """``AsymmetricMHATokenToKVPoolHost`` (K head dim 8, V head dim 4: MiMo-V2's kind), page_first layouts only."""
     from sglang.srt.mem_cache.pool_host.mha import AsymmetricMHATokenToKVPoolHost
 
-    info = _mha_info(LAYERS, HEAD_DIM, V_HEAD_DIM, page_size, dtype)
-    pool = AsymmetricMHATokenToKVPoolHost(
-        info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS,
-        start_layer=0, end_layer=LAYERS,
-    )  # fmt: skip
-    _fill(pool.k_buffer, pool.v_buffer)
-    return pool
+    return _mha_host(AsymmetricMHATokenToKVPoolHost, layout, layers=LAYERS, v_head_dim=V_HEAD_DIM)
 
 
-def swa_pool(layout: str, *, page_size: int = 4, dtype=torch.bfloat16):
+def swa_pool(layout: str):
     """The sliding-window layers' pool of a hybrid SWA model: an ``MHATokenToKVPoolHost`` over those layers."""
-    info = _mha_info(SWA_LAYERS, HEAD_DIM, HEAD_DIM, page_size, dtype)
-    pool = MHATokenToKVPoolHost(
-        info, 2.0, 0, page_size, layout, pin_memory=False, device="cpu", device_capacity_tokens=DEVICE_TOKENS,
-        start_layer=0, end_layer=SWA_LAYERS,
-    )  # fmt: skip
-    _fill(pool.kv_buffer)
-    return pool
+    return _mha_host(MHATokenToKVPoolHost, layout, layers=SWA_LAYERS, v_head_dim=HEAD_DIM)
 
 
 def k_only_pool(anchor, layout: str):
@@ -153,30 +137,15 @@ def group(anchor, **side):
 
 # --- SGLang's way in: its factory, its storage config -------------------------------------------------------------
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
-PS = 4  # the tests' page size
 
 
 def bridge(pool, extra: dict, *, mla: bool, tp_rank: int = 0, tp_size: int = 1) -> HiCacheForSGLang:
     """Exactly SGLang's path: its factory builds the class by dynamic JSON, then the pool is registered."""
-    sc = HiCacheStorageConfig(
-        tp_rank=tp_rank,
+    dynamic = {"backend_name": "hicache", "module_path": "hicache_core.sglang", "class_name": "HiCacheForSGLang"}
+    sc = storage_config(
+        {**dynamic, "interface_v1": 1, **extra}, model="real-pools", layout=pool.layout, mla=mla, tp_rank=tp_rank,
         tp_size=tp_size,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=mla,
-        enable_storage_metrics=False,
-        is_page_first_layout=pool.layout != "layer_first",
-        model_name="real-pools",
-        extra_config={
-            "backend_name": "hicache",
-            "module_path": "hicache_core.sglang",
-            "class_name": "HiCacheForSGLang",
-            "interface_v1": 1,
-            **extra,
-        },
-    )
+    )  # fmt: skip
     backend = StorageBackendFactory.create_backend("dynamic", sc, pool)
     assert isinstance(backend, HiCacheForSGLang)
     backend.register_mem_pool_host(pool)

@@ -1,8 +1,28 @@
 """Pages through SGLang's host-pool API: random pages in, the same pages out."""
 
 import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
 
 PS = 4
+
+
+def storage_config(
+    extra: dict, *, model: str, layout: str, mla: bool = False, tp_rank: int = 0, tp_size: int = 1
+) -> HiCacheStorageConfig:
+    """SGLang's own storage config for one rank, no pipeline or context parallelism (what its factory gets)."""
+    return HiCacheStorageConfig(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=0,
+        pp_size=1,
+        attn_cp_rank=0,
+        attn_cp_size=1,
+        is_mla_model=mla,
+        enable_storage_metrics=False,
+        is_page_first_layout=layout != "layer_first",
+        model_name=model,
+        extra_config=dict(extra),
+    )
 
 
 def random_pages(pool, host_indices) -> list[torch.Tensor]:

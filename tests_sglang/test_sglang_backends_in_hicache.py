@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig
-from sglang_helpers import PS, random_pages, same
+from sglang.srt.mem_cache.hicache_storage import HiCacheFile
+from sglang_helpers import PS, random_pages, same, storage_config
 
 from hicache_core.bench import multiturn
 from hicache_core.cli import main
@@ -30,18 +30,8 @@ MLA = KVSpec(layer_num=3, head_num=1, head_dim=24, dtype=torch.bfloat16, is_mla=
 
 
 def sglang_file(path, *, layout, model="org/model-7b", mla=False, tp_rank=0, tp_size=1) -> HiCacheFile:
-    sc = HiCacheStorageConfig(
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=mla,
-        enable_storage_metrics=False,
-        is_page_first_layout=layout != "layer_first",
-        model_name=model,
-        extra_config={"file_storage_path": str(path)},
+    sc = storage_config(
+        {"file_storage_path": str(path)}, model=model, layout=layout, mla=mla, tp_rank=tp_rank, tp_size=tp_size
     )
     return HiCacheFile(sc)
 

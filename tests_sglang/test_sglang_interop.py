@@ -14,7 +14,7 @@ import pytest
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
-from sglang_helpers import PS, all_same, random_pages, read_pages
+from sglang_helpers import PS, all_same, random_pages, read_pages, storage_config
 
 from hicache_core.errors import BackendLoadError
 from hicache_core.memory import HostPool, KVSpec
@@ -52,19 +52,7 @@ class SGLangOnly:
 def sglang_config(
     extra: dict, *, mla: bool = False, tp_rank: int = 0, tp_size: int = 1, layout: str
 ) -> HiCacheStorageConfig:
-    return HiCacheStorageConfig(
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=mla,
-        enable_storage_metrics=False,
-        is_page_first_layout=layout != "layer_first",
-        model_name="sglang-interop",
-        extra_config=extra,
-    )
+    return storage_config(extra, model="sglang-interop", layout=layout, mla=mla, tp_rank=tp_rank, tp_size=tp_size)
 
 
 def hicache_extra(backend: str, tmp_path) -> dict:

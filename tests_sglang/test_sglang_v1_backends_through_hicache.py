@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from real_pools import real_host_pool, spec_of
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+from sglang_helpers import storage_config
 
 from hicache_core.bench import multiturn
 from hicache_core.cli import main
@@ -154,19 +154,7 @@ def test_pages_hicache_wrote_read_right_into_sglangs_real_pool(name, master, hf3
 
     theirs = real_host_pool("page_first_direct")
     sglang_cls = type(handle.raw.inner) if name == "hf3fs" else type(handle.raw)
-    ssc = HiCacheStorageConfig(
-        tp_rank=0,
-        tp_size=1,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=False,
-        enable_storage_metrics=False,
-        is_page_first_layout=True,
-        model_name=sc.model_name,
-        extra_config=dict(extra),
-    )
+    ssc = storage_config(extra, model=sc.model_name, layout="page_first_direct")
     if name == "hf3fs":
         from hicache_core.storage.foreign import sglang_page_bytes
 

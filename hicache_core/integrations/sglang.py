@@ -22,7 +22,7 @@ import torch
 
 from hicache_core.config import DYNAMIC_KEYS, HiCacheConfig
 from hicache_core.errors import BackendLoadError
-from hicache_core.integrations.sglang_pools import SGLangHostPool, kind_of, kv_spec_of, namespace_fields
+from hicache_core.integrations.sglang_pools import kind_of, kv_spec_of, served
 from hicache_core.integrations.sglang_v2 import SidePool, SidePools
 from hicache_core.registry import StorageBackendHandle, create_backend, make_storage_config
 from hicache_core.storage.base import ExtraInfo
@@ -82,15 +82,14 @@ class HiCacheForSGLang(_SGLangStorage):
             pool: Any = mem_pool_host
             spec = mem_pool_host.spec
         else:
-            kind = kind_of(mem_pool_host)
+            kind = kind_of(mem_pool_host)  # refuses a kind hicache does not serve, naming it
             if kind not in ANCHOR_KINDS:
                 raise BackendLoadError(
                     f"SGLang host pool {kind} holds {'a state slot' if kind == 'MambaPoolHost' else 'side data'}, "
                     "not a model's KV: it is a side pool (register_mem_host_pool_v2), never the anchor"
                 )
             spec = kv_spec_of(mem_pool_host, is_mla)
-            fields = namespace_fields(mem_pool_host, kind, is_mla=is_mla)
-            pool = SGLangHostPool(mem_pool_host, spec if kind != "AsymmetricMHATokenToKVPoolHost" else None, kind=kind)
+            pool, fields = served(mem_pool_host, is_mla=is_mla)
         config = HiCacheConfig(
             page_size=pool.page_size,
             hicache_mem_layout=pool.layout,

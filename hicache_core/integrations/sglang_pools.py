@@ -107,6 +107,15 @@ def namespace_fields(pool: Any, kind: str, *, is_mla: bool) -> dict:
     )
 
 
+def served(pool: Any, *, is_mla: bool) -> tuple[SGLangHostPool, dict]:
+    """An SGLang pool of a kind hicache serves, wrapped for backends, and its namespace fields (refused by class
+    otherwise). MHA and MLA pools carry their KVSpec; other kinds a PageSpec of their flat page's dtype."""
+    kind = kind_of(pool)
+    fields = namespace_fields(pool, kind, is_mla=is_mla)
+    spec = kv_spec_of(pool, is_mla) if kind in ("MHATokenToKVPoolHost", "MLATokenToKVPoolHost") else None
+    return SGLangHostPool(pool, spec, kind=kind), fields
+
+
 def kv_spec_of(pool: Any, is_mla: bool) -> KVSpec:
     """The KV geometry of an SGLang anchor pool (MHA: head_num x head_dim; MLA: kv_lora_rank + qk_rope_head_dim)."""
     if getattr(pool, "spec", None) is not None:
@@ -148,8 +157,9 @@ class SGLangHostPool:
         self.pool = pool
         self.kind = kind or type(pool).__name__
         self.layout, self.page_size, self.size = pool.layout, pool.page_size, pool.size
-        self.has_flat = self._has_flat_page()
-        self.dtype = pool.get_data_page(0, flat=True).dtype if self.has_flat else pool.dtype
+        page0 = self._flat_page0()
+        self.has_flat = page0 is not None
+        self.dtype = page0.dtype if page0 is not None else pool.dtype
         self.spec = spec if spec is not None else PageSpec(self.dtype)
         self._by_view = False
         try:
@@ -164,22 +174,21 @@ class SGLangHostPool:
         self.segments_per_page = len(ptrs)
         self.page_bytes = sum(sizes)
         self._order = list(range(len(ptrs)))
-        if self.has_flat and not self._by_view:
-            self._order = self._flat_order(ptrs, sizes)
+        if page0 is not None and not self._by_view:
+            self._order = self._flat_order(page0, ptrs, sizes)
         self._reordered = self._order != list(range(len(ptrs)))
         self.buffers = self._buffers(ptrs)
-        self.raw = self.buffers_as_bytes()[0]
+        self.raw = torch.frombuffer(_view(*self.buffers[0]), dtype=torch.uint8)  # the first (most: only) buffer
 
-    def _has_flat_page(self) -> bool:
+    def _flat_page0(self) -> Optional[torch.Tensor]:
+        """A copy of SGLang's flat page 0, or None for a pool without flat pages (asymmetric K/V)."""
         try:
-            self.pool.get_data_page(0, flat=True)
+            return self.pool.get_data_page(0, flat=True).clone()
         except NotImplementedError:
-            return False
-        return True
+            return None
 
-    def _flat_order(self, ptrs: list[int], sizes: list[int]) -> list[int]:
-        """The segments' order in the flat page, found by content on page 0 (its bytes saved and put back)."""
-        saved = self.pool.get_data_page(0, flat=True).clone()
+    def _flat_order(self, saved: torch.Tensor, ptrs: list[int], sizes: list[int]) -> list[int]:
+        """The segments' order in the flat page, found by content on page 0 (its bytes ``saved``, put back)."""
         nbytes = saved.numel() * saved.element_size()
         if nbytes != self.page_bytes:
             raise BackendLoadError(
@@ -223,9 +232,6 @@ class SGLangHostPool:
             else:
                 merged.append([a, b])
         return [(a, b - a) for a, b in merged]
-
-    def buffers_as_bytes(self) -> list[torch.Tensor]:
-        return [torch.frombuffer(_view(p, n), dtype=torch.uint8) for p, n in self.buffers]
 
     # --- what backends call ---------------------------------------------------------------------------------------
     def get_page_buffer_meta(self, host_indices) -> tuple[list[int], list[int]]:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import attrs
 
-from hicache_core.integrations.sglang_pools import SGLangHostPool, kind_of, kv_spec_of, namespace_fields
+from hicache_core.integrations.sglang_pools import served
 from hicache_core.registry import StorageBackendHandle
 from hicache_core.storage.base import ExtraInfo, StorageConfig
 
@@ -55,9 +55,8 @@ class SidePools:
             return  # the anchor came through register_mem_pool_host
         if name in self.pools:
             raise ValueError(f"HiCacheForSGLang: host pool {name!r} is already registered")
-        kind = kind_of(host_pool)
-        is_mla = kind == "MLATokenToKVPoolHost"
-        fields = namespace_fields(host_pool, kind, is_mla=is_mla)
+        is_mla = type(host_pool).__name__ == "MLATokenToKVPoolHost"
+        pool, fields = served(host_pool, is_mla=is_mla)
         fields["page_format"] = f"sglang/pool={name}" + (f"/{fields['page_format']}" if fields["page_format"] else "")
         ns = attrs.evolve(anchor_config.namespace, page_size=host_pool.page_size, layout=host_pool.layout, **fields)
         sc = attrs.evolve(
@@ -68,10 +67,9 @@ class SidePools:
             layout=host_pool.layout,
             is_page_first_layout=host_pool.layout != "layer_first",
         )
-        spec = kv_spec_of(host_pool, is_mla) if kind in ("MHATokenToKVPoolHost", "MLATokenToKVPoolHost") else None
-        handle = self._open(sc, SGLangHostPool(host_pool, spec, kind=kind))
+        handle = self._open(sc, pool)
         self.pools[name] = SidePool(handle, replicated=is_mla)
-        logger.info("hicache: SGLang side pool %s (%s) at %s", name, kind, handle.describe())
+        logger.info("hicache: SGLang side pool %s (%s) at %s", name, pool.kind, handle.describe())
 
     def _pool(self, name: str) -> Optional[SidePool]:
         pool = self.anchor if name == ANCHOR else self.pools.get(name)
