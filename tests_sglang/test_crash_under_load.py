@@ -13,6 +13,7 @@ Clients beside it check every answer they get against recompute (the same prompt
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import os
@@ -71,7 +72,7 @@ def verify_prompts(vocab: int) -> list[list[int]]:
 
 class Checker:
     """Clients beside the benchmark: each answer's tokens against recompute; connection failures (the server is
-    down) are counted and retried, never judged."""
+    down, or died while it sent an answer: an ``IncompleteRead``) are counted and retried, never judged."""
 
     def __init__(self, url: str, prompts: list[list[int]]) -> None:
         self.url, self.prompts = url, prompts
@@ -103,7 +104,7 @@ class Checker:
             i = rng.randrange(len(self.prompts))
             try:
                 out = self.generate(self.prompts[i])
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError):
                 with self.lock:
                     self.counts["down"] += 1
                 time.sleep(0.05)
