@@ -82,6 +82,11 @@ class StorageNamespace:
     # whose byte order a page is in when it is not hicache's own pool's: "vllm/cpu/CPU_ATTN/amx" for vLLM's paged KV
     # (its attention kernels pack a block their own way); empty for hicache's pools, so their tags do not change
     page_format: str = ""
+    # how a head's stored bytes encode its values (KVSpec.kv_format: fp8 with its scales); empty for plain KV, so
+    # the tags of plain KV do not change
+    kv_format: str = ""
+    # the L3 page codec's format (storage/codec.py: "zstd-planes", "fp8-e4m3-b128"); empty without one
+    codec: str = ""
 
     def fields(self) -> dict:
         d = {
@@ -100,6 +105,10 @@ class StorageNamespace:
             d["fingerprint"] = self.fingerprint
         if self.page_format:
             d["page_format"] = self.page_format
+        if self.kv_format:
+            d["kv_format"] = self.kv_format
+        if self.codec:
+            d["codec"] = self.codec
         return d
 
     @property

@@ -85,3 +85,20 @@ def arg_float(minimum: float = 0.0, *, above: bool = False, allow_inf: bool = Fa
 
     parse.__name__ = "number"
     return parse
+
+
+# --kv-cache-dtype (SGLang's flag): auto keeps the model's KV dtype (bfloat16 for the random model, a checkpoint's
+# own or --dtype's); fp8_e4m3 stores float8 e4m3 KV with a float32 scale per token and head (memory/kv_codec.py)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+
+
+def add_kv_cache_dtype(group: Any) -> None:
+    """``--kv-cache-dtype`` on an argparse parser or group (bench multiturn and serve take it alike)."""
+    group.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="KV in the pools and storage: auto (the model's: bfloat16 for the random model, a checkpoint's own or "
+        "--dtype's) or fp8_e4m3 (float8 e4m3 with a float32 scale per token and head, stored in the page; about "
+        "half the bytes; its pages never mix with another dtype's)",
+    )

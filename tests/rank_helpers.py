@@ -72,7 +72,7 @@ def rank_main(
         agree=agree,
     )
     if fault != "none" and rank == 1:  # one rank's backend fails or stalls for some pages; the other's does not
-        cache.wrap_storage(lambda backend: FaultyBackend(backend, fault, 0.3, random.Random(7), hang_s=0.6))
+        cache.operator.wrap_storage(lambda backend: FaultyBackend(backend, fault, 0.3, random.Random(7), hang_s=0.6))
     rng = random.Random(42)  # the same requests on every rank
     prompts = make_prompts(rng, families=12, pages=3, page_size=PS)
     result = RunResult()
@@ -81,7 +81,7 @@ def rank_main(
     fingerprint = tree_fingerprint(cache)
     every = [None] * size
     dist.all_gather_object(every, fingerprint)
-    stats = cache.storage_stats() or {}
+    stats = cache.operator.storage_stats() or {}
     drain(cache, result)
     Path(out_dir, f"rank{rank}.json").write_text(
         json.dumps(

@@ -66,3 +66,78 @@ def test_scaling_inside_rope_parameters_is_used():
 def test_what_is_not_understood_is_refused_naming_the_key(extra, says):
     with pytest.raises(ConfigError, match=says):
         cfg(**extra)
+
+
+def test_sliding_windows_as_transformers_applies_them():
+    """Mistral windows every layer; Qwen2 only with use_sliding_window, on the layers layer_types names (or, without
+    them, from max_window_layers on); Llama has none."""
+    four = {"num_hidden_layers": 4, "rope_theta": 1e4}
+    mistral = cfg(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=32, **four)
+    assert mistral.attention_kind == "swa" and mistral.window(0) == 32
+    assert cfg(model_type="mistral", sliding_window=None, **four).attention_kind == "full"
+    qwen = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], sliding_window=32, **four)
+    assert cfg(**qwen, use_sliding_window=False).attention_kind == "full"
+    types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    hybrid = cfg(**qwen, use_sliding_window=True, layer_types=types)
+    assert hybrid.layer_types == tuple(types) and [hybrid.window(i) for i in range(4)] == [None, 32, None, 32]
+    derived = cfg(**qwen, use_sliding_window=True, max_window_layers=3)
+    assert [derived.window(i) for i in range(4)] == [None, None, None, 32]
+    assert cfg(sliding_window=32, **four).attention_kind == "full"  # llama has no windows
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({"model_type": "mistral", "sliding_window": -4}, "sliding_window=-4 is not a whole number"),
+        (
+            {"model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True, "layer_types": ["x", "y"]},
+            "layer_types=.* must name each of the 2 layers",
+        ),
+        ({"model_type": "gemma3", "architectures": ["Gemma3ForCausalLM"]}, "the supported architectures are"),
+    ],
+)
+def test_windows_that_cannot_be_are_refused(extra, says):
+    with pytest.raises(ConfigError, match=says):
+        cfg(rope_theta=1e4, **extra)
+
+
+DEEPSEEK = {
+    "model_type": "deepseek_v2",
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "rope_theta": 1e4,
+    "head_dim": 16,  # transformers writes the rotary part's width here; the nope part is qk_nope_head_dim
+    "kv_lora_rank": 64,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 24,
+    "v_head_dim": 32,
+    "q_lora_rank": None,
+    "n_routed_experts": 4,
+    "first_k_dense_replace": 2,
+}
+
+
+def test_deepseek_v2s_latent_attention_fields():
+    c = cfg(**DEEPSEEK)
+    assert (c.is_mla, c.head_dim, c.rope_dim, c.v_head_dim, c.kv_lora_rank, c.q_lora_rank) == (
+        True,
+        24,
+        16,
+        32,
+        64,
+        None,
+    )
+    assert c.kv_spec().head_dim == 80 and c.kv_spec().is_mla
+    assert cfg(**{**DEEPSEEK, "q_lora_rank": 48}).q_lora_rank == 48
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({"first_k_dense_replace": 1}, r"layers 1..1 are mixture-of-experts \(first_k_dense_replace=1"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"kv_lora_rank": None}, "bad value"),
+    ],
+)
+def test_deepseek_v2_what_the_engine_does_not_run_is_refused(extra, says):
+    with pytest.raises(ConfigError, match=says):
+        cfg(**{**DEEPSEEK, **extra})

@@ -13,7 +13,7 @@ import torch
 from hicache_core.bench import multiturn
 from hicache_core.config import HiCacheConfig
 from hicache_core.engine import Engine, ModelConfig, Request, TinyLlama
-from hicache_core.engine.model import COMPUTE_DTYPES
+from hicache_core.engine.model_config import COMPUTE_DTYPES
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 
@@ -32,6 +32,14 @@ def test_fused_float32_attention_equals_the_explicit_float64_one():
         want = f64._attend(q, k, v)
         got = f32._attend(q.float(), k.float(), v.float())
         assert got.dtype == torch.float32 and got.shape == (n, c.num_heads * c.head_dim)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # a sliding window: the keys of the last n + window - 1 positions only, each block cut where its window starts
+    for n, total, window in ((1, 37, 8), (7, 40, 8), (150, 150, 24), (130, 200, 70)):
+        q = torch.randn(n, c.num_heads, c.head_dim, generator=g, dtype=torch.float64)
+        t = min(total, n + window - 1)
+        k, v = (torch.randn(t, c.num_kv_heads, c.head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+        want = f64._attend(q, k, v, total, window)
+        got = f32._attend(q.float(), k.float(), v.float(), total, window)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -103,9 +111,9 @@ def test_float32_runs_its_projections_through_onednn_fused_and_gets_the_plain_ma
     kernels on AMD CPUs: 2.3x slower on this project's machines). The fused weights must be the model's own: the
     per-name matrices become views of them, biases (here on q/k/v only) ride along, and the logits equal the
     unfused x @ w path's to float32 precision."""
-    from hicache_core.engine import model as model_mod
+    from hicache_core.engine import ops as model_mod
 
-    assert model_mod._ONEDNN is not None, (
+    assert model_mod.ONEDNN is not None, (
         "torch.ops.mkldnn._linear_pointwise is missing or failed its probe in this torch build: the float32 path "
         "fell back to MKL's matmul (2.3x slower on AMD CPUs)"
     )

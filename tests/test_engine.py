@@ -331,15 +331,16 @@ def test_cpu_meter_sees_another_process_burning_a_core():
 def test_tensor_parallel_ranks_give_the_single_rank_tokens_in_every_configuration(tmp_path):
     """TP=2: two rank processes (gloo), heads, KV and MLP sharded, each rank with its own pools and storage keys,
     cache decisions agreed -- the same greedy tokens as one rank, every configuration, the same hits on both."""
-    from hicache_core.bench.multiturn import CONFIGS, Progress, Workload, _base_config, _model, run_config
+    from hicache_core.bench.multiturn import CONFIGS, Progress, Workload, base_config, run_config
+    from hicache_core.engine.checkpoint import model_from_args
 
     extra = json.dumps({"prefetch_threshold": 16})
     outs = {}
     for tp in (1, 2):
         args = parse(SMALL + ["--tp-size", str(tp), "--hicache-storage-backend-extra-config", extra])
-        base = _base_config(args, str(tmp_path / f"store-tp{tp}"))
+        base = base_config(args, str(tmp_path / f"store-tp{tp}"))
         work = Workload(args)
-        model = _model(args)
+        model = model_from_args(args)
         outs[tp] = {c: run_config(c, args, work, model, base, args.num_rounds, Progress(0, False)) for c in CONFIGS}
     for c in CONFIGS:
         assert outs[2][c]["outputs"] == outs[1][c]["outputs"] == outs[1]["none"]["outputs"], c

@@ -36,7 +36,7 @@ def test_vllm_decodes_every_batch(tmp_path):
     spec = KVSpec(layer_num=2, head_num=1, head_dim=8, dtype=torch.float32)
     cache = build_cache(cfg, spec, 8 * PS, tiers="hicache+storage", device="cpu", host_tokens=16 * PS)
     pub = ZmqPublisher(KVEventsConfig(enable_kv_cache_events=True, endpoint="tcp://127.0.0.1:*", topic="hc"))
-    cache.subscribe_events(pub)
+    cache.fleet.subscribe_events(pub)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"hc")

@@ -129,7 +129,7 @@ class Engine:
         self.cache.release(r.admission, tokens, r.used)
         if r.retention is not None:
             if isinstance(self.cache, HiRadixCache):
-                answer = self.cache.retain(r.rid, tokens, r.retention, r.salt, r.extra_key)
+                answer = self.cache.fleet.retain(r.rid, tokens, r.retention, r.salt, r.extra_key)
                 r.retention_answer = answer.as_dict()
             else:
                 r.retention_answer = {"status": "rejected", "reason": "this engine runs without a prefix cache"}
@@ -328,7 +328,7 @@ class Engine:
         """Wait for the backups in flight, then stop the storage tier and close its backend."""
         if not isinstance(self.cache, HiRadixCache) or not self.cache.storage_enabled:
             raise ConfigError("no storage backend is attached")
-        self.cache.detach_storage()
+        self.cache.operator.detach_storage()
         self.config, self.mode = self.cache.config, "hicache"
 
     def flush(self) -> None:

@@ -204,12 +204,12 @@ def read_config(path: Path) -> dict:
     return config_dict(_reader(path), path)
 
 
-def tokenizer(path: Path) -> Any:
-    """The file's tokenizer as an :class:`~hicache_core.engine.tokenizer.HFTokenizer`."""
+def tokenizer(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The file's byte-level BPE as a ``tokenizers.Tokenizer`` and what the model says of its special tokens and
+    chat template (``bos_token``, ``eos_token``, ``chat_template``, ``eos_ids``): engine/tokenizer.py makes them
+    one tokenizer."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
-
-    from hicache_core.engine.tokenizer import HFTokenizer
 
     reader = _reader(path)
     model, pre = _meta(reader, "tokenizer.ggml.model"), _meta(reader, "tokenizer.ggml.pre")
@@ -260,11 +260,5 @@ def tokenizer(path: Path) -> Any:
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
         )
     eos_ids = frozenset({int(_meta(reader, "tokenizer.ggml.eos_token_id"))} if eos is not None else ())
-    return HFTokenizer(
-        tok,
-        path.stem,
-        bos_token=bos,
-        eos_token=eos,
-        chat_template=_meta(reader, "tokenizer.chat_template"),
-        eos_ids=eos_ids,
-    )
+    chat = _meta(reader, "tokenizer.chat_template")
+    return tok, {"bos_token": bos, "eos_token": eos, "chat_template": chat, "eos_ids": eos_ids}

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from hicache_core.engine import gguf
 from hicache_core.errors import ConfigError
 
 
@@ -54,7 +55,7 @@ def _token_text(v: Any) -> Optional[str]:
 
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` with its special tokens and chat template (from a directory: :meth:`from_dir`;
-    from a GGUF file: :func:`hicache_core.engine.gguf.tokenizer`)."""
+    from a GGUF file: :func:`load_tokenizer` with the parts of :func:`hicache_core.engine.gguf.tokenizer`)."""
 
     def __init__(
         self,
@@ -144,10 +145,9 @@ def load_tokenizer(model_path: Optional[str | Path]) -> Any:
     if model_path is None:
         return ByteTokenizer()
     path = Path(model_path).expanduser()
-    from hicache_core.engine import gguf
-
     if gguf.is_gguf(path):
-        return gguf.tokenizer(path)
+        tok, special = gguf.tokenizer(path)
+        return HFTokenizer(tok, path.stem, **special)
     eos: set[int] = set()
     for name in ("config.json", "generation_config.json"):
         try:

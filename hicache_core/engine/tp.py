@@ -26,7 +26,8 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from hicache_core.engine.model import ModelConfig, TinyLlama
+from hicache_core.engine.model import TinyLlama
+from hicache_core.engine.model_config import ModelConfig
 from hicache_core.errors import ConfigError
 
 
@@ -68,6 +69,11 @@ class TPContext:
 
 
 def check_divisible(c: ModelConfig, size: int) -> None:
+    if c.is_mla and size > 1:
+        raise ConfigError(
+            f"--tp-size {size}: the reference engine runs MLA models at --tp-size 1 (their latent is one vector per "
+            "token, not a set of heads to split)"
+        )
     for what, n in (
         ("attention heads", c.num_heads),
         ("KV heads", c.num_kv_heads),
@@ -111,7 +117,7 @@ def shard(model: TinyLlama, ctx: TPContext) -> TinyLlama:
     return part
 
 
-def _entry(rank: int, size: int, workdir: str, fn: Callable, args: tuple) -> None:
+def rank_entry(rank: int, size: int, workdir: str, fn: Callable, args: tuple) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= size else "gloo"
@@ -141,7 +147,7 @@ def run_tp(size: int, fn: Callable, *args: Any) -> Optional[Any]:
 
     with tempfile.TemporaryDirectory(prefix="hicache-tp-") as d:
         try:
-            mp.spawn(_entry, args=(size, d, fn, args), nprocs=size, join=True)
+            mp.spawn(rank_entry, args=(size, d, fn, args), nprocs=size, join=True)
         except mp.ProcessRaisedException as e:
             last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
             kind, _, message = last.partition(": ")

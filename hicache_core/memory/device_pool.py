@@ -15,6 +15,7 @@ import torch
 
 from hicache_core.memory.allocator import PageAllocator
 from hicache_core.memory.buffer import cpu_buffer
+from hicache_core.memory.kv_codec import decode, encode
 from hicache_core.memory.spec import KVSpec, require_host_memory
 
 
@@ -70,10 +71,17 @@ class DevicePool:
         return self.k_buffer(layer_id), self.v_buffer(layer_id)
 
     def set_kv(self, layer_id: int, indices: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = None) -> None:
-        self.k_buffer(layer_id)[indices] = k.to(self.dtype)
+        """Write K (and V) values of the tokens at ``indices``, encoded as the spec stores them (kv_codec)."""
+        self.k_buffer(layer_id)[indices] = encode(self.spec, k)
         if not self.is_mla:
             assert v is not None
-            self.v_buffer(layer_id)[indices] = v.to(self.dtype)
+            self.v_buffer(layer_id)[indices] = encode(self.spec, v)
+
+    def read_kv(self, layer_id: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V values of the tokens at ``indices`` (decoded: float32 for fp8 with scales; MLA's latent as
+        both). Call after :meth:`wait_layer`."""
+        k = decode(self.spec, self.k_buffer(layer_id)[indices])
+        return k, (k if self.is_mla else decode(self.spec, self.v_buffer(layer_id)[indices]))
 
     def token_strides(self) -> tuple[int, int, int, int]:
         """Byte strides (page, token-in-page, layer, K->V) of the layer-first device buffer."""

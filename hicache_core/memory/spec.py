@@ -16,6 +16,13 @@ DTYPES = {
 }
 
 
+# fp8 e4m3 KV with one float32 scale per token and head, stored after that head's values (its last 4 bytes): a
+# page then carries its scales wherever it goes (host, storage), in every layout, as plain bytes
+FP8_SCALED = "e4m3+f32scale/token-head"
+SCALE_BYTES = 4
+KV_FORMATS = ("", FP8_SCALED)
+
+
 @attrs.frozen(kw_only=True)
 class KVSpec:
     """KV geometry of one model shard. MLA keeps one latent vector per token and layer (``head_num=1``,
@@ -26,14 +33,29 @@ class KVSpec:
     head_dim: int
     dtype: torch.dtype = torch.bfloat16
     is_mla: bool = False
+    # how a head's ``head_dim`` stored elements encode its values: "" (as they are) or FP8_SCALED (``head_dim -
+    # SCALE_BYTES`` fp8 values, then their float32 scale)
+    kv_format: str = ""
 
     def __attrs_post_init__(self) -> None:
         for name in ("layer_num", "head_num", "head_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"KVSpec.{name} must be a whole number > 0, got {v!r}")
+        if self.kv_format not in KV_FORMATS:
+            raise ConfigError(f"KVSpec.kv_format {self.kv_format!r}: choose one of {KV_FORMATS}")
+        if self.kv_format == FP8_SCALED and (self.dtype != torch.float8_e4m3fn or self.head_dim <= SCALE_BYTES):
+            raise ConfigError(
+                f"KVSpec.kv_format {FP8_SCALED!r} stores float8_e4m3fn values and their scale "
+                f"(head_dim > {SCALE_BYTES}), not {self.dtype} x {self.head_dim}"
+            )
         if self.is_mla and self.head_num != 1:
             raise ConfigError("an MLA KVSpec has head_num=1 (one latent vector per token and layer)")
+
+    @property
+    def value_dim(self) -> int:
+        """Values per head a model reads and writes (``head_dim`` less the scale's bytes for FP8_SCALED)."""
+        return self.head_dim - SCALE_BYTES if self.kv_format == FP8_SCALED else self.head_dim
 
     @property
     def itemsize(self) -> int:

@@ -76,12 +76,12 @@ def serve_tp(args: argparse.Namespace, config: HiCacheConfig) -> int:
     """Start the ranks and wait; SIGTERM / SIGINT stop rank 0's server, which stops the others."""
     import torch.multiprocessing as mp
 
-    from hicache_core.engine.tp import _entry
+    from hicache_core.engine.tp import rank_entry
 
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
     with tempfile.TemporaryDirectory(prefix="hicache-serve-tp-") as d:
         procs = mp.start_processes(
-            _entry,
+            rank_entry,
             args=(args.tp_size, d, _rank_main, (plain, config)),
             nprocs=args.tp_size,
             join=False,

@@ -15,13 +15,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0, hidden: int = 64, heads: int = 4) -> Path:
+def make_checkpoint(
+    path: Path,
+    dtype: str = "float32",
+    seed: int = 0,
+    hidden: int = 64,
+    heads: int = 4,
+    architecture: str = "llama",
+    sliding_window: int = 0,
+    layers: int = 2,
+    q_lora_rank: int | None = None,
+) -> Path:
     """A random-init LlamaForCausalLM (2 layers, GQA: ``heads`` query heads, half as many KV heads, head size
     ``hidden // heads``) with a trained byte-level BPE tokenizer, saved as a Hugging Face model directory
-    (safetensors). vLLM's CPU attention wants a head size of 32 or more: ``hidden=128``."""
+    (safetensors). vLLM's CPU attention wants a head size of 32 or more: ``hidden=128``.
+
+    ``architecture``: ``llama``; ``mistral`` (every layer windowed to ``sliding_window`` tokens); ``qwen2`` (q/k/v
+    biases; with ``sliding_window``, its odd layers windowed and the even ones full: a hybrid); ``deepseek_v2``
+    (MLA: a ``hidden``-wide latent and a 16-wide rotary key per token, dense MLP layers, queries through a
+    ``q_lora_rank`` projection when given)."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -37,13 +53,32 @@ def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0, hidden: i
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     hf_tok.chat_template = CHAT_TEMPLATE
-    cfg = LlamaConfig(
+    windows: dict = {}
+    if architecture == "mistral":
+        windows = {"sliding_window": sliding_window or None}
+    elif architecture == "qwen2" and sliding_window:
+        types = ["sliding_attention" if i % 2 else "full_attention" for i in range(layers)]
+        windows = {"use_sliding_window": True, "sliding_window": sliding_window, "layer_types": types}
+    elif architecture == "deepseek_v2":
+        windows = {
+            "kv_lora_rank": hidden,
+            "qk_rope_head_dim": 16,
+            "qk_nope_head_dim": hidden // heads,
+            "v_head_dim": hidden // heads,
+            "q_lora_rank": q_lora_rank,
+            "first_k_dense_replace": layers,  # every layer's MLP dense
+        }
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "deepseek_v2": "DeepseekV2"}[architecture]
+    config_class = getattr(transformers, f"{name}Config")
+    model_class = getattr(transformers, f"{name}ForCausalLM")
+    cfg = config_class(
+        **windows,
         vocab_size=len(hf_tok),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads // 2,
+        num_key_value_heads=heads if architecture == "deepseek_v2" else heads // 2,
         max_position_embeddings=1024,
         bos_token_id=1,
         eos_token_id=2,
@@ -51,7 +86,7 @@ def make_checkpoint(path: Path, dtype: str = "float32", seed: int = 0, hidden: i
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model = model_class(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(path, safe_serialization=True)
     hf_tok.save_pretrained(path)
     return path

