@@ -196,7 +196,9 @@ def _fault_row(mode: str, config: HiCacheConfig, requests: int, seed: int) -> Ro
                     "the backend offers no corrupt_stored_page(key) to damage a stored "
                     "page with (see docs/writing-a-backend.md)",
                 )
-            faulty = cache.wrap_storage(lambda handle: FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S))
+            faulty = cache.operator.wrap_storage(
+                lambda handle: FaultyBackend(handle, mode, RATES[mode], rng, hang_s=HANG_S)
+            )
 
             def between(i: int, cache=cache, faulty=faulty) -> None:
                 if mode == "restart" and i == requests // 2:

@@ -32,7 +32,7 @@ def test_an_attached_backend_brings_its_own_prefetch_knobs():
     policy = c.controller.io.policy
     assert (policy.name, policy.threshold, policy.timeout_base) == ("timeout", 48, 3.0)
     assert policy.timeout_per_page == PS / 1024 * 2.0 and policy.stall_limit == 12.0
-    c.detach_storage()
+    c.operator.detach_storage()
     attach_backend(c, cfg.replace(hicache_storage_backend_extra_config={"store": uuid.uuid4().hex}))
     assert c.controller.io.policy.threshold == 256  # the defaults again, not the last attach's
     c.close()

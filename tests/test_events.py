@@ -97,7 +97,7 @@ def stored(events, medium):
 def test_every_tier_reaches_a_zmq_subscriber_and_replays(tmp_path, publisher):
     pub = publisher(topic="hicache")
     cache = make_cache(device_pages=6, host_pages=16, storage="file", extra={"storage_dir": str(tmp_path)})
-    cache.subscribe_events(pub)
+    cache.fleet.subscribe_events(pub)
     sub = Subscriber(pub.endpoint, "hicache")
     time.sleep(0.3)  # a SUB socket misses what is sent before it has joined (ZMQ's slow joiner)
     try:
@@ -151,8 +151,8 @@ class GatedWrites:
 def test_a_storage_event_never_precedes_its_backup(tmp_path, publisher):
     pub = publisher()
     cache = make_cache(device_pages=8, host_pages=16, storage="file", extra={"storage_dir": str(tmp_path)})
-    gated = cache.wrap_storage(GatedWrites)
-    cache.subscribe_events(pub)
+    gated = cache.operator.wrap_storage(GatedWrites)
+    cache.fleet.subscribe_events(pub)
     sub = Subscriber(pub.endpoint)
     time.sleep(0.3)
     try:
@@ -169,7 +169,7 @@ def test_a_storage_event_never_precedes_its_backup(tmp_path, publisher):
         # the moment the event is read, every page it names is in the store
         assert gated.inner.batch_exists(keys) == len(keys)
         assert [h for e in stored(evs, STORAGE) for h in e.block_hashes] == [block_hash(k) for k in keys]
-        cache.detach_storage()
+        cache.operator.detach_storage()
         evs = wait_for(sub, lambda ev: any(isinstance(e, BlockRemoved) and e.medium == STORAGE for e in ev))
         gone = [e for e in evs if isinstance(e, BlockRemoved) and e.medium == STORAGE]
         assert gone[0].reason == "detached" and gone[0].block_hashes == [block_hash(k) for k in keys]
@@ -181,14 +181,14 @@ def test_a_storage_event_never_precedes_its_backup(tmp_path, publisher):
 def test_salted_pages_carry_their_salt_and_flush_says_so(publisher):
     cache = make_cache(device_pages=8, host_pages=16)
     got: list = []
-    cache.subscribe_events(lambda batch: got.extend(batch.events))  # an embedder's callback: the front door
+    cache.fleet.subscribe_events(lambda batch: got.extend(batch.events))  # an embedder's callback: the front door
     run_request(cache, PROMPT, salt="tenant-a")
     cache.flush()
     cache.poll()
     dev = stored(got, GPU)
     assert dev and dev[0].extra_keys == [["tenant-a"]] * len(dev[0].block_hashes)
     assert dev[0].parent_block_hash is None  # the namespace's seed is no page
-    cache.empty_local_tiers()
+    cache.operator.empty_local_tiers()
     removed = [e for e in got if isinstance(e, BlockRemoved)]
     assert removed and {e.reason for e in removed} == {"flushed"}
     cache.close()

@@ -18,7 +18,7 @@ PROMPT = list(range(100, 100 + 6 * PS))
 
 def settle(cache, op_id, timeout=20.0):
     deadline = time.monotonic() + timeout
-    while (r := cache.restore_status(op_id)).state == "running":
+    while (r := cache.fleet.restore_status(op_id)).state == "running":
         assert time.monotonic() < deadline, "the restore never ended"
         time.sleep(0.005)
         cache.poll()
@@ -30,22 +30,22 @@ def stored(tmp_path):
     cache = make_cache(device_pages=12, host_pages=16, storage="file", extra={"storage_dir": str(tmp_path)})
     run_request(cache, PROMPT, rid="turn1")
     cache.flush()
-    cache.empty_local_tiers()
+    cache.operator.empty_local_tiers()
     assert cache.match_prefix(PROMPT + [SENTINEL]).matched_length == 0
     return cache
 
 
 def test_a_restore_during_the_gap_makes_the_next_turn_a_host_hit(tmp_path):
     cache = stored(tmp_path)
-    r, note = cache.restore("gap-1", PROMPT + [SENTINEL], ttl=30)
+    r, note = cache.fleet.restore("gap-1", PROMPT + [SENTINEL], ttl=30)
     assert note == "" and r.state == "running"
     r = settle(cache, "gap-1")
     assert r.state == "success" and r.restored_tokens == len(PROMPT), r.as_dict()
     got = run_request(cache, PROMPT, rid="turn2")
     assert got["host"] == len(PROMPT) and got["storage"] == 0, got  # loaded from host: storage was not waited on
-    assert cache.restore("gap-1", PROMPT)[0] is r  # the same operation id answers the same restore
+    assert cache.fleet.restore("gap-1", PROMPT)[0] is r  # the same operation id answers the same restore
     cache.flush()
-    assert cache.restore("gap-2", PROMPT + [SENTINEL])[0].state == "cached"
+    assert cache.fleet.restore("gap-2", PROMPT + [SENTINEL])[0].state == "cached"
     empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
 
 
@@ -68,8 +68,8 @@ class Gated:
 
 def test_a_request_joins_the_restore_in_flight(tmp_path):
     cache = stored(tmp_path)  # best_effort: the request still waits for the restore it joined
-    gated = cache.wrap_storage(Gated)
-    cache.restore("gap", PROMPT + [SENTINEL])
+    gated = cache.operator.wrap_storage(Gated)
+    cache.fleet.restore("gap", PROMPT + [SENTINEL])
     prompt = PROMPT + [SENTINEL]
     for _ in range(20):
         cache.poll()
@@ -80,31 +80,31 @@ def test_a_request_joins_the_restore_in_flight(tmp_path):
         cache.poll()
     # it waited on storage (through the restore): its pages count as storage hits, and were read once
     assert adm.prefetch == "restored" and adm.cached["storage"] == len(PROMPT) and gated.gets == 1
-    assert cache.restore_status("gap").state == "success"
+    assert cache.fleet.restore_status("gap").state == "success"
     cache.release(adm, prompt, 0)
     empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
 
 
 def test_every_restore_ends_in_a_state_that_says_why(tmp_path):
     cache = stored(tmp_path)
-    assert settle(cache, cache.restore("unknown", list(range(5000, 5000 + 4 * PS)))[0].op_id).state == "miss"
-    gated = cache.wrap_storage(Gated)
-    cache.restore("cancel-me", PROMPT)
+    assert settle(cache, cache.fleet.restore("unknown", list(range(5000, 5000 + 4 * PS)))[0].op_id).state == "miss"
+    gated = cache.operator.wrap_storage(Gated)
+    cache.fleet.restore("cancel-me", PROMPT)
     cache.poll()
-    assert cache.cancel_restore("cancel-me").state == "cancelled"
-    cache.restore("late", PROMPT, ttl=0.2)
+    assert cache.fleet.cancel_restore("cancel-me").state == "cancelled"
+    cache.fleet.restore("late", PROMPT, ttl=0.2)
     r = settle(cache, "late")
     assert r.state == "expired" and "TTL" in r.detail
     gated.fail = True
     gated.gate.set()
-    r = settle(cache, cache.restore("broken", PROMPT)[0].op_id)
+    r = settle(cache, cache.fleet.restore("broken", PROMPT)[0].op_id)
     assert r.state == "failure" and "none could be read" in r.detail, r.as_dict()
-    assert cache.restore("long", [1, 2, 3], ttl=10**6)[1] == "ttl clipped to 3600 s"
-    cache.wrap_storage(lambda w: w.inner)
+    assert cache.fleet.restore("long", [1, 2, 3], ttl=10**6)[1] == "ttl clipped to 3600 s"
+    cache.operator.wrap_storage(lambda w: w.inner)
     assert cache.metrics.stats()["restores"] == {"miss": 1, "cancelled": 1, "expired": 1, "failure": 1, "declined": 1}
     empty_and_check(cache, cache.device_pool.size, cache.host_pool.size)
     no_storage = make_cache(device_pages=8, host_pages=8)
-    r, _ = no_storage.restore("x", PROMPT)
+    r, _ = no_storage.fleet.restore("x", PROMPT)
     assert r.state == "declined" and "no storage tier" in r.detail
     no_storage.close()
 
@@ -123,7 +123,7 @@ def test_retention_keeps_a_session_through_churn_that_evicts_others():
     cache = make_cache(device_pages=8, host_pages=16)  # write_through: the churn fills the host tier too
     session, other = PROMPT + [SENTINEL], [7000 + j for j in range(6 * PS)] + [SENTINEL]
     run_request(cache, PROMPT, rid="a1")  # an engine asks as it releases the request (engine.Engine._finish)
-    answer = cache.retain("a1", session, RetentionHint(120, priority=3, session_id="agent-a"))
+    answer = cache.fleet.retain("a1", session, RetentionHint(120, priority=3, session_id="agent-a"))
     assert answer.status == "accepted" and answer.tokens == len(PROMPT), answer
     run_request(cache, other[:-1], rid="b1")
     cache.flush()
@@ -133,7 +133,7 @@ def test_retention_keeps_a_session_through_churn_that_evicts_others():
     got = run_request(cache, PROMPT, rid="a2")
     assert got["host"] + got["device"] == len(PROMPT)
     # the session is over: its prefix is evicted like any other
-    assert cache.release_retention("agent-a").status == "released"
+    assert cache.fleet.release_retention("agent-a").status == "released"
     churn(cache, base=20_000)
     assert held(cache, session) == 0
     cache.close()
@@ -148,16 +148,16 @@ def test_hints_past_their_budget_are_clipped_not_obeyed():
         hicache_retention_max_seconds=30,
     )
     run_request(cache, PROMPT, rid="a")
-    a = cache.retain("a", PROMPT + [SENTINEL], RetentionHint(10**6, priority=10**6, session_id="a"))
+    a = cache.fleet.retain("a", PROMPT + [SENTINEL], RetentionHint(10**6, priority=10**6, session_id="a"))
     assert a.status == "clipped" and a.seconds == 30 and a.priority == MAX_PRIORITY
     assert a.tokens <= 4 * PS < len(PROMPT), a
     assert "clipped to 30" in a.reason and "budget" in a.reason
     other = [9000 + j for j in range(3 * PS)]
     run_request(cache, other, rid="b")
-    b = cache.retain("b", other + [SENTINEL], RetentionHint(5, session_id="b"))
+    b = cache.fleet.retain("b", other + [SENTINEL], RetentionHint(5, session_id="b"))
     assert b.status == "rejected" and "budget" in b.reason
-    assert cache.retain("c", [1, 2], RetentionHint(5)).status == "rejected"  # nothing cached in whole pages
-    assert cache.retain("d", other, RetentionHint(-1)).status == "rejected"
+    assert cache.fleet.retain("c", [1, 2], RetentionHint(5)).status == "rejected"  # nothing cached in whole pages
+    assert cache.fleet.retain("d", other, RetentionHint(-1)).status == "rejected"
     assert cache.metrics.stats()["retention"] == {"clipped": 1, "rejected": 3}
     cache.flush()
     churn(cache)
@@ -169,22 +169,22 @@ def test_hints_past_their_budget_are_clipped_not_obeyed():
 def test_retention_can_be_off(ratio):
     cache = make_cache(device_pages=8, host_pages=8, hicache_retention_ratio=ratio)
     run_request(cache, PROMPT[: 2 * PS], rid="a")
-    assert cache.retain("a", PROMPT[: 2 * PS], RetentionHint(5)).status == "rejected"
+    assert cache.fleet.retain("a", PROMPT[: 2 * PS], RetentionHint(5)).status == "rejected"
     cache.close()
 
 
 def test_a_grant_lapses_after_its_seconds_unless_a_hit_refreshes_it():
     cache = make_cache(device_pages=8, host_pages=16)
     run_request(cache, PROMPT, rid="a")
-    assert cache.retain("a", PROMPT + [SENTINEL], RetentionHint(0.4, session_id="s")).status == "accepted"
+    assert cache.fleet.retain("a", PROMPT + [SENTINEL], RetentionHint(0.4, session_id="s")).status == "accepted"
     time.sleep(0.25)
     run_request(cache, PROMPT, rid="a2")  # a hit on the prefix: another 0.4 s from now
     time.sleep(0.25)
     cache.poll()
-    assert (None, "s") in cache.retention.grants
+    assert (None, "s") in cache.fleet.retention.grants
     time.sleep(0.3)
     cache.poll()
-    assert not cache.retention.grants
+    assert not cache.fleet.retention.grants
     cache.close()
 
 
@@ -194,18 +194,18 @@ def test_two_tenants_with_one_session_id_never_meet():
     mine, theirs = PROMPT[: 2 * PS], [8000 + j for j in range(2 * PS)]
     run_request(cache, mine, rid="a", salt="tenant-a")
     run_request(cache, theirs, rid="b", salt="tenant-b")
-    a = cache.retain("a", mine + [SENTINEL], RetentionHint(60, session_id="agent"), salt="tenant-a")
-    b = cache.retain("b", theirs + [SENTINEL], RetentionHint(60, session_id="agent"), salt="tenant-b")
+    a = cache.fleet.retain("a", mine + [SENTINEL], RetentionHint(60, session_id="agent"), salt="tenant-a")
+    b = cache.fleet.retain("b", theirs + [SENTINEL], RetentionHint(60, session_id="agent"), salt="tenant-b")
     assert a.status == b.status == "accepted"  # b's hint did not replace a's grant: the keys are (tenant, session)
-    assert len(cache.retention.grants) == 2
-    assert [s["key"] for s in cache.sessions(salt="tenant-a")] == ["agent"]
-    assert cache.sessions() == []  # the unsalted tenant holds nothing
+    assert len(cache.fleet.retention.grants) == 2
+    assert [s["key"] for s in cache.fleet.sessions(salt="tenant-a")] == ["agent"]
+    assert cache.fleet.sessions() == []  # the unsalted tenant holds nothing
     # neither another tenant nor the unsalted one can release a's session
-    assert cache.release_retention("agent", salt="tenant-b").status == "released"  # b's own
-    assert cache.release_retention("agent", salt="tenant-b").status == "rejected"
-    assert cache.release_retention("agent").status == "rejected"
-    assert [s["key"] for s in cache.sessions(salt="tenant-a")] == ["agent"]
-    assert cache.release_retention("agent", salt="tenant-a").status == "released"
+    assert cache.fleet.release_retention("agent", salt="tenant-b").status == "released"  # b's own
+    assert cache.fleet.release_retention("agent", salt="tenant-b").status == "rejected"
+    assert cache.fleet.release_retention("agent").status == "rejected"
+    assert [s["key"] for s in cache.fleet.sessions(salt="tenant-a")] == ["agent"]
+    assert cache.fleet.release_retention("agent", salt="tenant-a").status == "released"
     cache.close()
 
 
@@ -214,15 +214,15 @@ def test_one_tenants_retention_budget_leaves_room_for_the_others():
     cache = make_cache(device_pages=12, host_pages=16, hicache_retention_ratio=0.5, hicache_retention_tenant_ratio=0.25)
     greedy = PROMPT  # 6 pages
     run_request(cache, greedy, rid="g", salt="greedy")
-    g = cache.retain("g", greedy + [SENTINEL], RetentionHint(60, session_id="s1"), salt="greedy")
+    g = cache.fleet.retain("g", greedy + [SENTINEL], RetentionHint(60, session_id="s1"), salt="greedy")
     assert g.status == "clipped" and g.tokens == 4 * PS and "--hicache-retention-tenant-ratio" in g.reason, g
     more = [6000 + j for j in range(2 * PS)]
     run_request(cache, more, rid="g2", salt="greedy")
-    g2 = cache.retain("g2", more + [SENTINEL], RetentionHint(60, session_id="s2"), salt="greedy")
+    g2 = cache.fleet.retain("g2", more + [SENTINEL], RetentionHint(60, session_id="s2"), salt="greedy")
     assert g2.status == "rejected" and "this tenant's retention budget" in g2.reason, g2
     other = [7000 + j for j in range(3 * PS)]
     run_request(cache, other, rid="o", salt="other")
-    o = cache.retain("o", other + [SENTINEL], RetentionHint(60, session_id="s1"), salt="other")
+    o = cache.fleet.retain("o", other + [SENTINEL], RetentionHint(60, session_id="s1"), salt="other")
     assert o.status == "accepted" and o.tokens == 3 * PS, o
     cache.close()
 
@@ -231,18 +231,18 @@ def test_restores_belong_to_their_tenant(tmp_path):
     cache = make_cache(device_pages=12, host_pages=16, storage="file", extra={"storage_dir": str(tmp_path)})
     run_request(cache, PROMPT, rid="turn1", salt="a")
     cache.flush()
-    cache.empty_local_tiers()
-    ra, _ = cache.restore("op", PROMPT + [SENTINEL], salt="a")
-    rb, _ = cache.restore("op", PROMPT + [SENTINEL], salt="b")  # the same id from another tenant: its own op
+    cache.operator.empty_local_tiers()
+    ra, _ = cache.fleet.restore("op", PROMPT + [SENTINEL], salt="a")
+    rb, _ = cache.fleet.restore("op", PROMPT + [SENTINEL], salt="b")  # the same id from another tenant: its own op
     assert ra is not rb
-    assert cache.restore_status("op", salt="b") is rb and cache.restore_status("op") is None
-    assert cache.cancel_restore("op") is None  # the unsalted tenant cannot cancel a's
-    while (r := cache.restore_status("op", salt="a")).state == "running":
+    assert cache.fleet.restore_status("op", salt="b") is rb and cache.fleet.restore_status("op") is None
+    assert cache.fleet.cancel_restore("op") is None  # the unsalted tenant cannot cancel a's
+    while (r := cache.fleet.restore_status("op", salt="a")).state == "running":
         cache.poll()
         time.sleep(0.005)
     assert r.state == "success" and r.restored_tokens == len(PROMPT), r.as_dict()
-    while cache.restore_status("op", salt="b").state == "running":
+    while cache.fleet.restore_status("op", salt="b").state == "running":
         cache.poll()
         time.sleep(0.005)
-    assert cache.restore_status("op", salt="b").state == "miss"  # b's namespace holds none of a's pages
+    assert cache.fleet.restore_status("op", salt="b").state == "miss"  # b's namespace holds none of a's pages
     cache.close()

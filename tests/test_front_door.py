@@ -114,19 +114,19 @@ class FrontDoorMachine(RuleBasedStateMachine):
     def retain(self, pages, secs, prio, session):
         """An agent asks to keep a prefix (cached or not): always answered, never a pin (teardown evicts it all)."""
         self.n += 1
-        answer = self.cache.retain(f"k{self.n}", prompt_of(pages), RetentionHint(secs, prio, session))
+        answer = self.cache.fleet.retain(f"k{self.n}", prompt_of(pages), RetentionHint(secs, prio, session))
         assert answer.status in ("accepted", "clipped", "rejected"), answer
         event(f"retain: {answer.status}")
 
     @rule(session=st.sampled_from(["s1", "s2"]))
     def close_session(self, session):
-        assert self.cache.release_retention(session).status in ("released", "rejected")
+        assert self.cache.fleet.release_retention(session).status in ("released", "rejected")
 
     @rule(pages=PAGES, ttl=st.sampled_from([0.001, 30.0]), salt=SALTS)
     def restore(self, pages, ttl, salt):
         """A restore of a prompt (in flight beside requests, some of which join it); it may expire at once."""
         self.n += 1
-        r, _ = self.cache.restore(f"op{self.n}", prompt_of(pages), ttl, salt=salt)
+        r, _ = self.cache.fleet.restore(f"op{self.n}", prompt_of(pages), ttl, salt=salt)
         event(f"restore: {r.state}")
 
     @rule()

@@ -8,7 +8,7 @@ from core_helpers import REPO
 # Lower layers never import higher ones (DESIGN.md's arrows). Same-layer modules do not import each other.
 LAYERS = [
     ["errors"],
-    ["parse", "hookspecs", "threads", "extra_config"],
+    ["parse", "hookspecs", "threads", "extra_config", "fit"],
     ["config", "metrics", "keys", "identity", "events"],
     ["plugins", "storage", "memory", "transfer"],
     ["registry"],
@@ -69,3 +69,51 @@ def test_no_module_over_400_lines():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     ]
     assert not long, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(long)
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in (REPO / "hicache_core").rglob("*.py"):
+        parts = ("hicache_core", *path.relative_to(REPO / "hicache_core").with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _every_import(path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str]]]:
+    """(module, names taken from it) for every hicache_core import of a file: module level, inside functions and
+    under TYPE_CHECKING alike. ``from pkg import submodule`` counts as importing the submodule."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name in modules]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+            subs = [a.name for a in node.names if f"{node.module}.{a.name}" in modules]
+            out += [(f"{node.module}.{s}", []) for s in subs]
+            names = [a.name for a in node.names if a.name not in subs]
+            if names:
+                out.append((node.module, names))
+    return out
+
+
+def test_no_two_modules_import_each_other_and_none_takes_a_private_name():
+    """Import circles (engine/gguf.py <-> engine/tokenizer.py, serve/metrics.py <-> serve/state.py were two) hide
+    which module is the lower one, even as function-level or type-checking imports; a private name taken from
+    another module is a part of it used as if it were the caller's own."""
+    modules = _modules()
+    edges = {m: {dst for dst, _ in _every_import(p, modules)} - {m} for m, p in modules.items()}
+    circles = sorted(
+        f"{a} <-> {b}"
+        for a in edges
+        for b in edges[a]
+        if a < b and a in edges.get(b, ()) and not b.startswith(a + ".") and not a.startswith(b + ".")
+    )
+    assert not circles, "modules that import each other:\n" + "\n".join(circles)
+    private = sorted(
+        f"{path.relative_to(REPO)} takes {name} from {dst}"
+        for m, path in modules.items()
+        for dst, names in _every_import(path, modules)
+        if dst != m
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    )
+    assert not private, "private names taken from other modules:\n" + "\n".join(private)

@@ -139,7 +139,7 @@ def attach_backend(
         config, resolved, cache.host_pool.spec, cache.host_pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm
     )
     try:
-        cache.attach_storage(backend, config)
+        cache.operator.attach_storage(backend, config)
     except BaseException:
         backend.close()
         raise

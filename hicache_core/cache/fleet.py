@@ -1,42 +1,74 @@
 """The cache's door to the fleet: KV events for routers, proactive restore, soft retention of sessions.
 
-:class:`FleetDoor` is part of :class:`~hicache_core.cache.hiradix.HiRadixCache` (its owner thread calls these as
-it calls ``admit``): what a router, an agent framework or an operator asks of one cache beyond serving requests.
-The parts doing the work: :class:`~hicache_core.events.KVEvents`, :class:`~hicache_core.cache.restore.Restorer`
-and :class:`~hicache_core.cache.retention.Retention`.
+:class:`FleetDoor` is a part :class:`~hicache_core.cache.hiradix.HiRadixCache` owns (``cache.fleet``; its owner
+thread calls it as it calls ``admit``): what a router, an agent framework or an operator asks of one cache beyond
+serving requests. It owns the parts doing the work, :class:`~hicache_core.cache.restore.Restorer` (``restorer``) and
+:class:`~hicache_core.cache.retention.Retention` (``retention``), and sees of its cache only :class:`FleetOwner`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
-from hicache_core.cache.restore import DEFAULT_TTL_S, MAX_TTL_S, Restore
-from hicache_core.cache.retention import RetentionAnswer, RetentionHint, grant_key
+from hicache_core.cache.restore import DEFAULT_TTL_S, MAX_TTL_S, Restore, Restorer
+from hicache_core.cache.retention import Retention, RetentionAnswer, RetentionHint, grant_key
 from hicache_core.events import EventBatch
 from hicache_core.keys import namespace_seed
 
 if TYPE_CHECKING:
+    from hicache_core.cache.agree import Solo
     from hicache_core.cache.host_tier import HostTier
-    from hicache_core.cache.radix import MatchResult
-    from hicache_core.cache.restore import Restorer
-    from hicache_core.cache.retention import Retention
+    from hicache_core.cache.node import TreeNode
+    from hicache_core.cache.prefetch import StoragePrefetcher
+    from hicache_core.cache.radix import MatchResult, RadixTree
+    from hicache_core.config import HiCacheConfig
     from hicache_core.events import KVEvents
     from hicache_core.metrics import CacheMetrics
 
 
-class FleetDoor:
-    if TYPE_CHECKING:  # what it uses of the cache it is part of
-        host: Optional[HostTier]
-        metrics: CacheMetrics
-        events: KVEvents
-        restorer: Restorer
-        retention: Retention
+class FleetOwner(Protocol):
+    """What the fleet door asks of the cache that owns it."""
 
-        @property
-        def storage_enabled(self) -> bool: ...
-        def match_prefix(self, tokens: Sequence[int], seed: Optional[str] = None) -> MatchResult: ...
-        def _rehash(self) -> None: ...
+    @property
+    def storage_enabled(self) -> bool: ...
+    def match_prefix(self, tokens: Sequence[int], seed: Optional[str] = None) -> MatchResult: ...
+    def rehash(self) -> None: ...
+
+
+class FleetDoor:
+    def __init__(
+        self,
+        owner: FleetOwner,
+        tree: RadixTree,
+        host: Optional[HostTier],
+        prefetcher: Optional[StoragePrefetcher],
+        events: KVEvents,
+        metrics: CacheMetrics,
+        agree: Solo,
+        config: HiCacheConfig,
+        capacity_tokens: int,
+    ) -> None:
+        self._owner, self._host, self._events, self._metrics, self._agree = owner, host, events, metrics, agree
+        self.restorer = Restorer(tree, prefetcher, agree, metrics)
+        self.retention = Retention(tree, config, capacity_tokens)
+
+    # --- what the cache tells it -----------------------------------------------------------------------------------
+    def joinable(self, tokens: Sequence[int], seed: Optional[str], matched: int) -> Optional[Restore]:
+        """The running restore that is fetching what a request admitted now needs (None: none is)."""
+        return self.restorer.joinable(tokens, seed, matched)
+
+    def hit(self, node: TreeNode) -> None:
+        """A request's prefix ended at ``node``: the sessions whose prefix it is stay retained longer."""
+        self.retention.touch(node)
+
+    def expire(self) -> None:
+        """Retention grants past their time end (each step, first)."""
+        self.retention.expire(self._agree)
+
+    def advance(self) -> None:
+        """The restores take their next steps (each step with a storage tier, after the requests' prefetches)."""
+        self.restorer.poll()
 
     # --- KV events -------------------------------------------------------------------------------------------------
     def subscribe_events(self, fn: Callable[[EventBatch], None]) -> Callable[[], None]:
@@ -44,9 +76,9 @@ class FleetDoor:
         (:mod:`hicache_core.events`): pages stored in and removed from each tier. A
         :class:`~hicache_core.events.publisher.ZmqPublisher` puts them on the wire as vLLM does. Returns a function
         that unsubscribes. Pages cached before the first subscriber are not replayed."""
-        if not self.events.active and not self.storage_enabled:
-            self._rehash()  # event ids are page keys: nodes made while nothing needed them have none
-        return self.events.subscribe(fn)
+        if not self._events.active and not self._owner.storage_enabled:
+            self._owner.rehash()  # event ids are page keys: nodes made while nothing needed them have none
+        return self._events.subscribe(fn)
 
     # --- proactive restore -----------------------------------------------------------------------------------------
     def restore(
@@ -65,8 +97,8 @@ class FleetDoor:
         if ttl > MAX_TTL_S:
             ttl, note = MAX_TTL_S, f"ttl clipped to {MAX_TTL_S:g} s"
         seed = namespace_seed(extra_key, salt)
-        self.events.name_namespace(seed, salt, extra_key)
-        return self.restorer.start(op_id, list(tokens), seed, float(ttl), self.storage_enabled), note
+        self._events.name_namespace(seed, salt, extra_key)
+        return self.restorer.start(op_id, list(tokens), seed, float(ttl), self._owner.storage_enabled), note
 
     def restore_status(
         self, op_id: str, salt: Optional[str] = None, extra_key: Optional[str] = None
@@ -92,13 +124,13 @@ class FleetDoor:
         ``hint.session_id`` (or ``key``, the request, without one). The prefix gets a host copy now, so device
         eviction demotes it rather than drops it (and a storage tier backs it up)."""
         seed = namespace_seed(extra_key, salt)
-        m = self.match_prefix(tokens, seed)
+        m = self._owner.match_prefix(tokens, seed)
         answer, nodes = self.retention.retain(grant_key(seed, hint.session_id or key), m.last_node, hint)
-        self.metrics.record_fleet("retention", answer.status)
-        if self.host is not None:
+        self._metrics.record_fleet("retention", answer.status)
+        if self._host is not None:
             for n in nodes:
                 if n.value is not None and not n.backuped:
-                    self.host.write_backup(n)
+                    self._host.write_backup(n)
         return answer
 
     def release_retention(

@@ -36,8 +36,7 @@ from hicache_core.cache.operator import OperatorDoor
 from hicache_core.cache.prefetch import StoragePrefetcher
 from hicache_core.cache.quota import HostQuota
 from hicache_core.cache.radix import EMPTY, MatchResult, RadixTree
-from hicache_core.cache.restore import Restore, Restorer
-from hicache_core.cache.retention import Retention
+from hicache_core.cache.restore import Restore
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller import HiCacheController
 from hicache_core.events import KVEvents
@@ -51,8 +50,11 @@ __all__ = ["LOAD_BACK_THRESHOLD", "Admission", "HiRadixCache", "Tokens"]
 Tokens = Sequence[int]  # a prompt: a list of token ids (or any sequence of them)
 
 
-class HiRadixCache(FleetDoor, OperatorDoor):
-    """The prefix cache. Without a host pool it is a device-only radix cache (no write policies, no storage)."""
+class HiRadixCache:
+    """The prefix cache. Without a host pool it is a device-only radix cache (no write policies, no storage).
+    Beside the front door, two parts it owns: ``fleet`` (:class:`~hicache_core.cache.fleet.FleetDoor`: KV events,
+    restores, retention) and ``operator`` (:class:`~hicache_core.cache.operator.OperatorDoor`: storage attached
+    and detached at run time, the local tiers emptied, the backend's stats and wrappers)."""
 
     def __init__(
         self,
@@ -95,8 +97,11 @@ class HiRadixCache(FleetDoor, OperatorDoor):
         )
         self._admitting: dict[Any, int] = {}  # request id -> matched length before its storage prefetch
         self._joined: dict[Any, Optional[Restore]] = {}  # request id -> the restore it waits on (None: waited)
-        self.restorer = Restorer(self.tree, self.prefetcher, self.agree, self.metrics)
-        self.retention = Retention(self.tree, config, host_pool.size if host_pool is not None else device_pool.size)
+        capacity = host_pool.size if host_pool is not None else device_pool.size
+        self.fleet = FleetDoor(
+            self, self.tree, self.host, self.prefetcher, self.events, self.metrics, self.agree, config, capacity
+        )
+        self.operator = OperatorDoor(self)
 
     # --- what the parts hold -----------------------------------------------------------------------------------------
     @property
@@ -137,7 +142,11 @@ class HiRadixCache(FleetDoor, OperatorDoor):
             assert node.parent is not None
             node.hash_value = hash_chain(node.key, self.page_size, node.parent.last_hash())
 
-    def _rehash(self) -> None:
+    def admissions_in_flight(self) -> int:
+        """Requests between their first ``admit`` and ready whose storage prefetch may still be running."""
+        return len(set(self.ongoing_prefetch) | set(self._admitting))
+
+    def rehash(self) -> None:
         """Give every node its page keys, chained from its namespace's root (nodes made while nothing needed them
         have none)."""
         for node in self.nodes():  # parents first
@@ -229,7 +238,7 @@ class HiRadixCache(FleetDoor, OperatorDoor):
         if self.storage_enabled:
             if rid not in self._admitting:
                 self._admitting[rid] = m.matched_length
-                joined = self.restorer.joinable(tokens, seed, m.matched_length)
+                joined = self.fleet.joinable(tokens, seed, m.matched_length)
                 if joined is not None:  # its restore is fetching what it needs: wait for that, not a second fetch
                     self._joined[rid] = joined
                 else:
@@ -268,7 +277,7 @@ class HiRadixCache(FleetDoor, OperatorDoor):
             self.ready_to_load_host_cache()  # the loads queued above pin device pages until they run
             return Admission(rid, FULL, salt=salt, extra_key=extra_key, seed=seed)
         self._admitting.pop(rid, None)
-        self.retention.touch(m.last_node)  # a hit refreshes the retention of the sessions whose prefix it is
+        self.fleet.hit(m.last_node)  # a hit refreshes the retention of the sessions whose prefix it is
         self.metrics.record_request(
             len(tokens), cached["device"], cached["host"], cached["storage"], salt=None if seed is None else seed[:12]
         )
@@ -308,14 +317,14 @@ class HiRadixCache(FleetDoor, OperatorDoor):
     # --- background work -------------------------------------------------------------------------------------------
     def poll(self) -> None:
         """Apply what background work finished: writes, loads, backups, queried prefetches, returned pages."""
-        self.retention.expire(self.agree)
+        self.fleet.expire()
         if self.controller is not None and self.host is not None and self.prefetcher is not None:
             self.host.writing_check()
             self.device.loading_check()
             self.host.backups_check()
             if self.controller.io is not None:
                 self.prefetcher.advance()
-                self.restorer.poll()
+                self.fleet.advance()
             self.controller.poll()
         self.events.flush()
 
@@ -367,4 +376,4 @@ class HiRadixCache(FleetDoor, OperatorDoor):
         deadline = time.monotonic() + timeout
         while io is not None and io.guard.abandoned_calls() and time.monotonic() < deadline:
             time.sleep(0.01)  # calls past their deadline return late: then their pages come back
-        self.empty_local_tiers(timeout)
+        self.operator.empty_local_tiers(timeout)

@@ -3,13 +3,17 @@
 Write policies: ``write_through`` copies a node to host as soon as it is inserted, ``write_through_selective`` once
 it has been hit ``write_through_threshold`` times, ``write_back`` only when device eviction demotes it. Once a
 copy has landed (on every tensor-parallel rank) and a storage tier is attached, the node's pages not yet in
-storage are backed up; the host copy is protected until the backup has finished everywhere.
+storage are backed up; the host copy is protected until the backup has finished everywhere. Under
+``--hicache-storage-admission seen_twice`` a backup waits until the node's prefix has been asked for twice (a second
+insert along it, or its pages' keys seen before, by a request whose node has since been evicted): a prompt sent
+once writes nothing to L3.
 
 Only the owner thread calls these methods; the controller's workers run the copies.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Optional
 
 from hicache_core.cache.agree import Solo, agreed_prefix
@@ -45,9 +49,17 @@ class HostTier:
         self._landed_writes: list[int] = []  # finished here, not yet everywhere
         self._backed_up: dict[int, Any] = {}
         self._backing_up: dict[int, tuple] = {}  # node id -> (parent key, tokens, seed) for its storage event
+        self.seen_twice = config.hicache_storage_admission == "seen_twice"
+        # page keys of host copies held back from storage, oldest first: a page whose key comes back was asked for
+        # before, even if its node was evicted since (bounded: four host pools' worth of pages)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen_cap = max(1024, 4 * self.pool.size // max(1, tree.page_size))
 
     def on_hit(self, node: TreeNode) -> None:
-        """The tree's ``on_hit``: write-through (selective or not) starts a node's host copy."""
+        """The tree's ``on_hit``: a node held back from storage whose prefix is asked for again is backed up;
+        write-through (selective or not) starts a node's host copy."""
+        if node.held_back and node.hit_count >= 2 and node.host_value is not None:
+            self._backup(node)
         if self.write_policy == "write_back":
             return
         if not node.backuped and node.value is not None and node.hit_count >= self.write_through_threshold:
@@ -85,14 +97,41 @@ class HostTier:
                 self._write_locked.discard(node_id)
                 self.tree.dec_lock_ref(node)
             self.tree.announce(node, CPU)
-            if io is not None and self.storage_writes and node.hash_value and node.host_value is not None:
-                prefix = self.tree.storage_keys_above(node.parent) if io.config.pass_prefix_keys else None
-                io.write_storage(node.host_value, node.hash_value, node.id, prefix, self._storage_extra(node))
-                node.protect_host()  # the backup worker reads these host pages
-                self.ongoing_backup[node.id] = node
-                if self.tree.events is not None and self.tree.events.active:
-                    parent = node.parent.last_hash() if node.parent is not None else None
-                    self._backing_up[node.id] = (parent, list(node.key), self.tree.seed_of(node))
+            if io is not None and self.storage_writes and node.host_value is not None and self._admitted(node):
+                self._backup(node)
+
+    def _admitted(self, node: TreeNode) -> bool:
+        """Whether a node whose host copy just landed goes to storage now (``seen_twice``: only when its prefix
+        was asked for before; else it is held back and its page keys remembered)."""
+        if not self.seen_twice or node.hit_count >= 2 or not node.hash_value:
+            return True
+        if node.hash_value[-1] in self._seen:  # its whole prefix came before, in a node evicted since
+            self._seen.move_to_end(node.hash_value[-1])
+            return True
+        node.held_back = True
+        self.metrics.add("storage_held_back_tokens", len(node.key))
+        for key in node.hash_value:
+            self._seen[key] = None
+            self._seen.move_to_end(key)
+        while len(self._seen) > self._seen_cap:
+            self._seen.popitem(last=False)
+        return False
+
+    def _backup(self, node: TreeNode) -> None:
+        """Start backing up a node's host copy to storage (with a storage tier that this cache writes to)."""
+        io = self.controller.io
+        node.held_back = False
+        if io is None or not self.storage_writes or not node.hash_value or node.host_value is None:
+            return
+        if node.id in self.ongoing_backup:
+            return
+        prefix = self.tree.storage_keys_above(node.parent) if io.config.pass_prefix_keys else None
+        io.write_storage(node.host_value, node.hash_value, node.id, prefix, self._storage_extra(node))
+        node.protect_host()  # the backup worker reads these host pages
+        self.ongoing_backup[node.id] = node
+        if self.tree.events is not None and self.tree.events.active:
+            parent = node.parent.last_hash() if node.parent is not None else None
+            self._backing_up[node.id] = (parent, list(node.key), self.tree.seed_of(node))
 
     def _storage_extra(self, node: TreeNode) -> Optional[dict]:
         """What a backup of ``node`` tells the backend besides its keys: its namespace's seed and storage quota

@@ -30,6 +30,7 @@ class TreeNode:
         "creation_time",
         "id",
         "seed",
+        "held_back",
     )
 
     def __init__(self, key: Optional[list] = None, parent: Optional[TreeNode] = None) -> None:
@@ -47,6 +48,8 @@ class TreeNode:
         # set on a namespace's root (keys.namespace_seed of a cache_salt / extra_key): the empty node every prefix
         # of that namespace hangs from
         self.seed: Optional[str] = None
+        # its host copy was kept out of storage by --hicache-storage-admission seen_twice: a second ask backs it up
+        self.held_back = False
 
     @property
     def backuped(self) -> bool:

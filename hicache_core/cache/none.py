@@ -14,7 +14,18 @@ from hicache_core.memory import DevicePool
 from hicache_core.metrics import CacheMetrics
 
 
+class NoOperator:
+    """The operator door of a cache that keeps nothing: nothing to empty, no backend."""
+
+    def empty_local_tiers(self, timeout: float = 60.0) -> None:
+        pass
+
+    def storage_stats(self) -> Optional[dict]:
+        return None
+
+
 class NoPrefixCache:
+    operator = NoOperator()
     host_pool = None
     controller = None
     storage_enabled = False
@@ -64,12 +75,6 @@ class NoPrefixCache:
 
     def flush(self, timeout: float = 60.0) -> None:
         pass
-
-    def empty_local_tiers(self, timeout: float = 60.0) -> None:
-        pass
-
-    def storage_stats(self) -> Optional[dict]:
-        return None
 
     def close(self, drain_timeout: Optional[float] = None) -> None:
         pass

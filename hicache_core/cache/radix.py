@@ -119,6 +119,7 @@ class RadixTree:
         upper = TreeNode(child.key[:split_len], child.parent)
         upper.lock_ref = child.lock_ref
         upper.hit_count = child.hit_count
+        upper.held_back = child.held_back
         upper.last_access_time = child.last_access_time
         upper.creation_time = child.creation_time
         if child.value is not None:

@@ -27,7 +27,7 @@ import attrs
 
 from hicache_core.errors import ConfigError
 from hicache_core.events import EventBatch
-from hicache_core.events.wire import ENCODINGS, _msgpack, encode_batch
+from hicache_core.events.wire import ENCODINGS, encode_batch, msgpack_module
 
 logger = logging.getLogger(__name__)
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -95,7 +95,7 @@ class ZmqPublisher:
     """A subscriber of :class:`~hicache_core.events.KVEvents` that publishes each batch over ZMQ."""
 
     def __init__(self, config: KVEventsConfig, data_parallel_rank: Optional[int] = None) -> None:
-        _msgpack()
+        msgpack_module()
         try:
             import zmq
         except ImportError:

@@ -19,7 +19,7 @@ from hicache_core.events import AllBlocksCleared, BlockRemoved, BlockStored, Eve
 ENCODINGS = ("map", "array")
 
 
-def _msgpack() -> Any:
+def msgpack_module() -> Any:
     try:
         import msgpack
     except ImportError:
@@ -60,7 +60,7 @@ def encode_batch(batch: EventBatch, encoding: str = "map") -> bytes:
     if encoding not in ENCODINGS:
         raise ConfigError(f"KV event encoding {encoding!r}: one of {', '.join(ENCODINGS)}")
     obj = [batch.ts, [event_obj(e, encoding) for e in batch.events], batch.data_parallel_rank]
-    return _msgpack().packb(obj, use_bin_type=True)
+    return msgpack_module().packb(obj, use_bin_type=True)
 
 
 def decode_event(obj: Any) -> Event:
@@ -94,5 +94,5 @@ def decode_event(obj: Any) -> Event:
 
 
 def decode_batch(payload: bytes) -> EventBatch:
-    ts, events, *rest = _msgpack().unpackb(payload, raw=False)
+    ts, events, *rest = msgpack_module().unpackb(payload, raw=False)
     return EventBatch(ts, [decode_event(e) for e in events], rest[0] if rest else None)

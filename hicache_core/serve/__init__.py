@@ -15,7 +15,7 @@ import socket
 from typing import Optional
 
 from hicache_core.errors import ConfigError
-from hicache_core.parse import arg_int
+from hicache_core.parse import add_kv_cache_dtype, arg_int
 from hicache_core.serve.auth import Keys
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "float32", "bfloat16", "float16"),
         help="KV dtype of a checkpoint (default: its torch_dtype)",
     )
+    add_kv_cache_dtype(s)
     s.add_argument(
         "--compute-dtype",
         default="float64",
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "cached; float32 is about 3.7x as fast, its tokens may differ in near ties)",
     )
     s.add_argument("--seed", type=arg_int(0), default=0, help="the random model's seed (default %(default)s)")
-    from hicache_core.engine.model import SHAPE_FLAGS
+    from hicache_core.engine.model_config import SHAPE_FLAGS
 
     for flag, _, what in SHAPE_FLAGS:
         s.add_argument(flag, type=arg_int(1, 1 << 16), help=f"the random model's {what} (default: ModelConfig's)")
@@ -123,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hicache_core.engine.model import shape_from_args
+    from hicache_core.engine.model_config import shape_from_args
 
     shape = shape_from_args(args)
     if args.model_path and shape:
@@ -155,10 +156,11 @@ def run(args: argparse.Namespace) -> int:
         KVEventsConfig.from_json(args.kv_events_config)
     check_roles(args, config)  # flag combinations first: a clear error before anything starts
     if args.tp_size > 1:
+        from hicache_core.engine.checkpoint import config_from_args
         from hicache_core.engine.tp import check_divisible
         from hicache_core.serve.tp import serve_tp
 
-        check_divisible(_model_config(args), args.tp_size)
+        check_divisible(config_from_args(args), args.tp_size)
         _bind(args).close()  # the port is free (rank 0 binds it again)
         return serve_tp(args, config)
     sock = _bind(args)
@@ -182,17 +184,6 @@ def check_roles(args: argparse.Namespace, config) -> None:
             ", ".join(unused),
             args.hicache_storage_backend,
         )
-
-
-def _model_config(args: argparse.Namespace):
-    if args.model_path:
-        from hicache_core.engine.checkpoint import model_config
-
-        return model_config(args.model_path, args.dtype)
-    from hicache_core.engine import ModelConfig
-    from hicache_core.engine.model import shape_from_args
-
-    return ModelConfig(**shape_from_args(args), seed=args.seed)
 
 
 def _bind(args: argparse.Namespace) -> socket.socket:

@@ -12,12 +12,23 @@ prefetch_wait|load|compute}``; how each storage prefetch ended: ``hicache_prefet
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hicache_core.engine import Request
 
 if TYPE_CHECKING:
-    from hicache_core.serve.state import ServerState
+    from hicache_core.engine import Engine
+    from hicache_core.serve.scheduler import Scheduler
+
+
+class Served(Protocol):
+    """What the metrics read of the server (serve/state.py's ServerState): the model's name, the engine and its
+    scheduler."""
+
+    model_name: str
+    engine: Engine
+    scheduler: Scheduler
+
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -31,7 +42,7 @@ def _number(v: Any) -> float | None:
 
 
 class ServerMetrics:
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: Served) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.state = state
@@ -145,7 +156,7 @@ class _Live:
             yield c
         cache = state.engine.cache
         if cache.storage_enabled:
-            fields = cache.storage_stats() or {}
+            fields = cache.operator.storage_stats() or {}
             g = GaugeMetricFamily(
                 "hicache_storage_backend_stat",
                 "the storage backend's get_stats() fields",

@@ -40,18 +40,10 @@ def engine_mode(args: argparse.Namespace) -> str:
 
 
 def load_model(args: argparse.Namespace) -> tuple[TinyLlama, Any]:
-    from hicache_core.engine.model import COMPUTE_DTYPES
+    from hicache_core.engine.checkpoint import model_from_args
     from hicache_core.engine.tokenizer import load_tokenizer
 
-    if args.model_path:
-        from hicache_core.engine.checkpoint import load_model as load_checkpoint
-
-        model = load_checkpoint(args.model_path, dtype=args.dtype, compute_dtype=COMPUTE_DTYPES[args.compute_dtype])
-    else:
-        from hicache_core.serve import _model_config
-
-        model = TinyLlama(attrs.evolve(_model_config(args), compute_dtype=COMPUTE_DTYPES[args.compute_dtype]))
-    return model, load_tokenizer(args.model_path)
+    return model_from_args(args), load_tokenizer(args.model_path)
 
 
 class ServerState:
@@ -99,7 +91,7 @@ class ServerState:
         if not isinstance(cache, HiRadixCache):
             raise ConfigError("--kv-events-config needs a prefix cache: drop --disable-radix-cache")
         publisher = ZmqPublisher(cfg, data_parallel_rank=0)
-        cache.subscribe_events(publisher)
+        cache.fleet.subscribe_events(publisher)
         logger.info("kv events: publishing on %s (replay: %s)", publisher.endpoint, publisher.replay_endpoint)
 
     # --- the fleet: proactive restore, session retention (serve/fleet.py) -------------------------------------------
@@ -112,36 +104,36 @@ class ServerState:
     def restore(self, op_id: str, ids: list[int], ttl: Optional[float], salt: Any, extra_key: Any) -> dict:
         cache = self._cache()
         who = tenant(salt, extra_key)
-        if (who, op_id) not in cache.restorer.ops:  # joining one's own running restore is never refused
+        if (who, op_id) not in cache.fleet.restorer.ops:  # joining one's own running restore is never refused
             ps = self.engine.page_size
             need = max(0, len(ids) // ps * ps - cache.match_prefix(ids, who).matched_length)
             host = cache.host_pool.size if cache.host_pool is not None else 0
-            self.limits.check_restore(cache.restorer.running(), who, need, host)
-        r, note = cache.restore(op_id, ids, ttl, salt, extra_key)
+            self.limits.check_restore(cache.fleet.restorer.running(), who, need, host)
+        r, note = cache.fleet.restore(op_id, ids, ttl, salt, extra_key)
         return {**r.as_dict(), "notes": [note] if note else []}
 
     def restore_status(self, op_id: str, salt: Any, extra_key: Any) -> Optional[dict]:
-        r = self._cache().restore_status(op_id, salt, extra_key)
+        r = self._cache().fleet.restore_status(op_id, salt, extra_key)
         return None if r is None else r.as_dict()
 
     def cancel_restore(self, op_id: str, salt: Any, extra_key: Any) -> Optional[dict]:
-        r = self._cache().cancel_restore(op_id, salt, extra_key)
+        r = self._cache().fleet.cancel_restore(op_id, salt, extra_key)
         return None if r is None else r.as_dict()
 
     def sessions(self, salt: Any, extra_key: Any, all_tenants: bool = False) -> list[dict]:
         """The caller's tenant's retained prefixes; an operator's ``all_tenants`` lists every tenant's."""
         cache = self._cache()
-        return cache.retention.describe() if all_tenants else cache.sessions(salt, extra_key)
+        return cache.fleet.retention.describe() if all_tenants else cache.fleet.sessions(salt, extra_key)
 
     def close_session(self, session_id: str, salt: Any, extra_key: Any, tenant_label: Optional[str] = None) -> dict:
         """Release the caller's tenant's session; an operator names another tenant by its label (as listed)."""
         cache = self._cache()
         if tenant_label is not None:
-            for key in list(cache.retention.grants):
+            for key in list(cache.fleet.retention.grants):
                 if key[1] == session_id and retention_tenant_label(key[0]) == tenant_label:
-                    return cache.retention.release(key).as_dict()
+                    return cache.fleet.retention.release(key).as_dict()
             return {"status": "rejected", "reason": f"no retention is held for session {session_id!r}"}
-        answer = cache.release_retention(session_id, salt, extra_key).as_dict()
+        answer = cache.fleet.release_retention(session_id, salt, extra_key).as_dict()
         if answer["status"] != "released":  # the same words whether another tenant holds it or nobody does
             answer["reason"] = f"no retention is held for session {session_id!r}"
         return answer
@@ -221,7 +213,7 @@ class ServerState:
 
     def flush_cache(self) -> None:
         """Empty the device and host tiers (storage keeps its pages), as SGLang's /flush_cache does."""
-        self.engine.cache.empty_local_tiers()
+        self.engine.cache.operator.empty_local_tiers()
 
     def attach(self, body: dict) -> dict:
         """PUT /hicache/storage-backend: SGLang's body (backend, extra config JSON string, prefetch policy)."""
