@@ -32,6 +32,9 @@ IO_BACKENDS = ("kernel", "direct")
 WRITE_POLICIES = ("write_back", "write_through", "write_through_selective")
 MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout", "cost_aware")
+# which pages go to L3: all (every host copy is backed up, SGLang's way) or seen_twice (a page only once its prefix
+# has been asked for twice: a prompt seen once costs no storage writes)
+STORAGE_ADMISSIONS = ("all", "seen_twice")
 EVICTION_POLICIES = ("lru", "lfu", "fifo")
 MAX_PAGE_SIZE = 1 << 16  # tokens per page; SGLang's pages are 1-256
 
@@ -93,6 +96,7 @@ class HiCacheConfig:
     hicache_mem_layout: str = attrs.field(default="layer_first", validator=_choice(*MEM_LAYOUTS))
     hicache_storage_backend: Optional[str] = None
     hicache_storage_prefetch_policy: str = attrs.field(default="best_effort", validator=_choice(*PREFETCH_POLICIES))
+    hicache_storage_admission: str = attrs.field(default="all", validator=_choice(*STORAGE_ADMISSIONS))
     hicache_storage_backend_extra_config: dict = attrs.field(factory=dict, converter=parse_extra_config)
     radix_eviction_policy: str = attrs.field(default="lru", validator=_choice(*EVICTION_POLICIES))
     enable_metrics: bool = False
@@ -119,6 +123,7 @@ class HiCacheConfig:
                 coerce_reserved(key, extra[key], kind)
         if self.hicache_storage_backend == "dynamic":
             require_dynamic_keys(extra)
+        self.storage_codec  # noqa: B018 (checks codec_level's range at construction)
 
     # --- storage knobs SGLang reads out of the extra-config JSON -------------------------------------------------
     def _reserved(self, key: str, default: Any) -> Any:
@@ -143,6 +148,15 @@ class HiCacheConfig:
         """Deadline of each storage backend call in seconds; a call past it is abandoned and the request
         recomputes (0: wait forever)."""
         return self._reserved("io_timeout_s", 10.0)
+
+    @property
+    def storage_codec(self) -> tuple[str, str, int]:
+        """The L3 page codec (``codec``: none, zstd or fp8), when it is used (``codec_when``: pays or always) and
+        zstd's level (``codec_level``, 1-19)."""
+        level = self._reserved("codec_level", 1)
+        if not 1 <= level <= 19:
+            raise ConfigError(f"--hicache-storage-backend-extra-config: codec_level={level}: give 1 (fast) to 19")
+        return self._reserved("codec", "none"), self._reserved("codec_when", "pays"), level
 
     @property
     def pass_prefix_keys(self) -> bool:
@@ -232,6 +246,13 @@ def add_hicache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default=d.hicache_storage_prefetch_policy,
         choices=PREFETCH_POLICIES,
         help="when a storage prefetch may stop (default %(default)s)",
+    )
+    g.add_argument(
+        "--hicache-storage-admission",
+        default=d.hicache_storage_admission,
+        choices=STORAGE_ADMISSIONS,
+        help="which host pages are backed up to storage: all, or seen_twice (only once their prefix has been "
+        "asked for twice; a prompt seen once writes nothing to L3) (default %(default)s)",
     )
     g.add_argument(
         "--hicache-storage-backend-extra-config",

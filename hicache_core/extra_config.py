@@ -18,7 +18,14 @@ RESERVED_EXTRA_KEYS = {
     "prefetch_timeout_per_ki_token": float,
     "hicache_storage_pass_prefix_keys": bool,
     "io_timeout_s": float,  # ours: the deadline of each backend call (0 = none)
+    # ours: the L3 page codec (storage/codec.py), when it is used, and zstd's level
+    "codec": str,
+    "codec_when": str,
+    "codec_level": int,
 }
+CODECS = ("none", "zstd", "fp8")
+CODEC_WHEN = ("pays", "always")
+_CHOICES = {"codec": CODECS, "codec_when": CODEC_WHEN}
 DYNAMIC_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 
 
@@ -82,6 +89,10 @@ def require_dynamic_keys(extra: Mapping[str, Any]) -> None:
 def coerce_reserved(key: str, value: Any, kind: type) -> Any:
     """A reserved key's JSON value, strictly: a string where a boolean or a number belongs is refused, never read."""
     what = f"--hicache-storage-backend-extra-config: {key}={value!r}"
+    if kind is str:
+        if value not in _CHOICES[key]:
+            raise ConfigError(f"{what}: choose one of {', '.join(map(repr, _CHOICES[key]))}")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{what} is not a boolean; write JSON true or false, without quotes")

@@ -36,6 +36,7 @@ class CacheMetrics:
             self.prefetch_skipped_cost = 0  # cost_aware: recomputing was expected to be faster than loading
             self.prefetch_cut_cost = 0  # cost_aware: stopped waiting once recomputing would have been done
             self.backuped_tokens = 0
+            self.storage_held_back_tokens = 0  # host copies kept out of storage by --hicache-storage-admission
             self.loaded_back_tokens = 0
             self.storage_errors: dict[str, int] = defaultdict(int)
             self.prefetch_outcomes: dict[str, int] = defaultdict(int)  # cache/prefetch.py's OUTCOMES
@@ -44,6 +45,10 @@ class CacheMetrics:
             self.retention: dict[str, int] = defaultdict(int)
             self.transfer_bytes = dict.fromkeys(DIRECTIONS, 0)
             self.transfer_seconds = dict.fromkeys(DIRECTIONS, 0.0)
+            # bytes that crossed to (set) and from (get) the store: the L3 codec's output, else the pages' bytes;
+            # and the codec's time encoding (set) and decoding (get)
+            self.storage_stored_bytes = {"set": 0, "get": 0}
+            self.codec_seconds = {"set": 0.0, "get": 0.0}
             self.per_salt: dict[str, dict[str, Any]] = {}
 
     # --- updates ---------------------------------------------------------------------------------------------------
@@ -73,6 +78,14 @@ class CacheMetrics:
             self.transfer_seconds[direction] += seconds
         if self._prom:
             self._prom.transfer(direction, nbytes, seconds)
+
+    def record_stored(self, direction: str, nbytes: int, codec_seconds: float = 0.0) -> None:
+        """Bytes that reached the store (``set``) or came from it (``get``), and the codec's time on them."""
+        with self._lock:
+            self.storage_stored_bytes[direction] += nbytes
+            self.codec_seconds[direction] += codec_seconds
+        if self._prom:
+            self._prom.count("storage_stored_bytes", nbytes, direction=direction)
 
     def record_evicted(self, tier: str, tokens: int) -> None:
         with self._lock:
@@ -124,6 +137,7 @@ class CacheMetrics:
                 "prefetch_skipped_cost": self.prefetch_skipped_cost,
                 "prefetch_cut_cost": self.prefetch_cut_cost,
                 "backuped_tokens": self.backuped_tokens,
+                "storage_held_back_tokens": self.storage_held_back_tokens,
                 "loaded_back_tokens": self.loaded_back_tokens,
                 "storage_errors": dict(self.storage_errors),
                 "prefetch_outcomes": dict(self.prefetch_outcomes),
@@ -132,6 +146,8 @@ class CacheMetrics:
                 "per_salt": {k: {**v, "hit_tokens": dict(v["hit_tokens"])} for k, v in self.per_salt.items()},
                 "transfer_bytes": dict(self.transfer_bytes),
                 "transfer_seconds": dict(self.transfer_seconds),
+                "storage_stored_bytes": dict(self.storage_stored_bytes),
+                "codec_seconds": dict(self.codec_seconds),
                 "transfer_gbps": {
                     d: (self.transfer_bytes[d] / self.transfer_seconds[d] / 1e9 if self.transfer_seconds[d] else 0.0)
                     for d in DIRECTIONS

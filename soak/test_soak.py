@@ -53,14 +53,14 @@ def test_soak(backend, extra, tmp_path):
     threads_at_start = threading.active_count()
     for chunk in range(REQUESTS // CHUNK):
         mode = modes[chunk % len(modes)]
-        faulty = cache.wrap_storage(
+        faulty = cache.operator.wrap_storage(
             lambda _: FaultyBackend(handle, mode, 0.0 if mode == "none" else 0.1, rng, hang_s=0.4)
         )
         run_requests(cache, prompts, CHUNK, rng, result)
         injected += faulty.injected
         gc.collect()
         samples.append(rss_mib())
-    cache.wrap_storage(lambda _: handle)
+    cache.operator.wrap_storage(lambda _: handle)
     assert result.wrong_kv == 0, f"{result.wrong_kv} requests were served wrong KV"
     assert result.requests >= REQUESTS * 0.9 and injected > REQUESTS // 50
     assert result.storage_tokens > 0

@@ -239,13 +239,13 @@ def test_serve_takes_the_benchmarks_random_model_shape():
     from hicache_core.bench.multiturn_args import BENCH_SHAPE
     from hicache_core.cli import build_parser
     from hicache_core.engine import ModelConfig
-    from hicache_core.serve import _model_config
+    from hicache_core.engine.checkpoint import config_from_args
 
     flags = [a for f, v in BENCH_SHAPE.items() for a in ("--" + f.replace("_", "-"), str(v))]
-    got = _model_config(build_parser().parse_args(["serve", *flags]))
+    got = config_from_args(build_parser().parse_args(["serve", *flags]))
     assert (
         {f: getattr(got, f) for f in BENCH_SHAPE} == BENCH_SHAPE != {f: getattr(ModelConfig(), f) for f in BENCH_SHAPE}
     )
-    assert _model_config(build_parser().parse_args(["serve"])) == ModelConfig()
+    assert config_from_args(build_parser().parse_args(["serve"])) == ModelConfig()
     script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "bench-http.sh")).read()
     assert all(f"{flag} {v}" in script for flag, v in zip(flags[::2], flags[1::2]))

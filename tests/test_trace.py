@@ -125,3 +125,19 @@ def test_bad_replay_flags(tmp_path):
         trace.run(parse([path, "--configs", "gpu"] + ENGINE))
     with pytest.raises(ConfigError, match="drop --tp"):
         trace.run(parse([path, "--tp", "2"] + ENGINE))
+
+
+def test_replay_under_both_storage_admissions_reports_l3_bytes_per_storage_hit(tmp_path, capsys):
+    """--storage-admissions all,seen_twice in one replay: both give recompute's tokens, seen_twice holds back what
+    was asked once and writes less to L3."""
+    path = str(tmp_path / "conv.jsonl")
+    assert trace.run(parse(["--generate", "conversation", "--output", path, "--sessions", "3", "--turns", "3"])) == 0
+    argv = [path, "--block-tokens", "16", "--time-scale", "0.0002", "--max-output", "4"]
+    argv += ["--configs", "hicache+storage", "--storage-admissions", "all,seen_twice"]
+    assert trace.run(parse([*argv, "--report-dir", str(tmp_path / "r"), *ENGINE])) == 0
+    by = {c["config"]: c for c in json.loads((tmp_path / "r" / "trace.json").read_text())["configs"]}
+    assert list(by) == ["none", "hicache+storage", "hicache+storage@seen_twice"]
+    every, twice = by["hicache+storage"], by["hicache+storage@seen_twice"]
+    assert twice["storage_held_back_tokens"] > 0 == every["storage_held_back_tokens"]
+    assert twice["transfer_bytes"]["storage_set"] < every["transfer_bytes"]["storage_set"]
+    assert "bytes written to L3 against tokens served from it" in capsys.readouterr().out

@@ -34,7 +34,7 @@ def parse_base_urls(values: list[str]) -> list[tuple[Optional[str], str]]:
     return out
 
 
-def _get(url: str, timeout: float = 30) -> Any:
+def http_get(url: str, timeout: float = 30) -> Any:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return json.loads(r.read().decode() or "null")
@@ -42,7 +42,7 @@ def _get(url: str, timeout: float = 30) -> Any:
         raise HiCacheError(f"{url}: {getattr(e, 'reason', e)} (is the server running?)") from None
 
 
-def _post(url: str, body: dict, timeout: float = 600) -> tuple[int, str]:
+def http_post(url: str, body: dict, timeout: float = 600) -> tuple[int, str]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -53,7 +53,7 @@ def _post(url: str, body: dict, timeout: float = 600) -> tuple[int, str]:
         raise HiCacheError(f"{url}: {getattr(e, 'reason', e)} (is the server running?)") from None
 
 
-class _Call:
+class HttpCall:
     """One streamed /generate request."""
 
     def __init__(self, url: str, ids: list[int], args: argparse.Namespace) -> None:
@@ -96,10 +96,10 @@ class _Call:
         return {"device": int(self.meta.get("cached_tokens", 0) or 0), "host": 0, "storage": 0}
 
 
-def _delta(after: Any, before: Any) -> Any:
+def counter_delta(after: Any, before: Any) -> Any:
     """What a server's counters moved during the run (dicts of numbers, recursively)."""
     if isinstance(after, dict):
-        return {k: _delta(v, before.get(k) if isinstance(before, dict) else None) for k, v in after.items()}
+        return {k: counter_delta(v, before.get(k) if isinstance(before, dict) else None) for k, v in after.items()}
     if isinstance(after, (int, float)) and isinstance(before, (int, float)) and not isinstance(after, bool):
         return after - before
     return after
@@ -107,7 +107,7 @@ def _delta(after: Any, before: Any) -> Any:
 
 def server_config(url: str) -> tuple[str, dict]:
     """The server's cache configuration (``mode`` from hicache serve; SGLang servers read as 'server')."""
-    info = _get(url + "/get_server_info")
+    info = http_get(url + "/get_server_info")
     if not isinstance(info, dict):
         return "server", {}
     return str(info.get("mode") or "server"), info
@@ -121,7 +121,7 @@ def send_round(work: Any, rnd: int, make_call: Any, progress: Any, label: str) -
     for client, gap in zip(work.orders[rnd], work.gaps[rnd]):
         time.sleep(max(0.0, at - time.perf_counter()))
         call = make_call(client)
-        t = threading.Thread(target=_run_and_count, args=(call, progress, label), daemon=True)
+        t = threading.Thread(target=run_and_count, args=(call, progress, label), daemon=True)
         t.start()
         calls.append((client, call))
         threads.append(t)
@@ -131,7 +131,7 @@ def send_round(work: Any, rnd: int, make_call: Any, progress: Any, label: str) -
     return calls
 
 
-def _run_and_count(call: Any, progress: Any, label: str) -> None:
+def run_and_count(call: Any, progress: Any, label: str) -> None:
     call.run()
     progress.step(label)
 
@@ -139,11 +139,11 @@ def _run_and_count(call: Any, progress: Any, label: str) -> None:
 def run_server(
     label: str, mode: str, url: str, args: argparse.Namespace, work: Any, progress: Any, pct: Any
 ) -> dict[str, Any]:
-    vocab = (_get(url + "/get_model_info") or {}).get("vocab_size")
+    vocab = (http_get(url + "/get_model_info") or {}).get("vocab_size")
     if isinstance(vocab, int) and vocab < args.vocab_size:
         raise ConfigError(f"{url} has a vocabulary of {vocab} tokens; run with --vocab-size {vocab}")
-    before = (_get(url + "/get_server_info") or {}).get("cache_stats") or {}
-    status, text = _post(url + "/flush_cache", {})
+    before = (http_get(url + "/get_server_info") or {}).get("cache_stats") or {}
+    status, text = http_post(url + "/flush_cache", {})
     if status != 200:
         raise HiCacheError(f"{url}/flush_cache answered {status}: {text[:200]} (is the server idle?)")
     history = [list(p) for p in work.first]
@@ -153,7 +153,7 @@ def run_server(
     t_start = time.perf_counter()
     for rnd in range(args.num_rounds):
         calls = send_round(
-            work, rnd, lambda client: _Call(url, work.prompt(history, client, rnd), args), progress, label
+            work, rnd, lambda client: HttpCall(url, work.prompt(history, client, rnd), args), progress, label
         )
         failed = [c.error for _, c in calls if c.error]
         if failed:
@@ -184,7 +184,7 @@ def run_server(
     wall = time.perf_counter() - t_start
     later = [r["ttft_mean_ms"] for r in per_round[1:]]
     phased = [r["ttft_phases_ms"] for r in per_round[1:] if "ttft_phases_ms" in r]
-    stats = _delta((_get(url + "/get_server_info") or {}).get("cache_stats") or {}, before)
+    stats = counter_delta((http_get(url + "/get_server_info") or {}).get("cache_stats") or {}, before)
     return {
         "config": mode,
         "label": label,

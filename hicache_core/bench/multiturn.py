@@ -29,7 +29,9 @@ from hicache_core.bench.measure import CpuMeter, warm_up
 from hicache_core.bench.multiturn_args import CONFIGS, LABELS
 from hicache_core.bench.multiturn_args import add_arguments as add_arguments  # the CLI finds it here
 from hicache_core.bench.report import report
+from hicache_core.bench.variants import storage_variants, variant_config
 from hicache_core.config import HiCacheConfig
+from hicache_core.engine.checkpoint import config_from_args, model_from_args
 from hicache_core.errors import ConfigError, HiCacheError
 
 
@@ -84,10 +86,12 @@ def run_config(
     from hicache_core.engine import Engine, Request
     from hicache_core.engine.request import PHASES
 
-    mode, _, policy = name.partition("@")  # "hicache+storage@cost_aware": one prefetch policy of --prefetch-policies
-    label = LABELS[mode] + (f", {policy}" if policy else "")
-    if policy:
-        base = _policy_config(base, policy)
+    # "hicache+storage@cost_aware": one prefetch policy of --prefetch-policies; "@seen_twice": one admission of
+    # --storage-admissions; "@zstd": one codec of --storage-codecs
+    mode, _, variant = name.partition("@")
+    label = LABELS[mode] + (f", {variant}" if variant else "")
+    if variant:
+        base = variant_config(base, variant)
     if args.tp_size > 1 and tp is None:  # one process per rank; rank 0's figures, every rank's hits
         from hicache_core.engine.tp import run_tp
 
@@ -155,6 +159,12 @@ def run_config(
         "transfer_gbps": stats["transfer_gbps"],
         "prefetched_tokens": stats["prefetched_tokens"],
         "backuped_tokens": stats["backuped_tokens"],
+        "storage_held_back_tokens": stats["storage_held_back_tokens"],
+        "storage_stored_bytes": stats["storage_stored_bytes"],
+        "codec_seconds": stats["codec_seconds"],
+        "l3_bytes_per_storage_hit": stats["storage_stored_bytes"]["set"] / stats["hit_tokens"]["storage"]
+        if stats["hit_tokens"]["storage"]
+        else None,
         "storage_errors": stats["storage_errors"],
         "ttft_phases_rounds2plus_ms": {
             p: statistics.mean(r["ttft_phases_ms"][p] for r in per_round[1:]) for p in PHASES
@@ -173,49 +183,19 @@ def run_config(
     }
 
 
-def _policy_config(base: HiCacheConfig, policy: str) -> HiCacheConfig:
-    """``base`` under another prefetch policy, on a store of its own (a policy must not hit another's pages)."""
-    extra = dict(base.hicache_storage_backend_extra_config)
-    if base.hicache_storage_backend == "memory":
-        extra["store"] = f"{extra.get('store', 'bench')}-{policy}-{os.getpid()}"
-    elif "storage_dir" in extra:
-        extra["storage_dir"] = os.path.join(str(extra["storage_dir"]), policy)
-    return base.replace(hicache_storage_prefetch_policy=policy, hicache_storage_backend_extra_config=extra)
-
-
 def _config_on_rank(
     ctx: Any, name: str, args: argparse.Namespace, work: Workload, base: HiCacheConfig, rounds: int
 ) -> dict[str, Any]:
     from hicache_core.engine.tp import shard
 
-    model = shard(_model(args), ctx)
+    model = shard(model_from_args(args), ctx)
     warm_up(model, args.page_size)
     result = run_config(name, args, work, model, base, rounds, Progress(0, False), tp=ctx)
     result["per_rank_hit_tokens"] = ctx.gather(result["hit_tokens"])
     return result
 
 
-def _model(args: argparse.Namespace):
-    from hicache_core.engine import ModelConfig, TinyLlama
-    from hicache_core.engine.model import COMPUTE_DTYPES, shape_from_args
-
-    compute = COMPUTE_DTYPES[getattr(args, "compute_dtype", "float64")]
-    if args.model_path:
-        from hicache_core.engine.checkpoint import load_model
-
-        return load_model(args.model_path, dtype=args.dtype, compute_dtype=compute)
-    return TinyLlama(ModelConfig(**shape_from_args(args), seed=args.seed, compute_dtype=compute))
-
-
-def _model_config(args: argparse.Namespace):
-    if args.model_path:
-        from hicache_core.engine.checkpoint import model_config
-
-        return model_config(args.model_path, args.dtype)
-    return _model(args).config
-
-
-def _base_config(args: argparse.Namespace, storage_dir: str) -> HiCacheConfig:
+def base_config(args: argparse.Namespace, storage_dir: str) -> HiCacheConfig:
     cfg = HiCacheConfig.from_args(args)
     extra = dict(cfg.hicache_storage_backend_extra_config)
     extra.setdefault("prefetch_threshold", 64)
@@ -241,8 +221,8 @@ def _warm_child(args: argparse.Namespace) -> int:
     """Round 1 only, hicache+storage, on storage someone else filled: a restarted server (by default with the
     store's files out of the page cache, so its reads come from the disk)."""
     work = Workload(args, _tokenizer(args))
-    base = _base_config(args, args.storage_dir)
-    model = _model(args)
+    base = base_config(args, args.storage_dir)
+    model = model_from_args(args)
     warm_up(model, args.page_size)  # a restarted server has warmed up before its first request is timed
     dropped = 0 if args.keep_page_cache else drop_page_cache(args.storage_dir)
     result = run_config("hicache+storage", args, work, model, base, 1, Progress(0, False))
@@ -306,6 +286,12 @@ def run(args: argparse.Namespace) -> int:
         return _warm_child(args)
     if args.base_url:
         return _run_servers(args)
+    from hicache_core.bench.kinds import model_kinds, run_kinds
+
+    kinds = model_kinds(args)
+    if len(kinds) > 1:
+        return run_kinds(args, kinds, run)
+    args.model_kind = kinds[0]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
@@ -322,10 +308,11 @@ def run(args: argparse.Namespace) -> int:
                 f"--prefetch-policies: {', '.join(wrong) or 'none given'}; choose from {', '.join(PREFETCH_POLICIES)}"
             )
         configs = [c for c in configs if c != "hicache+storage"] + [f"hicache+storage@{x}" for x in policies]
+    configs += storage_variants(args, configs)
     if args.tp_size > 1:
         from hicache_core.engine.tp import check_divisible
 
-        check_divisible(_model_config(args), args.tp_size)
+        check_divisible(config_from_args(args), args.tp_size)
     tmp = None
     storage_dir = args.storage_dir
     if storage_dir is None:
@@ -334,12 +321,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer = _tokenizer(args)
         work = Workload(args, tokenizer)
-        model = _model(args)
+        model = model_from_args(args)
         warm_up(model, args.page_size)
         progress = Progress(args.repeat * len(configs) * args.num_rounds * args.num_clients, not args.no_progress)
         for i in range(args.repeat):
             sdir = storage_dir if args.repeat == 1 else os.path.join(storage_dir, f"repeat-{i + 1}")
-            base = _base_config(args, sdir)
+            base = base_config(args, sdir)
             results = [run_config(c, args, work, model, base, args.num_rounds, progress) for c in configs]
             warm = None
             if args.warm and "hicache+storage" in configs:

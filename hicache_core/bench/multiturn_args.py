@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from hicache_core.config import add_hicache_args
-from hicache_core.parse import arg_float, arg_int
+from hicache_core.parse import add_kv_cache_dtype, arg_float, arg_int
 
 CONFIGS = ("none", "radix", "hicache", "hicache+storage")
 LABELS = {
@@ -137,11 +137,27 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "model's shape flags are then ignored",
     )
     e.add_argument(
+        "--model-kind",
+        default="llama",
+        metavar="K[,K...]",
+        help="the random model's attention: llama (every layer full), swa (every layer a sliding window, as "
+        "Mistral), hybrid (odd layers windowed, even full, as gpt-oss), mla (DeepSeek-V2's latent attention: one "
+        "128+32-wide latent per token and layer); several, comma separated, run the whole "
+        "benchmark once per kind and compare their gains (default %(default)s)",
+    )
+    e.add_argument(
+        "--sliding-window",
+        type=arg_int(1, 1 << 20),
+        default=128,
+        help="tokens each windowed layer attends to, for --model-kind swa and hybrid (default %(default)s)",
+    )
+    e.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
         help="KV dtype with --model-path (default: the checkpoint's)",
     )
+    add_kv_cache_dtype(e)
     e.add_argument(
         "--compute-dtype",
         default="float64",
@@ -163,6 +179,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "cost_aware), each on a store of its own",
     )
     e.add_argument(
+        "--storage-admissions",
+        default=None,
+        metavar="A,A,...",
+        help="also run hicache+storage under each of these --hicache-storage-admission values (all, seen_twice), "
+        "each on a store of its own; the report compares bytes written to L3 per storage-hit token",
+    )
+    e.add_argument(
+        "--storage-codecs",
+        default=None,
+        metavar="C,C,...",
+        help='also run hicache+storage under each of these L3 codecs (none, zstd, fp8: "codec" in the extra config), '
+        "each on a store of its own; the report compares bytes written to L3 per storage-hit token and the gains",
+    )
+    e.add_argument(
         "--device-tokens",
         type=arg_int(1, 1 << 30),
         default=1024,
@@ -179,7 +209,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="tensor-parallel rank processes (gloo on CPU; heads and KV sharded; default %(default)s)",
     )
-    from hicache_core.engine.model import SHAPE_FLAGS
+    from hicache_core.engine.model_config import SHAPE_FLAGS
 
     for flag, field, what in SHAPE_FLAGS:
         e.add_argument(flag, type=arg_int(1, 1 << 16), default=BENCH_SHAPE[field], help=f"{what} (default %(default)s)")

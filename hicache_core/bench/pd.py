@@ -31,7 +31,7 @@ import time
 from typing import Any, Optional
 
 from hicache_core.bench.common import Progress, pct
-from hicache_core.bench.http import TIERS, _delta, _get, _post, send_round
+from hicache_core.bench.http import TIERS, counter_delta, http_get, http_post, send_round
 from hicache_core.bench.multiturn import Workload
 from hicache_core.bench.multiturn_args import add_workload_arguments
 from hicache_core.bench.pd_instances import Instances, hicache_flags
@@ -136,7 +136,7 @@ class _PDCall:
 
     def _generate(self, url: str, n: int) -> dict:
         body = {"input_ids": self.ids, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
-        status, text = _post(url + "/generate", body)
+        status, text = http_post(url + "/generate", body)
         if status != 200:
             raise HiCacheError(f"{url} answered {status}: {text[:300]}")
         return json.loads(text)
@@ -185,7 +185,7 @@ def run_config(
     prefills = ["prefill-1", "prefill-2"] if args.mode == "prefill-share" else ["prefill"]
     specs = [(p, p_flags) for p in prefills] + [("decode", d_flags)]
     with Instances(specs, workdir, args.start_timeout) as inst:
-        before = {n: (_get(u + "/get_server_info") or {}).get("cache_stats") or {} for n, u in inst.urls.items()}
+        before = {n: (http_get(u + "/get_server_info") or {}).get("cache_stats") or {} for n, u in inst.urls.items()}
         history = [list(p) for p in work.first]
         per_round: list[dict[str, Any]] = []
         outputs: list[list[list[int]]] = []
@@ -230,7 +230,7 @@ def run_config(
             outputs.append([by_client[c].output for c in sorted(by_client)])
         wall = time.perf_counter() - t_start
         stats = {
-            n: _delta((_get(u + "/get_server_info") or {}).get("cache_stats") or {}, before[n])
+            n: counter_delta((http_get(u + "/get_server_info") or {}).get("cache_stats") or {}, before[n])
             for n, u in inst.urls.items()
         }
     totals = {t: sum(h[t] for h in per_instance.values()) for t in TIERS}

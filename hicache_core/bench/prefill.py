@@ -61,7 +61,7 @@ def time_reference(model_dir: Path, dtype_name: str, kv_dtype: str, prompts: lis
     from hicache_core.config import HiCacheConfig
     from hicache_core.engine import Engine, Request
     from hicache_core.engine.checkpoint import load_model
-    from hicache_core.engine.model import COMPUTE_DTYPES
+    from hicache_core.engine.model_config import COMPUTE_DTYPES
 
     model = load_model(model_dir, dtype=kv_dtype, compute_dtype=COMPUTE_DTYPES[dtype_name])
     longest = max(len(p) for p in prompts)

@@ -97,14 +97,14 @@ class Agents:
 
 
 def run_config(name: str, args: argparse.Namespace, model: Any, storage_dir: str) -> dict[str, Any]:
-    from hicache_core.bench.multiturn import _base_config
+    from hicache_core.bench.multiturn import base_config
     from hicache_core.cache import HiRadixCache
     from hicache_core.cache.retention import RetentionHint
     from hicache_core.engine import Engine, Request
     from hicache_core.engine.request import PHASES
 
     mode = CONFIGS[name][0]
-    base = _base_config(args, storage_dir)
+    base = base_config(args, storage_dir)
     engine = Engine(model, base, mode, device_tokens=args.device_tokens, max_running=args.max_running)
     cache = engine.cache
     host = cache.host_pool.size if isinstance(cache, HiRadixCache) and cache.host_pool is not None else 0
@@ -126,14 +126,14 @@ def run_config(name: str, args: argparse.Namespace, model: Any, storage_dir: str
                 if name == "restore":
                     assert isinstance(cache, HiRadixCache)
                     for a, hist in enumerate(agents.history):
-                        cache.restore(f"agent{a}-turn{turn}", hist, ttl=60)
+                        cache.fleet.restore(f"agent{a}-turn{turn}", hist, ttl=60)
                 end = time.perf_counter() + args.restore_lead
                 while time.perf_counter() < end:  # every configuration idles the same: the tool's last moments
                     engine.idle()
                     time.sleep(0.002)
                 if name == "restore":
                     for a in range(args.agents):
-                        restores[cache.restore_status(f"agent{a}-turn{turn}").state] += 1  # type: ignore[union-attr]
+                        restores[cache.fleet.restore_status(f"agent{a}-turn{turn}").state] += 1  # type: ignore[union-attr]
                 if not args.keep_page_cache and os.path.isdir(storage_dir):
                     drop_page_cache(storage_dir)
             reqs = []
@@ -178,13 +178,13 @@ def run_config(name: str, args: argparse.Namespace, model: Any, storage_dir: str
 
 
 def run(args: argparse.Namespace) -> int:
-    from hicache_core.bench.multiturn import _model
+    from hicache_core.engine.checkpoint import model_from_args
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
         raise ConfigError(f"--configs: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(CONFIGS)}")
-    model = _model(args)
+    model = model_from_args(args)
     warm_up(model, args.page_size)
     tmp = tempfile.mkdtemp(prefix="hicache-toolgap-")
     results = []

@@ -39,6 +39,7 @@ from hicache_core.bench.measure import warm_up
 from hicache_core.bench.multiturn_args import CONFIGS, LABELS, add_engine_arguments
 from hicache_core.bench.report import agreement, print_phases, strict_tokens
 from hicache_core.bench.trace_format import SHAPES, TRACE_BLOCK, generate, ideal_hits, load, prompt_of, scaled
+from hicache_core.bench.variants import lossy, print_l3_bytes
 from hicache_core.errors import ConfigError, HiCacheError
 
 
@@ -93,10 +94,16 @@ class Replay:
 
 
 def run_engine_config(name: str, args: argparse.Namespace, replay: Replay, model: Any, base: Any) -> dict[str, Any]:
+    from hicache_core.bench.variants import variant_config
     from hicache_core.engine import Engine, Request
     from hicache_core.engine.request import PHASES
 
-    engine = Engine(model, base, name, device_tokens=args.device_tokens, max_running=args.max_running)
+    mode, _, variant = name.partition(
+        "@"
+    )  # "hicache+storage@seen_twice": one of --storage-admissions, "@zstd" of --storage-codecs
+    if variant:
+        base = variant_config(base, variant)
+    engine = Engine(model, base, mode, device_tokens=args.device_tokens, max_running=args.max_running)
     start = time.perf_counter() + 0.05
     reqs = [
         Request(f"{name}-{i}", prompt, out, arrival=start + off)
@@ -108,7 +115,14 @@ def run_engine_config(name: str, args: argparse.Namespace, replay: Replay, model
         stats = engine.metrics.stats()
     finally:
         engine.close()
-    result = _figures(name, LABELS[name], [r.ttft for r in reqs], [dict(r.cached) for r in reqs], replay)
+    label = LABELS[mode] + (f", {variant}" if variant else "")
+    result = _figures(name, label, [r.ttft for r in reqs], [dict(r.cached) for r in reqs], replay)
+    result["transfer_bytes"] = stats["transfer_bytes"]
+    result["storage_held_back_tokens"] = stats["storage_held_back_tokens"]
+    result["storage_stored_bytes"] = stats["storage_stored_bytes"]
+    result["codec_seconds"] = stats["codec_seconds"]
+    hits = result["hit_tokens"]["storage"]
+    result["l3_bytes_per_storage_hit"] = stats["storage_stored_bytes"]["set"] / hits if hits else None
     result["ttft_phases_ms"] = {p: statistics.mean(r.phases[p] for r in reqs) * 1e3 for p in PHASES}
     result["prefetch_outcomes"] = stats["prefetch_outcomes"]
     result["outputs"] = [r.output for r in reqs]
@@ -116,17 +130,17 @@ def run_engine_config(name: str, args: argparse.Namespace, replay: Replay, model
 
 
 def run_server_config(label: str, url: str, replay: Replay, progress: Progress) -> dict[str, Any]:
-    from hicache_core.bench.http import _Call, _post, _run_and_count
+    from hicache_core.bench.http import HttpCall, http_post, run_and_count
 
-    status, text = _post(url + "/flush_cache", {})
+    status, text = http_post(url + "/flush_cache", {})
     if status != 200:
         raise HiCacheError(f"{url}/flush_cache answered {status}: {text[:200]} (is the server idle?)")
-    calls = [_Call(url, p, argparse.Namespace(output_length=o)) for p, o in zip(replay.prompts, replay.outputs)]
+    calls = [HttpCall(url, p, argparse.Namespace(output_length=o)) for p, o in zip(replay.prompts, replay.outputs)]
     threads = []
     start = time.perf_counter() + 0.05
     for call, off in zip(calls, replay.offsets):
         time.sleep(max(0.0, start + off - time.perf_counter()))
-        th = threading.Thread(target=_run_and_count, args=(call, progress, label), daemon=True)
+        th = threading.Thread(target=run_and_count, args=(call, progress, label), daemon=True)
         th.start()
         threads.append(th)
     for th in threads:
@@ -173,10 +187,10 @@ def run(args: argparse.Namespace) -> int:
     records = load(args.file, args.max_requests)
     progress = Progress(0, False)
     if args.base_url:
-        from hicache_core.bench.http import _get, parse_base_urls
+        from hicache_core.bench.http import http_get, parse_base_urls
 
         servers = parse_base_urls(args.base_url)
-        vocab = (_get(servers[0][1] + "/get_model_info") or {}).get("vocab_size") or args.vocab_size
+        vocab = (http_get(servers[0][1] + "/get_model_info") or {}).get("vocab_size") or args.vocab_size
         replay = Replay(args, records, min(int(vocab), args.vocab_size))
         progress = Progress(len(servers) * len(records), not args.no_progress)
         results = [run_server_config(label or url, url, replay, progress) for label, url in servers]
@@ -187,9 +201,18 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--configs: unknown {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
         if "none" not in configs:
             configs.insert(0, "none")  # recompute: the baseline, and the tokens every other must match
-        from hicache_core.bench.multiturn import _base_config, _model
+        from hicache_core.bench.kinds import model_kinds
+        from hicache_core.bench.multiturn import base_config
+        from hicache_core.bench.variants import storage_variants
 
-        model = _model(args)
+        configs += storage_variants(args, configs)
+        from hicache_core.engine.checkpoint import model_from_args
+
+        kinds = model_kinds(args)
+        if len(kinds) > 1:
+            raise ConfigError("bench trace replays one model: give --model-kind one kind")
+        args.model_kind = kinds[0]
+        model = model_from_args(args)
         replay = Replay(args, records, model.config.vocab_size)
         warm_up(model, args.page_size)
         tmp = args.storage_dir = tempfile.mkdtemp(prefix="hicache-trace-")
@@ -197,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
             results = []
             for c in configs:
                 if not args.no_progress:
-                    sys.stderr.write(f"{LABELS[c]}: replaying {len(records)} requests...\n")
-                results.append(run_engine_config(c, args, replay, model, _base_config(args, os.path.join(tmp, c))))
+                    sys.stderr.write(f"{c}: replaying {len(records)} requests...\n")
+                results.append(run_engine_config(c, args, replay, model, base_config(args, os.path.join(tmp, c))))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     progress.close()
@@ -237,7 +260,8 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
     path = os.path.join(args.report_dir, "trace.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2, default=str)
-    ok = all(r["outputs_identical"] for r in results) or not strict_tokens(args)  # float32: counted, not required
+    # float32 and the fp8 codec: counted, not required
+    ok = all(r["outputs_identical"] for r in results if not lossy(r["config"], args)) or not strict_tokens(args)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0 if ok else 1
@@ -280,6 +304,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
         ],
     )
     print_phases(results, "ttft_phases_ms", "TTFT")
+    print_l3_bytes(results)
     print(f"\nreport: {path}")
     if not ok:
         print("ERROR: a configuration produced different tokens from the reference run", file=sys.stderr)

@@ -26,6 +26,7 @@ import attrs
 
 from hicache_core.config import HiCacheConfig
 from hicache_core.controller.operations import PrefetchOperation
+from hicache_core.fit import fit_latency
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +59,7 @@ class PrefetchCost:
 
     def load_model(self) -> Optional[tuple[float, float]]:
         """(latency s, seconds per token) fitted on the recent loads; None before any."""
-        if not self._loads:
-            return None
-        n = len(self._loads)
-        mx = sum(t for t, _ in self._loads) / n
-        my = sum(s for _, s in self._loads) / n
-        var = sum((t - mx) ** 2 for t, _ in self._loads)
-        if var > 0:
-            slope = sum((t - mx) * (s - my) for t, s in self._loads) / var
-            if slope > 0:
-                latency = my - slope * mx
-                if latency >= 0:
-                    return latency, slope
-        return 0.0, my / mx  # one size seen (or a noisy fit): proportional
+        return fit_latency(self._loads)
 
     # --- decisions -----------------------------------------------------------------------------------------------
     def load_s(self, tokens: int) -> Optional[float]:

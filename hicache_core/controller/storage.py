@@ -55,6 +55,10 @@ class StorageController:
         self.metrics = metrics
         self.storage = storage
         self.guard = GuardedStorage(storage, metrics, timeout_s=config.io_timeout_s)
+        bind = getattr(storage, "bind_metrics", None)  # the L3 codec counts the bytes that reach the store
+        self._codec = callable(bind)
+        if callable(bind):
+            bind(metrics)
         self.policy = PrefetchPolicy.from_config(config, capacity, cost)
         self._give_back_to = give_back
         self._prefetch_worker = Worker("hicache-prefetch", torch.device("cpu"))
@@ -202,6 +206,8 @@ class StorageController:
         if out.ok:
             nbytes = out.ok * self.page_size * self.host_pool.spec.size_per_token
             self.metrics.record_transfer(f"storage_{what}", nbytes, seconds)
+            if not self._codec:
+                self.metrics.record_stored(what, nbytes)
         if out.ok < len(keys) and out.answered:
             self.metrics.record_storage_error("get_miss" if what == "get" else "set_failed")
         return out

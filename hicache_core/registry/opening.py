@@ -13,8 +13,11 @@ from hicache_core.keys import StorageNamespace
 from hicache_core.memory import HostPool, KVSpec
 from hicache_core.plugins import HiCachePluginManager, get_plugin_manager
 from hicache_core.registry.names import ResolvedBackend, check_layout, construct, resolve
-from hicache_core.storage.adapter import ReadOnlyRank, _Delegate, as_v1
+from hicache_core.storage.adapter import Delegate, ReadOnlyRank, as_v1
 from hicache_core.storage.base import ExtraInfo, StorageConfig, call_with_extra
+from hicache_core.storage.codec import check_pool as check_codec_pool
+from hicache_core.storage.codec import namespace_name as codec_namespace
+from hicache_core.storage.codec_storage import CodecStorage
 from hicache_core.storage.hooks import Describes, holds_namespace_quota
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ def make_storage_config(
         head_dim=spec.head_dim,
         tp_size=tp_size,
         tp_rank=tp_rank,
+        kv_format=spec.kv_format,
+        codec=codec_namespace(config.storage_codec[0]),
     )
     return StorageConfig(
         tp_rank=tp_rank,
@@ -48,10 +53,28 @@ def make_storage_config(
         namespace=ns,
         page_size=config.page_size,
         layout=layout,
+        codec=config.storage_codec,
     )
 
 
-class StorageBackendHandle(_Delegate):
+def with_codec(inner: Any, raw: Any, backend: str, interface_v1: bool, storage_config: StorageConfig, pool: Any) -> Any:
+    """``inner`` (what :func:`as_v1` made of ``raw``) behind the configured L3 codec, or as it is without one; a
+    backend without blob methods (a v0 class stores blobs as tensors), or a pool whose KV the codec cannot take, is
+    refused with the reason."""
+    name, when, level = storage_config.codec
+    if name == "none":
+        return inner
+    check_codec_pool(name, pool.dtype, getattr(getattr(pool, "spec", None), "kv_format", ""))
+    if interface_v1 and not (hasattr(raw, "batch_set_blobs") and hasattr(raw, "batch_get_blobs")):
+        raise ConfigError(
+            f'"codec": "{name}": storage backend {backend!r} ({type(raw).__qualname__}) stores whole pages '
+            "only (it has no batch_set_blobs/batch_get_blobs for values of other lengths); use the file, memory or "
+            'mooncake backend, or leave "codec" out'
+        )
+    return CodecStorage(inner, name, when, level)
+
+
+class StorageBackendHandle(Delegate):
     """What the controller holds: a v1-speaking backend plus its name; closing tells the observers."""
 
     def __init__(
@@ -114,6 +137,11 @@ def create_backend(
         )
     inner = as_v1(raw, interface_v1=resolved.interface_v1, namespace=storage_config.namespace)
     try:
+        inner = with_codec(inner, raw, resolved.name, resolved.interface_v1, storage_config, host_pool)
+    except ConfigError:
+        _close_quietly(raw)
+        raise
+    try:
         inner.register_mem_pool_host(host_pool)  # optional for v0 classes: the adapter keeps the pool
     except Exception as e:
         raise BackendLoadError(f"storage backend {resolved.name!r} rejected the host pool: {e}") from e
@@ -174,3 +202,12 @@ def open_backend(
     return open_storage(
         config, resolved or config.hicache_storage_backend, spec, pool, tp_rank=tp_rank, tp_size=tp_size, pm=pm
     ), pool
+
+
+def _close_quietly(raw: Any) -> None:
+    """Close a backend refused after its construction; its own error on closing is only logged."""
+    try:
+        if callable(getattr(raw, "close", None)):
+            raw.close()
+    except Exception as e:
+        logger.warning("closing the refused backend failed: %s", e)

@@ -20,7 +20,7 @@ from hicache_core.storage.base import ExtraInfo, call_with_extra
 logger = logging.getLogger(__name__)
 
 
-class _Delegate:
+class Delegate:
     """Forwards housekeeping calls to the wrapped backend."""
 
     def __init__(self, inner: Any) -> None:
@@ -45,7 +45,7 @@ class _Delegate:
         return getattr(self.inner, name)
 
 
-class NamespacedBackend(_Delegate):
+class NamespacedBackend(Delegate):
     """Prefixes every key with the namespace tag before it reaches a namespace-unaware backend (v1 and v0 alike)."""
 
     def __init__(self, inner: Any, namespace) -> None:
@@ -85,6 +85,16 @@ class NamespacedBackend(_Delegate):
             self.inner.batch_set_v1, self.namespace.keys(keys), host_indices, extra=self._extra(extra_info)
         )
 
+    def batch_set_blobs(self, keys: list[str], blobs: list, extra_info: Optional[ExtraInfo] = None) -> list[bool]:
+        return call_with_extra(
+            self.inner.batch_set_blobs, self.namespace.keys(keys), blobs, extra=self._extra(extra_info)
+        )
+
+    def batch_get_blobs(self, keys: list[str], max_bytes: int, extra_info: Optional[ExtraInfo] = None) -> list:
+        return call_with_extra(
+            self.inner.batch_get_blobs, self.namespace.keys(keys), max_bytes, extra=self._extra(extra_info)
+        )
+
 
 def _as_bool_list(result: Any, n: int) -> list[bool]:
     if isinstance(result, (list, tuple)):
@@ -105,7 +115,7 @@ def _takes_target(method: Any) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-class V0Adapter(_Delegate):
+class V0Adapter(Delegate):
     """v1 on top of v0: pages travel as flat tensors between the backend and the host pool.
 
     The seed's minimal backend -- ``get(key)``, ``set(key, value)``, ``exists(key)`` and nothing else -- is enough:
@@ -172,6 +182,23 @@ class V0Adapter(_Delegate):
         self._counts["get_misses"] += len(ok) - sum(ok)
         return ok
 
+    # --- blobs (the L3 codec's values) as v0 tensors: a class's own blob methods when it has them ---------------
+    def batch_set_blobs(self, keys: list[str], blobs: list) -> list[bool]:
+        if hasattr(self.inner, "batch_set_blobs"):
+            return self.inner.batch_set_blobs(keys, blobs)
+        values = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        return _as_bool_list(self.batch_set(keys, values), len(keys))
+
+    def batch_get_blobs(self, keys: list[str], max_bytes: int) -> list:
+        if hasattr(self.inner, "batch_get_blobs"):
+            return self.inner.batch_get_blobs(keys, max_bytes)
+        out: list = []
+        for key in keys:
+            value = self.inner.get(key)
+            ok = isinstance(value, torch.Tensor) and value.numel() * value.element_size() <= max_bytes
+            out.append(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if ok else None)
+        return out
+
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         pool = self.mem_pool_host
         ps = pool.page_size
@@ -189,7 +216,7 @@ def as_v1(raw: Any, *, interface_v1: bool, namespace) -> Any:
     return inner if getattr(raw, "applies_namespace", False) else NamespacedBackend(inner, namespace)
 
 
-class ReadOnlyRank(_Delegate):
+class ReadOnlyRank(Delegate):
     """MLA under tensor parallelism: the latent KV is the same on every rank and ranks share its pages, so rank 0
     writes them and every other rank only reads (storage receives each page once; SGLang's rule)."""
 

@@ -83,6 +83,9 @@ class StorageConfig:
     namespace: StorageNamespace = attrs.field(factory=StorageNamespace)
     page_size: int = 64
     layout: str = "layer_first"
+    # the L3 page codec (storage/codec.py): name (none, zstd, fp8), when (pays, always), zstd level; the core wraps
+    # the backend's blob methods with it, so a backend never sees it
+    codec: tuple[str, str, int] = ("none", "pays", 1)
 
 
 @runtime_checkable
@@ -160,6 +163,12 @@ class HiCacheStorage:
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         raise self._not_implemented("batch_set_v1", "v1")
+
+    # --- blobs (optional): what the L3 codec stores, values of any length up to a page and a header ------------
+    # A backend that has both takes ``"codec"`` in the extra config (storage/codec_storage.py); one that has not
+    # refuses it at start. ``batch_set_blobs(keys, blobs) -> list[bool]`` stores each blob under its page key (the
+    # same atomicity as batch_set_v1); ``batch_get_blobs(keys, max_bytes) -> list`` gives each key's blob (bytes or
+    # a buffer, at most ``max_bytes``) or None.
 
     # --- housekeeping ------------------------------------------------------------------------------------------
     def clear(self) -> None:

@@ -10,7 +10,7 @@ import importlib
 import inspect
 from typing import Any
 
-from hicache_core.storage.adapter import _Delegate
+from hicache_core.storage.adapter import Delegate
 
 SGLANG_STORAGE = ("sglang.srt.mem_cache.hicache_storage", "HiCacheStorage")
 
@@ -39,7 +39,7 @@ def sglang_storage_config(storage_config: Any, extra: dict) -> Any:
     )
 
 
-class PairedSetResults(_Delegate):
+class PairedSetResults(Delegate):
     """SGLang 0.5.23's HiCacheHF3FS answers ``batch_set_v1`` on an MHA zero-copy pool with one bool per K and per
     V object (two per page), where its own ``batch_get_v1`` folds the same pairs into one per page; the set answer
     is folded the same way here (a page is stored when both halves are). Any other answer passes untouched, so

@@ -123,6 +123,17 @@ class MemoryStorage(HiCacheStorage):
         views = self.mem_pool_host.page_memoryviews(host_indices)
         return [self._put(self.namespace.key(k), b"".join(segs)) for k, segs in zip(keys, views)]
 
+    # blobs (the L3 codec's values)
+    def batch_set_blobs(self, keys, blobs):
+        return [self._put(self.namespace.key(k), bytes(b)) for k, b in zip(keys, blobs)]
+
+    def batch_get_blobs(self, keys, max_bytes):
+        t0 = time.perf_counter()
+        out = [self._take(self.namespace.key(k)) for k in keys]
+        out = [b if b is not None and len(b) <= max_bytes else None for b in out]
+        self._throttle(t0, sum(len(b) for b in out if b is not None))
+        return out
+
     def clear(self) -> None:
         """Remove this namespace's pages (other namespaces sharing the store keep theirs)."""
         prefix = self.namespace.tag + "-"

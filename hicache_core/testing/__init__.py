@@ -18,7 +18,8 @@ your backend::
 It covers v1 and v0 round trips in every host layout (a backend whose record says it serves only page-first layouts
 is refused ``layer_first`` by the core, and those cases are skipped with that reason), ``batch_exists`` prefix
 counting, misses, overwrite, failed writes never
-becoming visible, namespace isolation and sharing between instances, concurrent threads, clear and stats.
+becoming visible, namespace isolation and sharing between instances, concurrent threads, clear and stats, and the
+L3 codec (round trip through blob methods, or refused without them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from hicache_core.memory import HostPool, KVSpec
 from hicache_core.registry import check_layout, make_storage_config, open_backend, resolve, resolve_config
 from hicache_core.storage.base import StorageConfig
 from hicache_core.storage.hooks import FailingWrites
+from hicache_core.testing.codec import codec_round_trip
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 
@@ -379,6 +381,11 @@ class BackendConformance:
         assert handle.batch_exists(keys) == 2
         assert list(handle.batch_get_v1(keys, dst)) == [True, True]
         assert page_bytes(pool, dst) == page_bytes(pool, src)
+
+    def test_codec_through_registry(self, tmp_path):
+        """The L3 codec (zstd): pages round-trip byte-exact through the backend's blob methods, or -- for a backend
+        without them -- the core refuses the codec at start, naming the backend."""
+        codec_round_trip(self, tmp_path)
 
 
 def _raw(t: torch.Tensor) -> bytes:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import stat
 import struct
 import threading
+import time
 from typing import Optional
 
 import attrs
@@ -94,6 +96,28 @@ def secure_directory(root: str, shared: bool, what: str = "file backend") -> Non
             f"{what}: storage_dir {root!r} is writable by {'group and others' if st.st_mode & 0o002 else 'its group'} "
             f"(mode {stat.S_IMODE(st.st_mode):o}): others could plant pages; chmod 700 it, or {fix}"
         )
+
+
+ORPHAN_AGE_S = 3600.0  # a temporary file this old is a crashed writer's, whatever its pid says
+_TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
+
+
+def remove_orphan(path: str) -> bool:
+    """Remove a temporary page file a crashed writer left (not a live writer's, unless it is very old); True if
+    removed."""
+    m = _TMP.search(path)
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return False
+    pid = int(m.group(1)) if m else -1
+    if pid == os.getpid() or (pid > 0 and pid_alive(pid) and age < ORPHAN_AGE_S):
+        return False  # a live writer's file
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 def pid_alive(pid: int) -> bool:

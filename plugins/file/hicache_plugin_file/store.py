@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from typing import Optional
@@ -38,7 +37,14 @@ import torch
 from hicache_core.errors import ConfigError
 from hicache_core.storage import HEADER_BYTES, EnvelopeError, HiCacheStorage, PageEnvelope, map_chunked
 from hicache_core.storage.options import parse_options
-from hicache_plugin_file.directory import ENV_DIR, FileOptions, SharedUsage, pid_alive, resolve_root, secure_directory
+from hicache_plugin_file.directory import (
+    ENV_DIR,
+    FileOptions,
+    SharedUsage,
+    remove_orphan,
+    resolve_root,
+    secure_directory,
+)
 from hicache_plugin_file.hooks import FileHooks
 from hicache_plugin_file.quota import NamespaceQuota
 from hicache_plugin_file.sglang_layout import SGLangFileLayout
@@ -47,9 +53,7 @@ logger = logging.getLogger(__name__)
 
 ENV_MAC_KEY = "HICACHE_FILE_MAC_KEY"
 VERSION = 2  # of the on-disk layout (namespace.json)
-ORPHAN_AGE_S = 3600.0  # a temporary file this old is a crashed writer's, whatever its pid says
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_TMP = re.compile(r"\.(\d+)\.\d+\.[0-9a-f]+\.tmp$")
 
 
 class FileStorage(FileHooks, HiCacheStorage):
@@ -90,22 +94,8 @@ class FileStorage(FileHooks, HiCacheStorage):
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self._stats = dict.fromkeys(
-            (
-                "get_pages",
-                "get_misses",
-                "truncated",
-                "foreign",
-                "corrupt",
-                "unsigned",
-                "forged",
-                "set_pages",
-                "set_skipped",
-                "set_failed",
-                "evicted_pages",
-                "orphans_removed",
-                "bytes_read",
-                "bytes_written",
-            ),
+            "get_pages get_misses truncated foreign corrupt unsigned forged set_pages set_skipped set_failed "
+            "evicted_pages orphans_removed bytes_read bytes_written".split(),
             0,
         )
         self._lru: OrderedDict[str, int] = OrderedDict()  # path -> bytes, oldest first
@@ -249,8 +239,8 @@ class FileStorage(FileHooks, HiCacheStorage):
                         continue
                     found.append((st.st_mtime, p, st.st_size))
                     total += st.st_size
-                elif startup and f.endswith(".tmp"):
-                    self._remove_orphan(p)
+                elif startup and f.endswith(".tmp") and remove_orphan(p):
+                    self._count("orphans_removed")
         if not self.capacity_bytes:
             return
         with self._lock:
@@ -259,19 +249,6 @@ class FileStorage(FileHooks, HiCacheStorage):
                 self._lru[p] = size
         if startup and self.usage is not None:
             self.usage.set(total)
-
-    def _remove_orphan(self, path: str) -> None:
-        m = _TMP.search(path)
-        try:
-            age = time.time() - os.stat(path).st_mtime
-        except OSError:
-            return
-        pid = int(m.group(1)) if m else -1
-        if pid == os.getpid() or (pid > 0 and pid_alive(pid) and age < ORPHAN_AGE_S):
-            return  # a live writer's file
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            self._count("orphans_removed")
 
     def _touch(self, path: str) -> None:
         if not self.capacity_bytes:
@@ -322,7 +299,7 @@ class FileStorage(FileHooks, HiCacheStorage):
             self._stats[name] += n
 
     # --- batches -----------------------------------------------------------------------------------------------------
-    def _map(self, fn, keys, segments) -> list[bool]:
+    def _map(self, fn, keys, segments) -> list:
         """Run ``fn`` over the pages, one contiguous chunk per I/O thread."""
         if self._pool is None and self.io_threads > 1 and len(keys) > 1:
             self._pool = cf.ThreadPoolExecutor(self.io_threads, thread_name_prefix="hicache-file")
@@ -333,11 +310,35 @@ class FileStorage(FileHooks, HiCacheStorage):
         return self._tally(self._map(self._read, keys, pool.page_memoryviews(host_indices)), pool.page_bytes)
 
     def batch_set_v1(self, keys, host_indices, extra_info=None) -> list[bool]:
-        results = self._map(self._write, keys, self.mem_pool_host.page_memoryviews(host_indices))
+        return self._quota(
+            keys, self._map(self._write, keys, self.mem_pool_host.page_memoryviews(host_indices)), extra_info
+        )
+
+    def _quota(self, keys, results: list[bool], extra_info) -> list[bool]:
         ns = getattr(extra_info, "extra_info", None) or {}
         if "namespace_seed" in ns:  # a cache_salt / extra_key namespace with a storage quota (quota.py)
             results = self.quota.enforce(ns["namespace_seed"], ns.get("namespace_storage_pages"), keys, results)
         return results
+
+    # --- blobs (the L3 codec's values: a page file of any payload length) --------------------------------------------
+    def batch_set_blobs(self, keys, blobs, extra_info=None) -> list[bool]:
+        return self._quota(keys, self._map(self._write, keys, [[memoryview(b)] for b in blobs]), extra_info)
+
+    def _read_blob(self, key: str, max_bytes: int) -> Optional[bytearray]:
+        try:
+            size = os.stat(self._path(key)).st_size - HEADER_BYTES
+        except OSError:
+            self._count("get_misses")
+            return None
+        buf = bytearray(min(max(size, 0), max_bytes))  # a file of another length fails the envelope's check
+        return buf if self._read(key, [memoryview(buf)]) else None
+
+    def batch_get_blobs(self, keys, max_bytes) -> list:
+        out = self._map(lambda k, _: self._read_blob(k, max_bytes), keys, keys)
+        with self._lock:
+            self._stats["get_pages"] += sum(b is not None for b in out)
+            self._stats["bytes_read"] += sum(len(b) for b in out if b is not None)
+        return out
 
     def batch_exists(self, keys) -> int:
         for i, k in enumerate(keys):
@@ -349,13 +350,10 @@ class FileStorage(FileHooks, HiCacheStorage):
         return os.path.exists(self._path(key))
 
     # --- v0 ----------------------------------------------------------------------------------------------------------
-    def _page_len(self) -> int:
-        if self.mem_pool_host is not None:
-            return self.mem_pool_host.page_bytes
-        raise RuntimeError("register_mem_pool_host() first")
-
     def get(self, key, target_location=None):
-        n = self._page_len()
+        if self.mem_pool_host is None:
+            raise RuntimeError("register_mem_pool_host() first")
+        n = self.mem_pool_host.page_bytes
         if target_location is not None and target_location.numel() * target_location.element_size() == n:
             out = target_location
         else:

@@ -17,22 +17,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any, Optional
 
 from hicache_core.errors import BackendLoadError
 from hicache_core.storage import HiCacheStorage
+from hicache_plugin_mooncake.blobs import get_blobs, put_blobs
 from hicache_plugin_mooncake.config import MooncakeStoreConfig
+from hicache_plugin_mooncake.probe import check_reachable
 
 logger = logging.getLogger(__name__)
 
 STATS = (
     "get_pages get_misses short_reads set_pages set_failed errors reconnects not_ready_retries bytes_read bytes_written"
 ).split()
+V1_ONLY = "the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool"
 NOT_READY = -703  # the key exists but its put has not finished (another writer is still moving its bytes)
 
 
@@ -60,7 +61,11 @@ class MooncakeStore(HiCacheStorage):
         self.connect_timeout_s, self.reconnect_after_s = self.cfg.connect_timeout_s, self.cfg.reconnect_after_s
         tag = self.cfg.extra_backend_tag
         self.prefix = (f"{tag}_" if tag else "") + self.namespace.tag + "_"
-        self.parts: tuple[str, ...] = ("_k",) if storage_config.is_mla_model else ("_k", "_v")
+        # with the L3 codec a page is one object of its encoded length (blobs.py)
+        self.blobs = getattr(storage_config, "codec", ("none",))[0] != "none"
+        self.parts: tuple[str, ...] = (
+            ("_z",) if self.blobs else ("_k",) if storage_config.is_mla_model else ("_k", "_v")
+        )
         self.tp_size = max(1, storage_config.tp_size)
         self._lock = threading.Lock()
         self._reconnecting = threading.Event()
@@ -72,52 +77,9 @@ class MooncakeStore(HiCacheStorage):
         self.store = self._connect()
 
     # --- connection --------------------------------------------------------------------------------------------------
-    def _reachable(self) -> None:
-        """Fail fast, before the client's setup -- which holds the GIL while it waits, freezing the whole process
-        for minutes -- when the master or an HTTP metadata server does not accept connections, or accepts them
-        and does not answer (a hung or stopped process: the kernel still accepts its connections). Answers are
-        asked of HTTP endpoints: the metadata server, and the master's metrics port (``/health``) when it listens."""
-        c = self.cfg
-        wait = min(5.0, self.connect_timeout_s)
-        host, _, port = c.master_server_address.rpartition(":")
-        probes: list[tuple[str, tuple[str, int], Optional[str]]] = [("mooncake_master", (host, int(port)), None)]
-        meta = urllib.parse.urlparse(c.metadata_server)
-        if meta.scheme in ("http", "https") and meta.hostname:
-            meta_port = meta.port or (443 if meta.scheme == "https" else 80)
-            probes.append(("metadata server", (meta.hostname, meta_port), c.metadata_server + "?key=hicache-probe"))
-        probes.append(("mooncake_master's metrics port", (host, c.master_metrics_port), "/health"))
-        for what, (h, p), http_path in probes:
-            try:
-                sock = socket.create_connection((h, p), timeout=wait)
-            except OSError as e:
-                if http_path == "/health":
-                    continue  # metrics elsewhere or off: nothing more to ask
-                raise BackendLoadError(
-                    f"mooncake backend: cannot reach the {what} at {h}:{p} ({e.strerror or e}); start it, or fix "
-                    f"the address (config from {c.source})"
-                ) from e
-            with sock:
-                if http_path is None:
-                    continue
-                path = urllib.parse.urlparse(http_path)
-                target = (path.path or "/") + (f"?{path.query}" if path.query else "")
-                err: Optional[OSError] = None
-                try:
-                    sock.settimeout(wait)
-                    sock.sendall(f"GET {target} HTTP/1.0\r\nHost: {h}:{p}\r\n\r\n".encode())
-                    answer = sock.recv(16)
-                except OSError as e:
-                    answer, err = b"", e
-                if not answer.startswith(b"HTTP/"):
-                    raise BackendLoadError(
-                        f"mooncake backend: the {what} at {h}:{p} accepts connections but does not answer "
-                        f"within {wait:g} s ({err or 'no HTTP reply'}): is it hung or stopped? Restart it "
-                        f"(config from {c.source})"
-                    )
-
     def _connect(self):
         cls = _import_store()
-        self._reachable()
+        check_reachable(self.cfg, self.connect_timeout_s)
         store = cls()
         c = self.cfg
         args = (
@@ -236,7 +198,9 @@ class MooncakeStore(HiCacheStorage):
         if not self._registered:
             self._registered = [(mem_pool_host.raw.data_ptr(), mem_pool_host.raw.numel())]
         n = int(getattr(mem_pool_host, "segments_per_page", len(self.parts)))
-        if n != len(self.parts):  # one object per segment of a page: _k (_v) as before, else _s0, _s1, ...
+        if (
+            n != len(self.parts) and not self.blobs
+        ):  # one object per segment of a page: _k (_v) as before, else _s0, _s1, ...
             self.parts = tuple(f"_s{i}" for i in range(n))
         for buf in self._registered:
             rc = self.store.register_buffer(*buf)
@@ -353,14 +317,17 @@ class MooncakeStore(HiCacheStorage):
         return self.batch_exists([key]) == 1
 
     def get(self, key, target_location=None):
-        raise NotImplementedError(
-            "the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool"
-        )
+        raise NotImplementedError(V1_ONLY)
 
     def set(self, key, value) -> bool:
-        raise NotImplementedError(
-            "the mooncake backend is zero-copy only (v1): it moves pages of the registered host pool"
-        )
+        raise NotImplementedError(V1_ONLY)
+
+    # --- blobs (the L3 codec's values) -------------------------------------------------------------------------------
+    def batch_set_blobs(self, keys, blobs) -> list[bool]:
+        return put_blobs(self, self._keys(keys), blobs)
+
+    def batch_get_blobs(self, keys, max_bytes) -> list:
+        return get_blobs(self, self._keys(keys), max_bytes)
 
     # --- housekeeping ------------------------------------------------------------------------------------------------
     def clear(self) -> None:

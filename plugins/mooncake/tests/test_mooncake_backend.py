@@ -546,3 +546,35 @@ def test_extra_config_refuses_strings_for_booleans_and_numbers():
         MooncakeStoreConfig.load({"master_server_address": "127.0.0.1:1", "check_server": "false"})
     with pytest.raises(ConfigError, match=r"connect_timeout_s='5' is a string"):
         MooncakeStoreConfig.load({"master_server_address": "127.0.0.1:1", "connect_timeout_s": "5"})
+
+
+def test_codec_pages_are_one_object_each_and_a_second_put_of_one_still_counts(master):
+    """With "codec" a page is one object ``..._z`` of its encoded length (blobs.py); a batch holding a key the master
+    already has is stored key by key, the existing one counting as stored, and every page reads back exact."""
+    from hicache_core.registry import open_backend, resolve_config
+    from hicache_core.testing.codec import kv_like
+
+    extra = {**master.extra(), "codec": "zstd", "codec_when": "always"}
+    cfg = HiCacheConfig(
+        page_size=PS,
+        hicache_mem_layout="page_first_direct",
+        model_name="mc-codec",
+        hicache_storage_backend="mooncake",
+        hicache_storage_backend_extra_config=extra,
+    )
+    cfg, resolved = resolve_config(cfg)
+    handle, pool = open_backend(cfg, SPEC, 16 * PS, resolved=resolved)
+    try:
+        src, dst = pool.alloc(4 * PS), pool.alloc(4 * PS)
+        kv_like(pool, src)
+        keys = random_keys(4, PS)
+        assert handle.batch_set_v1(keys[:2], src[: 2 * PS]) == [True, True]
+        assert handle.batch_set_v1(keys, src) == [True] * 4  # two of them already stored
+        assert handle.batch_exists(keys) == 4
+        assert handle.batch_get_v1(keys, dst) == [True] * 4
+        assert page_bytes(pool, dst) == page_bytes(pool, src)
+        assert handle.raw.parts == ("_z",)
+        stats = handle.get_stats()
+        assert stats["bytes_written"] < 6 * pool.page_bytes and stats["codec"]["ratio"] > 1.05
+    finally:
+        handle.close()
