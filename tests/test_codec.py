@@ -96,6 +96,32 @@ def test_fp8_pages_come_back_within_e4m3s_step_of_their_block(store, dtype):
         backend.close()
 
 
+@pytest.mark.parametrize("codec", ["zstd", "fp8"])
+def test_v0_reads_what_v1_wrote_through_the_codec_and_the_reverse(store, codec):
+    """SGLang's v0 calls (get/set of flat pages) go through the codec too. Before, they fell through to the raw
+    backend: the memory backend handed out the encoded blob as the page (wrong KV) and the file backend took it for
+    a foreign page and deleted it."""
+    backend, pool = _open(*store, codec)
+    try:
+        src, back = pool.alloc(2 * PS), pool.alloc(PS)
+        _kv(pool, src)
+        keys = random_keys(3, PS)
+        assert backend.batch_set_v1(keys[:2], src) == [True, True]
+        want = torch.empty(pool.page_bytes // pool.spec.itemsize, dtype=pool.dtype)
+        assert backend.batch_get_v1(keys[:1], back) == [True]  # v1's decode of the page: what v0 must give
+        got = backend.get(keys[0], torch.zeros_like(want))
+        assert got is not None and got.view(torch.uint8).numpy().tobytes() == page_bytes(pool, back)[0]
+        assert backend.get(keys[1]) is not None and backend.exists(keys[1])  # read twice: nothing was removed
+        assert backend.set(keys[2], got) and backend.exists(keys[2])
+        assert backend.batch_get_v1(keys[2:], back) == [True]
+        assert page_bytes(pool, back)[0] == got.view(torch.uint8).numpy().tobytes()
+        assert backend.get(random_keys(1, PS)[0]) is None
+        with pytest.raises(ValueError, match="flat page is"):
+            backend.set(keys[0], got[:-1])
+    finally:
+        backend.close()
+
+
 def test_the_codec_is_in_the_namespace(tmp_path):
     """Pages written under zstd are misses for a config without a codec, or with fp8, and the reverse."""
     extra = {"storage_dir": str(tmp_path)}
@@ -184,7 +210,7 @@ def test_bad_codec_settings_are_refused_with_the_fix(tmp_path):
         HiCacheConfig(hicache_storage_backend_extra_config={"codec": "zstd", "codec_when": "sometimes"})
     with pytest.raises(ConfigError, match="codec_level=40"):
         HiCacheConfig(hicache_storage_backend_extra_config={"codec": "zstd", "codec_level": 40})
-    with pytest.raises(ConfigError, match="fp8.*float8_e4m3fn.*KV"):
+    with pytest.raises(ConfigError, match="fp8.*holds float8_e4m3fn pages"):
         _open("memory", {}, "fp8", dtype=torch.float8_e4m3fn)
     extra = {"backend_name": "whole", "module_path": __name__, "class_name": "WholePagesOnly", "interface_v1": 1}
     with pytest.raises(ConfigError, match="stores whole pages only"):

@@ -64,7 +64,9 @@ def with_codec(inner: Any, raw: Any, backend: str, interface_v1: bool, storage_c
     name, when, level = storage_config.codec
     if name == "none":
         return inner
-    check_codec_pool(name, pool.dtype, getattr(getattr(pool, "spec", None), "kv_format", ""))
+    kind = getattr(pool, "kind", None)  # an SGLang pool's class (integrations/sglang_pools.py)
+    what = f"host pool {kind}" if kind else "this pool"
+    check_codec_pool(name, pool.dtype, getattr(getattr(pool, "spec", None), "kv_format", ""), what)
     if interface_v1 and not (hasattr(raw, "batch_set_blobs") and hasattr(raw, "batch_get_blobs")):
         raise ConfigError(
             f'"codec": "{name}": storage backend {backend!r} ({type(raw).__qualname__}) stores whole pages '

@@ -76,12 +76,13 @@ def namespace_name(codec: str) -> str:
     return {"zstd": "zstd-planes", "fp8": f"fp8-e4m3-b{FP8_BLOCK}"}.get(codec, "")
 
 
-def check_pool(codec: str, dtype: torch.dtype, kv_format: str) -> None:
-    """Refuse a codec the pool's KV cannot take: fp8 only on bfloat16/float16/float32 KV."""
+def check_pool(codec: str, dtype: torch.dtype, kv_format: str, pool: str = "this pool") -> None:
+    """Refuse a codec the pool's pages cannot take: fp8 only on bfloat16/float16/float32 KV (a pool of mixed or
+    integer pages, an SGLang Mamba state slot, has the flat dtype uint8). ``pool`` names it in the message."""
     if codec == "fp8" and (dtype not in FP8_DTYPES or kv_format):
         raise ConfigError(
-            f'"codec": "fp8" quantizes bfloat16, float16 or float32 KV; this pool holds '
-            f"{str(dtype).replace('torch.', '')}{' (' + kv_format + ')' if kv_format else ''} KV, which it "
+            f'"codec": "fp8" quantizes bfloat16, float16 or float32 KV; {pool} holds '
+            f"{str(dtype).replace('torch.', '')}{' (' + kv_format + ')' if kv_format else ''} pages, which it "
             'cannot shrink without loss it was not asked for; use "codec": "zstd", or none'
         )
     if codec == "zstd":

@@ -22,6 +22,7 @@ import time
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from hicache_core.fit import fit_latency
 from hicache_core.storage.adapter import Delegate
@@ -140,14 +141,13 @@ class CodecStorage(Delegate):
             return np.frombuffer(segments[0], np.uint8)
         return np.concatenate([np.frombuffer(s, np.uint8) for s in segments])
 
-    def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None) -> list[bool]:
+    def _encode(self, pages) -> list[bytes]:
+        """One blob per page (flat uint8 arrays), encoded or raw as the cost rule says for this batch."""
         codec = self.codec
         assert codec is not None, "register_mem_pool_host() first"
         encode = self.cost.encode_batch()
-        t0 = time.perf_counter()
         blobs, timed, encoded = [], self._reads_timed, 0
-        for segs in self.mem_pool_host.page_memoryviews(host_indices):
-            page = self._page(segs)
+        for page in pages:
             parts = codec.encode(page) if encode else codec.raw(page)
             if parts[0][4] != RAW:  # the method shrank it (the header's method byte)
                 self.cost.record_encoded(page.size, nbytes(parts) - HEADER_BYTES)
@@ -158,6 +158,9 @@ class CodecStorage(Delegate):
             blobs.append(join(parts))
         self._count("pages_encoded", encoded)
         self._count("pages_raw", len(blobs) - encoded)
+        return blobs
+
+    def _store(self, keys, blobs: list[bytes], t0: float, extra_info: Optional[ExtraInfo]) -> list[bool]:
         t1 = time.perf_counter()
         ok = call_with_extra(self.inner.batch_set_blobs, keys, blobs, extra=extra_info)
         t2 = time.perf_counter()
@@ -167,6 +170,11 @@ class CodecStorage(Delegate):
         if self._probes < PROBES and not self._reads_timed and isinstance(ok, list) and all(ok):
             self._probe(keys, extra_info)
         return ok
+
+    def batch_set_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None) -> list[bool]:
+        t0 = time.perf_counter()
+        blobs = self._encode(self._page(segs) for segs in self.mem_pool_host.page_memoryviews(host_indices))
+        return self._store(keys, blobs, t0, extra_info)
 
     def _probe(self, keys: list[str], extra_info: Optional[ExtraInfo]) -> None:
         """Read back a batch just written: the store's read bandwidth, before the first prefetch measures it (a
@@ -187,8 +195,7 @@ class CodecStorage(Delegate):
         self.cost.record_decode(size, time.perf_counter() - t)
 
     def batch_get_v1(self, keys, host_indices, extra_info: Optional[ExtraInfo] = None) -> list[bool]:
-        codec, pool = self.codec, self.mem_pool_host
-        assert codec is not None, "register_mem_pool_host() first"
+        pool = self.mem_pool_host
         t0 = time.perf_counter()
         blobs = call_with_extra(self.inner.batch_get_blobs, keys, pool.page_bytes + HEADER_BYTES, extra=extra_info)
         t1 = time.perf_counter()
@@ -204,11 +211,7 @@ class CodecStorage(Delegate):
             direct = len(segs) == 1
             out = np.frombuffer(segs[0], np.uint8) if direct else np.empty(pool.page_bytes, np.uint8)
             t = time.perf_counter()
-            try:
-                codec.decode(mv, out)
-            except CodecError as e:
-                logger.warning("codec %s: the page stored under %s does not decode (%s): a miss", codec.name, key, e)
-                self._count("decode_failed")
+            if not self._decode(key, mv, out):
                 ok.append(False)
                 continue
             if not direct:
@@ -227,3 +230,44 @@ class CodecStorage(Delegate):
             self._reads_timed = True
         self._record("get", stored, t2 - t1)
         return ok
+
+    def _decode(self, key: str, blob: memoryview, out: np.ndarray) -> bool:
+        """``blob`` decoded into ``out``; a blob that does not decode is logged and counted, and is a miss."""
+        assert self.codec is not None, "register_mem_pool_host() first"
+        try:
+            self.codec.decode(blob, out)
+        except CodecError as e:
+            logger.warning("codec %s: the page stored under %s does not decode (%s): a miss", self.codec.name, key, e)
+            self._count("decode_failed")
+            return False
+        return True
+
+    # --- v0: flat pages through the same codec (SGLang's v0 calls reach HiCacheForSGLang's backend so); without
+    # these, the raw backend's v0 methods would hand out or overwrite the encoded blob as if it were the page
+    def get(self, key: str, target_location=None):
+        size = self.mem_pool_host.page_bytes
+        blob = self.inner.batch_get_blobs([key], size + HEADER_BYTES)[0]
+        out = np.empty(size, np.uint8)
+        if blob is None or not self._decode(key, memoryview(blob).cast("B"), out):
+            return None
+        page = torch.from_numpy(out)
+        if target_location is not None and target_location.numel() * target_location.element_size() == size:
+            target_location.view(-1).view(torch.uint8).copy_(page)
+            return target_location
+        return page
+
+    def set(self, key: str, value) -> bool:
+        page = value.contiguous().view(-1).view(torch.uint8).numpy()
+        if page.size != self.mem_pool_host.page_bytes:
+            raise ValueError(f"a flat page is {self.mem_pool_host.page_bytes} bytes, not {page.size}")
+        ok = self._store([key], self._encode([page]), time.perf_counter(), None)
+        return bool(ok[0])
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def batch_get(self, keys: list[str], target_locations=None) -> list:
+        return [self.get(k, t) for k, t in zip(keys, target_locations or [None] * len(keys))]
+
+    def batch_set(self, keys: list[str], values) -> bool:
+        return all(self.set(k, v) for k, v in zip(keys, values))
