@@ -141,3 +141,40 @@ def test_deepseek_v2s_latent_attention_fields():
 def test_deepseek_v2_what_the_engine_does_not_run_is_refused(extra, says):
     with pytest.raises(ConfigError, match=says):
         cfg(**{**DEEPSEEK, **extra})
+
+
+BAMBA = {
+    "model_type": "bamba",
+    "architectures": ["BambaForCausalLM"],
+    "num_hidden_layers": 4,
+    "rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.5},
+    "attn_layer_indices": [1, 3],
+    "mamba_n_heads": 8,
+    "mamba_d_head": "auto",
+    "mamba_expand": 2,
+    "mamba_n_groups": 2,
+    "mamba_d_state": 16,
+    "mamba_d_conv": 4,
+    "time_step_limit": [0.0, {"__float__": "Infinity"}],  # as transformers 5 writes infinity
+}
+
+
+def test_bambas_mamba_fields_and_half_rotary():
+    c = cfg(**BAMBA)
+    assert c.layer_types == ("linear_attention", "full_attention", "linear_attention", "full_attention")
+    assert (c.mamba_heads, c.mamba_head_dim, c.mamba_groups, c.mamba_state, c.mamba_conv) == (8, 16, 2, 16, 4)
+    assert c.rope_dim == 8 and c.attention_kind == "mamba" and c.kv_spec().kv_format == "mamba2-f32state/page"
+    assert cfg(rope_theta=1e4, partial_rotary_factor=0.5).rope_dim == 8  # a llama's partial rotary is no longer lost
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({"time_step_limit": [0.0, 10.0]}, r"time_step_limit=\[0.0, 10.0\] is not supported"),
+        ({"attn_layer_indices": [1, 9]}, r"attn_layer_indices=\[1, 9\] must list layer numbers 0..3"),
+        ({"mamba_n_groups": 3}, "must divide mamba_heads"),
+    ],
+)
+def test_bamba_what_the_engine_does_not_run_is_refused(extra, says):
+    with pytest.raises(ConfigError, match=says):
+        cfg(**{**BAMBA, **extra})

@@ -92,8 +92,8 @@ def test_a_config_that_cannot_be_is_refused(fields, says):
 
 
 def test_bad_model_kind_flags_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="--model-kind: mamba; choose from llama, swa, hybrid, mla"):
-        multiturn.run(parse([*SMALL, "--model-kind", "mamba"]))
+    with pytest.raises(ConfigError, match="--model-kind: rwkv; choose from llama, swa, hybrid, mla, mamba"):
+        multiturn.run(parse([*SMALL, "--model-kind", "rwkv"]))
     with pytest.raises(ConfigError, match="a --model-path checkpoint's config.json says its own attention"):
         multiturn.run(parse([*SMALL, "--model-kind", "swa", "--model-path", str(tmp_path)]))
 

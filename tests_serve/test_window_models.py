@@ -1,8 +1,10 @@
-"""Sliding-window, hybrid and MLA models in our engine, against transformers' own ``generate`` as the oracle: a
-random-initialized Mistral (every layer windowed), a Qwen2 with its odd layers windowed and its even layers full
-(a hybrid, as Gemma's and gpt-oss's are) and a DeepSeek-V2 (multi-head latent attention, queries plain or through
-their own low-rank projection). Greedy tokens equal transformers' with the cache cold, warm from the device, warm
-from the host and warm from storage (the file backend), for prompts several windows long."""
+"""Sliding-window, hybrid, MLA and Mamba models in our engine, against transformers' own ``generate`` as the oracle:
+a random-initialized Mistral (every layer windowed), a Qwen2 with its odd layers windowed and its even layers full
+(a hybrid, as Gemma's and gpt-oss's are), a DeepSeek-V2 (multi-head latent attention, queries plain or through
+their own low-rank projection) and a Bamba (Mamba-2 mixers on its even layers, half-rotary attention on the odd
+ones; each mixer's state restored from the page with the KV). Greedy tokens equal transformers' with the cache
+cold, warm from the device, warm from the host and warm from storage (the file backend), for prompts several
+windows long."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ PROMPTS = [CORPUS[i * 53 : i * 53 + 400] for i in range(3)]  # three prompts wit
 
 WINDOWED = {"mistral-swa": ("mistral", "swa", None), "qwen2-hybrid": ("qwen2", "hybrid", None)}
 MLA = {"deepseek_v2-mla": ("deepseek_v2", "full", None), "deepseek_v2-q_lora": ("deepseek_v2", "full", 32)}
+MAMBA = {"bamba-mamba2": ("bamba", "mamba", None)}  # transformers runs its mixers by their torch fallback on CPU
 _BUILT: dict = {}
 
 
@@ -33,7 +36,7 @@ def _built(case, tmp_path_factory):
     if case not in _BUILT:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        arch, kind, q_lora = {**WINDOWED, **MLA}[case]
+        arch, kind, q_lora = {**WINDOWED, **MLA, **MAMBA}[case]
         path = make_checkpoint(
             tmp_path_factory.mktemp(case),
             architecture=arch,
@@ -49,7 +52,7 @@ def _built(case, tmp_path_factory):
     return _BUILT[case]
 
 
-@pytest.fixture(scope="module", params=[*WINDOWED, *MLA])
+@pytest.fixture(scope="module", params=[*WINDOWED, *MLA, *MAMBA])
 def served(request, tmp_path_factory):
     return _built(request.param, tmp_path_factory)
 
@@ -61,7 +64,8 @@ def windowed(request, tmp_path_factory):
 
 def _engine(model, store) -> Engine:
     cfg = HiCacheConfig(
-        page_size=16,
+        # a Bamba mixer's state (2,624 float32 values) rides in its share of a page: 32 tokens' K and V
+        page_size=32 if model.config.has_mamba else 16,
         hicache_ratio=4,  # the host holds all three prompts; the device (256 tokens) one at a time
         hicache_storage_backend="file",
         hicache_storage_backend_extra_config={"storage_dir": str(store), "prefetch_threshold": 64},

@@ -1,5 +1,5 @@
-"""``hicache bench multiturn --model-kind llama,swa,hybrid,mla``: the whole benchmark once per attention kind of the
-random model, each in a report directory of its own, then one table of what each kind's cache gained."""
+"""``hicache bench multiturn --model-kind llama,swa,hybrid,mla,mamba``: the whole benchmark once per attention kind
+of the random model, each in a report directory of its own, then one table of what each kind's cache gained."""
 
 from __future__ import annotations
 

@@ -142,7 +142,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K[,K...]",
         help="the random model's attention: llama (every layer full), swa (every layer a sliding window, as "
         "Mistral), hybrid (odd layers windowed, even full, as gpt-oss), mla (DeepSeek-V2's latent attention: one "
-        "128+32-wide latent per token and layer); several, comma separated, run the whole "
+        "128+32-wide latent per token and layer), mamba (Mamba-2 mixers on even layers, as Bamba, their state "
+        "kept in the page); several, comma separated, run the whole "
         "benchmark once per kind and compare their gains (default %(default)s)",
     )
     e.add_argument(

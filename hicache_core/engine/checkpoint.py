@@ -1,6 +1,6 @@
 """Load a local Hugging Face checkpoint of the llama family (Llama; Mistral and Qwen2, with their sliding-window
-layers; DeepSeek-V2's dense layers, with its latent attention) or a llama GGUF file (engine/gguf.py) into the
-reference model.
+layers; DeepSeek-V2's dense layers, with its latent attention; Bamba's Mamba-2 mixers beside its attention layers)
+or a llama GGUF file (engine/gguf.py) into the reference model.
 
 A model directory holds ``config.json``, the weights as ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) and ``tokenizer.json``. Weights are read with ``safetensors`` and kept in the
@@ -19,7 +19,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from hicache_core.engine import gguf
+from hicache_core.engine import gguf, mamba
 from hicache_core.engine.model import TinyLlama
 from hicache_core.engine.model_config import (
     COMPUTE,
@@ -40,7 +40,11 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",  # MLA (see _mla), dense MLP layers only
+    "bamba": "BambaForCausalLM",  # Mamba-2 mixers beside full-attention layers (engine/mamba.py)
 }
+# the tensors' names where an architecture's differ from llama's: (MLP prefix, its norm, the final norm)
+_NAMES = {"bamba": ("feed_forward", "pre_ff_layernorm", "model.final_layernorm")}
+_LLAMA_NAMES = ("mlp", "post_attention_layernorm", "model.norm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -178,6 +182,11 @@ def config_from_dict(cfg: dict, where: Path, dtype: str = "auto", *, name: str) 
         hidden = int(cfg["hidden_size"])
         theta, scaling = _rope(cfg, where)
         fields = {"head_dim": int(cfg.get("head_dim") or hidden // heads), **_mla(kind, cfg, where, scaling)}
+        partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+        if partial is not None and float(partial) != 1.0:
+            fields["partial_rotary_factor"] = float(partial)
+        if kind == "bamba":
+            fields.update(mamba.bamba_fields(cfg, where))
         return ModelConfig(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -302,18 +311,21 @@ def _assemble(c: ModelConfig, t: dict[str, torch.Tensor], cfg: dict, device: tor
             ("wo", "self_attn.o_proj", h, q),
         )
     )
+    mlp, mlp_norm, final_norm = _NAMES.get(cfg.get("model_type", ""), _LLAMA_NAMES)
     layers = []
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
         p = {
             "attn_norm": take(pre + "input_layernorm.weight", (h,)),
-            "mlp_norm": take(pre + "post_attention_layernorm.weight", (h,)),
+            "mlp_norm": take(f"{pre}{mlp_norm}.weight", (h,)),
         }
+        if c.is_linear(i):  # a Mamba-2 mixer where the attention would be
+            p.update(mamba.checkpoint_tensors(c, take, pre))
         for ours, theirs, out_dim, in_dim in (
-            *attention,
-            ("w_gate", "mlp.gate_proj", inter, h),
-            ("w_up", "mlp.up_proj", inter, h),
-            ("w_down", "mlp.down_proj", h, inter),
+            *(() if c.is_linear(i) else attention),
+            ("w_gate", f"{mlp}.gate_proj", inter, h),
+            ("w_up", f"{mlp}.up_proj", inter, h),
+            ("w_down", f"{mlp}.down_proj", h, inter),
         ):
             if not in_dim:  # a norm's weight
                 p[ours] = take(f"{pre}{theirs}.weight", (out_dim,))
@@ -326,7 +338,7 @@ def _assemble(c: ModelConfig, t: dict[str, torch.Tensor], cfg: dict, device: tor
     embed = take("model.embed_tokens.weight", (c.vocab_size, h))
     tied = cfg.get("tie_word_embeddings", False)  # the head is the embedding
     lm_head = embed.t().contiguous() if tied else take("lm_head.weight", (c.vocab_size, h), transpose=True)
-    weights = {"embed": embed, "layers": layers, "final_norm": take("model.norm.weight", (h,)), "lm_head": lm_head}
+    weights = {"embed": embed, "layers": layers, "final_norm": take(f"{final_norm}.weight", (h,)), "lm_head": lm_head}
     return TinyLlama(c, device, weights=weights)
 
 

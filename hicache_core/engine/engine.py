@@ -33,6 +33,7 @@ import torch
 
 from hicache_core.cache import HiRadixCache, NoPrefixCache, build_cache
 from hicache_core.config import HiCacheConfig
+from hicache_core.engine.mamba import check_fits
 from hicache_core.engine.model import TinyLlama
 from hicache_core.engine.request import Request, role_config
 from hicache_core.errors import ConfigError
@@ -75,6 +76,7 @@ class Engine:
         self.metrics = CacheMetrics(enable_prometheus=config.enable_metrics, labels={"mode": mode})
         self.cache: HiRadixCache | NoPrefixCache
         spec = model.config.kv_spec()
+        check_fits(model.config, self.page_size)  # a Mamba layer's state rides in its pages (engine/mamba.py)
         if mode == "none":  # no prefix cache: every token is computed
             pool = DevicePool(spec, device_tokens - device_tokens % self.page_size, self.page_size, model.device)
             self.cache = NoPrefixCache(config, pool, self.metrics)

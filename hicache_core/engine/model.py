@@ -21,6 +21,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
+from hicache_core.engine import mamba
 from hicache_core.engine.model_config import COMPUTE, ModelConfig
 from hicache_core.engine.ops import ONEDNN, dnn, keep_activations_in_heap, lin, rms, rope_inv_freq
 
@@ -58,27 +59,35 @@ class TinyLlama:
             s = scale if scale is not None else shape[0] ** -0.5
             return (torch.randn(*shape, generator=g, dtype=COMPUTE) * s).to(self.device)
 
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.embed = w(c.vocab_size, c.hidden_size, scale=1.0)
         self.layers = [
             {
                 "attn_norm": torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device),
-                **(
-                    self._mla_weights(w)
-                    if c.is_mla
-                    else {"wq": w(c.hidden_size, q), "wk": w(c.hidden_size, kv), "wv": w(c.hidden_size, kv)}
-                ),
-                "wo": w(c.num_heads * (c.v_head_dim or c.head_dim), c.hidden_size),
+                **self._mixer_weights(i, w),
                 "mlp_norm": torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device),
                 "w_gate": w(c.hidden_size, c.intermediate_size),
                 "w_up": w(c.hidden_size, c.intermediate_size),
                 "w_down": w(c.intermediate_size, c.hidden_size),
             }
-            for _ in range(c.num_layers)
+            for i in range(c.num_layers)
         ]
         self.final_norm = torch.ones(c.hidden_size, dtype=COMPUTE, device=self.device)
         self.lm_head = w(c.hidden_size, c.vocab_size)
         self._cast()  # drawn in float64 whatever the compute dtype: the same model at every precision
+
+    def _mixer_weights(self, layer: int, w: Any) -> dict[str, torch.Tensor]:
+        """Layer ``layer``'s attention weights (or its Mamba-2 mixer's), drawn in the order every model before
+        the mixers was, so their weights stay what they were."""
+        c = self.config
+        if c.is_linear(layer):
+            return mamba.random_weights(c, w, self.device)
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        attention = (
+            self._mla_weights(w)
+            if c.is_mla
+            else {"wq": w(c.hidden_size, q), "wk": w(c.hidden_size, kv), "wv": w(c.hidden_size, kv)}
+        )
+        return {**attention, "wo": w(c.num_heads * (c.v_head_dim or c.head_dim), c.hidden_size)}
 
     def _mla_weights(self, w: Any) -> dict[str, torch.Tensor]:
         """One MLA layer's attention weights but ``wo``, by our names for DeepSeek-V2's (engine/checkpoint.py)."""
@@ -106,7 +115,8 @@ class TinyLlama:
         self.embed, self.final_norm, self.lm_head = (t.to(to) for t in (self.embed, self.final_norm, self.lm_head))
         self.layers = [{k: v.to(to) for k, v in p.items()} for p in self.layers]
         self._fused: Optional[list[dict]] = None
-        if to == torch.float32 and self.device.type == "cpu" and ONEDNN is not None and not self.config.is_mla:
+        plain = not self.config.is_mla and not self.config.has_mamba
+        if to == torch.float32 and self.device.type == "cpu" and ONEDNN is not None and plain:
             self._fuse()
 
     def _fuse(self) -> None:
@@ -143,14 +153,18 @@ class TinyLlama:
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, dim); rotate pairs by position * inv_freq: (first half, second half) as llama does, or,
-        for MLA, neighbours (2i, 2i+1) as DeepSeek-V2 does."""
+        for MLA, neighbours (2i, 2i+1) as DeepSeek-V2 does. A partial rotary factor rotates the first ``rope_dim``
+        dimensions only (Bamba's half) and passes the rest."""
         ang = positions.to(COMPUTE)[:, None] * self._inv_freq[None, :]  # angles in float64 at every precision
         cos, sin = ang.cos()[:, None, :].to(self.dtype), ang.sin()[:, None, :].to(self.dtype)
         if self.config.is_mla:
             x1, x2 = x[..., 0::2], x[..., 1::2]
             return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        r = 2 * self._inv_freq.shape[0]
+        rest = x[..., r:]
+        x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
+        rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: sum the ranks' partial outputs (row-parallel o_proj and down_proj)."""
@@ -240,6 +254,11 @@ class TinyLlama:
             start += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    def _mlp(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        """A layer's SwiGLU MLP on its normed input (the unfused path), summed over the ranks."""
+        h = rms(x, p["mlp_norm"], self.config.rms_eps)
+        return self._reduce(lin(torch.nn.functional.silu(lin(h, p, "w_gate")) * lin(h, p, "w_up"), p, "w_down"))
+
     def forward(self, pool, seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One step for several sequences. Each entry: (new token ids, their slots, all slots so far incl. new).
 
@@ -256,13 +275,12 @@ class TinyLlama:
         fused = self._fused
         for layer_id, p in enumerate(self.layers):
             h = rms(x, p["attn_norm"], c.rms_eps)
-            if c.is_mla:
-                attn = self._mla(pool, layer_id, p, h, positions, new_slots, seqs)
-                x = x + self._reduce(lin(attn, p, "wo"))
-                h = rms(x, p["mlp_norm"], c.rms_eps)
-                x = x + self._reduce(
-                    lin(torch.nn.functional.silu(lin(h, p, "w_gate")) * lin(h, p, "w_up"), p, "w_down")
-                )
+            if c.is_mla or c.is_linear(layer_id):
+                if c.is_mla:
+                    x = x + self._reduce(lin(self._mla(pool, layer_id, p, h, positions, new_slots, seqs), p, "wo"))
+                else:  # a Mamba-2 mixer (engine/mamba.py; tensor parallel is refused for these models)
+                    x = x + mamba.mix(self, pool, layer_id, p, h, seqs)
+                x = x + self._mlp(x, p)
                 continue
             if fused is not None:
                 qkv = dnn(h, fused[layer_id]["qkv"])
@@ -294,8 +312,7 @@ class TinyLlama:
                 x = x + self._reduce(dnn(torch.nn.functional.silu(gate) * up, f["w_down"]))
                 continue
             x = x + self._reduce(lin(attn, p, "wo"))
-            h = rms(x, p["mlp_norm"], c.rms_eps)
-            x = x + self._reduce(lin(torch.nn.functional.silu(lin(h, p, "w_gate")) * lin(h, p, "w_up"), p, "w_down"))
+            x = x + self._mlp(x, p)
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
         h = rms(x[last], self.final_norm, c.rms_eps)
         if fused is not None:

@@ -10,19 +10,30 @@ import torch
 
 from hicache_core.errors import ConfigError
 from hicache_core.memory import KVSpec
-from hicache_core.memory.spec import FP8_SCALED, SCALE_BYTES
+from hicache_core.memory.spec import FP8_SCALED, MAMBA_STATE, SCALE_BYTES
 from hicache_core.parse import KV_CACHE_DTYPES
 
 COMPUTE = torch.float64  # the default compute dtype (bit-stable across batch shapes)
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# attention kinds per layer, by transformers' names (config.json's layer_types)
-FULL, SLIDING = "full_attention", "sliding_attention"
-LAYER_TYPES = (FULL, SLIDING)
+# attention kinds per layer, by transformers' names (config.json's layer_types; Bamba's layers_block_type calls its
+# Mamba-2 layers linear_attention)
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+LAYER_TYPES = (FULL, SLIDING, LINEAR)
 # fields that are left out of a random model's fingerprint while they hold their default (None), so the pages of
 # every model made before they existed keep their namespace
-_NEW_FIELDS = ("sliding_window", "layer_types", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "q_lora_rank")
 # the MLA fields (DeepSeek-V2's names), all given or none
 MLA_FIELDS = ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+# the Mamba-2 mixer's shape (Bamba's mamba_n_heads, mamba_d_head, mamba_n_groups, mamba_d_state, mamba_d_conv), all
+# given or none: engine/mamba.py
+MAMBA_FIELDS = ("mamba_heads", "mamba_head_dim", "mamba_groups", "mamba_state", "mamba_conv")
+_NEW_FIELDS = (
+    "sliding_window",
+    "layer_types",
+    *MLA_FIELDS,
+    "q_lora_rank",
+    "partial_rotary_factor",
+    *MAMBA_FIELDS,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +72,16 @@ class ModelConfig:
     qk_rope_head_dim: Optional[int] = None
     v_head_dim: Optional[int] = None
     q_lora_rank: Optional[int] = None
+    # rotary embeddings on the first ``partial_rotary_factor`` of each head's dimensions only (Bamba: 0.5)
+    partial_rotary_factor: Optional[float] = None
+    # Mamba-2 mixers on the layers ``layer_types`` calls linear_attention (engine/mamba.py): ``mamba_heads`` heads of
+    # ``mamba_head_dim`` channels, B and C in ``mamba_groups`` groups of ``mamba_state``, a ``mamba_conv``-wide
+    # causal convolution
+    mamba_heads: Optional[int] = None
+    mamba_head_dim: Optional[int] = None
+    mamba_groups: Optional[int] = None
+    mamba_state: Optional[int] = None
+    mamba_conv: Optional[int] = None
 
     def __attrs_post_init__(self) -> None:
         mla = [getattr(self, f) for f in MLA_FIELDS]
@@ -75,6 +96,7 @@ class ModelConfig:
                 raise ConfigError(f"qk_rope_head_dim must be even (rotated in pairs), got {self.qk_rope_head_dim}")
             if self.sliding_window is not None:
                 raise ConfigError("an MLA model with sliding-window layers is not supported: give one or the other")
+        self._check_rotary_and_mamba()
         w, types = self.sliding_window, self.layer_types
         if w is not None and (not isinstance(w, int) or w <= 0):
             raise ConfigError(f"sliding_window must be a whole number of tokens > 0, got {w!r}")
@@ -87,6 +109,40 @@ class ModelConfig:
         if SLIDING in types and w is None:
             raise ConfigError("layer_types has sliding_attention layers but no sliding_window is given")
 
+    def _check_rotary_and_mamba(self) -> None:
+        f = self.partial_rotary_factor
+        if f is not None:
+            if self.is_mla or not 0 < f <= 1 or int(self.head_dim * f) % 2:
+                raise ConfigError(
+                    f"partial_rotary_factor={f!r}: give a fraction of head_dim ({self.head_dim}) in (0, 1] that "
+                    "rotates an even number of dimensions (and none for MLA, whose rotary part is qk_rope_head_dim)"
+                )
+        shape = [getattr(self, n) for n in MAMBA_FIELDS]
+        if all(v is None for v in shape):
+            if self.layer_types is None or LINEAR not in self.layer_types:
+                return
+            raise ConfigError(f"layer_types has {LINEAR} (Mamba) layers: give all of {', '.join(MAMBA_FIELDS)}")
+        bad = [n for n, v in zip(MAMBA_FIELDS, shape) if not isinstance(v, int) or v <= 0]
+        if bad:
+            raise ConfigError(f"a Mamba model gives all of {', '.join(MAMBA_FIELDS)} as whole numbers > 0, got {shape}")
+        if self.mamba_heads % self.mamba_groups:  # type: ignore[operator]
+            raise ConfigError(f"mamba_groups ({self.mamba_groups}) must divide mamba_heads ({self.mamba_heads})")
+        if self.is_mla or self.sliding_window is not None or self.kv_dtype == torch.float8_e4m3fn:
+            raise ConfigError(
+                "a Mamba model's attention layers are plain full attention with float KV here: not MLA, not "
+                "sliding-window, not fp8 (its recurrent state is kept in float32 bytes inside the KV pages)"
+            )
+        if self.layer_types is None or LINEAR not in self.layer_types:
+            raise ConfigError(f"the mamba_* shape is given but layer_types names no {LINEAR} layer")
+
+    @property
+    def has_mamba(self) -> bool:
+        return self.mamba_heads is not None
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether layer ``layer`` is a Mamba-2 mixer (no KV of its own: its state rides in its pages)."""
+        return self.layer_types is not None and self.layer_types[layer] == LINEAR
+
     def window(self, layer: int) -> Optional[int]:
         """How many trailing keys layer ``layer`` attends to (None: all of them)."""
         if self.sliding_window is None or (self.layer_types is not None and self.layer_types[layer] != SLIDING):
@@ -95,7 +151,10 @@ class ModelConfig:
 
     @property
     def attention_kind(self) -> str:
-        """``full`` (every layer sees every key), ``swa`` (every layer windowed) or ``hybrid`` (some of each)."""
+        """``full`` (every layer sees every key), ``swa`` (every layer windowed), ``hybrid`` (some of each) or
+        ``mamba`` (Mamba-2 mixers beside full-attention layers)."""
+        if self.has_mamba:
+            return "mamba"
         windowed = sum(self.window(i) is not None for i in range(self.num_layers))
         return "full" if not windowed else "swa" if windowed == self.num_layers else "hybrid"
 
@@ -106,7 +165,9 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Dimensions a head's query and key rotate: all of ``head_dim``, or MLA's rotary part."""
-        return self.qk_rope_head_dim if self.qk_rope_head_dim is not None else self.head_dim
+        if self.qk_rope_head_dim is not None:
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor) if self.partial_rotary_factor else self.head_dim
 
     def kv_spec(self) -> KVSpec:
         """The KV pools' geometry: K and V per KV head, or MLA's one latent vector per token (SGLang's MLA layout:
@@ -122,7 +183,7 @@ class ModelConfig:
             head_dim=dim + SCALE_BYTES if fp8 else dim,
             dtype=self.kv_dtype,
             is_mla=self.is_mla,
-            kv_format=FP8_SCALED if fp8 else "",
+            kv_format=FP8_SCALED if fp8 else MAMBA_STATE if self.has_mamba else "",
         )
 
     @property
@@ -154,7 +215,13 @@ class ModelConfig:
                 f"-d{self.head_dim}-rope{self.qk_rope_head_dim}-v{self.v_head_dim}-seed{self.seed}"
             )
         windows = ""
-        if self.attention_kind == "swa":
+        if self.has_mamba:
+            linear = ".".join(str(i) for i in range(self.num_layers) if self.is_linear(i))
+            windows = (
+                f"-mamba{linear}-mh{self.mamba_heads}-md{self.mamba_head_dim}-mg{self.mamba_groups}"
+                f"-ms{self.mamba_state}-mc{self.mamba_conv}"
+            )
+        elif self.attention_kind == "swa":
             windows = f"-swa{self.sliding_window}"
         elif self.attention_kind == "hybrid":
             full = ".".join(str(i) for i in range(self.num_layers) if self.window(i) is None)
@@ -186,9 +253,12 @@ def shape_from_args(args: Any) -> dict[str, Any]:
 # the random model's attention kinds (``hicache bench multiturn --model-kind``): llama (every layer full), swa
 # (every layer windowed, as Mistral), hybrid (odd layers windowed, even layers full, as gpt-oss alternates) and mla
 # (DeepSeek-V2's latent attention: a 128-wide latent and a 32-wide rotary key per token, 160 values where the
-# llama's 2 KV heads keep 256)
-MODEL_KINDS = ("llama", "swa", "hybrid", "mla")
+# llama's 2 KV heads keep 256) and mamba (even layers Mamba-2 mixers, odd layers full, as Bamba interleaves them:
+# 8 heads of 16 channels and an 8-wide state: 1,456 float32 values of state per layer, which fit the default
+# model's 16-token page)
+MODEL_KINDS = ("llama", "swa", "hybrid", "mla", "mamba")
 MLA_SHAPE = {"kv_lora_rank": 128, "qk_rope_head_dim": 32}
+MAMBA_SHAPE = {"mamba_heads": 8, "mamba_head_dim": 16, "mamba_groups": 1, "mamba_state": 8, "mamba_conv": 4}
 
 
 def attention_fields(kind: str, num_layers: int, window: int, head_dim: int = 64) -> dict[str, Any]:
@@ -202,6 +272,8 @@ def attention_fields(kind: str, num_layers: int, window: int, head_dim: int = 64
         return {"sliding_window": window}
     if kind == "mla":  # every head's nope key and value as wide as the llama's heads (head_dim)
         return {**MLA_SHAPE, "v_head_dim": head_dim}
+    if kind == "mamba":
+        return {**MAMBA_SHAPE, "layer_types": tuple(FULL if i % 2 else LINEAR for i in range(num_layers))}
     return {"sliding_window": window, "layer_types": tuple(SLIDING if i % 2 else FULL for i in range(num_layers))}
 
 

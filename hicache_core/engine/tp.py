@@ -74,6 +74,11 @@ def check_divisible(c: ModelConfig, size: int) -> None:
             f"--tp-size {size}: the reference engine runs MLA models at --tp-size 1 (their latent is one vector per "
             "token, not a set of heads to split)"
         )
+    if c.has_mamba and size > 1:
+        raise ConfigError(
+            f"--tp-size {size}: the reference engine runs Mamba models at --tp-size 1 (each page holds a Mamba "
+            "layer's whole state, not a shard of it)"
+        )
     for what, n in (
         ("attention heads", c.num_heads),
         ("KV heads", c.num_kv_heads),

@@ -20,7 +20,11 @@ DTYPES = {
 # page then carries its scales wherever it goes (host, storage), in every layout, as plain bytes
 FP8_SCALED = "e4m3+f32scale/token-head"
 SCALE_BYTES = 4
-KV_FORMATS = ("", FP8_SCALED)
+# a model with Mamba-2 layers (engine/mamba.py): each such layer's part of a page holds no KV but the layer's
+# recurrent and convolution state after the page's last token, as float32 bytes; moved as bytes like any page, and
+# never to be quantized (the fp8 codec refuses a pool whose pages have a format)
+MAMBA_STATE = "mamba2-f32state/page"
+KV_FORMATS = ("", FP8_SCALED, MAMBA_STATE)
 
 
 @attrs.frozen(kw_only=True)

@@ -33,7 +33,8 @@ def make_checkpoint(
     ``architecture``: ``llama``; ``mistral`` (every layer windowed to ``sliding_window`` tokens); ``qwen2`` (q/k/v
     biases; with ``sliding_window``, its odd layers windowed and the even ones full: a hybrid); ``deepseek_v2``
     (MLA: a ``hidden``-wide latent and a 16-wide rotary key per token, dense MLP layers, queries through a
-    ``q_lora_rank`` projection when given)."""
+    ``q_lora_rank`` projection when given); ``bamba`` (Mamba-2 mixers on the even layers, 8 heads of ``hidden // 8``
+    channels, full attention with half-rotary keys on the odd ones)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -68,7 +69,21 @@ def make_checkpoint(
             "q_lora_rank": q_lora_rank,
             "first_k_dense_replace": layers,  # every layer's MLP dense
         }
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "deepseek_v2": "DeepseekV2"}[architecture]
+    elif architecture == "bamba":  # Mamba-2 on the even layers, full attention on the odd ones
+        windows = {
+            "attn_layer_indices": [i for i in range(layers) if i % 2],
+            "mamba_n_heads": 8,
+            "mamba_expand": 1,
+            "mamba_d_head": hidden // 8,  # heads x head channels = mamba_expand x hidden
+            "mamba_n_groups": 2,
+            "mamba_d_state": 16,
+            "mamba_d_conv": 4,
+            "mamba_chunk_size": 32,
+            "pad_token_id": 0,
+        }
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "deepseek_v2": "DeepseekV2", "bamba": "Bamba"}[
+        architecture
+    ]
     config_class = getattr(transformers, f"{name}Config")
     model_class = getattr(transformers, f"{name}ForCausalLM")
     cfg = config_class(
@@ -87,6 +102,10 @@ def make_checkpoint(
     )
     torch.manual_seed(seed)
     model = model_class(cfg).to(getattr(torch, dtype)).eval()
+    for name_, param in model.named_parameters():  # Bamba's mixers start with A_log, D and dt_bias alike per layer
+        if name_.endswith(("mamba.A_log", "mamba.D", "mamba.dt_bias", "mamba.conv1d.bias", "mamba.norm.weight")):
+            with torch.no_grad():
+                param.add_(torch.rand_like(param) * 0.5)
     model.save_pretrained(path, safe_serialization=True)
     hf_tok.save_pretrained(path)
     return path
