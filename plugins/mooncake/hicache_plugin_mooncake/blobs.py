@@ -16,10 +16,10 @@ def put_blobs(backend: Any, keys: list[str], blobs: list) -> list[bool]:
         return []
     try:
         with backend._client() as store:
-            if store.put_batch(keys, blobs) == 0:
+            if store.put_batch(keys, blobs, backend.replicate) == 0:
                 ok = [True] * len(keys)
             else:  # one key refused fails the batch: ask key by key, a key already stored being stored
-                ok = [store.put(k, b) == 0 or store.is_exist(k) == 1 for k, b in zip(keys, blobs)]
+                ok = [store.put(k, b, backend.replicate) == 0 or store.is_exist(k) == 1 for k, b in zip(keys, blobs)]
     except Exception as e:
         logger.warning("mooncake backend: put_batch raised %s", e)
         ok = [False] * len(keys)

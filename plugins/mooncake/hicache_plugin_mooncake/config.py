@@ -57,6 +57,9 @@ class MooncakeStoreConfig:
     not_ready_wait_s: float = option(
         0.5, number(0), "how long a read waits for a page another writer is still putting (0: a miss at once)"
     )
+    # Mooncake's ReplicateConfig.replica_num: each object on that many segments (clients' memory), so a page
+    # outlives the client that held one copy (once the master has dropped that client: its client_ttl)
+    replica_num: int = option(1, whole(1, 64), "copies of each page, each on another client's segment")
     source: str = "extra config"
 
     def __attrs_post_init__(self) -> None:
@@ -108,6 +111,7 @@ class MooncakeStoreConfig:
             check_server=parse_bool(
                 os.environ.get("MOONCAKE_CHECK_SERVER", "false"), "mooncake: MOONCAKE_CHECK_SERVER"
             ),
+            replica_num=_whole_env("MOONCAKE_REPLICA_NUM", 1),
             source="environment (MOONCAKE_*)",
         )
         return cls(**{**base, **kw})
@@ -126,6 +130,16 @@ class MooncakeStoreConfig:
             data = read_json_object(path, f"mooncake: ${CONFIG_PATH_ENV}")
             return cls.from_mapping({**data, **more}, f"${CONFIG_PATH_ENV} file {path!r}")
         return cls.from_env(**more)
+
+
+def _whole_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"mooncake: {name}={raw!r} is not a whole number") from None
 
 
 def _partial_fields() -> dict[str, Any]:

@@ -31,7 +31,7 @@ def _wait_port(port: int, timeout: float) -> bool:
 class Master:
     """mooncake_master bound to 127.0.0.1; restartable on the same ports."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, *flags: str) -> None:
         self.binary = shutil.which("mooncake_master")
         if not self.binary:
             pytest.fail(
@@ -41,6 +41,7 @@ class Master:
         self.rpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log_path = os.path.join(log_dir, "mooncake_master.log")
         self.proc: subprocess.Popen | None = None
+        self.flags = flags  # more of mooncake_master's own flags (e.g. --client_ttl=2)
 
     @property
     def address(self) -> str:
@@ -74,6 +75,7 @@ class Master:
                     f"--rpc_port={self.rpc_port}",
                     f"--metrics_port={self.metrics_port}",
                     "--default_kv_lease_ttl=100",
+                    *self.flags,
                 ],
                 stdout=log,
                 stderr=log,
