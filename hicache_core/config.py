@@ -124,6 +124,7 @@ class HiCacheConfig:
         if self.hicache_storage_backend == "dynamic":
             require_dynamic_keys(extra)
         self.storage_codec  # noqa: B018 (checks codec_level's range at construction)
+        self.storage_head_group  # noqa: B018
 
     # --- storage knobs SGLang reads out of the extra-config JSON -------------------------------------------------
     def _reserved(self, key: str, default: Any) -> Any:
@@ -157,6 +158,17 @@ class HiCacheConfig:
         if not 1 <= level <= 19:
             raise ConfigError(f"--hicache-storage-backend-extra-config: codec_level={level}: give 1 (fast) to 19")
         return self._reserved("codec", "none"), self._reserved("codec_when", "pays"), level
+
+    @property
+    def storage_head_group(self) -> int:
+        """KV heads per stored object (``head_group``; 0, the default: each rank stores its own shard of a page)."""
+        group = self._reserved("head_group", 0)
+        if group < 0:
+            raise ConfigError(
+                f"--hicache-storage-backend-extra-config: head_group={group}: give a number of KV heads >= 1 "
+                "(or leave it out)"
+            )
+        return group
 
     @property
     def pass_prefix_keys(self) -> bool:

@@ -22,6 +22,8 @@ RESERVED_EXTRA_KEYS = {
     "codec": str,
     "codec_when": str,
     "codec_level": int,
+    # ours: pages stored by groups of this many KV heads, shared across TP sizes (storage/head_split.py)
+    "head_group": int,
 }
 CODECS = ("none", "zstd", "fp8")
 CODEC_WHEN = ("pays", "always")

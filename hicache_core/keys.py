@@ -87,6 +87,9 @@ class StorageNamespace:
     kv_format: str = ""
     # the L3 page codec's format (storage/codec.py: "zstd-planes", "fp8-e4m3-b128"); empty without one
     codec: str = ""
+    # pages kept as one object per this many KV heads (storage/head_split.py): ``head_num`` is then the model's
+    # total and no rank is named, so every TP size shares them; 0 (per-rank pages) leaves the tags as they were
+    head_group: int = 0
 
     def fields(self) -> dict:
         d = {
@@ -99,7 +102,9 @@ class StorageNamespace:
             "heads": self.head_num,
             "head_dim": self.head_dim,
         }
-        if not self.is_mla:  # MLA's latent KV is the same on every rank: ranks share pages
+        if self.head_group:
+            d["heads_per_object"] = self.head_group
+        elif not self.is_mla:  # MLA's latent KV is the same on every rank: ranks share pages
             d["tp"] = f"{self.tp_rank}of{self.tp_size}"
         if self.fingerprint:
             d["fingerprint"] = self.fingerprint

@@ -27,7 +27,7 @@ import attrs
 import torch
 
 from hicache_core.engine.model import TinyLlama
-from hicache_core.engine.model_config import ModelConfig
+from hicache_core.engine.model_config import COMPUTE, ModelConfig
 from hicache_core.errors import ConfigError
 
 
@@ -112,7 +112,12 @@ def shard(model: TinyLlama, ctx: TPContext) -> TinyLlama:
             if name + "_b" in p and r == 0:  # a row-parallel bias is added once, before the sum
                 out[name + "_b"] = p[name + "_b"]
         layers.append(out)
-    config = attrs.evolve(c, num_heads=hq, num_kv_heads=hk, intermediate_size=inter, checkpoint=c.name)
+    # the shard keeps the whole model's name and weights' identity: its pages are the model's heads, and a store of
+    # head-split pages (storage/head_split.py) is then shared by every TP size
+    digest = c.content_digest or attrs.evolve(c, compute_dtype=COMPUTE).fingerprint
+    config = attrs.evolve(
+        c, num_heads=hq, num_kv_heads=hk, intermediate_size=inter, checkpoint=c.name, content_digest=digest
+    )
     part = TinyLlama(
         config,
         model.device,

@@ -176,6 +176,11 @@ class HostPool:
         n = self.segment_bytes
         return [[mv[o : o + n] for o in row] for row in self.segment_offsets(host_indices).tolist()]
 
+    def page_view(self, index: int) -> torch.Tensor:
+        """One page (``index``: its first token slot) as a view into the pool, heads and head_dim last: (2, L, ps,
+        H, D) for layer_first and page_first_direct, (2, ps, L, H, D) for page_first (MLA: no leading 2)."""
+        return self._page_view(index)
+
     # --- flat pages (the v0 storage interface) --------------------------------------------------------------------
     def _page_view(self, index: int) -> torch.Tensor:
         t, ps = int(index), self.page_size

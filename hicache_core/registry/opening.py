@@ -18,6 +18,7 @@ from hicache_core.storage.base import ExtraInfo, StorageConfig, call_with_extra
 from hicache_core.storage.codec import check_pool as check_codec_pool
 from hicache_core.storage.codec import namespace_name as codec_namespace
 from hicache_core.storage.codec_storage import CodecStorage
+from hicache_core.storage.head_split import HeadSplitStorage, check_head_group
 from hicache_core.storage.hooks import Describes, holds_namespace_quota
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ def make_storage_config(
 ) -> StorageConfig:
     """The StorageConfig (and namespace) for a KV spec under a config. ``layout`` defaults to the config's."""
     layout = layout or config.hicache_mem_layout
+    # head-split pages (MHA only: MLA's latent is every rank's already) are named by the model's heads, no rank
+    group = config.storage_head_group if not spec.is_mla else 0
+    if group:
+        check_head_group(group, spec.head_num, tp_size)
     ns = StorageNamespace(
         model=config.model_name or "",
         fingerprint=config.hicache_model_fingerprint or "",
@@ -36,12 +41,13 @@ def make_storage_config(
         layout=layout,
         is_mla=spec.is_mla,
         layer_num=spec.layer_num,
-        head_num=spec.head_num,
+        head_num=spec.head_num * tp_size if group else spec.head_num,
         head_dim=spec.head_dim,
-        tp_size=tp_size,
-        tp_rank=tp_rank,
+        tp_size=1 if group else tp_size,
+        tp_rank=0 if group else tp_rank,
         kv_format=spec.kv_format,
         codec=codec_namespace(config.storage_codec[0]),
+        head_group=group,
     )
     return StorageConfig(
         tp_rank=tp_rank,
@@ -54,6 +60,7 @@ def make_storage_config(
         page_size=config.page_size,
         layout=layout,
         codec=config.storage_codec,
+        head_group=group,
     )
 
 
@@ -74,6 +81,28 @@ def with_codec(inner: Any, raw: Any, backend: str, interface_v1: bool, storage_c
             'mooncake backend, or leave "codec" out'
         )
     return CodecStorage(inner, name, when, level)
+
+
+def with_head_split(inner: Any, raw: Any, backend: str, interface_v1: bool, storage_config: StorageConfig) -> Any:
+    """``inner`` storing pages by KV head group (``"head_group"``), or as it is without one; it needs the blob
+    methods and does not stack with the L3 codec (each group would be its own codec page)."""
+    group = storage_config.head_group
+    if not group:
+        return inner
+    if storage_config.codec[0] != "none":
+        raise ConfigError('"head_group" and "codec" do not go together yet: leave one of them out')
+    if storage_config.namespace.page_format:
+        raise ConfigError(
+            f'"head_group": these pages are in another engine\'s byte order ({storage_config.namespace.page_format}), '
+            'which hicache does not split by head; leave "head_group" out'
+        )
+    if not interface_v1 or not (hasattr(raw, "batch_set_blobs") and hasattr(raw, "batch_get_blobs")):
+        raise ConfigError(
+            f'"head_group": storage backend {backend!r} ({type(raw).__qualname__}) stores whole pages only (it has '
+            'no batch_set_blobs/batch_get_blobs); use the file, memory or mooncake backend, or leave "head_group" out'
+        )
+    heads = storage_config.namespace.head_num // max(1, storage_config.tp_size)
+    return HeadSplitStorage(inner, first_head=storage_config.tp_rank * heads, group=group)
 
 
 class StorageBackendHandle(Delegate):
@@ -140,6 +169,7 @@ def create_backend(
     inner = as_v1(raw, interface_v1=resolved.interface_v1, namespace=storage_config.namespace)
     try:
         inner = with_codec(inner, raw, resolved.name, resolved.interface_v1, storage_config, host_pool)
+        inner = with_head_split(inner, raw, resolved.name, resolved.interface_v1, storage_config)
     except ConfigError:
         _close_quietly(raw)
         raise

@@ -86,6 +86,8 @@ class StorageConfig:
     # the L3 page codec (storage/codec.py): name (none, zstd, fp8), when (pays, always), zstd level; the core wraps
     # the backend's blob methods with it, so a backend never sees it
     codec: tuple[str, str, int] = ("none", "pays", 1)
+    # KV heads per stored object (storage/head_split.py; 0: each rank's whole shard of a page is one object)
+    head_group: int = 0
 
 
 @runtime_checkable

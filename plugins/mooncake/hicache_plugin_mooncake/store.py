@@ -61,8 +61,11 @@ class MooncakeStore(HiCacheStorage):
         self.connect_timeout_s, self.reconnect_after_s = self.cfg.connect_timeout_s, self.cfg.reconnect_after_s
         tag = self.cfg.extra_backend_tag
         self.prefix = (f"{tag}_" if tag else "") + self.namespace.tag + "_"
-        # with the L3 codec a page is one object of its encoded length (blobs.py)
-        self.blobs = getattr(storage_config, "codec", ("none",))[0] != "none"
+        # with the L3 codec a page is one object of its encoded length, with "head_group" one object per head
+        # group (blobs.py): either way one object per key the core gives
+        self.blobs = getattr(storage_config, "codec", ("none",))[0] != "none" or bool(
+            getattr(storage_config, "head_group", 0)
+        )
         self.parts: tuple[str, ...] = (
             ("_z",) if self.blobs else ("_k",) if storage_config.is_mla_model else ("_k", "_v")
         )
@@ -75,6 +78,7 @@ class MooncakeStore(HiCacheStorage):
         self._failing_since: Optional[float] = None
         self._registered: list[tuple[int, int]] = []
         self.store = self._connect()
+        self.replicate = _replicate_config(self.cfg)  # every put's; replica_num 1 is Mooncake's default
 
     # --- connection --------------------------------------------------------------------------------------------------
     def _connect(self):
@@ -221,7 +225,7 @@ class MooncakeStore(HiCacheStorage):
         ptrs, sizes = self._meta(host_indices)
         try:
             with self._client() as store:
-                rc = store.batch_put_from(self._keys(keys), ptrs, sizes)
+                rc = store.batch_put_from(self._keys(keys), ptrs, sizes, self.replicate)
         except Exception as e:
             logger.warning("mooncake backend: batch_put_from raised %s", e)
             rc = [-1] * len(ptrs)
@@ -355,6 +359,14 @@ class MooncakeStore(HiCacheStorage):
         from hicache_plugin_mooncake.baseline import RawMooncakeLoop
 
         return RawMooncakeLoop(self)
+
+
+def _replicate_config(cfg: MooncakeStoreConfig) -> Any:
+    from mooncake.store import ReplicateConfig
+
+    rc = ReplicateConfig()
+    rc.replica_num = cfg.replica_num
+    return rc
 
 
 def _close_quietly(client: Any) -> None:
