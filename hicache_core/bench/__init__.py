@@ -38,4 +38,5 @@ BENCHMARKS: dict = {
         "toolgap", "agent sessions pausing for tool calls amid churn: post-gap TTFT with restore, retention, neither"
     ),
     "pd": _lazy("pd", "prefill/decode disaggregation: hicache serve instances sharing one store, beside none"),
+    "fleet": _lazy("fleet", "hicache serve processes of different TP sizes on one store, beside a store each"),
 }
