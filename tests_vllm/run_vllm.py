@@ -2,9 +2,9 @@
 
 Usage: ``python run_vllm.py SPEC.json``. SPEC: ``model``, ``dtype``, ``block_size``, ``connector`` (the
 kv_connector_extra_config for HiCacheConnector, or null for vLLM alone), ``conversations`` (each a list of turns,
-each turn a list of token ids the user adds), ``max_tokens``. Turn k's prompt is the conversation so far (every
-earlier prompt and answer) plus the turn's tokens. vLLM's own prefix cache is off, so every cached token it reports
-came through the connector."""
+each turn a list of token ids the user adds), ``max_tokens``, ``tp`` (tensor-parallel ranks, default 1). Turn k's
+prompt is the conversation so far (every earlier prompt and answer) plus the turn's tokens. vLLM's own prefix cache
+is off, so every cached token it reports came through the connector."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def main() -> None:
         enforce_eager=True,
         kv_transfer_config=ktc,
         seed=0,
+        tensor_parallel_size=spec.get("tp", 1),
     )
     sp = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8), ignore_eos=True)
     convs = spec["conversations"]
