@@ -5,6 +5,7 @@ vLLM's integer block hashes, each tier as vLLM's medium and the tokens of every 
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 
@@ -70,3 +71,36 @@ def test_vllm_decodes_every_batch(tmp_path):
         sub.close(0)
         ctx.term()
         cache.close()
+
+
+def test_vllms_own_stream_carries_hicaches_tiers_under_vllms_block_hashes(tiny, tmp_path):
+    """A real vLLM with HiCacheConnector and KV events on: vLLM's publisher sends, beside its own GPU blocks, the
+    blocks the connector put in its host tier (CPU) and backed up to storage (STORAGE), under the same hashes vLLM
+    gives those blocks (a router sees one block in three places) with their tokens; a host tier too small for the
+    conversations also reports CPU removals. Read with vLLM's own decoder (run_vllm.py)."""
+    from conftest import conversations, start_vllm
+
+    connector = {
+        "hicache_size": 0.0002,  # 6 blocks of 32 KiB: the conversations need about 12, so the host tier evicts
+        "hicache_storage_backend": "file",
+        "hicache_storage_backend_extra_config": {"prefetch_threshold": 0, "storage_dir": str(tmp_path / "kv")},
+    }
+    proc = start_vllm(tmp_path, tiny, connector, conversations(2, 3, 300), events=True, prefix_caching=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, (proc.stdout + proc.stderr)[-6000:]
+    events = json.loads(line[len("RESULT ") :])["events"]
+    gpu = {  # vLLM's own blocks: one event per run of blocks, their tokens concatenated
+        h: e["tokens"][i * 32 : (i + 1) * 32]
+        for e in events
+        if e["type"] == "BlockStored" and e["medium"] == "GPU"
+        for i, h in enumerate(e["hashes"])
+    }
+    cpu = [e for e in events if e["type"] == "BlockStored" and e["medium"] == "CPU"]
+    stored = [e for e in events if e["type"] == "BlockStored" and e["medium"] == "STORAGE"]
+    assert gpu and cpu and stored, sorted({(e["type"], e["medium"]) for e in events})
+    for e in cpu + stored:  # every hicache block is one vLLM named, with vLLM's tokens for it
+        (h,) = e["hashes"]
+        assert h in gpu and e["tokens"] == gpu[h] and len(e["tokens"]) == 32
+        assert e["parent"] is None or e["parent"] in gpu
+    assert {h for e in cpu for h in e["hashes"]} == {h for e in stored for h in e["hashes"]}  # write_through
+    assert any(e["type"] == "BlockRemoved" and e["medium"] == "CPU" for e in events)  # the small host tier evicted

@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from hicache_core.errors import ConfigError
+from hicache_core.integrations.vllm.events import to_vllm
 from hicache_core.integrations.vllm.plan import StepPlan
 from hicache_core.integrations.vllm.scheduler import SchedulerHalf
 from hicache_core.integrations.vllm.settings import (
@@ -177,6 +178,8 @@ class HiCacheConnector(KVConnectorBase_V1):
                 self._storage = self._open(HostPool(self.geometry.spec, block_size, block_size, "page_first_direct"))
                 exists = self._exists
             self.scheduler = SchedulerHalf(self.config, block_size, pages, exists)
+            kec = getattr(vllm_config, "kv_events_config", None)
+            self.scheduler.events.enabled = bool(kec is not None and kec.enable_kv_cache_events)
         else:
             self.worker = WorkerHalf(self.geometry, pages, staging_pages(extra, pages))
             if self.config.hicache_storage_backend:
@@ -228,6 +231,11 @@ class HiCacheConnector(KVConnectorBase_V1):
             self.scheduler.forget_stored(meta.failed_keys)
             if meta.unread:
                 self.scheduler.load_failed([r for r, _ in meta.unread], [k for _, ks in meta.unread for k in ks])
+
+    def take_events(self) -> list[Any]:
+        """hicache's host-tier (CPU) and storage (STORAGE) changes since the last step, as vLLM's KV events under
+        vLLM's block hashes (integrations/vllm/events.py): vLLM publishes them beside its own GPU ones."""
+        return to_vllm(self.scheduler.events.take()) if self.scheduler is not None else []
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict]]:
         assert self.scheduler is not None

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import attrs
 
 from hicache_core.config import HiCacheConfig
+from hicache_core.integrations.vllm.events import TierEvents
 from hicache_core.integrations.vllm.plan import HostIndex, LoadJob, StepPlan, StoredKeys
 from hicache_core.keys import hash_chain, namespace_seed
 
@@ -55,6 +56,7 @@ class SchedulerHalf:
         self._pending_loads: list[LoadJob] = []
         self._selective_backups: list[tuple[int, str]] = []
         self.stats = dict.fromkeys(("host_hit_pages", "storage_hit_pages", "saved_pages", "backup_pages"), 0)
+        self.events = TierEvents(block_size)  # the host tier's and storage's changes, for vLLM's KV events
 
     # --- keys ----------------------------------------------------------------------------------------------------
     def _track(self, request: Any) -> Optional[Tracked]:
@@ -168,6 +170,9 @@ class SchedulerHalf:
                 placed.append(slot)
                 saves.append((t.blocks[p], slot))
                 self.stats["saved_pages"] += 1
+                self.events.stored(key, req, p, "CPU")
+                if evicted is not None:
+                    self.events.removed(evicted[0], "CPU")
                 if evicted is not None and policy == "write_back" and evicted[0] not in self.stored:
                     before.append((evicted[1], evicted[0]))
                     self.stored.add([evicted[0]])
@@ -177,6 +182,8 @@ class SchedulerHalf:
         self.index.unpin(placed)
         if self.exists is None:
             before, after = [], []
+        for _, key in before + after:  # reported when planned; a backup that fails is reported removed
+            self.events.stored_again(key, "STORAGE")
         self.stats["backup_pages"] += len(before) + len(after)
         loads, self._pending_loads = self._pending_loads, []
         return StepPlan(loads, saves, before, after)
@@ -194,6 +201,8 @@ class SchedulerHalf:
     def forget_stored(self, keys: list[str]) -> None:
         """Backups that failed: storage does not hold these after all."""
         self.stored.discard(keys)
+        for key in keys:
+            self.events.removed(key, "STORAGE")
 
     def load_failed(self, req_ids: list[str], keys: list[str]) -> None:
         """Loads from storage that failed: vLLM recomputes these requests, which must not be offered storage again
