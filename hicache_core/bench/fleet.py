@@ -27,8 +27,7 @@ from typing import Any
 
 from hicache_core.bench.common import dump_json, print_table
 from hicache_core.bench.http import TIERS, HttpCall, http_get, http_post
-from hicache_core.bench.pd_instances import Instances, hicache_flags
-from hicache_core.config import add_hicache_args
+from hicache_core.bench.pd_instances import Instances, add_instance_hicache_args, hicache_flags
 from hicache_core.errors import ConfigError, HiCacheError
 from hicache_core.extra_config import parse_extra_config
 from hicache_core.parse import arg_int
@@ -50,14 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--storage-dir", default=None, help="where the stores go (default: a temp dir, removed after)")
     f.add_argument("--report-dir", default="hicache-report", help="where fleet.json goes (default %(default)s)")
     f.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
-    add_hicache_args(p)
-    p.set_defaults(
-        page_size=64,
-        hicache_ratio=2.0,
-        hicache_io_backend="direct",
-        hicache_storage_backend="file",
-        hicache_storage_prefetch_policy="wait_complete",
-    )
+    add_instance_hicache_args(p, page_size=64, hicache_ratio=2.0)
 
 
 def _servers(text: str) -> list[int]:

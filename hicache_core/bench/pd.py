@@ -34,9 +34,9 @@ from hicache_core.bench.common import Progress, pct
 from hicache_core.bench.http import TIERS, counter_delta, http_get, http_post, send_round
 from hicache_core.bench.multiturn import Workload
 from hicache_core.bench.multiturn_args import add_workload_arguments
-from hicache_core.bench.pd_instances import Instances, hicache_flags
+from hicache_core.bench.pd_instances import Instances, add_instance_hicache_args, hicache_flags
 from hicache_core.bench.report import report
-from hicache_core.config import HiCacheConfig, add_hicache_args
+from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError, HiCacheError
 from hicache_core.parse import arg_int
 
@@ -112,14 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_hicache_args(p)
-    p.set_defaults(
-        page_size=32,
-        hicache_ratio=3.0,
-        hicache_io_backend="direct",
-        hicache_storage_backend="file",
-        hicache_storage_prefetch_policy="wait_complete",
-    )
+    add_instance_hicache_args(p, page_size=32, hicache_ratio=3.0)
 
 
 # --- the router ---------------------------------------------------------------------------------------------------

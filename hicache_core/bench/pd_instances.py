@@ -12,8 +12,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hicache_core.config import HiCacheConfig
+from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import HiCacheError
+
+
+def add_instance_hicache_args(p: argparse.ArgumentParser, page_size: int, hicache_ratio: float) -> None:
+    """The HiCache flags (SGLang's names) of a bench whose instances are ``hicache serve`` processes, defaulting
+    to the file backend, direct io and wait_complete prefetch."""
+    add_hicache_args(p)
+    p.set_defaults(
+        page_size=page_size,
+        hicache_ratio=hicache_ratio,
+        hicache_io_backend="direct",
+        hicache_storage_backend="file",
+        hicache_storage_prefetch_policy="wait_complete",
+    )
 
 
 def hicache_flags(args: argparse.Namespace, storage_dir: str, store: bool) -> list[str]:
