@@ -88,7 +88,7 @@ class HiRadixCache:
             self.host = HostTier(
                 self.tree, self.controller, config, self.metrics, self.agree, self.quota, storage_writes=storage_writes
             )
-            self.tree.on_hit = self.host.on_hit
+            self.tree.on_hit, self.tree.on_split = self.host.on_hit, self.host.on_split
             self.prefetcher = StoragePrefetcher(
                 self.tree, self.host, self.controller, self.metrics, self.agree, self.quota
             )

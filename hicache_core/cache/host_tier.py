@@ -46,6 +46,9 @@ class HostTier:
         self.ongoing_write_through: dict[int, TreeNode] = {}
         self.ongoing_backup: dict[int, TreeNode] = {}
         self._write_locked: set[int] = set()  # nodes pinned on device until their host copy lands
+        # upper parts cut off a node whose host copy was still landing (tree.on_split): they land with it
+        self._riders: dict[int, list[TreeNode]] = {}
+        self._rider_of: dict[int, int] = {}
         self._landed_writes: list[int] = []  # finished here, not yet everywhere
         self._backed_up: dict[int, Any] = {}
         self._backing_up: dict[int, tuple] = {}  # node id -> (parent key, tokens, seed) for its storage event
@@ -86,8 +89,18 @@ class HostTier:
             self._write_locked.add(node.id)
         return len(host)
 
+    def on_split(self, upper: TreeNode, child: TreeNode) -> None:
+        """The tree's ``on_split``: a node whose host copy is still landing (or a part already cut off one) was cut;
+        the upper part's pages are in that copy, so its storage backup follows the copy's landing too. Without
+        this the upper part -- typically a prefix a second request shares -- had a host copy and never a backup."""
+        landing = child.id if child.id in self.ongoing_write_through else self._rider_of.get(child.id)
+        if landing is not None:
+            self._riders.setdefault(landing, []).append(upper)
+            self._rider_of[upper.id] = landing
+
     def writing_check(self, block: bool = False) -> None:
-        """Apply finished device->host copies; chain a storage backup after each."""
+        """Apply finished device->host copies; chain a storage backup after each (and after each upper part cut
+        off the node while its copy was landing)."""
         io = self.controller.io
         for node_id in agreed_prefix(self.agree, self._landed_writes, self.controller.finished_writes(block)):
             node = self.ongoing_write_through.pop(node_id, None)
@@ -96,9 +109,15 @@ class HostTier:
             if node_id in self._write_locked:
                 self._write_locked.discard(node_id)
                 self.tree.dec_lock_ref(node)
-            self.tree.announce(node, CPU)
-            if io is not None and self.storage_writes and node.host_value is not None and self._admitted(node):
-                self._backup(node)
+            riders = self._riders.pop(node_id, [])
+            for rider in riders:
+                self._rider_of.pop(rider.id, None)
+            for landed in (*riders, node):
+                if landed is not node and landed.host_value is None:
+                    continue  # evicted from host (or from the tree) before the copy landed
+                self.tree.announce(landed, CPU)
+                if io is not None and self.storage_writes and landed.host_value is not None and self._admitted(landed):
+                    self._backup(landed)
 
     def _admitted(self, node: TreeNode) -> bool:
         """Whether a node whose host copy just landed goes to storage now (``seen_twice``: only when its prefix

@@ -48,6 +48,8 @@ class RadixTree:
         self._evict_key = EVICTION_KEYS[eviction_policy]
         self.on_hit: Callable[[TreeNode], None] = _ignore  # a node was inserted (again): write policies count hits
         self.on_new: Callable[[TreeNode], None] = _ignore  # a node was just made by insert (its storage keys)
+        # a node was cut in two (upper, the rest): a tier whose work on the node is in flight covers the upper too
+        self.on_split: Callable[[TreeNode, TreeNode], None] = lambda upper, child: None
         self.on_evicted: Callable[[str, int], None] = lambda tier, tokens: None  # metrics
         self.events: Optional[KVEvents] = None  # what each tier holds, for routers (hicache_core/events)
         # node id -> eviction rank of retained nodes (cache/retention.py): rank 0 (unretained) goes first
@@ -136,6 +138,7 @@ class RadixTree:
         assert upper.parent is not None
         upper.children[tuple(child.key[:ps])] = child
         upper.parent.children[tuple(upper.key[:ps])] = upper
+        self.on_split(upper, child)
         return upper
 
     def _attach(self, parent: TreeNode, key: list) -> TreeNode:
