@@ -10,32 +10,22 @@ import time
 import warnings
 
 import msgspec
-import torch
 import zmq
 
 with warnings.catch_warnings():  # vLLM's import-time notices about torch APIs are not ours to fix
     warnings.simplefilter("ignore")
     from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
 
-from hicache_core.cache import build_cache
-from hicache_core.config import HiCacheConfig
 from hicache_core.events import block_hash
 from hicache_core.events.publisher import KVEventsConfig, ZmqPublisher
 from hicache_core.keys import hash_chain
-from hicache_core.memory import KVSpec
+from hicache_core.testing.cache import file_cache
 
 PS = 16
 
 
 def test_vllm_decodes_every_batch(tmp_path):
-    cfg = HiCacheConfig(
-        page_size=PS,
-        hicache_io_backend="direct",
-        hicache_storage_backend="file",
-        hicache_storage_backend_extra_config={"storage_dir": str(tmp_path), "prefetch_threshold": PS},
-    )
-    spec = KVSpec(layer_num=2, head_num=1, head_dim=8, dtype=torch.float32)
-    cache = build_cache(cfg, spec, 8 * PS, tiers="hicache+storage", device="cpu", host_tokens=16 * PS)
+    cache = file_cache(tmp_path, PS)
     pub = ZmqPublisher(KVEventsConfig(enable_kv_cache_events=True, endpoint="tcp://127.0.0.1:*", topic="hc"))
     cache.fleet.subscribe_events(pub)
     ctx = zmq.Context()
