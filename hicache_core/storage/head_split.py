@@ -10,7 +10,8 @@ when every one of the rank's groups is; a group missing or of another length is 
 
 Any TP size whose ranks hold whole groups can read (``N`` divides the heads per rank). The cost is one object per
 group instead of one per page, and a copy of each group between the host page and the object (``hicache bench
-storage --head-group``); it works through the backends' blob methods (file, memory, mooncake), as the L3 codec does.
+storage`` with ``"head_group"`` in its extra config measures it); it works through the backends' blob methods
+(file, memory, mooncake), as the L3 codec does.
 """
 
 from __future__ import annotations
