@@ -24,17 +24,21 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.platforms import current_platform
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from hicache_core.errors import ConfigError
+from hicache_core.integrations.vllm.block_order import BlockOrder, probe
 from hicache_core.integrations.vllm.events import to_vllm
 from hicache_core.integrations.vllm.plan import StepPlan
 from hicache_core.integrations.vllm.scheduler import SchedulerHalf
 from hicache_core.integrations.vllm.settings import (
     Geometry,
+    default_model_name,
     hicache_config,
     host_pages,
     model_fingerprint,
+    page_order,
     staging_pages,
     storage_config,
 )
@@ -111,20 +115,39 @@ def geometry(kv_cache_config: Any, tp_rank: int, tp_size: int) -> Geometry:
     )
 
 
-def page_format(vllm_config: Any, g: Geometry) -> str:
-    """Who packs a block's bytes: the platform and attention backend, and on CPU the ISA its kernels use."""
-    from vllm.platforms import current_platform
-
+def page_format(vllm_config: Any, g: Geometry, order: str) -> str:
+    """Who packs a page's bytes: empty for hicache's page order (shared with our engine and SGLang), else vLLM's
+    platform and attention backend, and on CPU the ISA its kernels use."""
+    if order == "hicache":
+        return ""
     device = current_platform.device_type
     if device == "cpu":
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
         cache_dtype = vllm_config.cache_config.cache_dtype
-        return f"vllm/cpu/CPU_ATTN/{_get_attn_isa(g.dtype, g.block_size, g.head_size, cache_dtype)}/{cache_dtype}"
+        return f"vllm/cpu/CPU_ATTN/{_cpu_isa(g, cache_dtype)}/{cache_dtype}"
     from vllm.distributed.kv_transfer.kv_connector.utils import get_kv_cache_layout
 
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
     return f"vllm/{device}/{backend or 'auto'}/{get_kv_cache_layout()}/{vllm_config.cache_config.cache_dtype}"
+
+
+def _cpu_isa(g: Geometry, cache_dtype: str = "auto") -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return str(_get_attn_isa(g.dtype, g.block_size, g.head_size, cache_dtype))
+
+
+def cpu_block_order(g: Geometry) -> BlockOrder:
+    """The byte order vLLM's CPU attention gives a block, read off its own cache-write op (block_order.py)."""
+    from vllm._custom_ops import cpu_attn_reshape_and_cache
+
+    isa = _cpu_isa(g)
+
+    def write(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+        blocks, heads, tokens, width = cache.shape
+        key_cache, value_cache = cache.view(blocks, heads, 2 * tokens, width // 2).chunk(2, dim=2)
+        cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+    return probe(write, g.kv_heads, g.block_size, g.head_size, g.dtype, f"CPU_ATTN/{isa}")
 
 
 def _tp_rank() -> int:
@@ -153,14 +176,16 @@ class HiCacheConnector(KVConnectorBase_V1):
         extra = dict(ktc.kv_connector_extra_config or {})
         model = vllm_config.model_config.model
         block_size = vllm_config.cache_config.block_size
-        self.config = hicache_config(extra, block_size, str(vllm_config.model_config.served_model_name or model))
+        name = default_model_name(model, vllm_config.model_config.served_model_name)
+        self.config = hicache_config(extra, block_size, name)
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         rank = 0 if role == KVConnectorRole.SCHEDULER else _tp_rank()
         self.geometry = geometry(kv_cache_config, rank, tp_size)
         pages = host_pages(self.config, self.geometry)
         fingerprint = model_fingerprint(self.config, model)
+        self.page_order = page_order(extra, current_platform.device_type, vllm_config.cache_config.cache_dtype)
         self.storage_config = storage_config(
-            self.config, self.geometry, page_format(vllm_config, self.geometry), fingerprint
+            self.config, self.geometry, page_format(vllm_config, self.geometry, self.page_order), fingerprint
         )
         self.scheduler: Optional[SchedulerHalf] = None
         self.worker: Optional[WorkerHalf] = None
@@ -181,16 +206,19 @@ class HiCacheConnector(KVConnectorBase_V1):
             kec = getattr(vllm_config, "kv_events_config", None)
             self.scheduler.events.enabled = bool(kec is not None and kec.enable_kv_cache_events)
         else:
-            self.worker = WorkerHalf(self.geometry, pages, staging_pages(extra, pages))
+            order = cpu_block_order(self.geometry) if self.page_order == "hicache" else None
+            self.worker = WorkerHalf(self.geometry, pages, staging_pages(extra, pages), order)
             if self.config.hicache_storage_backend:
                 self._storage = self.worker.storage = self._open(self.worker.pool)
         logger.info(
-            "HiCacheConnector (%s): host tier %d pages of %d tokens (%.1f MiB), storage %s, namespace %s",
+            "HiCacheConnector (%s): host tier %d pages of %d tokens (%.1f MiB), storage %s, %s page order, "
+            "namespace %s",
             role.name.lower(),
             pages,
             block_size,
             pages * self.geometry.page_bytes / 2**20,
             self.config.hicache_storage_backend or "none",
+            self.page_order,
             self.storage_config.namespace.tag,
         )
 

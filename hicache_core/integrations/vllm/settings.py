@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 # keys of kv_connector_extra_config that are the connector's own, not HiCacheConfig fields
 STAGING_PAGES = "hicache_staging_pages"
-CONNECTOR_KEYS = (STAGING_PAGES,)
+PAGE_ORDER = "hicache_page_order"
+CONNECTOR_KEYS = (STAGING_PAGES, PAGE_ORDER)
+PAGE_ORDERS = ("hicache", "vllm")
 
 
 def hicache_config(extra: Optional[Mapping[str, Any]], block_size: int, model_name: str) -> HiCacheConfig:
@@ -67,6 +69,36 @@ def staging_pages(extra: Optional[Mapping[str, Any]], host_pages: int) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise ConfigError(f"kv_connector_extra_config: {STAGING_PAGES} must be a positive integer, not {raw!r}")
     return raw
+
+
+def page_order(extra: Optional[Mapping[str, Any]], device: str, cache_dtype: str) -> str:
+    """How pages are kept: ``hicache`` (hicache's page order, converted at the connector's copy: the pages our
+    engine and SGLang's layer-major pools store, so engines share a prompt) or ``vllm`` (vLLM's block bytes as they
+    are: no conversion, read only by vLLM on the same platform and ISA). The default is ``hicache`` where the
+    connector can convert (vLLM's CPU attention, a 16- or 32-bit KV cache), else ``vllm``."""
+    convertible = device == "cpu" and cache_dtype in ("auto", "bfloat16", "float16")
+    raw = dict(extra or {}).get(PAGE_ORDER)
+    if raw is None:
+        return "hicache" if convertible else "vllm"
+    if raw not in PAGE_ORDERS:
+        choices = ", ".join(PAGE_ORDERS)
+        raise ConfigError(f"kv_connector_extra_config: {PAGE_ORDER} must be one of {choices}, not {raw!r}")
+    if raw == "hicache" and not convertible:
+        raise ConfigError(
+            f'kv_connector_extra_config: {PAGE_ORDER} "hicache" converts the blocks of vLLM\'s CPU attention with a '
+            f'16- or 32-bit KV cache; this is device {device!r} with kv cache dtype {cache_dtype!r}: use "vllm"'
+        )
+    return str(raw)
+
+
+def default_model_name(model: str, served: Any) -> str:
+    """The namespace's model name: vLLM's served name when one was given, else, for a local checkpoint, its
+    directory (or file) name, as our engine names it, so both engines' pages of one checkpoint share keys."""
+    name = served[0] if isinstance(served, (list, tuple)) and served else served
+    if name and str(name) != str(model):
+        return str(name)
+    path = Path(model).expanduser()
+    return path.name if path.exists() else str(model)
 
 
 @attrs.frozen

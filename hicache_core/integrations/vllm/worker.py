@@ -4,9 +4,12 @@ host slots layer by layer during the forward, loads pages into a waiting request
 backs pages up to storage through staging pages of its own (a storage call past its deadline keeps its staging
 pages, never a host slot the scheduler may reuse).
 
-A vLLM block is opaque bytes here: vLLM's attention kernels pack it their own way (on CPU, per ISA), so it is
-copied whole, as two halves that land in the host page's K and V runs. Tensors are found by their block dimension,
-so the same code moves CPU ``[blocks, heads, tokens, 2*dim]`` and CUDA ``[2, blocks, tokens, heads, dim]`` caches."""
+With a :class:`BlockOrder` (the ``hicache`` page order, vLLM's CPU attention) a block is converted at the copy:
+unpacked from the order vLLM's kernels write into hicache's (K|V, token, head, dim), and packed back on a load, so
+the host tier and storage hold the pages our engine and SGLang hold. Without one (the ``vllm`` page order) a block
+is opaque bytes, copied whole as two halves that land in the host page's K and V runs. Tensors are found by their
+block dimension, so the same code moves CPU ``[blocks, heads, tokens, 2*dim]`` and CUDA ``[2, blocks, tokens,
+heads, dim]`` caches."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from hicache_core.integrations.vllm.block_order import BlockOrder
 from hicache_core.integrations.vllm.plan import LoadJob, StepPlan
 from hicache_core.integrations.vllm.settings import Geometry
 from hicache_core.memory import HostPool
@@ -36,8 +40,10 @@ def block_view(kv: torch.Tensor, num_blocks: int) -> torch.Tensor:
 class WorkerHalf:
     """``storage``: a guarded backend (``batch_get_v1`` / ``batch_set_v1`` giving an Outcome) or None."""
 
-    def __init__(self, geometry: Geometry, host_pages: int, staging_pages: int) -> None:
-        self.g = geometry
+    def __init__(
+        self, geometry: Geometry, host_pages: int, staging_pages: int, order: Optional[BlockOrder] = None
+    ) -> None:
+        self.g, self.order = geometry, order
         self.host_pages, self.staging_pages = host_pages, staging_pages
         ps = geometry.block_size
         self.pool = HostPool(geometry.spec, (host_pages + staging_pages) * ps, ps, "page_first_direct")
@@ -78,6 +84,13 @@ class WorkerHalf:
                     f"layer {n}: a block of shape {tuple(v[0].shape)} and strides {v[0].stride()} is not two "
                     "contiguous halves; the connector copies whole blocks"
                 ) from None
+        g = self.g
+        want = (g.kv_heads, g.block_size, 2 * g.head_size)
+        if self.order is not None and (tuple(views[0].shape[1:]) != want or self.order.numel != 2 * self.half):
+            raise ValueError(
+                f"the hicache page order converts CPU blocks of shape {want}; vLLM's are {tuple(views[0].shape[1:])}: "
+                'set "hicache_page_order": "vllm" in kv_connector_extra_config'
+            )
         self.views = views
 
     # --- copies ------------------------------------------------------------------------------------------------------
@@ -88,11 +101,23 @@ class WorkerHalf:
     def _to_host(self, layer: int, blocks: list[int], slots: list[int]) -> None:
         # one contiguous copy per block and half: an advanced-index assignment moved the bytes element by element
         # (6% of vLLM's forward on SmolLM2, most of the connector's all-miss overhead)
+        if self.order is not None:
+            plain = torch.empty(2, self.half, dtype=self.views[layer].dtype)
+            for b, s in zip(blocks, slots):
+                self.order.unpack(self.views[layer][b], plain)
+                self.host[:, s, layer].copy_(plain.view(self.host.dtype))
+            return
         for b, s in zip(blocks, slots):
             self.host[:, s, layer].copy_(self._block(layer, b).view(self.host.dtype))
 
     def _to_blocks(self, blocks: list[int], slots: list[int]) -> None:
         for layer, v in enumerate(self.views):
+            if self.order is not None:
+                plain = torch.empty(2, self.half, dtype=v.dtype)
+                for b, s in zip(blocks, slots):
+                    plain.copy_(self.host[:, s, layer].view(v.dtype))
+                    self.order.pack(plain, v[b])
+                continue
             for b, s in zip(blocks, slots):
                 self._block(layer, b).copy_(self.host[:, s, layer].view(v.dtype))
 
