@@ -12,6 +12,9 @@
 #include <emmintrin.h>
 #include <xmmintrin.h>
 
+/* No software prefetch inside a piece: the hardware prefetcher follows a sequential read. A prefetchnta 2 KiB
+ * ahead of each line here held 128 KiB pieces (MHA and MLA layer_first) to 0.59-0.64x of a contiguous copy on an
+ * AMX Xeon VM (bench transfer); without it they run at 1.10-1.34x, and the short page_first pieces gain too. */
 static void copy_stream(char *dst, const char *src, size_t n) {
     size_t head = (size_t)((16 - ((uintptr_t)dst & 15)) & 15);
     if (head > n) head = n;
@@ -20,7 +23,6 @@ static void copy_stream(char *dst, const char *src, size_t n) {
     src += head;
     n -= head;
     for (; n >= 64; n -= 64, src += 64, dst += 64) {
-        _mm_prefetch(src + 2048, _MM_HINT_NTA);
         __m128i a = _mm_loadu_si128((const __m128i *)src);
         __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
         __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
