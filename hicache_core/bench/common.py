@@ -64,13 +64,21 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / max(seconds, 1e-12) / 1e9
 
 
-def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
-    """columns: (key, header, format)."""
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]] | str) -> None:
+    """columns: (key, header, format) tuples, or one string of ``key=header:format`` columns separated by ``;``."""
+    if isinstance(columns, str):
+        columns = [_column(c) for c in columns.split(";") if c.strip()]
     cells = [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h, _) in enumerate(columns)]
     print("  ".join(h.ljust(w) for (_, h, _), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def _column(text: str) -> tuple[str, str, str]:
+    key, _, rest = text.strip().partition("=")
+    header, _, fmt = rest.rpartition(":")
+    return key, header, fmt
 
 
 def dump_json(obj: Any) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from hicache_core.bench.common import dump_json, print_table
-from hicache_core.parse import arg_float, arg_int
+from hicache_core.bench.options import int_option
+from hicache_core.parse import arg_float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,9 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="the synthetic checkpoint's weights in GB (default %(default)s)",
     )
-    p.add_argument(
-        "--repeat", type=arg_int(1, 100), default=3, help="runs per measurement, median (default %(default)s)"
-    )
+    int_option(p, "--repeat", 1, 100, 3, "runs per measurement, median")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -102,13 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nhicache bench fingerprint: {len(files)} files, {gb:.2f} GB ({path})\n")
         print_table(
             rows,
-            [
-                ("what", "measurement", "s"),
-                ("s", "seconds", ".3f"),
-                ("s_per_gb", "s per GB", ".3f"),
-                ("gbps", "GB/s", ".2f"),
-                ("vs_read", "x read time", ".2f"),
-            ],
+            "what=measurement:s; s=seconds:.3f; s_per_gb=s per GB:.3f; gbps=GB/s:.2f; vs_read=x read time:.2f",
         )
         return 0
     finally:

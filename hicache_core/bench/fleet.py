@@ -179,14 +179,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     print_table(
         rows,
-        [
-            ("mode", "store", "s"),
-            ("rate", "storage hit % (waves 2+)", ".1f"),
-            ("sto", "storage tok", "d"),
-            ("mib", "MiB stored", ".2f"),
-            ("t1", "TTFT wave 1 ms", ".1f"),
-            ("t2", "TTFT waves 2+ ms", ".1f"),
-        ],
+        "mode=store:s; rate=storage hit % (waves 2+):.1f; sto=storage tok:d; mib=MiB stored:.2f; "
+        "t1=TTFT wave 1 ms:.1f; t2=TTFT waves 2+ ms:.1f",
     )
     ratio = summary["bytes_stored_ratio_separate_over_shared"]
     print(

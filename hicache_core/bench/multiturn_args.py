@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from hicache_core.bench.options import add_output_arguments, int_option
 from hicache_core.config import add_hicache_args
-from hicache_core.parse import add_kv_cache_dtype, arg_float, arg_int
+from hicache_core.parse import add_kv_cache_dtype, arg_float
 
 CONFIGS = ("none", "radix", "hicache", "hicache+storage")
 LABELS = {
@@ -25,33 +26,11 @@ BENCH_SHAPE = dict(
 
 def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) -> None:
     w = p.add_argument_group("workload (every configuration replays the same conversations)")
-    w.add_argument(
-        "--num-clients", type=arg_int(1, 100000), default=8, help="concurrent conversations (default %(default)s)"
-    )
-    w.add_argument(
-        "--num-rounds",
-        type=arg_int(1, 100000),
-        default=4,
-        help="turns per conversation; each sends the whole history so far (default %(default)s)",
-    )
-    w.add_argument(
-        "--request-length",
-        type=arg_int(1, 1 << 20),
-        default=512,
-        help="tokens of each client's first prompt (default %(default)s)",
-    )
-    w.add_argument(
-        "--question-length",
-        type=arg_int(1, 1 << 20),
-        default=64,
-        help="new user tokens appended in each later round (default %(default)s)",
-    )
-    w.add_argument(
-        "--output-length",
-        type=arg_int(1, 1 << 20),
-        default=output_length,
-        help="tokens generated per reply, greedy (default %(default)s)",
-    )
+    int_option(w, "--num-clients", 1, 100000, 8, "concurrent conversations")
+    int_option(w, "--num-rounds", 1, 100000, 4, "turns per conversation; each sends the whole history so far")
+    int_option(w, "--request-length", 1, 1 << 20, 512, "tokens of each client's first prompt")
+    int_option(w, "--question-length", 1, 1 << 20, 64, "new user tokens appended in each later round")
+    int_option(w, "--output-length", 1, 1 << 20, output_length, "tokens generated per reply, greedy")
     w.add_argument(
         "--request-rate",
         type=arg_float(0, above=True, allow_inf=True),
@@ -70,9 +49,7 @@ def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) 
         default="random",
         help="order in which clients send within a round (default %(default)s)",
     )
-    w.add_argument(
-        "--seed", type=arg_int(0), default=0, help="seeds prompts, order and model weights (default %(default)s)"
-    )
+    int_option(w, "--seed", 0, None, 0, "seeds prompts, order and model weights")
     w.add_argument(
         "--all-miss",
         action="store_true",
@@ -84,15 +61,13 @@ def add_workload_arguments(p: argparse.ArgumentParser, output_length: int = 16) 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     add_engine_arguments(p)
-    o = p.add_argument_group("output")
-    o.add_argument(
-        "--repeat",
-        type=arg_int(1, 100),
-        default=1,
-        help="run everything N times (fresh storage each time) and report the spread (default %(default)s)",
-    )
-    o.add_argument(
-        "--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after the run)"
+    o = add_output_arguments(
+        p,
+        report="report.json and report.png go",
+        progress="no progress bar or progress lines on stderr",
+        repeat="fresh storage each time",
+        storage_dir="file backend directory",
+        base_url="drive running servers (SGLang's /generate, e.g. hicache serve)",
     )
     o.add_argument(
         "--warm",
@@ -107,19 +82,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let the warm restart read the store's files from the OS page cache (default: dropped first, with "
         "posix_fadvise DONTNEED, so its reads come from the disk as after a machine restart)",
-    )
-    o.add_argument(
-        "--report-dir", default="hicache-report", help="where report.json and report.png go (default %(default)s)"
-    )
-    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines on stderr")
-    o.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        metavar="[LABEL=]URL",
-        help="drive running servers (SGLang's /generate, e.g. hicache serve) instead of the in-process "
-        "engine; repeat to compare them, the first is the reference",
     )
     o.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     o.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -146,11 +108,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "kept in the page); several, comma separated, run the whole "
         "benchmark once per kind and compare their gains (default %(default)s)",
     )
-    e.add_argument(
-        "--sliding-window",
-        type=arg_int(1, 1 << 20),
-        default=128,
-        help="tokens each windowed layer attends to, for --model-kind swa and hybrid (default %(default)s)",
+    int_option(
+        e, "--sliding-window", 1, 1 << 20, 128, "tokens each windowed layer attends to, for --model-kind swa and hybrid"
     )
     e.add_argument(
         "--dtype",
@@ -193,27 +152,23 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help='also run hicache+storage under each of these L3 codecs (none, zstd, fp8: "codec" in the extra config), '
         "each on a store of its own; the report compares bytes written to L3 per storage-hit token and the gains",
     )
-    e.add_argument(
-        "--device-tokens",
-        type=arg_int(1, 1 << 30),
-        default=1024,
-        help="device KV pool in tokens, deliberately smaller than the working set (default %(default)s)",
+    int_option(
+        e, "--device-tokens", 1, 1 << 30, 1024, "device KV pool in tokens, deliberately smaller than the working set"
     )
-    e.add_argument(
-        "--max-running", type=arg_int(1, 100000), default=4, help="requests in one batch (default %(default)s)"
-    )
-    e.add_argument(
-        "--tp",
-        "--tp-size",
+    int_option(e, "--max-running", 1, 100000, 4, "requests in one batch")
+    int_option(
+        e,
+        "--tp --tp-size",
+        1,
+        64,
+        1,
+        "tensor-parallel rank processes (gloo on CPU; heads and KV sharded)",
         dest="tp_size",
-        type=arg_int(1, 64),
-        default=1,
-        help="tensor-parallel rank processes (gloo on CPU; heads and KV sharded; default %(default)s)",
     )
     from hicache_core.engine.model_config import SHAPE_FLAGS
 
     for flag, field, what in SHAPE_FLAGS:
-        e.add_argument(flag, type=arg_int(1, 1 << 16), default=BENCH_SHAPE[field], help=f"{what} (default %(default)s)")
+        int_option(e, flag, 1, 1 << 16, BENCH_SHAPE[field], what)
     add_hicache_args(p)
     # the demo's own defaults (help above shows these, not the library's)
     p.set_defaults(

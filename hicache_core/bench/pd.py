@@ -34,11 +34,11 @@ from hicache_core.bench.common import Progress, pct
 from hicache_core.bench.http import TIERS, counter_delta, http_get, http_post, send_round
 from hicache_core.bench.multiturn import Workload
 from hicache_core.bench.multiturn_args import add_workload_arguments
+from hicache_core.bench.options import add_output_arguments, int_option
 from hicache_core.bench.pd_instances import Instances, add_instance_hicache_args, hicache_flags
 from hicache_core.bench.report import report
 from hicache_core.config import HiCacheConfig
 from hicache_core.errors import ConfigError, HiCacheError
-from hicache_core.parse import arg_int
 
 MODES = ("prefill-share", "decode-offload")
 # name -> (label, prefill instances' role flags, decode's role flags); None: a plain server without a store
@@ -58,60 +58,28 @@ CONFIGS: dict[str, dict[str, tuple]] = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p, output_length=128)
     s = p.add_argument_group("instances (each a `hicache serve` process on 127.0.0.1 with the random tiny model)")
-    s.add_argument(
-        "--mode",
-        choices=MODES,
-        default="prefill-share",
-        help="prefill-share: two prefill instances share the store; decode-offload: decode writes "
-        "finished requests to the store for the next turn's prefill (default %(default)s)",
+    modes = (
+        "prefill-share: two prefill instances share the store; decode-offload: decode writes finished requests to "
+        "the store for the next turn's prefill (default %(default)s)"
     )
+    s.add_argument("--mode", choices=MODES, default="prefill-share", help=modes)
     s.add_argument(
         "--configs",
         default=None,
         help="configurations to run, comma separated (default: all of the mode's: prefill-share "
         "pd-local,pd-shared; decode-offload adds pd-offload)",
     )
-    s.add_argument(
-        "--device-tokens",
-        type=arg_int(1, 1 << 30),
-        default=2048,
-        help="each instance's device KV pool in tokens (default %(default)s)",
+    int_option(s, "--device-tokens", 1, 1 << 30, 2048, "each instance's device KV pool in tokens")
+    int_option(s, "--max-running", 1, 100000, 4, "requests in one batch, per instance")
+    int_option(s, "--tp --tp-size", 1, 64, 1, "tensor-parallel ranks of every instance", dest="tp_size")
+    int_option(s, "--start-timeout", 1, 3600, 180, "seconds an instance may take to start")
+    add_output_arguments(
+        p,
+        report="report.json and report.png go",
+        progress="no progress bar on stderr",
+        repeat="fresh instances and store each time",
+        storage_dir="file backend directory",
     )
-    s.add_argument(
-        "--max-running",
-        type=arg_int(1, 100000),
-        default=4,
-        help="requests in one batch, per instance (default %(default)s)",
-    )
-    s.add_argument(
-        "--tp",
-        "--tp-size",
-        dest="tp_size",
-        type=arg_int(1, 64),
-        default=1,
-        help="tensor-parallel ranks of every instance (default %(default)s)",
-    )
-    s.add_argument(
-        "--start-timeout",
-        type=arg_int(1, 3600),
-        default=180,
-        help="seconds an instance may take to start (default %(default)s)",
-    )
-    o = p.add_argument_group("output")
-    o.add_argument(
-        "--repeat",
-        type=arg_int(1, 100),
-        default=1,
-        help="run everything N times (fresh instances and store each time) and report the spread",
-    )
-    o.add_argument(
-        "--storage-dir", default=None, help="file backend directory (default: a temp dir, removed after the run)"
-    )
-    o.add_argument(
-        "--report-dir", default="hicache-report", help="where report.json and report.png go (default %(default)s)"
-    )
-    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_instance_hicache_args(p, page_size=32, hicache_ratio=3.0)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hicache_core.bench.common import dump_json, gbps, print_table
+from hicache_core.bench.options import int_option
 from hicache_core.config import HiCacheConfig, add_hicache_args
 from hicache_core.errors import ConfigError
 from hicache_core.keys import hash_chain
@@ -30,12 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(hicache_storage_backend="file")
     p.add_argument("--page-kib", default="256,1024", help="page sizes in KiB (default 256,1024)")
     p.add_argument("--total-mib", type=arg_int(1, 1 << 20), default=256, help="MiB moved per measurement (default 256)")
-    p.add_argument(
-        "--repeat",
-        type=arg_int(1, 1000),
-        default=5,
-        help="rounds; the medians leave out the first, cold one (default %(default)s)",
-    )
+    int_option(p, "--repeat", 1, 1000, 5, "rounds; the medians leave out the first, cold one")
     p.add_argument(
         "--via-sglang",
         action="store_true",

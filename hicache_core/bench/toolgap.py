@@ -232,18 +232,9 @@ def report(args: argparse.Namespace, results: list[dict]) -> int:
     ]
     print_table(
         rows,
-        [
-            ("config", "configuration", "s"),
-            ("mean", "post-gap TTFT ms", ".1f"),
-            ("p50", "p50", ".1f"),
-            ("p90", "p90", ".1f"),
-            ("x", "x vs first", ".2f"),
-            ("dev", "device tok", "d"),
-            ("host", "host tok", "d"),
-            ("sto", "storage tok", "d"),
-            ("hints", "restores / retention", "s"),
-            ("same", "same tokens", "s"),
-        ],
+        "config=configuration:s; mean=post-gap TTFT ms:.1f; p50=p50:.1f; p90=p90:.1f; x=x vs first:.2f; "
+        "dev=device tok:d; host=host tok:d; sto=storage tok:d; hints=restores / retention:s; "
+        "same=same tokens:s",
     )
     print_phases(results, "ttft_phases_ms", "post-gap TTFT")
     if not ok:

@@ -37,6 +37,7 @@ from hicache_core.bench.common import Progress, print_table
 from hicache_core.bench.common import pct as _pct
 from hicache_core.bench.measure import warm_up
 from hicache_core.bench.multiturn_args import CONFIGS, LABELS, add_engine_arguments
+from hicache_core.bench.options import add_output_arguments
 from hicache_core.bench.report import agreement, print_phases, strict_tokens
 from hicache_core.bench.trace_format import SHAPES, TRACE_BLOCK, generate, ideal_hits, load, prompt_of, scaled
 from hicache_core.bench.variants import lossy, print_l3_bytes
@@ -61,18 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", default=None, help="where --generate writes the trace")
     g.add_argument("--sessions", type=int, default=8, help="sessions in a generated trace (default 8)")
     g.add_argument("--turns", type=int, default=6, help="turns per generated session (default 6)")
-    o = p.add_argument_group("output")
-    o.add_argument("--report-dir", default="hicache-report", help="where trace.json goes (default %(default)s)")
-    o.add_argument("--json", action="store_true", help="print the JSON report instead of tables")
-    o.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    o.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        metavar="[LABEL=]URL",
-        help="replay against running servers (SGLang's /generate) instead of the in-process engine; repeat to "
-        "compare them, the first is the reference",
-    )
+    add_output_arguments(p, report="trace.json goes", base_url="replay against running servers (SGLang's /generate)")
     add_engine_arguments(p)
 
 
@@ -288,20 +278,9 @@ def _report(args: argparse.Namespace, results: list[dict]) -> int:
     ]
     print_table(
         rows,
-        [
-            ("config", "configuration", "s"),
-            ("hit", "hit %", ".1f"),
-            ("ideal", "% of ideal", ".1f"),
-            ("dev", "device tok", "d"),
-            ("host", "host tok", "d"),
-            ("sto", "storage tok", "d"),
-            ("mean", "TTFT mean ms", ".1f"),
-            ("p50", "p50", ".1f"),
-            ("p90", "p90", ".1f"),
-            ("p99", "p99", ".1f"),
-            ("x", "x vs first", ".2f"),
-            ("same", "same tokens", "s"),
-        ],
+        "config=configuration:s; hit=hit %:.1f; ideal=% of ideal:.1f; dev=device tok:d; host=host tok:d; "
+        "sto=storage tok:d; mean=TTFT mean ms:.1f; p50=p50:.1f; p90=p90:.1f; p99=p99:.1f; "
+        "x=x vs first:.2f; same=same tokens:s",
     )
     print_phases(results, "ttft_phases_ms", "TTFT")
     print_l3_bytes(results)

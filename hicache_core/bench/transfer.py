@@ -158,17 +158,8 @@ def run(args: argparse.Namespace) -> int:
     print("ratio = median over alternating pairs of (contiguous copy time / transfer time), same bytes, same run\n")
     print_table(
         [r for r in rows if "gbps" in r],
-        [
-            ("shape", "shape", "s"),
-            ("layout", "layout", "s"),
-            ("io", "io", "s"),
-            ("direction", "direction", "s"),
-            ("piece_bytes", "piece B", "d"),
-            ("layers_per_call", "layers/call", "d"),
-            ("gbps", "GB/s", ".2f"),
-            ("baseline_gbps", "copy GB/s", ".2f"),
-            ("ratio", "ratio", ".2f"),
-        ],
+        "shape=shape:s; layout=layout:s; io=io:s; direction=direction:s; piece_bytes=piece B:d; "
+        "layers_per_call=layers/call:d; gbps=GB/s:.2f; baseline_gbps=copy GB/s:.2f; ratio=ratio:.2f",
     )
     for r in rows:
         if "note" in r:
