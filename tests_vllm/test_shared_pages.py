@@ -7,6 +7,7 @@ engine, on the same checkpoint, dtype and page size, store the same pages under 
   prefix cache is off: every cached token came through the connector) and answers with vLLM-alone's tokens.
 - Both stores hold the same files (same namespace, same keys), and each page's values agree to float32 rounding:
   vLLM's KV unpacked from its CPU kernels' order is our engine's KV for the same tokens.
+- With ``"head_group": 1`` (one object per KV head, the TP-agnostic pages) vLLM's head objects serve our engine.
 - The control: with ``"hicache_page_order": "vllm"`` (vLLM's packed bytes, its own namespace) our engine finds
   nothing of vLLM's."""
 
@@ -29,14 +30,15 @@ PS = 32
 PROMPT = [random.Random(7).randrange(3, 300) for _ in range(3 * PS + 5)]
 
 
-def connector(store: Path, **more) -> dict:
-    extra = {"storage_dir": str(store), "prefetch_threshold": 0}
+def connector(store: Path, backend_extra: dict | None = None, **more) -> dict:
+    extra = {"storage_dir": str(store), "prefetch_threshold": 0, **(backend_extra or {})}
     backend = {"hicache_storage_backend": "file", "hicache_storage_backend_extra_config": extra}
     return {"hicache_size": 0.05, **backend, **more}
 
 
-def engine_run(model, store: Path | None, rid: str) -> Request:
-    """One request through our engine (float32 KV, float64 compute): with ``store``, on a file store."""
+def engine_run(model, store: Path | None, rid: str, **extra) -> Request:
+    """One request through our engine (float32 KV, float64 compute): with ``store``, on a file store (``extra``: more
+    of the backend's extra config)."""
     if store is None:
         cfg, mode = HiCacheConfig(page_size=PS), "none"
     else:
@@ -45,7 +47,7 @@ def engine_run(model, store: Path | None, rid: str) -> Request:
                 page_size=PS,
                 hicache_ratio=2,
                 hicache_storage_backend="file",
-                hicache_storage_backend_extra_config={"storage_dir": str(store), "prefetch_threshold": 0},
+                hicache_storage_backend_extra_config={"storage_dir": str(store), "prefetch_threshold": 0, **extra},
                 hicache_storage_prefetch_policy="wait_complete",
             ),
             "hicache+storage",
@@ -83,6 +85,7 @@ def test_vllm_and_our_engine_read_each_others_pages(tmp_path, tiny):
             "vllm_reads": (connector(ours), {}),
             "vllm_alone": (None, {}),
             "vllm_packed": (connector(tmp_path / "packed", hicache_page_order="vllm"), {}),
+            "vllm_by_head": (connector(tmp_path / "by-head", {"head_group": 1}), {}),
         },
         block_size=PS,
     )
@@ -100,6 +103,10 @@ def test_vllm_and_our_engine_read_each_others_pages(tmp_path, tiny):
     assert len(common) >= 3, f"no shared keys: ours {sorted(mine)[:4]}, vLLM's {sorted(theirs)[:4]}"
     for name in common:
         assert torch.allclose(mine[name], theirs[name], rtol=1e-3, atol=1e-4), name
+
+    # pages by KV head (TP-agnostic: docs/sglang.md's heterogeneous TP): our engine reads vLLM's head objects too
+    by_head = engine_run(model, tmp_path / "by-head", "by-head", head_group=1)
+    assert by_head.cached["storage"] == 3 * PS and by_head.output == recompute.output, by_head.cached
 
     vllm_bytes = {Path(n).name: t for n, t in pages(tmp_path / "packed").items()}  # before our engine adds its own
     assert len(vllm_bytes) >= 3, "the packed run stored pages"
