@@ -1,7 +1,8 @@
-"""Inside SGLang, HiCacheForSGLang keys pages by the weights, not the model's name: its fingerprint comes from what
-SGLang's server args say (model path, revision, dtype, quantization, KV dtype) plus the content digest of a local
-checkpoint, so a model rewritten in place under the same path reads none of its old pages. The server args are the
-real ``sglang.srt.runtime_context.get_server_args`` answer's fields, set here on a stand-in object (a real
+"""Inside SGLang, HiCacheForSGLang keys pages by the weights, not the model's name: for a local checkpoint its
+fingerprint is the checkpoint's content digest (the one hicache's engine and the vLLM connector use) plus what
+SGLang's server args add that changes the KV (revision, quantization, KV dtype), so a model rewritten in place
+under the same path reads none of its old pages. The server args are the real
+``sglang.srt.runtime_context.get_server_args`` answer's fields, set here on a stand-in object (a real
 ``ServerArgs`` needs a launched server)."""
 
 import types
@@ -51,7 +52,7 @@ def test_a_checkpoint_rewritten_in_place_reads_none_of_its_old_pages(tmp_path, m
     after.close()
 
 
-def test_revision_dtype_and_kv_dtype_are_part_of_it(tmp_path, monkeypatch, checkpoint):
+def test_revision_quantization_and_kv_dtype_are_part_of_it(tmp_path, monkeypatch, checkpoint):
     args = server_args(monkeypatch, checkpoint)
     ks = keys(2)
     b, _ = written(tmp_path, ks)

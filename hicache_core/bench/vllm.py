@@ -52,7 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="vLLM's KV space (default: a third of the conversations' working set)",
     )
-    p.add_argument("--configs", default="alone,hicache,example", help="any of alone, hicache, example")
+    p.add_argument(
+        "--configs",
+        default="alone,hicache,example",
+        help="any of alone, hicache, hicache-packed (the connector keeping vLLM's own block bytes: "
+        '"hicache_page_order": "vllm", no conversion at its copies), example',
+    )
     p.add_argument("--hicache-storage-backend", default="file")
     p.add_argument("--hicache-storage-backend-extra-config", default=None, help="JSON (default: a temp directory)")
     p.add_argument("--hicache-size", type=float, default=1.0, help="host tier in GB")
@@ -223,12 +228,13 @@ def transfer_config(name: str, args: argparse.Namespace, workdir: Path) -> Optio
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"shared_storage_path": str(workdir / "example")},
         }
-    if name == "hicache":
+    if name in ("hicache", "hicache-packed"):
         extra = (
             json.loads(args.hicache_storage_backend_extra_config)
             if args.hicache_storage_backend_extra_config
-            else {"storage_dir": str(workdir / "hicache-kv")}
+            else {"storage_dir": str(workdir / f"{name}-kv")}
         )
+        order = {"hicache_page_order": "vllm"} if name == "hicache-packed" else {}
         return {
             "kv_connector": "HiCacheConnector",
             "kv_connector_module_path": "hicache_core.vllm",
@@ -238,9 +244,10 @@ def transfer_config(name: str, args: argparse.Namespace, workdir: Path) -> Optio
                 "hicache_size": args.hicache_size,
                 "hicache_storage_backend": args.hicache_storage_backend,
                 "hicache_storage_backend_extra_config": extra,
+                **order,
             },
         }
-    raise ConfigError(f"--configs: unknown configuration {name!r}; choose from alone, hicache, example")
+    raise ConfigError(f"--configs: unknown configuration {name!r}; choose from alone, hicache, hicache-packed, example")
 
 
 def kv_bytes_default(model: Path, args: argparse.Namespace) -> int:

@@ -93,12 +93,14 @@ class HiCacheForSGLang(_SGLangStorage):
         config = HiCacheConfig(
             page_size=pool.page_size,
             hicache_mem_layout=pool.layout,
-            model_name=sc.model_name,
+            model_name=namespace_model_name(sc.model_name),
             hicache_model_fingerprint=self.fingerprint,
             hicache_storage_backend=self.backend_name,
             hicache_storage_backend_extra_config=self.backend_extra,
         )
         storage_config = make_storage_config(config, spec, tp_rank=sc.tp_rank, tp_size=sc.tp_size)
+        # SGLang's own name stays the backend's (SGLang-layout files are named with it); the namespace has its own
+        storage_config = attrs.evolve(storage_config, model_name=sc.model_name)
         if fields:
             storage_config = attrs.evolve(storage_config, namespace=attrs.evolve(storage_config.namespace, **fields))
         self.storage_config = storage_config
@@ -193,20 +195,29 @@ class HiCacheForSGLang(_SGLangStorage):
             self.handle.close()
 
 
-def sglang_fingerprint(given: Any = None) -> Optional[str]:
-    """The weights' identity inside an SGLang server: ``hicache_model_fingerprint`` from the extra config when
-    given, else a digest of what SGLang's server args say about the weights -- model path, revision, dtype,
-    quantization, KV cache dtype -- plus the checkpoint's content digest when the model path is local (so a
-    model updated in place under the same path gets new keys). None outside a server (nothing published)."""
-    if given is not None:
-        return HiCacheConfig(hicache_model_fingerprint=str(given)).hicache_model_fingerprint
+def _server_args() -> Any:
+    """SGLang's published server args, or None outside an SGLang server (or an SGLang without the runtime
+    context)."""
     try:
         from sglang.srt.runtime_context import get_server_args
 
         args = get_server_args()
-    except Exception:  # not inside an SGLang server process, or an SGLang without the runtime context
-        args = None
-    if args is None or not getattr(args, "model_path", None):
+    except Exception:
+        return None
+    return args if args is not None and getattr(args, "model_path", None) else None
+
+
+def sglang_fingerprint(given: Any = None) -> Optional[str]:
+    """The weights' identity inside an SGLang server: ``hicache_model_fingerprint`` from the extra config when
+    given. Else, for a local checkpoint, its content digest -- the fingerprint hicache's engine and the vLLM
+    connector key the same checkpoint by, so the three share pages -- with what else SGLang's server args say
+    changes the KV appended (``+revision=``, ``+quantization=``, ``+kv_cache_dtype=`` when set), so a model
+    updated in place under the same path gets new keys. For a hub model, a digest of the model path, revision,
+    dtype, quantization and KV cache dtype. None outside a server (nothing published)."""
+    if given is not None:
+        return HiCacheConfig(hicache_model_fingerprint=str(given)).hicache_model_fingerprint
+    args = _server_args()
+    if args is None:
         logger.info(
             "HiCacheForSGLang: no SGLang server args published; pages are keyed by the model name only "
             "(pass hicache_model_fingerprint in the extra config to key them by the weights)"
@@ -217,13 +228,30 @@ def sglang_fingerprint(given: Any = None) -> Optional[str]:
 
     from hicache_core.identity import checkpoint_fingerprint
 
+    local = Path(str(args.model_path)).expanduser()
+    if local.exists():
+        more = [
+            f"+{k}={v}"
+            for k in ("revision", "quantization", "kv_cache_dtype")
+            if (v := getattr(args, k, None)) not in (None, "", "auto")
+        ]
+        return checkpoint_fingerprint(local) + "".join(more)
     parts = [
         f"{k}={getattr(args, k, None)}" for k in ("model_path", "revision", "dtype", "quantization", "kv_cache_dtype")
     ]
-    local = Path(str(args.model_path)).expanduser()
-    if local.exists():
-        parts.append("content=" + checkpoint_fingerprint(local))
     return hashlib.sha256(";".join(parts).encode()).hexdigest()[:32]
+
+
+def namespace_model_name(model_name: Optional[str]) -> Optional[str]:
+    """The model name in the storage namespace: SGLang's, except that a local checkpoint SGLang names by its path
+    (no ``--served-model-name``) is named by its directory, as hicache's engine and the vLLM connector name it."""
+    args = _server_args()
+    if args is None or not model_name or str(model_name) != str(args.model_path):
+        return model_name
+    from pathlib import Path
+
+    local = Path(str(model_name)).expanduser()
+    return local.name if local.exists() else model_name
 
 
 def through_sglang(config: HiCacheConfig, host_pool: Any) -> HiCacheForSGLang:
