@@ -1,6 +1,7 @@
 """The hicache page order against vLLM's real CPU cache-write op (``cpu_attn_reshape_and_cache``, the ISA this CPU
-picks: amx for bf16 on an AMX Xeon, vec for fp16): a block vLLM wrote reaches the host tier as hicache's page
-(K|V, token, head, dim), and a page loaded back is bit-equal to the block vLLM wrote. No LLM is started."""
+picks: amx for bf16 on an AMX Xeon, vec for fp16): a block vLLM wrote reaches the host tier as it is, leaves for
+storage as hicache's page (K|V, token, head, dim), and a page read back from storage loads bit-equal to the block
+vLLM wrote. No LLM is started."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def test_a_block_vllm_wrote_lands_as_hicache_page_and_loads_back_bit_equal(dtype
             vllm_write(g, caches[n], kv[n][0].contiguous(), kv[n][1].contiguous(), blocks)
         for layer in range(LAYERS):
             worker._to_host(layer, blocks, slots)
+        worker._reorder(slots, unpack=True)  # what a backup does to its staging pages
         for layer, n in enumerate(g.layer_names):
             for i, s in enumerate(slots):
                 want = kv[n][:, i * g.block_size : (i + 1) * g.block_size].reshape(2, -1)
@@ -56,6 +58,7 @@ def test_a_block_vllm_wrote_lands_as_hicache_page_and_loads_back_bit_equal(dtype
         before = {n: c.clone() for n, c in caches.items()}
         for c in caches.values():
             c[blocks] = 0
+        worker._reorder(slots, unpack=False)  # what a storage read does before the pages go to vLLM's blocks
         worker._to_blocks([5, 3], slots)  # into other blocks: every byte comes from the host page
         for n in g.layer_names:
             assert torch.equal(caches[n][[5, 3]].view(torch.int8), before[n][blocks].view(torch.int8))

@@ -4,10 +4,12 @@ host slots layer by layer during the forward, loads pages into a waiting request
 backs pages up to storage through staging pages of its own (a storage call past its deadline keeps its staging
 pages, never a host slot the scheduler may reuse).
 
-With a :class:`BlockOrder` (the ``hicache`` page order, vLLM's CPU attention) a block is converted at the copy:
-unpacked from the order vLLM's kernels write into hicache's (K|V, token, head, dim), and packed back on a load, so
-the host tier and storage hold the pages our engine and SGLang hold. Without one (the ``vllm`` page order) a block
-is opaque bytes, copied whole as two halves that land in the host page's K and V runs. Tensors are found by their
+A block is copied whole between vLLM's cache and the host tier, as two halves that land in the host page's K and V
+runs: the host tier holds vLLM's bytes, so a host hit costs a copy. With a :class:`BlockOrder` (the ``hicache``
+page order, vLLM's CPU attention) the pages are converted at the storage boundary, off the forward's thread: a
+backup's staging pages are unpacked from vLLM's kernel order into hicache's (K|V, token, head, dim) on the writer
+thread, and pages read from storage are packed back on the loader thread, so storage holds the pages our engine
+and SGLang hold. Without one (the ``vllm`` page order) storage holds vLLM's bytes. Tensors are found by their
 block dimension, so the same code moves CPU ``[blocks, heads, tokens, 2*dim]`` and CUDA ``[2, blocks, tokens,
 heads, dim]`` caches."""
 
@@ -101,25 +103,27 @@ class WorkerHalf:
     def _to_host(self, layer: int, blocks: list[int], slots: list[int]) -> None:
         # one contiguous copy per block and half: an advanced-index assignment moved the bytes element by element
         # (6% of vLLM's forward on SmolLM2, most of the connector's all-miss overhead)
-        if self.order is not None:
-            plain = torch.empty(2, self.half, dtype=self.views[layer].dtype)
-            for b, s in zip(blocks, slots):
-                self.order.unpack(self.views[layer][b], plain)
-                self.host[:, s, layer].copy_(plain.view(self.host.dtype))
-            return
         for b, s in zip(blocks, slots):
             self.host[:, s, layer].copy_(self._block(layer, b).view(self.host.dtype))
 
     def _to_blocks(self, blocks: list[int], slots: list[int]) -> None:
         for layer, v in enumerate(self.views):
-            if self.order is not None:
-                plain = torch.empty(2, self.half, dtype=v.dtype)
-                for b, s in zip(blocks, slots):
-                    plain.copy_(self.host[:, s, layer].view(v.dtype))
-                    self.order.pack(plain, v[b])
-                continue
             for b, s in zip(blocks, slots):
                 self._block(layer, b).copy_(self.host[:, s, layer].view(v.dtype))
+
+    def _reorder(self, slots: list[int], unpack: bool) -> None:
+        """Host pages ``slots`` (staging pages the caller owns) converted in place: from vLLM's block order into
+        hicache's (``unpack``) or back. Nothing to do without a block order."""
+        order = self.order
+        if order is None or not slots:
+            return
+        src, dst = torch.empty(2, self.half, dtype=self.host.dtype), torch.empty(2, self.half, dtype=self.host.dtype)
+        for s in slots:
+            for layer in range(len(self.g.layer_names)):
+                page = self.host[:, s, layer]
+                src.copy_(page)
+                (order.unpack if unpack else order.pack)(src, dst)
+                page.copy_(dst)
 
     def _copy_slots(self, src: list[int], dst: list[int]) -> None:
         for a, b in zip(src, dst):  # a slot's K (and V) of every layer is one contiguous run
@@ -192,6 +196,7 @@ class WorkerHalf:
         self._writer.submit(self._write, [k for _, k in pairs], staging)
 
     def _write(self, keys: list[str], staging: list[int]) -> None:
+        self._reorder(staging, unpack=True)
         outcome = self.storage.batch_set_v1(keys, self._tokens(staging))
         self._give_staging(staging, outcome)
         self.stats["backup_pages"] += outcome.ok
@@ -209,6 +214,7 @@ class WorkerHalf:
             staging = self._take_staging(len(keys)) if self.storage is not None else None
             if staging is not None:
                 outcome = self.storage.batch_get_v1(keys, self._tokens(staging))
+                self._reorder(staging[: outcome.ok], unpack=False)
                 slots += staging[: outcome.ok]
             got = 0 if outcome is None else outcome.ok
             if got < len(keys):
