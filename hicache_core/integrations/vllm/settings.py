@@ -72,7 +72,7 @@ def staging_pages(extra: Optional[Mapping[str, Any]], host_pages: int) -> int:
 
 
 def page_order(extra: Optional[Mapping[str, Any]], device: str, cache_dtype: str) -> str:
-    """How pages are kept: ``hicache`` (hicache's page order, converted at the connector's copy: the pages our
+    """How pages are stored: ``hicache`` (hicache's page order, converted at the storage boundary: the pages our
     engine and SGLang's layer-major pools store, so engines share a prompt) or ``vllm`` (vLLM's block bytes as they
     are: no conversion, read only by vLLM on the same platform and ISA). The default is ``hicache`` where the
     connector can convert (vLLM's CPU attention, a 16- or 32-bit KV cache), else ``vllm``."""
