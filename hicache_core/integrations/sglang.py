@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import attrs
@@ -224,7 +225,6 @@ def sglang_fingerprint(given: Any = None) -> Optional[str]:
         )
         return None
     import hashlib
-    from pathlib import Path
 
     from hicache_core.identity import checkpoint_fingerprint
 
@@ -248,8 +248,6 @@ def namespace_model_name(model_name: Optional[str]) -> Optional[str]:
     args = _server_args()
     if args is None or not model_name or str(model_name) != str(args.model_path):
         return model_name
-    from pathlib import Path
-
     local = Path(str(model_name)).expanduser()
     return local.name if local.exists() else model_name
 

@@ -59,7 +59,7 @@ def probe(write: Write, heads: int, tokens: int, head_size: int, dtype: torch.dt
     writes block 1 of a two-block scratch cache, so an op that wrote outside its block is caught too."""
     n = 2 * tokens * heads * head_size
     where = f"vLLM's CPU block order ({label}, {dtype}, {heads} heads x {tokens} tokens x {head_size})"
-    if dtype.is_floating_point is False or dtype.itemsize < 2:
+    if not dtype.is_floating_point or dtype.itemsize < 2:
         raise ConfigError(f"{where}: the connector converts float16, bfloat16 and float32 blocks only; {KEEP}")
     index = torch.arange(n, dtype=torch.int64)
     perm = torch.zeros(n, dtype=torch.int64)
